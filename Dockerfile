@@ -1,0 +1,14 @@
+# One image per service: docker build --build-arg SERVICE=click-service .
+FROM rust:1-bookworm AS build
+ARG SERVICE
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p ${SERVICE} && cp target/release/${SERVICE} /service
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 tracker && mkdir /data && chown tracker /data
+COPY --from=build /service /usr/local/bin/service
+USER tracker
+ENV DATA_DIR=/data
+VOLUME /data
+ENTRYPOINT ["/usr/local/bin/service"]

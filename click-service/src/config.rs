@@ -1,0 +1,61 @@
+//! Configuration, from flags with environment fallbacks (`click-service --help`).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// click-service configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "click-service",
+    version,
+    about = "Records clicks and redirects to offers"
+)]
+pub struct Config {
+    /// Run the service (no subcommand), or an operator command.
+    #[command(subcommand)]
+    pub command: Option<common::config::Command>,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of the local sled projection (disposable: rebuilt from the log).
+    #[arg(long, env = "DATA_DIR", default_value = "data/click-service")]
+    pub data_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(
+        long = "log",
+        env = "RUST_LOG",
+        default_value = "click_service=info,common=info,tower_http=warn"
+    )]
+    pub log_filter: String,
+    /// Bearer token of the admin API; empty disables the admin API (401).
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
+    pub admin_token: String,
+    #[command(flatten)]
+    pub ingest: common::config::IngestArgs,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback port 0, the given NATS and
+    /// data dir, admin token `admin`.
+    pub fn for_tests(nats_url: &str, data_dir: PathBuf) -> Self {
+        Self {
+            command: None,
+            nats_url: nats_url.to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            admin_token: "admin".to_owned(),
+            log_filter: "info".to_owned(),
+            ingest: common::config::IngestArgs::for_tests(),
+        }
+    }
+
+    pub(crate) fn ack_deadline(&self) -> Duration {
+        self.ingest.ack_deadline()
+    }
+
+    pub(crate) fn publish_timeout(&self) -> Duration {
+        self.ingest.publish_timeout()
+    }
+}

@@ -1,0 +1,30 @@
+//! The click-service binary: config, tracing, signals, run.
+
+use anyhow::Context;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = click_service::Config::parse();
+    common::telemetry::init(&config.log_filter);
+    if let Some(command) = &config.command {
+        let jobs = click_service::startup::fold_jobs();
+        return common::rebuild::operate(
+            command,
+            &config.nats_url,
+            "click-service",
+            &config.data_dir,
+            jobs,
+            &[],
+        )
+        .await
+        .context("running the operator command");
+    }
+    let stop = common::shutdown::cancel_on_signal();
+    let app = click_service::Application::build(config)
+        .await
+        .context("starting click-service")?;
+    app.run_until_stopped(stop)
+        .await
+        .context("running click-service")
+}

@@ -1,0 +1,263 @@
+//! The catalog admin API: `PUT`/`GET /api/offers[/{id}]`, `/api/affiliates[/{id}]`.
+//! Every call needs `Authorization: Bearer <ADMIN_TOKEN>`.
+//!
+//! A `PUT` publishes the entity's new state to `CATALOG` and answers once this
+//! service's own projection has applied it (or after 2 s, the event being durable
+//! either way), so a `GET` right after sees it.
+
+use std::time::Duration;
+
+use axum::{
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    Json,
+};
+use catalog::{Affiliate, Offer};
+use common::{money::format_micros, time::rfc3339, ApiError};
+use prost::Message;
+use serde::Serialize;
+
+use super::AppState;
+use crate::catalog_input::{affiliate_from_json, check_id, offer_from_json};
+
+/// An offer as the API shows it: money as decimal strings.
+#[derive(Debug, Serialize)]
+pub(super) struct OfferJson {
+    offer_id: String,
+    name: String,
+    url: String,
+    payout: String,
+    revenue: String,
+    currency: String,
+    attribution_window_hours: u32,
+    status: catalog::OfferStatus,
+    fallback_url: Option<String>,
+    postback_url: Option<String>,
+    goals: Vec<serde_json::Value>,
+    dedup: &'static str,
+    status_map: std::collections::BTreeMap<String, catalog::ConversionStatus>,
+    min_ctit_seconds: u32,
+    timezone: String,
+    caps: catalog::Caps,
+    /// Secrets are shown only as set or not.
+    security: serde_json::Value,
+    created_at: String,
+    updated_at: String,
+}
+
+fn mask(secret: &str) -> Option<&'static str> {
+    (!secret.is_empty()).then_some("********")
+}
+
+impl From<Offer> for OfferJson {
+    fn from(o: Offer) -> Self {
+        let goals = o
+            .goals
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "id": g.goal_id,
+                    "name": g.name,
+                    "payout": g.payout_micros.map(format_micros),
+                    "revenue": g.revenue_micros.map(format_micros),
+                    "dedup": g.dedup.map(catalog::DedupPolicy::name),
+                })
+            })
+            .collect();
+        let security = serde_json::json!({
+            "token": mask(&o.security.token),
+            "allowed_ips": o.security.allowed_ips,
+            "hmac_secret": mask(&o.security.hmac_secret),
+            "signature_window_seconds": o.security.signature_window_seconds,
+        });
+        Self {
+            goals,
+            dedup: o.dedup.name(),
+            status_map: o.status_map.clone(),
+            min_ctit_seconds: o.min_ctit_seconds,
+            timezone: if o.timezone.is_empty() {
+                "UTC".to_owned()
+            } else {
+                o.timezone.clone()
+            },
+            caps: o.caps,
+            security,
+            payout: format_micros(o.payout_micros),
+            revenue: format_micros(o.revenue_micros),
+            fallback_url: (!o.fallback_url.is_empty()).then_some(o.fallback_url),
+            postback_url: (!o.postback_url.is_empty()).then_some(o.postback_url),
+            created_at: rfc3339(o.created_at_ms),
+            updated_at: rfc3339(o.updated_at_ms),
+            offer_id: o.offer_id,
+            name: o.name,
+            url: o.url,
+            currency: o.currency,
+            attribution_window_hours: o.attribution_window_hours,
+            status: o.status,
+        }
+    }
+}
+
+/// An affiliate as the API shows it.
+#[derive(Debug, Serialize)]
+pub(super) struct AffiliateJson {
+    affiliate_id: String,
+    name: String,
+    postback_url: Option<String>,
+    postback_statuses: Vec<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl From<Affiliate> for AffiliateJson {
+    fn from(a: Affiliate) -> Self {
+        let statuses = if a.postback_statuses.is_empty() {
+            catalog::terms::DEFAULT_POSTBACK_STATUSES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        } else {
+            a.postback_statuses.clone()
+        };
+        Self {
+            postback_statuses: statuses,
+            postback_url: (!a.postback_url.is_empty()).then_some(a.postback_url),
+            created_at: rfc3339(a.created_at_ms),
+            updated_at: rfc3339(a.updated_at_ms),
+            affiliate_id: a.affiliate_id,
+            name: a.name,
+        }
+    }
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    common::auth::require_bearer(headers, &state.admin_token)
+}
+
+/// Publishes a catalog event and waits for the local projection to apply it.
+async fn publish_catalog(
+    state: &AppState,
+    subject: String,
+    payload: Vec<u8>,
+    event_id: &str,
+) -> Result<(), ApiError> {
+    let seq = common::nats::publish(
+        &state.js,
+        subject,
+        event_id,
+        payload.into(),
+        state.publish_timeout,
+    )
+    .await
+    .map_err(ApiError::Unavailable)?;
+    let mut status = state.catalog_status.clone();
+    common::fold::wait_applied(&mut status, seq, Duration::from_secs(2)).await;
+    Ok(())
+}
+
+pub(super) async fn put_offer(
+    State(state): State<AppState>,
+    Path(offer_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<OfferJson>), ApiError> {
+    authorize(&state, &headers)?;
+    check_id("offer_id", &offer_id)?;
+    let mut event = offer_from_json(&offer_id, &body)?;
+    let existed = state.catalog.offer(&offer_id)?.is_some();
+    event.event_id = uuid::Uuid::now_v7().to_string();
+    event.occurred_at_ms = common::time::now_ms();
+    let subject = proto::subject::offer(&offer_id);
+    publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
+    let offer = state
+        .catalog
+        .offer(&offer_id)?
+        .unwrap_or_else(|| catalog::apply_offer(None, &event));
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(offer.into())))
+}
+
+pub(super) async fn get_offer(
+    State(state): State<AppState>,
+    Path(offer_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<OfferJson>, ApiError> {
+    authorize(&state, &headers)?;
+    let offer = state.catalog.offer(&offer_id)?;
+    offer
+        .map(|o| Json(o.into()))
+        .ok_or_else(|| ApiError::not_found("offer_id", "unknown offer"))
+}
+
+pub(super) async fn list_offers(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<OfferJson>>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(Json(
+        state
+            .catalog
+            .offers()?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    ))
+}
+
+pub(super) async fn put_affiliate(
+    State(state): State<AppState>,
+    Path(affiliate_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<AffiliateJson>), ApiError> {
+    authorize(&state, &headers)?;
+    check_id("affiliate_id", &affiliate_id)?;
+    let mut event = affiliate_from_json(&affiliate_id, &body)?;
+    let existed = state.catalog.affiliate(&affiliate_id)?.is_some();
+    event.event_id = uuid::Uuid::now_v7().to_string();
+    event.occurred_at_ms = common::time::now_ms();
+    let subject = proto::subject::affiliate(&affiliate_id);
+    publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
+    let affiliate = state
+        .catalog
+        .affiliate(&affiliate_id)?
+        .unwrap_or_else(|| catalog::apply_affiliate(None, &event));
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(affiliate.into())))
+}
+
+pub(super) async fn get_affiliate(
+    State(state): State<AppState>,
+    Path(affiliate_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<AffiliateJson>, ApiError> {
+    authorize(&state, &headers)?;
+    let affiliate = state.catalog.affiliate(&affiliate_id)?;
+    affiliate
+        .map(|a| Json(a.into()))
+        .ok_or_else(|| ApiError::not_found("affiliate_id", "unknown affiliate"))
+}
+
+pub(super) async fn list_affiliates(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<AffiliateJson>>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(Json(
+        state
+            .catalog
+            .affiliates()?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    ))
+}

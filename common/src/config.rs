@@ -1,0 +1,51 @@
+//! Flags both services take alike (flattened into each service's `Config`), and
+//! the operator subcommands.
+
+use std::time::Duration;
+
+/// How events are made durable: the JetStream ack deadline and the outbox.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// How long a click or postback waits for its JetStream ack before it is
+    /// spooled to the durable local outbox instead (and answered all the same).
+    #[arg(long, env = "ACK_DEADLINE_MS", default_value_t = 50)]
+    pub ack_deadline_ms: u64,
+    /// Events the outbox may hold before new clicks/postbacks get 503.
+    #[arg(long, env = "OUTBOX_MAX_ENTRIES", default_value_t = 1_000_000)]
+    pub outbox_max_entries: u64,
+    /// How long internal publishes (catalog changes, decisions, delivery outcomes,
+    /// the outbox drain) wait for their JetStream ack.
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
+    pub publish_timeout_ms: u64,
+}
+
+impl IngestArgs {
+    /// Values for tests: a 250 ms ack deadline, 100,000 outbox entries, 2 s.
+    pub fn for_tests() -> Self {
+        Self {
+            ack_deadline_ms: 250,
+            outbox_max_entries: 100_000,
+            publish_timeout_ms: 2000,
+        }
+    }
+
+    /// The ack deadline.
+    pub fn ack_deadline(&self) -> Duration {
+        Duration::from_millis(self.ack_deadline_ms)
+    }
+
+    /// The publish timeout.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+/// Operator commands; the service must be stopped (its projection is locked).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Rebuild the projection from the log, showing progress, swap it in (the
+    /// old one is kept beside it) and print its checksum.
+    Rebuild,
+    /// Print the checksum of the projection, to compare two rebuilds.
+    Checksum,
+}

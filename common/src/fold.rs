@@ -1,0 +1,365 @@
+//! The checkpointed fold loop: reads one stream in order and folds it into one sled
+//! Tree, storing the stream sequence in the same atomic batch as the rows.
+//!
+//! The loop reads through an *ordered* pull consumer started at `checkpoint + 1`.
+//! The checkpoint in sled, not the server, is the truth of how far the projection
+//! got, so a wiped data dir replays from the start and a restart resumes where the
+//! last flushed batch ended. The ordered consumer detects gaps (a lost delivery, a
+//! server restart, missed heartbeats) and recreates itself from the last sequence
+//! seen, so the fold never skips a message and never needs an ack. Replays of
+//! already-applied sequences are skipped, so folding is idempotent.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, Context};
+use futures::StreamExt;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, Staged};
+
+/// Most messages folded into one sled batch (one flush).
+const MAX_GROUP: usize = 1024;
+
+/// One message of the log, as a fold sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogEntry<'a> {
+    pub subject: &'a str,
+    pub payload: &'a [u8],
+    /// Stream sequence.
+    pub seq: u64,
+    /// When JetStream stored the message (Unix ms): the fallback event time for
+    /// partner events that carry none.
+    pub log_time_ms: i64,
+}
+
+/// Folds log entries into the rows of one Tree.
+pub trait Fold: Send + 'static {
+    /// Applies one entry. It must not fail on bad input: a message that does not
+    /// decode is recorded as such (or skipped with a log line), never an error.
+    ///
+    /// # Errors
+    /// Only storage failures, after which the whole group is retried.
+    fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error>;
+}
+
+/// Where a fold is, for readiness checks and for waiting on one's own writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoldStatus {
+    pub stream: &'static str,
+    /// Last stream sequence applied and flushed.
+    pub applied_seq: u64,
+    /// The fold has reached the end of the log at least once since start.
+    pub caught_up: bool,
+    /// The last delivered message left nothing pending: the fold is at the tail now.
+    pub at_tail: bool,
+    /// When JetStream stored the last applied message (Unix ms; 0: none yet):
+    /// everything stored before it has been applied too.
+    pub applied_log_time_ms: i64,
+}
+
+/// Which stream a fold reads and how its consumer is named.
+#[derive(Debug, Clone)]
+pub struct FoldSpec {
+    pub stream: &'static str,
+    /// Consumer name, `<service>-<stream-lower>`, visible in `nats consumer ls`.
+    pub consumer: String,
+    /// Empty: the whole stream.
+    pub filter_subject: String,
+}
+
+/// A fold that stopped on its own.
+#[derive(Debug, Error)]
+pub enum FoldError {
+    #[error("projection storage")]
+    Store(#[from] sled::Error),
+    #[error("reading stream info")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    #[error("reading stream info")]
+    Info(#[from] async_nats::jetstream::stream::InfoError),
+    #[error("creating consumer")]
+    Consumer(#[from] async_nats::jetstream::stream::ConsumerError),
+    #[error("consuming")]
+    Messages(#[from] async_nats::jetstream::consumer::StreamError),
+    #[error("the message stream ended")]
+    Ended,
+    #[error("reconnected to NATS")]
+    Reconnected,
+}
+
+/// A channel pair for a fold's status.
+pub fn status_channel(
+    stream: &'static str,
+) -> (watch::Sender<FoldStatus>, watch::Receiver<FoldStatus>) {
+    watch::channel(FoldStatus {
+        stream,
+        applied_seq: 0,
+        caught_up: false,
+        at_tail: false,
+        applied_log_time_ms: 0,
+    })
+}
+
+/// Where a fold reads from.
+#[derive(Clone)]
+pub struct Source {
+    pub js: Context,
+    /// The connection counter of [`crate::nats::Connection`].
+    pub connections: watch::Receiver<u64>,
+}
+
+/// Runs the fold until `token` is cancelled, restarting its consumer with backoff
+/// after any failure and at once after a reconnection. Never returns an error: a
+/// fold must not die.
+pub async fn run<F: Fold>(
+    mut source: Source,
+    tree: sled::Tree,
+    spec: FoldSpec,
+    mut fold: F,
+    status: watch::Sender<FoldStatus>,
+    token: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    while !token.is_cancelled() {
+        source.connections.mark_unchanged();
+        match run_consumer(&mut source, &tree, &spec, &mut fold, &status, &token).await {
+            Ok(()) => break,
+            Err(FoldError::Reconnected) => {
+                tracing::info!(
+                    stream = spec.stream,
+                    "reconnected to NATS; resuming from the checkpoint"
+                );
+                backoff = Duration::from_millis(50);
+            }
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), stream = spec.stream, ?backoff,
+                    "fold interrupted; resuming from its checkpoint");
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if let Err(error) = store::flush(&tree).await {
+        tracing::error!(%error, stream = spec.stream, "final projection flush failed");
+    }
+}
+
+/// An error and its sources, joined with `: `, for one log line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Resolves when the status changes; never, once its fold has gone (so a
+/// `select!` over it does not spin).
+pub async fn changed(rx: &mut watch::Receiver<FoldStatus>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn run_consumer<F: Fold>(
+    source: &mut Source,
+    tree: &sled::Tree,
+    spec: &FoldSpec,
+    fold: &mut F,
+    status: &watch::Sender<FoldStatus>,
+    token: &CancellationToken,
+) -> Result<(), FoldError> {
+    let mut applied = store::checkpoint(tree)?;
+    let mut stream = source.js.get_stream(spec.stream).await?;
+    let last = stream.info().await?.state.last_sequence;
+    if applied > last {
+        tracing::warn!(
+            stream = spec.stream,
+            checkpoint = applied,
+            last,
+            "projection is ahead of the log (the stream was recreated); rebuilding"
+        );
+        tree.clear()?;
+        store::flush(tree).await?;
+        applied = 0;
+    }
+    let deliver_policy = if applied == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: applied + 1,
+        }
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            // Unique per attempt: the previous attempt's consumer lingers on the
+            // server until its inactivity threshold, and a name cannot be reused
+            // with another start sequence.
+            name: Some(format!("{}-{}", spec.consumer, attempt_suffix())),
+            filter_subject: spec.filter_subject.clone(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?.ready_chunks(MAX_GROUP);
+    status.send_modify(|s| {
+        s.applied_seq = applied;
+        if applied >= last {
+            s.caught_up = true;
+            s.at_tail = true;
+        }
+    });
+    loop {
+        let chunk = tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            _ = source.connections.changed() => return Err(FoldError::Reconnected),
+            chunk = messages.next() => chunk.ok_or(FoldError::Ended)?,
+        };
+        let mut delivered = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            match item {
+                Ok(msg) => delivered.push(msg),
+                Err(error) => {
+                    tracing::warn!(error = %error, stream = spec.stream, "consumer hiccup")
+                }
+            }
+        }
+        let Some(group) = Group::of(&delivered, applied) else {
+            continue;
+        };
+        apply_group(tree, fold, &group, applied, token).await?;
+        applied = group.top;
+        status.send_modify(|s| {
+            s.applied_seq = applied;
+            s.at_tail = group.pending_after == 0;
+            s.caught_up |= s.at_tail;
+            if let Some(last) = group.entries.last() {
+                s.applied_log_time_ms = last.log_time_ms;
+            }
+        });
+    }
+}
+
+/// A short random suffix (the random tail of a UUID v7).
+fn attempt_suffix() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    id[id.len() - 10..].to_owned()
+}
+
+/// The new messages of one delivered chunk.
+struct Group<'m> {
+    entries: Vec<LogEntry<'m>>,
+    top: u64,
+    pending_after: u64,
+}
+
+impl<'m> Group<'m> {
+    fn of(delivered: &'m [async_nats::jetstream::Message], applied: u64) -> Option<Self> {
+        let mut entries = Vec::with_capacity(delivered.len());
+        let mut top = applied;
+        let mut pending_after = 0;
+        for msg in delivered {
+            let info = match msg.info() {
+                Ok(info) => info,
+                Err(error) => {
+                    tracing::warn!(%error, "message without JetStream metadata; skipped");
+                    continue;
+                }
+            };
+            pending_after = info.pending;
+            if info.stream_sequence <= top {
+                continue; // a replay of what is already applied
+            }
+            top = info.stream_sequence;
+            entries.push(LogEntry {
+                subject: msg.subject.as_str(),
+                payload: &msg.payload,
+                seq: info.stream_sequence,
+                log_time_ms: (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
+            });
+        }
+        (top > applied || !delivered.is_empty()).then_some(Self {
+            entries,
+            top,
+            pending_after,
+        })
+    }
+}
+
+/// Applies a group in one batch with its checkpoint, and flushes; retries storage
+/// failures until they pass or the token is cancelled.
+async fn apply_group<F: Fold>(
+    tree: &sled::Tree,
+    fold: &mut F,
+    group: &Group<'_>,
+    applied: u64,
+    token: &CancellationToken,
+) -> Result<(), FoldError> {
+    if group.top == applied {
+        return Ok(());
+    }
+    let mut attempt = 0u32;
+    loop {
+        let result: Result<(), sled::Error> = async {
+            apply_new(tree, fold, &group.entries)?;
+            store::flush(tree).await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 5 && !token.is_cancelled() => {
+                attempt += 1;
+                tracing::error!(%error, attempt, "projection write failed; retrying the group");
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Applies the entries the Tree has not applied yet (sequence above its
+/// checkpoint; replays are skipped) in one atomic batch with the new checkpoint,
+/// and returns that checkpoint. Entries come in log order. Does not flush.
+///
+/// # Errors
+/// Storage failure; nothing of the group is then written.
+pub fn apply_new<F: Fold>(
+    tree: &sled::Tree,
+    fold: &mut F,
+    entries: &[LogEntry<'_>],
+) -> Result<u64, sled::Error> {
+    let checkpoint = store::checkpoint(tree)?;
+    let mut staged = Staged::new(tree);
+    let mut top = checkpoint;
+    for entry in entries {
+        if entry.seq <= top {
+            continue;
+        }
+        fold.apply(&mut staged, entry)?;
+        top = entry.seq;
+    }
+    if top > checkpoint {
+        tree.apply_batch(staged.into_batch(top))?;
+    }
+    Ok(top)
+}
+
+/// Waits until the fold has applied `seq` (true) or `timeout` passes (false).
+pub async fn wait_applied(
+    status: &mut watch::Receiver<FoldStatus>,
+    seq: u64,
+    timeout: Duration,
+) -> bool {
+    tokio::time::timeout(timeout, status.wait_for(|s| s.applied_seq >= seq))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}

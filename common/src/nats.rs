@@ -1,0 +1,196 @@
+//! NATS JetStream: connecting, creating the streams, publishing events.
+//!
+//! Every service calls [`ensure_streams`] at start with the same configuration, so
+//! start order does not matter. Publishing always sets `Nats-Msg-Id`, so a retry
+//! inside the duplicate window is stored once.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream, Context};
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::sync::watch;
+
+/// How long the server remembers a `Nats-Msg-Id` to drop a re-publish.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Failure to reach NATS at start.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("connecting to NATS at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("creating stream {stream}")]
+    Stream {
+        stream: &'static str,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+}
+
+/// A publish that did not get its JetStream ack.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("publishing to {subject}")]
+    Send {
+        subject: String,
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+    #[error("no JetStream ack for {subject} within {timeout:?}")]
+    Timeout { subject: String, timeout: Duration },
+}
+
+/// A NATS connection that reconnects forever by itself.
+#[derive(Clone)]
+pub struct Connection {
+    pub client: async_nats::Client,
+    pub js: Context,
+    /// Counts (re)connections. A fold restarts its consumer when it moves: the
+    /// server may have restarted and forgotten its ephemeral consumers, which the
+    /// client would otherwise notice only after two missed 15 s heartbeats.
+    pub connections: watch::Receiver<u64>,
+}
+
+/// Connects and returns the client, its JetStream context and a reconnect counter.
+///
+/// # Errors
+/// The URL is invalid or the first connection fails within `connect_timeout`.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    connect_timeout: Duration,
+) -> Result<Connection, ConnectError> {
+    let (tx, connections) = watch::channel(0u64);
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(connect_timeout)
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                tx.send_modify(|n| *n += 1);
+            }
+            async {}
+        })
+        .connect(url)
+        .await
+        .map_err(|source| ConnectError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    let js = jetstream::new(client.clone());
+    Ok(Connection {
+        client,
+        js,
+        connections,
+    })
+}
+
+/// The streams of the log, as both services create them.
+pub fn stream_configs() -> Vec<stream::Config> {
+    let stream = |name: &str, subjects: &str, description: &str| stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subjects.to_owned()],
+        description: Some(description.to_owned()),
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        // The log is the record: nothing expires. Operators who want a bound set
+        // max_age on CLICKS above their longest attribution window.
+        max_age: Duration::ZERO,
+        ..Default::default()
+    };
+    vec![
+        stream(proto::stream::CATALOG, "catalog.>", "Offers and affiliates"),
+        stream(proto::stream::CLICKS, "clicks.>", "Recorded clicks"),
+        stream(
+            proto::stream::CONVERSIONS,
+            "conversions.>",
+            "Reported and decided conversions",
+        ),
+        stream(
+            proto::stream::POSTBACKS,
+            "postbacks.>",
+            "Affiliate postback deliveries",
+        ),
+    ]
+}
+
+/// Creates every stream that does not exist yet; existing ones are left as they are
+/// (an operator may have tuned them, e.g. replicas or max age).
+///
+/// # Errors
+/// JetStream is off or refuses a stream.
+pub async fn ensure_streams(js: &Context) -> Result<(), ConnectError> {
+    for config in stream_configs() {
+        let name = stream_name(&config.name);
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|source| ConnectError::Stream {
+                stream: name,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+fn stream_name(name: &str) -> &'static str {
+    [
+        proto::stream::CATALOG,
+        proto::stream::CLICKS,
+        proto::stream::CONVERSIONS,
+        proto::stream::POSTBACKS,
+    ]
+    .into_iter()
+    .find(|s| *s == name)
+    .unwrap_or("?")
+}
+
+/// Sends one event with `Nats-Msg-Id = msg_id` and returns the ack future without
+/// waiting, so callers can pipeline many publishes and await their acks together.
+///
+/// # Errors
+/// The client could not send (disconnected with a full buffer, payload too big).
+pub async fn send(
+    js: &Context,
+    subject: String,
+    msg_id: &str,
+    payload: Bytes,
+) -> Result<PublishAckFuture, PublishError> {
+    js.send_publish(
+        subject.clone(),
+        jetstream::message::PublishMessage::build()
+            .message_id(msg_id)
+            .payload(payload),
+    )
+    .await
+    .map_err(|source| PublishError::Send { subject, source })
+}
+
+/// Publishes one event and waits for its JetStream ack; returns the stream sequence.
+///
+/// # Errors
+/// No ack within `timeout`, or the server refused the message. The message may
+/// still have been stored: retrying with the same `msg_id` is safe.
+pub async fn publish(
+    js: &Context,
+    subject: String,
+    msg_id: &str,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<u64, PublishError> {
+    let work = async {
+        let ack = send(js, subject.clone(), msg_id, payload).await?;
+        ack.await.map_err(|source| PublishError::Send {
+            subject: subject.clone(),
+            source,
+        })
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(ack)) => Ok(ack.sequence),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(PublishError::Timeout { subject, timeout }),
+    }
+}

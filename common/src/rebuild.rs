@@ -1,0 +1,227 @@
+//! The operator's rebuild: fold the log into a fresh projection beside the live
+//! one (the service must be stopped), showing progress, then swap it in; and a
+//! checksum of projection state, so two rebuilds (or a rebuild and a running
+//! projection) can be compared.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::fold::{self, Fold, FoldSpec, Source};
+
+/// One fold of a service: its Tree, its stream, the fold itself.
+pub struct FoldJob {
+    pub tree: &'static str,
+    pub spec: FoldSpec,
+    pub fold: Box<dyn Fold>,
+}
+
+impl Fold for Box<dyn Fold> {
+    fn apply(
+        &mut self,
+        staged: &mut crate::Staged<'_>,
+        entry: &crate::LogEntry<'_>,
+    ) -> Result<(), sled::Error> {
+        (**self).apply(staged, entry)
+    }
+}
+
+/// A rebuild that did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("the projection is in use: stop the service first")]
+    InUse(#[source] sled::Error),
+    #[error("projection storage")]
+    Store(#[from] sled::Error),
+    #[error(transparent)]
+    Nats(#[from] crate::nats::ConnectError),
+    #[error("reading the log")]
+    Log(#[from] async_nats::jetstream::context::GetStreamError),
+    #[error("reading the log")]
+    Info(#[from] async_nats::jetstream::stream::InfoError),
+    #[error("moving directories")]
+    Io(#[from] std::io::Error),
+}
+
+/// SHA-256 over every row (tree name, key, value) of the named Trees, in order:
+/// equal projections have equal checksums.
+///
+/// # Errors
+/// sled read failure.
+pub fn checksum(db: &sled::Db, trees: &[&str]) -> Result<String, sled::Error> {
+    let mut hash = Sha256::new();
+    let mut names: Vec<&str> = trees.to_vec();
+    names.sort_unstable();
+    for name in names {
+        let tree = db.open_tree(name)?;
+        hash.update((name.len() as u64).to_be_bytes());
+        hash.update(name.as_bytes());
+        for row in tree.iter() {
+            let (k, v) = row?;
+            hash.update((k.len() as u64).to_be_bytes());
+            hash.update(&k);
+            hash.update((v.len() as u64).to_be_bytes());
+            hash.update(&v);
+        }
+    }
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Runs an operator command for a service whose folds are `jobs`, carrying
+/// over the Trees in `keep` on a rebuild.
+///
+/// # Errors
+/// See [`RebuildError`].
+pub async fn operate(
+    command: &crate::config::Command,
+    nats_url: &str,
+    service: &str,
+    data_dir: &Path,
+    jobs: Vec<FoldJob>,
+    keep: &[&str],
+) -> Result<(), RebuildError> {
+    match command {
+        crate::config::Command::Rebuild => {
+            rebuild(
+                nats_url,
+                &format!("{service}-rebuild"),
+                data_dir,
+                jobs,
+                keep,
+            )
+            .await?;
+        }
+        crate::config::Command::Checksum => {
+            let trees: Vec<&str> = jobs.iter().map(|j| j.tree).collect();
+            print_checksum(data_dir, &trees)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints the checksum of the projection under `data_dir` (service stopped).
+///
+/// # Errors
+/// The projection is in use or unreadable.
+pub fn print_checksum(data_dir: &Path, trees: &[&str]) -> Result<String, RebuildError> {
+    let db = sled::open(data_dir.join("projection")).map_err(RebuildError::InUse)?;
+    let sum = checksum(&db, trees)?;
+    println!("projection checksum {sum}");
+    Ok(sum)
+}
+
+/// Folds the whole log into a fresh projection, printing progress (events
+/// done, events/s, time left), carries over the Trees named in `keep` (local
+/// state that is not a projection, such as a retry schedule), swaps it in
+/// (the old one is kept as `projection.old-<ms>`), and returns its checksum.
+///
+/// # Errors
+/// The live projection is in use, NATS cannot be reached, storage fails.
+pub async fn rebuild(
+    nats_url: &str,
+    name: &str,
+    data_dir: &Path,
+    jobs: Vec<FoldJob>,
+    keep: &[&str],
+) -> Result<String, RebuildError> {
+    let live_path = data_dir.join("projection");
+    let live = if live_path.exists() {
+        Some(sled::open(&live_path).map_err(RebuildError::InUse)?)
+    } else {
+        None
+    };
+    let stamp = crate::time::now_ms();
+    let fresh_path: PathBuf = data_dir.join(format!("projection.rebuild-{stamp}"));
+    let fresh = sled::open(&fresh_path)?;
+    let conn = crate::nats::connect(nats_url, name, Duration::from_secs(10)).await?;
+    crate::nats::ensure_streams(&conn.js).await?;
+
+    let mut total = 0u64;
+    let mut targets = Vec::new();
+    for job in &jobs {
+        let last = conn
+            .js
+            .get_stream(job.spec.stream)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence;
+        total += last;
+        targets.push(last);
+    }
+    let trees: Vec<&str> = jobs.iter().map(|j| j.tree).collect();
+    let token = CancellationToken::new();
+    let mut statuses = Vec::new();
+    let mut tasks = Vec::new();
+    for job in jobs {
+        let (tx, rx) = fold::status_channel(job.spec.stream);
+        let source = Source {
+            js: conn.js.clone(),
+            connections: conn.connections.clone(),
+        };
+        let tree = fresh.open_tree(job.tree)?;
+        tasks.push(tokio::spawn(fold::run(
+            source,
+            tree,
+            job.spec,
+            job.fold,
+            tx,
+            token.clone(),
+        )));
+        statuses.push(rx);
+    }
+    let started = Instant::now();
+    loop {
+        let done: u64 = statuses
+            .iter()
+            .zip(&targets)
+            .map(|(s, t)| s.borrow().applied_seq.min(*t))
+            .sum();
+        let all = statuses.iter().all(|s| s.borrow().caught_up);
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 {
+            (total.saturating_sub(done)) as f64 / rate
+        } else {
+            f64::INFINITY
+        };
+        eprint!("\rrebuilding: {done}/{total} events, {rate:.0} events/s, {left:.0} s left   ");
+        let _ = std::io::stderr().flush();
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!();
+    token.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(live) = &live {
+        for name in keep {
+            let from = live.open_tree(name)?;
+            let to = fresh.open_tree(name)?;
+            for row in from.iter() {
+                let (k, v) = row?;
+                to.insert(k, v)?;
+            }
+        }
+    }
+    let sum = checksum(&fresh, &trees)?;
+    fresh.flush()?;
+    drop(fresh);
+    drop(live);
+    if live_path.exists() {
+        std::fs::rename(&live_path, data_dir.join(format!("projection.old-{stamp}")))?;
+    }
+    std::fs::rename(&fresh_path, &live_path)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("rebuilt {total} events in {secs:.1} s; projection checksum {sum}");
+    Ok(sum)
+}

@@ -1,0 +1,237 @@
+//! What both services do alike at start and stop: open the projection, connect to
+//! NATS and create the streams, run folds on a task tracker, serve HTTP until told
+//! to stop, then drain in order (requests, folds, sled flush, NATS).
+
+use std::{future::Future, net::SocketAddr, path::Path, time::Duration};
+
+use async_nats::jetstream::Context;
+use axum::Router;
+use thiserror::Error;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
+use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
+
+use crate::fold::{self, Fold, FoldSpec, FoldStatus};
+
+/// A service that could not start or serve.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error("opening the projection")]
+    Store(#[from] sled::Error),
+    #[error(transparent)]
+    Nats(#[from] crate::nats::ConnectError),
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up {what}")]
+    Component {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("serving HTTP")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The running parts every service has.
+pub struct Base {
+    pub client: async_nats::Client,
+    pub js: Context,
+    pub db: sled::Db,
+    connections: watch::Receiver<u64>,
+    tracker: TaskTracker,
+    token: CancellationToken,
+    _cancel_on_drop: DropGuard,
+    folds: Vec<watch::Receiver<FoldStatus>>,
+    data_dir: std::path::PathBuf,
+    outbox: Option<crate::outbox::Outbox>,
+}
+
+impl Base {
+    /// Opens `data_dir`'s projection, connects to NATS as `name` and ensures streams.
+    ///
+    /// # Errors
+    /// The projection cannot open or NATS cannot be reached within 10 s.
+    pub async fn open(nats_url: &str, name: &str, data_dir: &Path) -> Result<Self, StartupError> {
+        let db = crate::store::open_db(data_dir)?;
+        let crate::nats::Connection {
+            client,
+            js,
+            connections,
+        } = crate::nats::connect(nats_url, name, Duration::from_secs(10)).await?;
+        crate::nats::ensure_streams(&js).await?;
+        let token = CancellationToken::new();
+        Ok(Self {
+            client,
+            js,
+            connections,
+            db,
+            tracker: TaskTracker::new(),
+            _cancel_on_drop: token.clone().drop_guard(),
+            token,
+            folds: Vec::new(),
+            data_dir: data_dir.to_path_buf(),
+            outbox: None,
+        })
+    }
+
+    /// Starts folding `spec.stream` into the Tree `tree`; returns the fold's status.
+    ///
+    /// # Errors
+    /// The Tree cannot be opened.
+    pub fn spawn_fold<F: Fold>(
+        &mut self,
+        tree: &str,
+        spec: FoldSpec,
+        fold: F,
+    ) -> Result<watch::Receiver<FoldStatus>, sled::Error> {
+        let tree = self.db.open_tree(tree)?;
+        let (tx, rx) = fold::status_channel(spec.stream);
+        let source = fold::Source {
+            js: self.js.clone(),
+            connections: self.connections.clone(),
+        };
+        let task = fold::run(source, tree, spec, fold, tx, self.token.clone());
+        self.tracker.spawn(task);
+        self.folds.push(rx.clone());
+        Ok(rx)
+    }
+
+    /// Runs a background task that must stop when the service stops.
+    pub fn spawn<F>(&self, task: impl FnOnce(CancellationToken) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task(self.token.clone()));
+    }
+
+    /// Opens the durable outbox under the data dir and starts its drainer.
+    ///
+    /// # Errors
+    /// The outbox database cannot be opened.
+    pub fn start_outbox(
+        &mut self,
+        max_entries: u64,
+        drain_timeout: Duration,
+    ) -> Result<crate::outbox::Outbox, sled::Error> {
+        let outbox = crate::outbox::Outbox::open(&self.data_dir, max_entries)?;
+        let drainer = outbox.clone();
+        let js = self.js.clone();
+        self.spawn(|token| drainer.run_drainer(js, drain_timeout, token));
+        self.outbox = Some(outbox.clone());
+        Ok(outbox)
+    }
+
+    /// Readiness over every fold spawned so far, and the outbox.
+    pub fn readiness(&self) -> crate::health::Readiness {
+        crate::health::Readiness::new(self.client.clone(), self.folds.clone(), self.outbox.clone())
+    }
+
+    /// Serves `router` (plus health routes) on `listener` until `stop` is cancelled,
+    /// then drains: in-flight requests (10 s at most), background tasks, the sled
+    /// flush, and the NATS connection.
+    ///
+    /// # Errors
+    /// The HTTP server failed.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        router: Router,
+        stop: CancellationToken,
+    ) -> Result<(), StartupError> {
+        let app = router
+            .merge(crate::health::routes(self.readiness()))
+            .layer(TimeoutLayer::with_status_code(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                Duration::from_secs(10),
+            ))
+            .layer(TraceLayer::new_for_http());
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .map_err(StartupError::Serve);
+        self.token.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let db = self.db.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .unwrap_or_else(|e| Err(sled::Error::Io(std::io::Error::other(e.to_string()))))
+        {
+            tracing::error!(%error, "final projection flush failed");
+        }
+        if let Some(outbox) = &self.outbox {
+            outbox.flush().await;
+            let left = outbox.depth();
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "stopping with events in the outbox; they drain at the next start"
+                );
+            }
+        }
+        if let Err(error) = self.client.drain().await {
+            tracing::warn!(%error, "draining the NATS connection");
+        }
+        served
+    }
+}
+
+/// A built service: bound, connected, folding; not yet serving.
+pub struct Server {
+    name: &'static str,
+    base: Base,
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Server {
+    /// Binds `addr` for `router` over `base`.
+    ///
+    /// # Errors
+    /// The address is taken or not ours.
+    pub async fn bind(
+        name: &'static str,
+        base: Base,
+        addr: SocketAddr,
+        router: Router,
+    ) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        Ok(Self {
+            name,
+            base,
+            listener,
+            router,
+        })
+    }
+
+    /// The address HTTP is served on (useful with port 0).
+    ///
+    /// # Panics
+    /// Never in practice: a bound listener has an address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `stop` is cancelled, then drains and flushes (see [`Base::serve`]).
+    ///
+    /// # Errors
+    /// The HTTP server failed.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), StartupError> {
+        tracing::info!(addr = %self.local_addr(), service = self.name, "listening");
+        self.base.serve(self.listener, self.router, stop).await
+    }
+}

@@ -1,0 +1,174 @@
+//! What the kernel says about a process: CPU time used (so each measurement
+//! states where the two cores went) and peak resident memory (`VmHWM`).
+
+use std::{collections::BTreeMap, time::Instant};
+
+/// Kernel clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on
+/// every mainstream Linux architecture).
+const CLK_TCK: f64 = 100.0;
+
+/// A process to watch: a name for the report and its pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// Parses `name=pid`.
+///
+/// # Errors
+/// Not of that form.
+pub fn parse_watched(s: &str) -> Result<Watched, String> {
+    let (name, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected name=pid"))?;
+    let pid = pid
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: the pid is not a number"))?;
+    Ok(Watched {
+        name: name.trim().to_owned(),
+        pid,
+    })
+}
+
+/// User + system CPU ticks a process used so far (all its threads).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields count from after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Memory of a process, in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Memory {
+    /// Peak resident set (`VmHWM`).
+    pub peak_rss_mib: f64,
+    /// Resident set now (`VmRSS`).
+    pub rss_mib: f64,
+}
+
+/// `VmHWM` and `VmRSS` of a process.
+pub fn memory(pid: u32) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+    };
+    Some(Memory {
+        peak_rss_mib: kib("VmHWM:")? / 1024.0,
+        rss_mib: kib("VmRSS:")? / 1024.0,
+    })
+}
+
+/// Busy CPU ticks of the whole machine so far (user, nice, system, irq,
+/// softirq; not idle, iowait or steal), from `/proc/stat`.
+pub fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?)
+}
+
+/// Name of the pseudo-process that stands for every process not watched (the
+/// machine's busy time minus the watched processes'): shows when something
+/// else was using the cores during a measurement.
+pub const OTHER: &str = "other (not ours)";
+
+/// CPU use of the watched processes (and this one) over a measured window.
+pub struct CpuWatch {
+    started: Instant,
+    start: Vec<(String, u32, Option<u64>)>,
+    machine: Option<u64>,
+}
+
+impl CpuWatch {
+    /// Starts the window now.
+    pub fn start(watched: &[Watched]) -> Self {
+        let me = std::process::id();
+        let mut start: Vec<_> = watched
+            .iter()
+            .map(|w| (w.name.clone(), w.pid, cpu_ticks(w.pid)))
+            .collect();
+        start.push(("loadgen".to_owned(), me, cpu_ticks(me)));
+        Self {
+            started: Instant::now(),
+            start,
+            machine: machine_busy_ticks(),
+        }
+    }
+
+    /// Cores used by each process since the start (1.0 = one core busy all
+    /// along), plus [`OTHER`]; processes that went away are left out.
+    pub fn stop(&self) -> BTreeMap<String, f64> {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
+        let cores = |ticks: u64| ticks as f64 / CLK_TCK / seconds;
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        let mut out: BTreeMap<String, f64> = self
+            .start
+            .iter()
+            .filter_map(|(name, pid, before)| {
+                let used = cpu_ticks(*pid)?.checked_sub((*before)?)?;
+                Some((name.clone(), cores(used)))
+            })
+            .collect();
+        let machine = machine_busy_ticks()
+            .zip(self.machine)
+            .and_then(|(now, before)| now.checked_sub(before));
+        if let Some(machine) = machine {
+            let ours: f64 = out.values().sum();
+            out.insert(OTHER.to_owned(), (cores(machine) - ours).max(0.0));
+        }
+        out.into_iter().map(|(k, v)| (k, round(v))).collect()
+    }
+}
+
+/// Bytes under a directory, recursively (0 if it is not there).
+pub fn dir_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(cpu_ticks(me).is_some());
+        let m = memory(me).unwrap();
+        assert!(m.peak_rss_mib >= m.rss_mib * 0.5 && m.rss_mib > 0.0);
+        assert_eq!(
+            parse_watched("click=42").unwrap(),
+            Watched {
+                name: "click".into(),
+                pid: 42
+            }
+        );
+        assert!(parse_watched("click").is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! `loadgen deliveries`: affiliate postbacks delivered per second to a fast local
+//! receiver (run by this command, answering 200 at once).
+//!
+//! Clicks for the receiver's affiliate are published and folded, then one
+//! conversion per click is reported on NATS. Each is attributed, and the
+//! dispatcher sends one affiliate postback per attribution. The rate is counted
+//! from the first request the receiver sees to the moment the log holds every
+//! `postbacks.v1.delivered`; the receiver also checks that no delivery came twice.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+
+use crate::{
+    cli::DeliveriesArgs,
+    error::BenchError,
+    events,
+    http::{bearer, Target},
+    nats,
+    procfs::CpuWatch,
+    receiver::Receiver,
+    results::{self, Measurement},
+    service,
+};
+
+async fn delivered(js: &async_nats::jetstream::Context) -> Result<(u64, u64), BenchError> {
+    let counts = nats::subject_counts(js, proto::stream::POSTBACKS, "postbacks.v1.*").await?;
+    let of = |s: &str| counts.get(s).copied().unwrap_or(0);
+    Ok((
+        of(proto::subject::POSTBACK_DELIVERED),
+        of(proto::subject::POSTBACK_FAILED),
+    ))
+}
+
+/// Runs the scenario and appends its measurement.
+///
+/// # Errors
+/// Set-up failed, or not every delivery was recorded within `--timeout`.
+pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
+    let target = Target::new(&args.system.postback)?;
+    let token = bearer(&args.system.admin_token)?;
+    let (_client, js) = nats::connect(&args.system.nats_url).await?;
+    let receiver = Receiver::start(args.receiver).await?;
+    service::settle(&target, &token, &js, args.timeout).await?;
+
+    let count = args.count.max(1);
+    let ids: Vec<String> = (0..count).map(|_| events::click_id()).collect();
+    super::seed_clicks(
+        &js,
+        &target,
+        &format!("{id}: seed clicks"),
+        count,
+        |i| ids[i as usize].clone(),
+        std::slice::from_ref(&args.offer),
+        std::slice::from_ref(&args.affiliate),
+        args.timeout,
+    )
+    .await?;
+    let (base_delivered, base_failed) = delivered(&js).await?;
+    let base_requests = receiver.counts().requests;
+
+    let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
+    let cpu = CpuWatch::start(&args.out.watch);
+    let started = Instant::now();
+    let now = common::time::now_ms();
+    nats::publish_many(&js, &format!("{id}: report"), count, |i| {
+        let e = events::conversion(&ids[i as usize], &format!("{run}-{i}"), now);
+        let msg_id = e.conversion_id.clone();
+        (
+            proto::subject::CONVERSION_REPORTED,
+            msg_id,
+            e.encode_to_vec().into(),
+        )
+    })
+    .await?;
+    let mut next_line = started + Duration::from_secs(1);
+    let mut last = 0;
+    let mut stall = service::Stall::new(service::stall_limit());
+    let (done, failed) = loop {
+        let (d, f) = delivered(&js).await?;
+        let (d, f) = (d - base_delivered, f - base_failed);
+        if d + f >= count {
+            break (Instant::now(), f);
+        }
+        let what = format!("{id}: {d} of {count} delivered, {f} failed");
+        stall.check(d + f, &target, &what).await?;
+        if started.elapsed() > args.timeout {
+            return Err(BenchError::Timeout {
+                what: format!("{id}: {d} of {count} delivered, {f} failed"),
+                after: args.timeout,
+            });
+        }
+        if Instant::now() >= next_line {
+            next_line += Duration::from_secs(1);
+            eprintln!(
+                "[{id}] {:>5.1}s {:>8} delivered/s  ({d} of {count}, {f} failed, receiver saw {})",
+                started.elapsed().as_secs_f64(),
+                d - last,
+                receiver.counts().requests - base_requests
+            );
+            last = d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cpu = cpu.stop();
+    let seen = receiver.counts();
+    let first = seen.first.unwrap_or(started).max(started);
+    let seconds = done.duration_since(first).as_secs_f64();
+    let mut m = Measurement::new(
+        id,
+        "Affiliate postbacks delivered/s to a fast local receiver (first request → last delivery recorded)",
+        "deliveries/s",
+    )
+    .with_rate(count - failed, seconds)
+    .extra("receiver_requests", seen.requests - base_requests)
+    .extra("duplicate_deliveries", seen.duplicates)
+    .extra(
+        "from_first_report_per_s",
+        ((count - failed) as f64 / done.duration_since(started).as_secs_f64()).round(),
+    );
+    m.errors = failed;
+    m.cpu = cpu;
+    results::append(&args.out.results, &m)
+}

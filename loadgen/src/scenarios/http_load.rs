@@ -1,0 +1,53 @@
+//! `loadgen http`: one URL, the same request every time (clicks, the ceiling
+//! servers, the report query).
+
+use http::{HeaderValue, StatusCode};
+
+use crate::{
+    cli::HttpArgs,
+    error::{BenchError, BoxError},
+    http::{bearer, Req, Target},
+    load::{self, Plan},
+    results,
+};
+
+struct Fixed {
+    target: Target,
+    path: String,
+    bearer: Option<HeaderValue>,
+    expected: StatusCode,
+}
+
+impl Plan for Fixed {
+    fn request(&self, _i: u64) -> Result<Req, BoxError> {
+        self.target.get(&self.path, self.bearer.as_ref())
+    }
+
+    fn expected(&self) -> StatusCode {
+        self.expected
+    }
+}
+
+/// Runs the load and appends its measurement.
+///
+/// # Errors
+/// Bad arguments, or the results file cannot be written.
+pub async fn run(args: HttpArgs, id: &str) -> Result<(), BenchError> {
+    let (target, path) = Target::from_url(&args.url)?;
+    let expected = StatusCode::from_u16(args.expect)
+        .map_err(|_| BenchError::Usage(format!("--expect {} is not a status", args.expect)))?;
+    let plan = Fixed {
+        target: target.clone(),
+        path,
+        bearer: args.bearer.as_deref().map(bearer).transpose()?,
+        expected,
+    };
+    plan.request(0)
+        .map_err(|e| BenchError::Usage(format!("{}: {e}", args.url)))?;
+    let mode = super::mode(&args.load, &args.out.results)?;
+    let config = super::load_config(id, target, mode, &args.load, &args.out.watch);
+    let outcome = load::run(config, plan).await;
+    let m = super::measurement(id, &args.title, &outcome, mode, args.load.connections)
+        .extra("url", args.url.as_str());
+    results::append(&args.out.results, &m)
+}

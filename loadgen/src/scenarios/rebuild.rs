@@ -1,0 +1,112 @@
+//! `loadgen rebuild-wait`: a postback-service was just started on an empty data
+//! dir; time it until `/readyz` is 200 and every fold has applied its stream's
+//! last sequence, and state its peak memory and the projection's size on disk.
+
+use std::time::{Duration, Instant};
+
+use crate::{
+    cli::RebuildArgs,
+    error::BenchError,
+    http::Target,
+    nats,
+    procfs::{self, CpuWatch},
+    results::{self, Measurement},
+    service,
+};
+
+const STREAMS: [&str; 4] = [
+    proto::stream::CATALOG,
+    proto::stream::CLICKS,
+    proto::stream::CONVERSIONS,
+    proto::stream::POSTBACKS,
+];
+
+/// Waits for the rebuild and appends its measurement.
+///
+/// # Errors
+/// Not rebuilt within `--timeout`, or the process went away.
+pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
+    let target = Target::new(&args.system.postback)?;
+    let (_client, js) = nats::connect(&args.system.nats_url).await?;
+    let mut goal = Vec::new();
+    let mut events = 0;
+    for stream in STREAMS {
+        let (messages, last) = nats::stream_state(&js, stream).await?;
+        goal.push((stream, last));
+        events += messages;
+    }
+    let (clicks, _) = nats::stream_state(&js, proto::stream::CLICKS).await?;
+    let reported = service::reported(&js).await?;
+    let cpu = CpuWatch::start(&args.out.watch);
+    let started = Instant::now();
+    let mut next_line = started + Duration::from_secs(1);
+    let mut last_applied = 0;
+    let mut stall = service::Stall::new(service::stall_limit());
+    loop {
+        if procfs::memory(args.pid).is_none() {
+            return Err(BenchError::Usage(format!(
+                "postback-service (pid {}) exited during the rebuild",
+                args.pid
+            )));
+        }
+        let mut applied = 0;
+        if let Ok(ready) = service::readyz(&target).await {
+            applied = STREAMS.iter().map(|s| ready.applied(s)).sum();
+            let done = goal.iter().all(|(s, last)| ready.applied(s) >= *last);
+            if ready.ready && done {
+                break;
+            }
+            if Instant::now() >= next_line {
+                next_line += Duration::from_secs(1);
+                eprintln!(
+                    "[{id}] {:>5.1}s {:>8} events/s  ({applied} of {events} applied)",
+                    started.elapsed().as_secs_f64(),
+                    applied - last_applied
+                );
+                last_applied = applied;
+            }
+        }
+        stall
+            .check(
+                applied,
+                &target,
+                &format!("{id}: {applied} of {events} applied"),
+            )
+            .await?;
+        if started.elapsed() > args.timeout {
+            return Err(BenchError::Timeout {
+                what: format!("{id}: rebuilding the projection"),
+                after: args.timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ms = (common::time::now_ms() - args.since_ms).max(1);
+    let cpu = cpu.stop();
+    let memory = procfs::memory(args.pid);
+    let disk = procfs::dir_size(&args.data_dir);
+    let mib = |b: u64| (b as f64 / 1_048_576.0 * 10.0).round() / 10.0;
+    let per_million = if clicks > 0 {
+        disk as f64 / (clicks as f64 / 1e6)
+    } else {
+        0.0
+    };
+    let mut m = Measurement::new(
+        id,
+        "Rebuild: the whole log replayed into an empty projection (process start → ready, every fold at the tail)",
+        "events/s",
+    )
+    .with_rate(events, ms as f64 / 1000.0)
+    .extra("clicks", clicks)
+    .extra("conversions_reported", reported)
+    .extra("events", events)
+    .extra("disk_mib", mib(disk))
+    .extra("disk_mib_per_million_clicks", mib(per_million as u64));
+    if let Some(mem) = memory {
+        m = m
+            .extra("peak_rss_mib", (mem.peak_rss_mib * 10.0).round() / 10.0)
+            .extra("rss_mib_after", (mem.rss_mib * 10.0).round() / 10.0);
+    }
+    m.cpu = cpu;
+    results::append(&args.out.results, &m)
+}

@@ -1,0 +1,127 @@
+//! Configuration, from flags with environment fallbacks (`postback-service --help`).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// postback-service configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "postback-service",
+    version,
+    about = "Matches conversions to clicks"
+)]
+pub struct Config {
+    /// Run the service (no subcommand), or an operator command.
+    #[command(subcommand)]
+    pub command: Option<common::config::Command>,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// Directory of the local sled projection (disposable: rebuilt from the log).
+    #[arg(long, env = "DATA_DIR", default_value = "data/postback-service")]
+    pub data_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(
+        long = "log",
+        env = "RUST_LOG",
+        default_value = "postback_service=info,common=info,tower_http=warn"
+    )]
+    pub log_filter: String,
+    /// Bearer token of the read API (`/api/*`); empty disables it (401).
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
+    pub admin_token: String,
+    #[command(flatten)]
+    pub ingest: common::config::IngestArgs,
+    /// How long a conversion whose click is not in the projection waits for it
+    /// (counted once the click fold is at the end of the log) before it is
+    /// rejected `unknown_click`.
+    #[arg(long, env = "UNKNOWN_CLICK_GRACE_MS", default_value_t = 600_000)]
+    pub unknown_click_grace_ms: u64,
+    /// Take the advertiser's IP from this header (the right-most address, as
+    /// appended by our own reverse proxy) for postback IP allowlists; empty:
+    /// the TCP peer. Set it only behind a proxy that sets it.
+    #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "")]
+    pub trusted_proxy_header: String,
+    /// Affiliate postbacks: timeout of one attempt, the response body included.
+    #[arg(long, env = "POSTBACK_TIMEOUT_MS", default_value_t = 5000)]
+    pub postback_timeout_ms: u64,
+    /// Affiliate postbacks: delay before the first retry; each later one doubles it.
+    #[arg(long, env = "POSTBACK_FIRST_RETRY_MS", default_value_t = 10_000)]
+    pub postback_first_retry_ms: u64,
+    /// Affiliate postbacks: attempts in all before giving up.
+    #[arg(long, env = "POSTBACK_MAX_ATTEMPTS", default_value_t = 10)]
+    pub postback_max_attempts: u32,
+    /// Affiliate postbacks: no retry later than this after the first attempt.
+    #[arg(long, env = "POSTBACK_MAX_AGE_SECS", default_value_t = 86_400)]
+    pub postback_max_age_secs: u64,
+    /// Affiliate postbacks: attempts in flight at once, overall.
+    #[arg(long, env = "POSTBACK_CONCURRENCY", default_value_t = 256)]
+    pub postback_concurrency: usize,
+    /// Affiliate postbacks: attempts in flight at once to one host.
+    #[arg(long, env = "POSTBACK_PER_HOST", default_value_t = 8)]
+    pub postback_per_host: usize,
+    /// Affiliate postbacks: allow URLs that resolve to loopback, private or
+    /// link-local addresses (refused by default: server-side request forgery).
+    #[arg(long, env = "POSTBACK_ALLOW_PRIVATE", default_value_t = false)]
+    pub postback_allow_private: bool,
+    /// Affiliate postbacks: follow up to 5 redirects (each hop checked like the first).
+    #[arg(long, env = "POSTBACK_FOLLOW_REDIRECTS", default_value_t = false)]
+    pub postback_follow_redirects: bool,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback port 0, the given NATS and
+    /// data dir, admin token `admin`, a one-second grace, affiliate postbacks to
+    /// loopback allowed with a 1 s timeout and retries from 50 ms.
+    pub fn for_tests(nats_url: &str, data_dir: PathBuf) -> Self {
+        Self {
+            command: None,
+            nats_url: nats_url.to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            admin_token: "admin".to_owned(),
+            log_filter: "info".to_owned(),
+            ingest: common::config::IngestArgs::for_tests(),
+            unknown_click_grace_ms: 1000,
+            postback_timeout_ms: 1000,
+            postback_first_retry_ms: 50,
+            postback_max_attempts: 10,
+            postback_max_age_secs: 3600,
+            postback_concurrency: 64,
+            postback_per_host: 4,
+            postback_allow_private: true,
+            postback_follow_redirects: false,
+            trusted_proxy_header: String::new(),
+        }
+    }
+
+    pub(crate) fn ack_deadline(&self) -> Duration {
+        self.ingest.ack_deadline()
+    }
+
+    pub(crate) fn publish_timeout(&self) -> Duration {
+        self.ingest.publish_timeout()
+    }
+
+    pub(crate) fn grace(&self) -> Duration {
+        Duration::from_millis(self.unknown_click_grace_ms)
+    }
+
+    pub(crate) fn dispatch(&self) -> crate::deliveries::DispatchConfig {
+        crate::deliveries::DispatchConfig {
+            policy: crate::deliveries::policy::RetryPolicy {
+                first_retry: Duration::from_millis(self.postback_first_retry_ms),
+                max_attempts: self.postback_max_attempts.max(1),
+                max_age: Duration::from_secs(self.postback_max_age_secs),
+            },
+            timeout: Duration::from_millis(self.postback_timeout_ms),
+            concurrency: self.postback_concurrency,
+            per_host: self.postback_per_host,
+            allow_private: self.postback_allow_private,
+            follow_redirects: self.postback_follow_redirects,
+            publish_timeout: self.publish_timeout(),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The decider task: walks pending conversions in log order, decides each with
+//! [`decide`](super::decide()), publishes the decisions, and waits until the fold has
+//! applied them before looking again.
+//!
+//! It starts only once the conversions fold has reached the end of the log, so
+//! every decision already in the log has been applied: replaying the log (a
+//! restart, a wiped data dir) never decides a conversion again. After that, the
+//! only new decisions are its own, and it waits until each round's decisions are
+//! folded back before the next round (one decider per log). Decisions are published with
+//! `Nats-Msg-Id = decision-<conversion_id>`, and the fold keeps only the first
+//! decision per conversion, so even a publish whose ack was lost cannot give a
+//! conversion two outcomes.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use async_nats::jetstream::Context;
+use catalog::Catalog;
+use catalog::ConversionStatus;
+use common::FoldStatus;
+use proto::clicks::v1::ClickRecorded;
+use proto::conversions::v1::{ConversionAttributed, ConversionRejected, ConversionStatusUpdated};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    decide::{decide, decide_status, DecideInput, StatusVerdict, Verdict},
+    fold::{cap_key, goal_key, txid_key, Conversions, Decision},
+    view::{status_to_proto, ConversionView},
+};
+use crate::clicks::Clicks;
+
+/// Most pending conversions looked at per round.
+const SCAN_LIMIT: usize = 100_000;
+/// Most decisions published per round.
+const ROUND_LIMIT: usize = 4096;
+
+/// How the decider behaves.
+#[derive(Debug, Clone)]
+pub struct DeciderConfig {
+    /// How long a conversion waits for an unknown click.
+    pub grace: Duration,
+    /// How long a decision publish waits for its ack.
+    pub publish_timeout: Duration,
+}
+
+/// The projections and fold statuses the decider reads.
+pub struct DeciderInputs {
+    pub conversions: Conversions,
+    pub clicks: Clicks,
+    pub catalog: Catalog,
+    pub conversions_status: watch::Receiver<FoldStatus>,
+    pub clicks_status: watch::Receiver<FoldStatus>,
+    pub catalog_status: watch::Receiver<FoldStatus>,
+}
+
+/// Runs until `token` is cancelled.
+pub async fn run_decider(
+    js: Context,
+    mut inputs: DeciderInputs,
+    config: DeciderConfig,
+    token: CancellationToken,
+) {
+    let tick = (config.grace / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = common::fold::changed(&mut inputs.conversions_status) => {}
+            () = common::fold::changed(&mut inputs.clicks_status) => {}
+            () = common::fold::changed(&mut inputs.catalog_status) => {}
+            () = tokio::time::sleep(tick) => {}
+        }
+        if !inputs.conversions_status.borrow().caught_up {
+            continue;
+        }
+        match round(&js, &inputs, &config).await {
+            Ok(Some(seq)) => {
+                let mut status = inputs.conversions_status.clone();
+                if !common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await {
+                    tracing::warn!(seq, "decisions not yet folded back; continuing");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "decider round failed; retrying");
+                tokio::time::sleep(tick).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error("projection read")]
+    Store(#[from] sled::Error),
+    #[error(transparent)]
+    Publish(#[from] common::nats::PublishError),
+}
+
+/// Decides what can be decided now; returns the highest stream sequence of the
+/// decisions published.
+async fn round(
+    js: &Context,
+    inputs: &DeciderInputs,
+    config: &DeciderConfig,
+) -> Result<Option<u64>, RoundError> {
+    let now = common::time::now_ms();
+    let clicks = inputs.clicks_status.borrow().clone();
+    let grace_ms = config.grace.as_millis() as i64;
+    // Dedup keys and cap counts claimed by attributions of this round, not yet
+    // folded back.
+    let mut claimed: HashSet<Vec<u8>> = HashSet::new();
+    let mut cap_claims: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut decisions = Vec::new();
+    for conversion in inputs.conversions.pending(SCAN_LIMIT)? {
+        if decisions.len() >= ROUND_LIMIT {
+            break;
+        }
+        let click = match conversion.click_id.as_str() {
+            "" => None,
+            id => inputs.clicks.get(id)?,
+        };
+        let (offer, affiliate) = match &click {
+            Some(c) => (
+                inputs.catalog.offer(&c.offer_id)?,
+                inputs.catalog.affiliate(&c.affiliate_id)?,
+            ),
+            None => (None, None),
+        };
+        let gk = goal_key(&conversion.click_id, &conversion.goal);
+        let tk = txid_key(&conversion.click_id, &conversion.goal, &conversion.txid);
+        let cap_keys = match (&offer, &click) {
+            (Some(o), Some(k)) => {
+                let day = o.day_of(conversion.converted_at_ms);
+                Some((
+                    cap_key(&o.offer_id, None, &day),
+                    cap_key(&o.offer_id, Some(&k.affiliate_id), &day),
+                ))
+            }
+            _ => None,
+        };
+        let used = |key: &Vec<u8>| -> Result<u64, sled::Error> {
+            Ok(inputs.conversions.count(key)? + cap_claims.get(key).copied().unwrap_or(0))
+        };
+        let cap_used = match &cap_keys {
+            Some((offer_key, aff_key)) => (used(offer_key)?, used(aff_key)?),
+            None => (0, 0),
+        };
+        let input = DecideInput {
+            conversion: &conversion,
+            click: click.as_ref(),
+            offer: offer.as_ref(),
+            affiliate: affiliate.as_ref(),
+            goal_taken: claimed.contains(&gk) || inputs.conversions.taken(&gk)?,
+            txid_taken: claimed.contains(&tk) || inputs.conversions.taken(&tk)?,
+            click_wait_over: now - conversion.reported_at_ms >= grace_ms
+                && clicks.caught_up
+                && (clicks.at_tail
+                    || clicks.applied_log_time_ms >= conversion.reported_at_ms + grace_ms),
+            cap_used,
+        };
+        let verdict = decide(input);
+        if matches!(verdict, Verdict::Attribute { .. }) {
+            claimed.insert(gk);
+            claimed.insert(tk);
+            for key in cap_keys.into_iter().flat_map(|(a, b)| [a, b]) {
+                *cap_claims.entry(key).or_default() += 1;
+            }
+        }
+        if let Some(decision) = decision_event(&conversion, click.as_ref(), verdict, now) {
+            decisions.push(decision);
+        }
+    }
+    // Later status reports, in log order; one per conversion per round.
+    let mut touched: HashSet<String> = HashSet::new();
+    for (seq, update) in inputs.conversions.status_queue(SCAN_LIMIT)? {
+        if decisions.len() >= ROUND_LIMIT {
+            break;
+        }
+        if !touched.insert(update.conversion_id.clone()) {
+            continue;
+        }
+        let Some(view) = inputs.conversions.get(&update.conversion_id)? else {
+            continue;
+        };
+        let offer = inputs.catalog.offer(&view.offer_id)?;
+        let verdict = decide_status(&view, offer.as_ref(), &update.advertiser_status);
+        let (from, to, changed, detail) = match verdict {
+            StatusVerdict::Wait => continue,
+            StatusVerdict::Ignore(why) => {
+                let current = view.status.unwrap_or(ConversionStatus::Approved);
+                (current, current, false, why)
+            }
+            StatusVerdict::Change { from, to } => (from, to, true, String::new()),
+        };
+        decisions.push(Decision::StatusUpdated(ConversionStatusUpdated {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            occurred_at_ms: now,
+            conversion_id: view.conversion_id.clone(),
+            from: status_to_proto(from) as i32,
+            to: status_to_proto(to) as i32,
+            changed,
+            advertiser_status: update.advertiser_status,
+            update_seq: seq,
+            detail,
+        }));
+    }
+    publish_all(js, &decisions, config.publish_timeout).await
+}
+
+/// Publishes pipelined: send all, then collect the acks.
+async fn publish_all(
+    js: &Context,
+    decisions: &[Decision],
+    timeout: Duration,
+) -> Result<Option<u64>, RoundError> {
+    let mut acks = Vec::with_capacity(decisions.len());
+    for d in decisions {
+        let msg_id = d.msg_id();
+        let ack =
+            common::nats::send(js, d.subject().to_owned(), &msg_id, d.encode().into()).await?;
+        acks.push((d.subject(), ack));
+    }
+    let mut top = None;
+    for (subject, ack) in acks {
+        let ack = tokio::time::timeout(timeout, ack)
+            .await
+            .map_err(|_| common::nats::PublishError::Timeout {
+                subject: subject.to_owned(),
+                timeout,
+            })?
+            .map_err(|source| common::nats::PublishError::Send {
+                subject: subject.to_owned(),
+                source,
+            })?;
+        top = top.max(Some(ack.sequence));
+    }
+    if !decisions.is_empty() {
+        tracing::debug!(count = decisions.len(), "decisions published");
+    }
+    Ok(top)
+}
+
+/// The event of a verdict, or `None` for `Wait`.
+pub(crate) fn decision_event(
+    c: &ConversionView,
+    click: Option<&ClickRecorded>,
+    verdict: Verdict,
+    now_ms: i64,
+) -> Option<Decision> {
+    let event_id = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("decision/{}", c.conversion_id).as_bytes(),
+    )
+    .to_string();
+    match verdict {
+        Verdict::Wait => None,
+        Verdict::Attribute {
+            offer_id,
+            affiliate_id,
+            payout_micros,
+            payout_currency,
+            revenue_micros,
+            revenue_currency,
+            postback_url,
+            postback_statuses,
+            status,
+            cap_day,
+        } => Some(Decision::Attributed(ConversionAttributed {
+            event_id,
+            occurred_at_ms: now_ms,
+            conversion_id: c.conversion_id.clone(),
+            click_id: c.click_id.clone(),
+            offer_id,
+            affiliate_id,
+            goal: c.goal.clone(),
+            txid: c.txid.clone(),
+            payout_micros,
+            payout_currency,
+            revenue_micros,
+            revenue_currency,
+            converted_at_ms: c.converted_at_ms,
+            reported_seq: c.reported_seq,
+            affiliate_postback_url: postback_url,
+            status: status_to_proto(status) as i32,
+            postback_statuses,
+            cap_day,
+        })),
+        Verdict::Reject { reason, detail } => Some(Decision::Rejected(ConversionRejected {
+            event_id,
+            occurred_at_ms: now_ms,
+            conversion_id: c.conversion_id.clone(),
+            click_id: c.click_id.clone(),
+            reason: reason.to_proto() as i32,
+            detail,
+            offer_id: click.map(|k| k.offer_id.clone()).unwrap_or_default(),
+            affiliate_id: click.map(|k| k.affiliate_id.clone()).unwrap_or_default(),
+            goal: c.goal.clone(),
+            txid: c.txid.clone(),
+            converted_at_ms: c.converted_at_ms,
+            reported_seq: c.reported_seq,
+            raw: c.raw_hex.as_deref().map(hex_bytes).unwrap_or_default(),
+        })),
+    }
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}

@@ -1,0 +1,605 @@
+//! The CONVERSIONS fold and reads of its Tree.
+//!
+//! Rows (one Tree, so each group commits atomically with its checkpoint):
+//! - `v/<conversion_id>`: the [`ConversionView`] (JSON);
+//! - `p/<reported seq, 8 bytes BE>`: conversion id of each pending conversion, in
+//!   log order, which the decider walks;
+//! - `k/<click_id>/<conversion_id>`: conversions by click;
+//! - `d/<click_id>␟<goal>` and `d/<click_id>␟<goal>␟<txid>`: attributed dedup keys;
+//! - `q/<seq, 8 bytes BE>`: [`QueueEntry`]s, the affiliate postbacks owed by
+//!   attributions and status moves, in log order, which the dispatcher walks;
+//! - `u/<report seq, 8 bytes BE>`: later status reports of known conversions,
+//!   waiting for the decider;
+//! - `cap/o/<offer>/<day>`, `cap/a/<offer>/<affiliate>/<day>`: attributions per cap day;
+//! - `r/o/<offer_id>`, `r/a/<affiliate_id>`: [`ReportRow`]s.
+
+use catalog::{terms::affiliate_wants, ConversionStatus};
+use common::{fold::Fold, LogEntry, Staged};
+use prost::Message;
+use proto::conversions::v1::{
+    ConversionAttributed, ConversionRejected, ConversionReported, ConversionStatusUpdated,
+};
+
+use super::report::{Money, ReportRow};
+use super::view::{ConversionState, ConversionView, Reason};
+use crate::postback::{conversion_id, normalize_reported};
+
+pub(crate) fn view_key(conversion_id: &str) -> Vec<u8> {
+    [b"v/", conversion_id.as_bytes()].concat()
+}
+
+pub(crate) fn pending_key(seq: u64) -> Vec<u8> {
+    [&b"p/"[..], &seq.to_be_bytes()].concat()
+}
+
+fn by_click_prefix(click_id: &str) -> Vec<u8> {
+    format!("k/{click_id}/").into_bytes()
+}
+
+/// Dedup key: an attributed conversion exists for (click, goal).
+pub(crate) fn goal_key(click_id: &str, goal: &str) -> Vec<u8> {
+    format!("d/{click_id}\u{1f}{goal}").into_bytes()
+}
+
+/// Dedup key: an attributed conversion exists for (click, goal, txid).
+pub(crate) fn txid_key(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
+    format!("d/{click_id}\u{1f}{goal}\u{1f}{txid}").into_bytes()
+}
+
+/// Attributed conversions owed an affiliate postback, in log order (the
+/// dispatcher's queue; it keeps its own cursor and never deletes rows here).
+pub(crate) fn delivery_queue_key(seq: u64) -> Vec<u8> {
+    [&b"q/"[..], &seq.to_be_bytes()].concat()
+}
+
+/// Queue of later status reports waiting for the decider, in log order.
+pub(crate) fn status_queue_key(seq: u64) -> Vec<u8> {
+    [&b"u/"[..], &seq.to_be_bytes()].concat()
+}
+
+/// Attributions counted on one cap day, per offer or per (offer, affiliate).
+pub(crate) fn cap_key(offer_id: &str, affiliate_id: Option<&str>, day: &str) -> Vec<u8> {
+    match affiliate_id {
+        None => format!("cap/o/{offer_id}/{day}").into_bytes(),
+        Some(a) => format!("cap/a/{offer_id}/{a}/{day}").into_bytes(),
+    }
+}
+
+/// An affiliate postback owed: which conversion, for which status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueEntry {
+    pub conversion_id: String,
+    pub status: ConversionStatus,
+}
+
+/// A later report of a known conversion with a new status word.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatusUpdate {
+    pub conversion_id: String,
+    pub advertiser_status: String,
+}
+
+pub(crate) fn report_key(kind: char, id: &str) -> Vec<u8> {
+    format!("r/{kind}/{id}").into_bytes()
+}
+
+/// A decision event: the outcome of a report, or of a later status report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Attributed(ConversionAttributed),
+    Rejected(ConversionRejected),
+    StatusUpdated(ConversionStatusUpdated),
+}
+
+impl Decision {
+    /// The conversion decided.
+    pub fn conversion_id(&self) -> &str {
+        match self {
+            Self::Attributed(e) => &e.conversion_id,
+            Self::Rejected(e) => &e.conversion_id,
+            Self::StatusUpdated(e) => &e.conversion_id,
+        }
+    }
+
+    /// The `Nats-Msg-Id`: one decision per report.
+    pub fn msg_id(&self) -> String {
+        match self {
+            Self::StatusUpdated(e) => format!("status-{}-{}", e.conversion_id, e.update_seq),
+            _ => format!("decision-{}", self.conversion_id()),
+        }
+    }
+
+    /// The subject it is published to.
+    pub fn subject(&self) -> &'static str {
+        match self {
+            Self::Attributed(_) => proto::subject::CONVERSION_ATTRIBUTED,
+            Self::Rejected(_) => proto::subject::CONVERSION_REJECTED,
+            Self::StatusUpdated(_) => proto::subject::CONVERSION_STATUS_UPDATED,
+        }
+    }
+
+    /// Its protobuf bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Attributed(e) => e.encode_to_vec(),
+            Self::Rejected(e) => e.encode_to_vec(),
+            Self::StatusUpdated(e) => e.encode_to_vec(),
+        }
+    }
+}
+
+/// Folds reports and decisions into conversion views, indexes and reports.
+#[derive(Debug, Default)]
+pub struct ConversionsFold;
+
+impl Fold for ConversionsFold {
+    fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
+        match entry.subject {
+            proto::subject::CONVERSION_REPORTED => apply_reported(staged, entry),
+            proto::subject::CONVERSION_ATTRIBUTED => {
+                match ConversionAttributed::decode(entry.payload) {
+                    Ok(e) => apply_decision(staged, &Decision::Attributed(e), entry.seq),
+                    Err(_) => skip(entry),
+                }
+            }
+            proto::subject::CONVERSION_REJECTED => {
+                match ConversionRejected::decode(entry.payload) {
+                    Ok(e) => apply_decision(staged, &Decision::Rejected(e), entry.seq),
+                    Err(_) => skip(entry),
+                }
+            }
+            proto::subject::CONVERSION_STATUS_UPDATED => {
+                match ConversionStatusUpdated::decode(entry.payload) {
+                    Ok(e) => apply_status_updated(staged, &e, entry.seq),
+                    Err(_) => skip(entry),
+                }
+            }
+            _ => skip(entry),
+        }
+    }
+}
+
+fn skip(entry: &LogEntry<'_>) -> Result<(), sled::Error> {
+    tracing::warn!(
+        subject = entry.subject,
+        seq = entry.seq,
+        "unexpected conversion event skipped"
+    );
+    Ok(())
+}
+
+fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
+    let view = match ConversionReported::decode(entry.payload) {
+        Ok(e) => match normalize_reported(e.clone(), entry.log_time_ms) {
+            Ok(e) => ConversionView::reported(&e, entry.seq, entry.log_time_ms),
+            Err(why) => {
+                let id = if !e.conversion_id.is_empty() && e.conversion_id.len() <= 128 {
+                    e.conversion_id.clone()
+                } else if !e.click_id.is_empty() && e.click_id.len() <= 128 {
+                    conversion_id(&e.click_id, &e.goal, &e.txid)
+                } else {
+                    malformed_id(entry.seq)
+                };
+                ConversionView::malformed(
+                    id,
+                    Some(&e),
+                    why,
+                    entry.payload,
+                    entry.seq,
+                    entry.log_time_ms,
+                )
+            }
+        },
+        Err(error) => ConversionView::malformed(
+            malformed_id(entry.seq),
+            None,
+            format!("undecodable ConversionReported: {error}"),
+            entry.payload,
+            entry.seq,
+            entry.log_time_ms,
+        ),
+    };
+    let key = view_key(&view.conversion_id);
+    if let Some(mut known) = staged.get_json::<ConversionView>(&key)? {
+        // The same conversion reported again: a retry (nothing to do), or a new
+        // status word, which waits for the decider in the status queue.
+        if view.malformed.is_none() && view.advertiser_status != known.advertiser_status {
+            let update = StatusUpdate {
+                conversion_id: known.conversion_id.clone(),
+                advertiser_status: view.advertiser_status.clone(),
+            };
+            staged.put_json(status_queue_key(entry.seq), &update);
+            known.advertiser_status = view.advertiser_status;
+            staged.put_json(key, &known);
+        }
+        return Ok(());
+    }
+    staged.insert(
+        pending_key(entry.seq),
+        view.conversion_id.as_bytes().to_vec(),
+    );
+    if !view.click_id.is_empty() {
+        let mut k = by_click_prefix(&view.click_id);
+        k.extend_from_slice(view.conversion_id.as_bytes());
+        staged.insert(k, Vec::new());
+    }
+    staged.put_json(key, &view);
+    Ok(())
+}
+
+/// The id of a report too broken to name its conversion: stable per log position.
+fn malformed_id(seq: u64) -> String {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("malformed-report/{seq}").as_bytes(),
+    )
+    .to_string()
+}
+
+fn apply_decision(
+    staged: &mut Staged<'_>,
+    decision: &Decision,
+    seq: u64,
+) -> Result<(), sled::Error> {
+    let key = view_key(decision.conversion_id());
+    let Some(view) = staged.get_json::<ConversionView>(&key)? else {
+        tracing::warn!(
+            conversion_id = decision.conversion_id(),
+            "decision for an unknown conversion skipped"
+        );
+        return Ok(());
+    };
+    if view.state != ConversionState::Pending {
+        return Ok(());
+    }
+    let reported_seq = view.reported_seq;
+    let view = match decision {
+        Decision::Attributed(e) => {
+            let id = e.conversion_id.as_bytes().to_vec();
+            staged.insert(goal_key(&view.click_id, &view.goal), id.clone());
+            staged.insert(txid_key(&view.click_id, &view.goal, &view.txid), id);
+            let view = view.attributed(e);
+            let status = view.status.unwrap_or(ConversionStatus::Approved);
+            queue_delivery(staged, &view, None, status, seq);
+            if !view.cap_day.is_empty() {
+                staged.add_u64(cap_key(&view.offer_id, None, &view.cap_day), 1)?;
+                staged.add_u64(
+                    cap_key(&view.offer_id, Some(&view.affiliate_id), &view.cap_day),
+                    1,
+                )?;
+            }
+            update_reports(staged, &view, |row| row.attributed(status, money(&view)))?;
+            view
+        }
+        Decision::Rejected(e) => {
+            let view = view.rejected(e);
+            let reason = view.reason.unwrap_or(Reason::Malformed);
+            update_reports(staged, &view, |row| row.rejected(reason))?;
+            view
+        }
+        Decision::StatusUpdated(_) => return Ok(()),
+    };
+    staged.remove(pending_key(reported_seq));
+    staged.put_json(key, &view);
+    Ok(())
+}
+
+fn money(view: &ConversionView) -> Money<'_> {
+    Money {
+        payout: (view.payout_currency.as_str(), view.payout_micros),
+        revenue: (view.revenue_currency.as_str(), view.revenue_micros),
+    }
+}
+
+/// Queues an affiliate postback for a status event if the attribution fixed a
+/// postback URL and the affiliate asked to be told of it.
+fn queue_delivery(
+    staged: &mut Staged<'_>,
+    view: &ConversionView,
+    from: Option<ConversionStatus>,
+    to: ConversionStatus,
+    seq: u64,
+) {
+    if !view.postback_url.is_empty() && affiliate_wants(&view.postback_statuses, from, to) {
+        let entry = QueueEntry {
+            conversion_id: view.conversion_id.clone(),
+            status: to,
+        };
+        staged.put_json(delivery_queue_key(seq), &entry);
+    }
+}
+
+fn apply_status_updated(
+    staged: &mut Staged<'_>,
+    e: &ConversionStatusUpdated,
+    seq: u64,
+) -> Result<(), sled::Error> {
+    staged.remove(status_queue_key(e.update_seq));
+    let key = view_key(&e.conversion_id);
+    let Some(view) = staged.get_json::<ConversionView>(&key)? else {
+        return Ok(());
+    };
+    let (Some(from), ConversionState::Attributed) = (view.status, view.state) else {
+        return Ok(());
+    };
+    let view = view.status_updated(e);
+    let to = view.status.unwrap_or(from);
+    if to != from {
+        queue_delivery(staged, &view, Some(from), to, seq);
+        update_reports(staged, &view, |row| row.moved(from, to, money(&view)))?;
+        staged.put_json(key, &view);
+    }
+    Ok(())
+}
+
+fn update_reports(
+    staged: &mut Staged<'_>,
+    view: &ConversionView,
+    change: impl Fn(ReportRow) -> ReportRow,
+) -> Result<(), sled::Error> {
+    for (kind, id) in [('o', &view.offer_id), ('a', &view.affiliate_id)] {
+        let key = report_key(kind, id);
+        let row = staged.get_json::<ReportRow>(&key)?.unwrap_or_default();
+        staged.put_json(key, &change(row));
+    }
+    Ok(())
+}
+
+/// Read access to the conversions Tree.
+#[derive(Clone, Debug)]
+pub struct Conversions {
+    tree: sled::Tree,
+}
+
+impl Conversions {
+    /// Reads the Tree [`ConversionsFold`] writes.
+    pub fn new(tree: sled::Tree) -> Self {
+        Self { tree }
+    }
+
+    /// One conversion.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn get(&self, conversion_id: &str) -> Result<Option<ConversionView>, sled::Error> {
+        common::store::get_json(&self.tree, &view_key(conversion_id))
+    }
+
+    /// The conversions of one click, in id order.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn of_click(&self, click_id: &str) -> Result<Vec<ConversionView>, sled::Error> {
+        let prefix = by_click_prefix(click_id);
+        let mut out = Vec::new();
+        for row in self.tree.scan_prefix(&prefix) {
+            let (k, _) = row?;
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.extend(self.get(&id)?);
+        }
+        Ok(out)
+    }
+
+    /// Pending conversions in log order, at most `limit`.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn pending(&self, limit: usize) -> Result<Vec<ConversionView>, sled::Error> {
+        let mut out = Vec::new();
+        for row in self.tree.scan_prefix(b"p/").take(limit) {
+            let (_, id) = row?;
+            out.extend(self.get(&String::from_utf8_lossy(&id))?);
+        }
+        Ok(out)
+    }
+
+    /// Conversions owed an affiliate postback, queued after `after` (a queue
+    /// sequence), in log order, at most `limit`: (queue sequence, conversion id).
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn delivery_queue(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, QueueEntry)>, sled::Error> {
+        let mut out = Vec::new();
+        let start = delivery_queue_key(after.saturating_add(1));
+        for row in self
+            .tree
+            .range(start..delivery_queue_key(u64::MAX))
+            .take(limit)
+        {
+            let (k, v) = row?;
+            let seq = common::store::decode_u64(&k[2..]);
+            if let Ok(entry) = serde_json::from_slice(&v) {
+                out.push((seq, entry));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Later status reports waiting for the decider, in log order:
+    /// (report sequence, update).
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn status_queue(&self, limit: usize) -> Result<Vec<(u64, StatusUpdate)>, sled::Error> {
+        let mut out = Vec::new();
+        for row in self.tree.scan_prefix(b"u/").take(limit) {
+            let (k, v) = row?;
+            if let Ok(update) = serde_json::from_slice(&v) {
+                out.push((common::store::decode_u64(&k[2..]), update));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A counter row (such as a [`cap_key`]); 0 when absent.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn count(&self, key: &[u8]) -> Result<u64, sled::Error> {
+        Ok(self
+            .tree
+            .get(key)?
+            .map_or(0, |v| common::store::decode_u64(&v)))
+    }
+
+    /// Whether a dedup key is taken.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn taken(&self, key: &[u8]) -> Result<bool, sled::Error> {
+        self.tree.contains_key(key)
+    }
+
+    /// Every report row of one kind (`'o'` offer, `'a'` affiliate), by id.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn reports(&self, kind: char) -> Result<Vec<(String, ReportRow)>, sled::Error> {
+        let prefix = format!("r/{kind}/");
+        let mut out = Vec::new();
+        for row in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = row?;
+            if let Ok(r) = serde_json::from_slice(&v) {
+                out.push((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), r));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::conversions::v1::RejectReason;
+
+    const CLICK: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7d";
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        tree: sled::Tree,
+        seq: u64,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let tree = common::store::open_db(dir.path())
+                .unwrap()
+                .open_tree("c")
+                .unwrap();
+            Self {
+                _dir: dir,
+                tree,
+                seq: 0,
+            }
+        }
+
+        /// Applies one event in its own group, as the fold loop would.
+        fn apply(&mut self, subject: &str, payload: Vec<u8>) {
+            self.seq += 1;
+            let mut staged = Staged::new(&self.tree);
+            let entry = LogEntry {
+                subject,
+                payload: &payload,
+                seq: self.seq,
+                log_time_ms: 1000,
+            };
+            ConversionsFold.apply(&mut staged, &entry).unwrap();
+            self.tree.apply_batch(staged.into_batch(self.seq)).unwrap();
+        }
+
+        fn report(&mut self, txid: &str) -> String {
+            let e = ConversionReported {
+                click_id: CLICK.into(),
+                txid: txid.into(),
+                ..Default::default()
+            };
+            self.apply(proto::subject::CONVERSION_REPORTED, e.encode_to_vec());
+            conversion_id(CLICK, "", txid)
+        }
+
+        fn attribute(&mut self, id: &str, payout: i64) {
+            let e = ConversionAttributed {
+                conversion_id: id.into(),
+                offer_id: "o1".into(),
+                affiliate_id: "a1".into(),
+                payout_micros: payout,
+                payout_currency: "USD".into(),
+                revenue_currency: "USD".into(),
+                ..Default::default()
+            };
+            self.apply(proto::subject::CONVERSION_ATTRIBUTED, e.encode_to_vec());
+        }
+
+        fn reads(&self) -> Conversions {
+            Conversions::new(self.tree.clone())
+        }
+    }
+
+    #[test]
+    fn a_report_is_pending_then_its_first_decision_sticks() {
+        let mut h = Harness::new();
+        let id = h.report("T1");
+        assert_eq!(h.reads().pending(10).unwrap().len(), 1);
+        h.attribute(&id, 2_000_000);
+        let rejected = ConversionRejected {
+            conversion_id: id.clone(),
+            reason: RejectReason::Duplicate as i32,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            rejected.encode_to_vec(),
+        );
+        h.attribute(&id, 9_000_000);
+
+        let reads = h.reads();
+        let view = reads.get(&id).unwrap().unwrap();
+        assert_eq!(
+            (view.state, view.payout_micros),
+            (ConversionState::Attributed, 2_000_000)
+        );
+        assert!(reads.pending(10).unwrap().is_empty());
+        assert!(reads.taken(&goal_key(CLICK, "")).unwrap());
+        assert!(reads.taken(&txid_key(CLICK, "", "T1")).unwrap());
+        assert!(!reads.taken(&txid_key(CLICK, "", "T2")).unwrap());
+        let (_, row) = &reads.reports('o').unwrap()[0];
+        assert_eq!(
+            (row.attributed, row.rejected, row.payout["USD"]),
+            (1, 0, 2_000_000)
+        );
+    }
+
+    #[test]
+    fn a_second_report_of_the_same_conversion_changes_nothing() {
+        let mut h = Harness::new();
+        let id = h.report("");
+        h.attribute(&id, 1);
+        let before = h.reads().get(&id).unwrap();
+        h.report("");
+        assert_eq!(h.reads().get(&id).unwrap(), before);
+        assert!(
+            h.reads().pending(10).unwrap().is_empty(),
+            "not pending again"
+        );
+        assert_eq!(h.reads().of_click(CLICK).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn garbage_becomes_a_pending_malformed_conversion() {
+        let mut h = Harness::new();
+        h.apply(proto::subject::CONVERSION_REPORTED, vec![0xff, 0x01]);
+        let pending = h.reads().pending(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert!(pending[0]
+            .malformed
+            .as_deref()
+            .unwrap()
+            .contains("undecodable"));
+        assert_eq!(pending[0].raw_hex.as_deref(), Some("ff01"));
+    }
+}

@@ -1,0 +1,135 @@
+//! One HTTP attempt of a delivery, classified.
+
+use std::time::{Duration, Instant};
+
+use super::policy::{classify, Class};
+use super::target::{check_url, GuardedResolver};
+
+/// How much of a response body is kept.
+pub const BODY_LIMIT: usize = 512;
+
+/// What one attempt found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptResult {
+    pub class: Class,
+    /// None when no HTTP answer came.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub error: String,
+    /// The first [`BODY_LIMIT`] bytes of the answer.
+    pub body: Vec<u8>,
+}
+
+/// Installs ring as the process's rustls crypto provider (reqwest is built
+/// without one, to avoid a C toolchain dependency). Idempotent; every reqwest
+/// client in the process needs it first.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The HTTP client deliveries use: no redirects unless allowed (then at most 5,
+/// each hop checked like the first), the guarded resolver, a user agent.
+///
+/// # Errors
+/// The TLS backend could not be set up.
+pub fn client(
+    allow_private: bool,
+    follow_redirects: bool,
+) -> Result<reqwest::Client, reqwest::Error> {
+    install_tls_provider();
+    let redirect = if follow_redirects {
+        reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 5 {
+                attempt.error("too many redirects")
+            } else if let Err(why) = check_url(attempt.url().as_str(), allow_private) {
+                attempt.error(why)
+            } else {
+                attempt.follow()
+            }
+        })
+    } else {
+        reqwest::redirect::Policy::none()
+    };
+    reqwest::Client::builder()
+        .redirect(redirect)
+        .dns_resolver(GuardedResolver::shared(allow_private))
+        .user_agent(concat!("s2s-tracker-postback/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(8)
+        .build()
+}
+
+/// Which delivery and attempt a request is, sent as `X-Delivery-Id` and
+/// `X-Delivery-Attempt` (`<generation>.<attempt>`) so a receiver can deduplicate
+/// and tell a retry from a new event.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTag<'a> {
+    pub delivery_id: &'a str,
+    pub generation: u32,
+    pub attempt: u32,
+}
+
+/// Requests `url` with GET once, within `timeout` (the body read included).
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    tag: AttemptTag<'_>,
+    timeout: Duration,
+    allow_private: bool,
+) -> AttemptResult {
+    let started = Instant::now();
+    let failed = |class, error: String| AttemptResult {
+        class,
+        status: None,
+        latency_ms: started.elapsed().as_millis() as u64,
+        error,
+        body: Vec::new(),
+    };
+    let url = match check_url(url, allow_private) {
+        Ok(u) => u,
+        Err(why) => return failed(Class::Permanent, why),
+    };
+    let work = async {
+        let mut response = client
+            .get(url)
+            .header("x-delivery-id", tag.delivery_id)
+            .header(
+                "x-delivery-attempt",
+                format!("{}.{}", tag.generation, tag.attempt),
+            )
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        while body.len() < BODY_LIMIT {
+            match response.chunk().await? {
+                Some(chunk) => body.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        body.truncate(BODY_LIMIT);
+        Ok::<_, reqwest::Error>((status, body))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Err(_) => failed(Class::Retry, format!("timed out after {timeout:?}")),
+        Ok(Err(error)) => {
+            let text = common::fold::error_chain(&error);
+            let class = if text.contains("refused:") {
+                Class::Permanent
+            } else {
+                Class::Retry
+            };
+            failed(class, text)
+        }
+        Ok(Ok((status, body))) => AttemptResult {
+            class: classify(status),
+            status: Some(status),
+            latency_ms: started.elapsed().as_millis() as u64,
+            error: if (200..300).contains(&status) {
+                String::new()
+            } else {
+                format!("HTTP {status}")
+            },
+            body,
+        },
+    }
+}

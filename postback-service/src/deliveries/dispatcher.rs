@@ -1,0 +1,504 @@
+//! The dispatcher: walks the queue of attributed conversions owed a postback,
+//! keeps each delivery's retry schedule in sled, runs attempts with bounded
+//! concurrency overall and per host, and records every outcome in the log.
+//!
+//! It starts only once the CONVERSIONS and POSTBACKS folds have reached the end
+//! of the log, so it knows every recorded outcome before it sends anything: a
+//! restart or a rebuilt projection never sends a delivery the log records as
+//! delivered. Later outcomes are its own: a schedule is dropped only after its
+//! outcome is acknowledged, and the queue cursor never walks back.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::jetstream::Context;
+use common::FoldStatus;
+use prost::Message;
+use proto::postbacks::v1::{PostbackDelivered, PostbackFailed, PostbackRetryRequested};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    attempt::{self, AttemptResult},
+    macros,
+    outcome::{OutcomeState, Outcomes},
+    policy::{seed, Class, RetryPolicy},
+    schedule::{Schedule, ScheduleStore, Target, Unpublished},
+    status_delivery_id,
+};
+use crate::{
+    clicks::Clicks,
+    conversions::{Conversions, QueueEntry},
+};
+
+/// How deliveries are made.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    pub policy: RetryPolicy,
+    /// Per attempt, the response body included.
+    pub timeout: Duration,
+    /// Attempts in flight at once, overall.
+    pub concurrency: usize,
+    /// Attempts in flight at once to one host.
+    pub per_host: usize,
+    /// Allow targets on loopback, private and link-local addresses.
+    pub allow_private: bool,
+    pub follow_redirects: bool,
+    /// How long an outcome publish waits for its ack.
+    pub publish_timeout: Duration,
+}
+
+/// Why a manual retry was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    #[error("unknown delivery")]
+    NotFound,
+    #[error("the delivery is {0}, not failed")]
+    NotFailed(&'static str),
+    #[error(transparent)]
+    Publish(#[from] common::nats::PublishError),
+    #[error("schedule storage")]
+    Store(#[from] sled::Error),
+}
+
+/// A handle on the dispatcher, shared by its task and the API.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: Context,
+    conversions: Conversions,
+    clicks: Clicks,
+    outcomes: Outcomes,
+    schedules: ScheduleStore,
+    client: reqwest::Client,
+    config: DispatchConfig,
+    postbacks_status: watch::Receiver<FoldStatus>,
+    in_flight: Mutex<HashSet<String>>,
+    global: Arc<Semaphore>,
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    wake: Notify,
+}
+
+/// The projections a dispatcher reads and the store it writes.
+pub struct DispatchStores {
+    pub conversions: Conversions,
+    pub clicks: Clicks,
+    pub outcomes: Outcomes,
+    pub schedules: ScheduleStore,
+    pub postbacks_status: watch::Receiver<FoldStatus>,
+}
+
+impl Dispatcher {
+    /// A dispatcher over these stores.
+    ///
+    /// # Errors
+    /// The HTTP client could not be built.
+    pub fn new(
+        js: Context,
+        stores: DispatchStores,
+        config: DispatchConfig,
+    ) -> Result<Self, reqwest::Error> {
+        let client = attempt::client(config.allow_private, config.follow_redirects)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                js,
+                conversions: stores.conversions,
+                clicks: stores.clicks,
+                outcomes: stores.outcomes,
+                schedules: stores.schedules,
+                client,
+                global: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                config,
+                postbacks_status: stores.postbacks_status,
+                in_flight: Mutex::new(HashSet::new()),
+                hosts: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    /// The outcomes projection.
+    pub fn outcomes(&self) -> &Outcomes {
+        &self.inner.outcomes
+    }
+
+    /// The schedule store.
+    pub fn schedules(&self) -> &ScheduleStore {
+        &self.inner.schedules
+    }
+
+    /// Sends a failed delivery again: logs `PostbackRetryRequested`, then schedules
+    /// a new generation of attempts.
+    ///
+    /// # Errors
+    /// Unknown, not failed, or the log did not acknowledge.
+    pub async fn request_retry(&self, id: &str) -> Result<u32, RetryError> {
+        let inner = &self.inner;
+        let Some(outcome) = inner.outcomes.get(id)? else {
+            return Err(match inner.schedules.get(id)? {
+                Some(_) => RetryError::NotFailed("pending"),
+                None => RetryError::NotFound,
+            });
+        };
+        match outcome.state {
+            OutcomeState::Failed => {}
+            OutcomeState::Delivered => return Err(RetryError::NotFailed("delivered")),
+            OutcomeState::RetryRequested => return Err(RetryError::NotFailed("pending")),
+        }
+        let generation = outcome.generation + 1;
+        let event = PostbackRetryRequested {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            occurred_at_ms: common::time::now_ms(),
+            delivery_id: id.to_owned(),
+            generation,
+        };
+        let seq = common::nats::publish(
+            &inner.js,
+            proto::subject::POSTBACK_RETRY_REQUESTED.to_owned(),
+            &format!("retry-{id}-{generation}"),
+            event.encode_to_vec().into(),
+            inner.config.publish_timeout,
+        )
+        .await?;
+        let mut status = inner.postbacks_status.clone();
+        common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await;
+        let schedule = Schedule::again(outcome, generation);
+        inner.schedules.put(&schedule).await?;
+        inner.wake.notify_one();
+        Ok(generation)
+    }
+
+    /// Turns queued attributions into schedules, from the cursor on.
+    async fn enqueue_new(&self) -> Result<(), sled::Error> {
+        let inner = &self.inner;
+        loop {
+            let cursor = inner.schedules.cursor()?;
+            let batch = inner.conversions.delivery_queue(cursor, 512)?;
+            let Some(&(last, _)) = batch.last() else {
+                return Ok(());
+            };
+            let mut new = Vec::new();
+            for (_, entry) in batch {
+                if let Some(s) = self.schedule_for(&entry)? {
+                    new.push(s);
+                }
+            }
+            inner.schedules.enqueue(&new, last).await?;
+        }
+    }
+
+    /// A new schedule for a queued postback, unless the log already records its
+    /// outcome or a schedule exists.
+    fn schedule_for(&self, entry: &QueueEntry) -> Result<Option<Schedule>, sled::Error> {
+        let inner = &self.inner;
+        let Some(view) = inner.conversions.get(&entry.conversion_id)? else {
+            return Ok(None);
+        };
+        if view.postback_url.is_empty() {
+            return Ok(None);
+        }
+        let id = status_delivery_id(&view.conversion_id, &view.affiliate_id, entry.status);
+        let generation = match inner.outcomes.get(&id)? {
+            Some(o) if o.state == OutcomeState::RetryRequested => o.generation,
+            Some(_) => return Ok(None),
+            None => 1,
+        };
+        if inner.schedules.get(&id)?.is_some() {
+            return Ok(None);
+        }
+        let click = inner.clicks.get(&view.click_id)?;
+        let target = Target {
+            url: macros::fill(&view.postback_url, &view, click.as_ref(), &id, entry.status),
+            status: entry.status.name().to_owned(),
+            delivery_id: id,
+            conversion_id: view.conversion_id,
+            affiliate_id: view.affiliate_id,
+            offer_id: view.offer_id,
+            click_id: view.click_id,
+        };
+        Ok(Some(Schedule::fresh(target, generation)))
+    }
+
+    /// Schedules for retry-requested outcomes that lost theirs (a stop between
+    /// the request and its schedule).
+    async fn recover_retries(&self) -> Result<(), sled::Error> {
+        let inner = &self.inner;
+        for outcome in inner.outcomes.newest_first()? {
+            if outcome.state == OutcomeState::RetryRequested
+                && inner.schedules.get(&outcome.delivery_id)?.is_none()
+            {
+                let generation = outcome.generation;
+                inner
+                    .schedules
+                    .put(&Schedule::again(outcome, generation))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts an attempt for every due schedule not already in flight.
+    fn start_due(
+        &self,
+        tracker: &TaskTracker,
+        token: &CancellationToken,
+    ) -> Result<(), sled::Error> {
+        let now = common::time::now_ms();
+        for listed in self.inner.schedules.all()? {
+            if listed.next_at_ms > now {
+                continue;
+            }
+            let id = listed.delivery_id;
+            if !self.lock_in_flight().insert(id.clone()) {
+                continue;
+            }
+            // The listing may be stale: an attempt that finished since removed its
+            // schedule (before leaving the in-flight set), so read it again now
+            // that we hold the delivery, or a delivered postback would be sent again.
+            let schedule = match self.inner.schedules.get(&id) {
+                Ok(Some(s)) if s.next_at_ms <= now => s,
+                Ok(_) => {
+                    self.lock_in_flight().remove(&id);
+                    continue;
+                }
+                Err(error) => {
+                    self.lock_in_flight().remove(&id);
+                    return Err(error);
+                }
+            };
+            let this = self.clone();
+            let token = token.clone();
+            tracker.spawn(async move {
+                if let Err(error) = this.run_attempt(schedule, &token).await {
+                    tracing::error!(%error, delivery_id = %id, "delivery bookkeeping failed; will retry");
+                }
+                this.lock_in_flight().remove(&id);
+            });
+        }
+        Ok(())
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn host_limit(&self, url: &str) -> Arc<Semaphore> {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or(""),
+                    u.port_or_known_default().unwrap_or(0)
+                )
+            })
+            .unwrap_or_default();
+        let mut hosts = self
+            .inner
+            .hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        hosts
+            .entry(host)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.per_host.max(1))))
+            .clone()
+    }
+
+    async fn run_attempt(
+        &self,
+        mut s: Schedule,
+        token: &CancellationToken,
+    ) -> Result<(), sled::Error> {
+        let inner = &self.inner;
+        if let Some(record) = s.unpublished.clone() {
+            return self.record(s, record).await;
+        }
+        // Wait for a slot, unless stopping: the schedule then stays as it is.
+        let host = self.host_limit(&s.url);
+        let permits = async {
+            let host = host.acquire_owned().await.ok()?;
+            let global = inner.global.clone().acquire_owned().await.ok()?;
+            Some((host, global))
+        };
+        let _permits = tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            p = permits => match p { Some(p) => p, None => return Ok(()) },
+        };
+        let started = common::time::now_ms();
+        if s.first_attempt_ms == 0 {
+            s.first_attempt_ms = started;
+        }
+        s.attempts += 1;
+        // Count the attempt durably before sending it: after a crash mid-attempt
+        // the next one goes out under a new attempt number, never the same twice.
+        inner.schedules.put(&s).await?;
+        let tag = attempt::AttemptTag {
+            delivery_id: &s.delivery_id,
+            generation: s.generation,
+            attempt: s.attempts,
+        };
+        let result = attempt::send(
+            &inner.client,
+            &s.url,
+            tag,
+            inner.config.timeout,
+            inner.config.allow_private,
+        )
+        .await;
+        let now = common::time::now_ms();
+        s.last_status = u32::from(result.status.unwrap_or(0));
+        s.last_error.clone_from(&result.error);
+        s.last_body = String::from_utf8_lossy(&result.body).into_owned();
+        match result.class {
+            Class::Delivered => {
+                tracing::info!(delivery_id = %s.delivery_id, attempts = s.attempts, "postback delivered");
+                let record = delivered_event(&s, &result, now);
+                self.record(s, record).await
+            }
+            Class::Retry => {
+                match inner.config.policy.next_attempt_ms(
+                    s.attempts,
+                    s.first_attempt_ms,
+                    now,
+                    seed(&s.delivery_id),
+                ) {
+                    Some(next) => {
+                        tracing::info!(delivery_id = %s.delivery_id, attempts = s.attempts, error = %result.error,
+                            retry_in_ms = next - now, "postback attempt failed; retrying");
+                        s.next_at_ms = next;
+                        inner.schedules.put(&s).await
+                    }
+                    None => {
+                        let record = failed_event(&s, &result, now, "retries exhausted: ");
+                        self.record(s, record).await
+                    }
+                }
+            }
+            Class::Permanent => {
+                tracing::warn!(delivery_id = %s.delivery_id, error = %result.error, "postback refused; giving up");
+                let record = failed_event(&s, &result, now, "");
+                self.record(s, record).await
+            }
+        }
+    }
+
+    /// Stores the outcome as unpublished, publishes it, then drops the schedule.
+    /// If the log does not acknowledge, the schedule keeps the outcome and only
+    /// the publish is tried again, never the request.
+    async fn record(&self, mut s: Schedule, record: Unpublished) -> Result<(), sled::Error> {
+        let inner = &self.inner;
+        s.unpublished = Some(record.clone());
+        inner.schedules.put(&s).await?;
+        let published = common::nats::publish(
+            &inner.js,
+            record.subject.clone(),
+            &record.msg_id,
+            record.payload.into(),
+            inner.config.publish_timeout,
+        )
+        .await;
+        match published {
+            Ok(_) => inner.schedules.remove(&s.delivery_id).await,
+            Err(error) => {
+                tracing::warn!(%error, delivery_id = %s.delivery_id, "outcome not yet in the log; will publish again");
+                s.next_at_ms = common::time::now_ms() + 1000;
+                inner.schedules.put(&s).await
+            }
+        }
+    }
+}
+
+fn delivered_event(s: &Schedule, r: &AttemptResult, now: i64) -> Unpublished {
+    let e = PostbackDelivered {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at_ms: now,
+        delivery_id: s.delivery_id.clone(),
+        conversion_id: s.conversion_id.clone(),
+        url: s.url.clone(),
+        attempts: s.attempts,
+        status_code: u32::from(r.status.unwrap_or(0)),
+        latency_ms: r.latency_ms,
+        affiliate_id: s.affiliate_id.clone(),
+        offer_id: s.offer_id.clone(),
+        click_id: s.click_id.clone(),
+        generation: s.generation,
+    };
+    Unpublished {
+        subject: proto::subject::POSTBACK_DELIVERED.to_owned(),
+        msg_id: format!("postback-{}-{}", s.delivery_id, s.generation),
+        payload: e.encode_to_vec(),
+    }
+}
+
+fn failed_event(s: &Schedule, r: &AttemptResult, now: i64, prefix: &str) -> Unpublished {
+    let e = PostbackFailed {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at_ms: now,
+        delivery_id: s.delivery_id.clone(),
+        conversion_id: s.conversion_id.clone(),
+        url: s.url.clone(),
+        attempts: s.attempts,
+        status_code: u32::from(r.status.unwrap_or(0)),
+        error: format!("{prefix}{}", r.error),
+        body: r.body.clone(),
+        affiliate_id: s.affiliate_id.clone(),
+        offer_id: s.offer_id.clone(),
+        click_id: s.click_id.clone(),
+        generation: s.generation,
+    };
+    Unpublished {
+        subject: proto::subject::POSTBACK_FAILED.to_owned(),
+        msg_id: format!("postback-{}-{}", s.delivery_id, s.generation),
+        payload: e.encode_to_vec(),
+    }
+}
+
+/// Runs the dispatcher until `token` is cancelled, then lets attempts in flight
+/// finish (each is bounded by the attempt and publish timeouts).
+pub async fn run_dispatcher(
+    dispatcher: Dispatcher,
+    mut conversions_status: watch::Receiver<FoldStatus>,
+    token: CancellationToken,
+) {
+    let config = &dispatcher.inner.config;
+    let tick = (config.policy.first_retry / 4)
+        .clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut postbacks_status = dispatcher.inner.postbacks_status.clone();
+    let tracker = TaskTracker::new();
+    let mut recovered = false;
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            () = dispatcher.inner.wake.notified() => {}
+            () = common::fold::changed(&mut conversions_status) => {}
+            () = common::fold::changed(&mut postbacks_status) => {}
+            () = tokio::time::sleep(tick) => {}
+        }
+        if !(conversions_status.borrow().caught_up && postbacks_status.borrow().caught_up) {
+            continue;
+        }
+        let result = async {
+            if !recovered {
+                dispatcher.recover_retries().await?;
+                recovered = true;
+            }
+            dispatcher.enqueue_new().await?;
+            dispatcher.start_due(&tracker, &token)
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "dispatcher round failed; retrying");
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}

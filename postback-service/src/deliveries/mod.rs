@@ -1,0 +1,46 @@
+//! Affiliate postbacks: every attributed conversion whose decision names a postback
+//! URL is told to the affiliate's server, retried until it lands, never twice.
+//!
+//! - [`policy`]: which answers count, when to retry (pure);
+//! - [`macros`]: filling the URL template (pure);
+//! - [`target`]: the server-side request forgery guard;
+//! - [`attempt`]: one HTTP request;
+//! - [`outcome`]: the POSTBACKS fold (delivered, failed, retry requested);
+//! - [`schedule`]: the local retry schedule in sled;
+//! - [`dispatcher`]: the task that walks the queue and runs attempts.
+
+pub mod attempt;
+pub mod dispatcher;
+pub mod macros;
+pub mod outcome;
+pub mod policy;
+pub mod schedule;
+pub mod target;
+
+pub use dispatcher::{run_dispatcher, DispatchConfig, Dispatcher};
+pub use outcome::{Outcome, OutcomeState, Outcomes, PostbacksFold};
+pub use schedule::{Schedule, ScheduleStore};
+
+/// The id of the delivery of one conversion to one affiliate: stable, so the
+/// receiver can deduplicate on `{delivery_id}`.
+pub fn delivery_id(conversion_id: &str, affiliate_id: &str) -> String {
+    const NS: uuid::Uuid = uuid::Uuid::from_u128(0x2b7e_1516_28ae_d2a6_abf7_1588_09cf_4f3c);
+    uuid::Uuid::new_v5(
+        &NS,
+        format!("{conversion_id}\u{1f}{affiliate_id}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// The id of the delivery of one status event of a conversion to one affiliate:
+/// the approval keeps [`delivery_id`]; other statuses get their own stable id.
+pub fn status_delivery_id(
+    conversion_id: &str,
+    affiliate_id: &str,
+    status: catalog::ConversionStatus,
+) -> String {
+    match status {
+        catalog::ConversionStatus::Approved => delivery_id(conversion_id, affiliate_id),
+        other => delivery_id(conversion_id, &format!("{affiliate_id}/{}", other.name())),
+    }
+}

@@ -1,0 +1,327 @@
+//! What a valid conversion report is, from either door: an advertiser's HTTP
+//! postback ([`PostbackInput::parse`]) or a partner's protobuf on NATS
+//! ([`normalize_reported`]). Both end as the same `ConversionReported`.
+
+use std::borrow::Cow;
+
+use common::{money, ApiError};
+use proto::conversions::v1::{ConversionOrigin, ConversionReported};
+use uuid::Uuid;
+
+/// Namespace of conversion ids (UUID v5 of click id, goal and txid).
+const CONVERSION_NS: Uuid = Uuid::from_u128(0x6f1c_2a4e_8b3d_4c59_9e27_d0a1_5b6c_7e80);
+
+/// Longest goal name.
+pub const MAX_GOAL_LEN: usize = 64;
+/// Longest advertiser transaction id.
+pub const MAX_TXID_LEN: usize = 256;
+
+/// The stable id of a conversion: the same postback, retried, gets the same id.
+pub fn conversion_id(click_id: &str, goal: &str, txid: &str) -> String {
+    let name = format!("{click_id}\u{1f}{goal}\u{1f}{txid}");
+    Uuid::new_v5(&CONVERSION_NS, name.as_bytes()).to_string()
+}
+
+/// The parameters of one advertiser postback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostbackInput {
+    /// Canonical (lower-case, hyphenated) UUID text.
+    pub click_id: String,
+    pub goal: String,
+    pub txid: String,
+    pub amount_micros: Option<i64>,
+    /// Empty: the offer's currency.
+    pub currency: String,
+    /// The advertiser's status word, lower case; empty: approved.
+    pub status: String,
+}
+
+/// The parameter names accepted for the click id, in order of preference.
+pub const CLICK_ID_ALIASES: [&str; 4] = ["click_id", "cid", "subid", "transaction_id"];
+
+impl PostbackInput {
+    /// Parses query and form pairs. Rules: unknown parameters are ignored; a known
+    /// parameter given twice must carry the same value; empty values are absent.
+    ///
+    /// # Errors
+    /// 400 naming the field: missing or non-UUID click id, conflicting repeats,
+    /// over-long goal or txid, a bad amount, an unknown currency.
+    pub fn parse<'a>(
+        pairs: impl IntoIterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
+    ) -> Result<Self, ApiError> {
+        const KNOWN: [&str; 9] = [
+            "click_id",
+            "cid",
+            "subid",
+            "transaction_id",
+            "goal",
+            "amount",
+            "currency",
+            "txid",
+            "status",
+        ];
+        let mut values: [Option<String>; 9] = Default::default();
+        for (key, value) in pairs {
+            let Some(slot) = KNOWN.iter().position(|k| *k == key) else {
+                continue;
+            };
+            let value = value.trim();
+            if value.is_empty() {
+                continue;
+            }
+            match &values[slot] {
+                Some(prev) if prev != value => {
+                    return Err(ApiError::invalid(
+                        KNOWN[slot],
+                        "given twice with different values",
+                    ))
+                }
+                _ => values[slot] = Some(value.to_owned()),
+            }
+        }
+        let [cid0, cid1, cid2, cid3, goal, amount, currency, txid, status] = values;
+        let status = status.unwrap_or_default().to_ascii_lowercase();
+        if status.len() > 32 {
+            return Err(ApiError::invalid("status", "is longer than 32 bytes"));
+        }
+        let (field, raw_click) = [cid0, cid1, cid2, cid3]
+            .into_iter()
+            .zip(CLICK_ID_ALIASES)
+            .find_map(|(v, name)| v.map(|v| (name, v)))
+            .ok_or_else(|| {
+                ApiError::invalid("click_id", "is required (or cid, subid, transaction_id)")
+            })?;
+        let click_id = Uuid::try_parse(&raw_click)
+            .map_err(|_| {
+                ApiError::invalid(
+                    field,
+                    "must be the click id (a UUID) from the tracking redirect",
+                )
+            })?
+            .to_string();
+        let goal = goal.unwrap_or_default();
+        if goal.len() > MAX_GOAL_LEN {
+            return Err(ApiError::invalid("goal", "is longer than 64 bytes"));
+        }
+        let txid = txid.unwrap_or_default();
+        if txid.len() > MAX_TXID_LEN {
+            return Err(ApiError::invalid("txid", "is longer than 256 bytes"));
+        }
+        let amount_micros = amount
+            .map(|a| {
+                money::parse_micros(&a).map_err(|e| ApiError::invalid("amount", e.to_string()))
+            })
+            .transpose()?;
+        let currency = match currency {
+            None => String::new(),
+            Some(c) => money::parse_currency(&c).ok_or_else(|| {
+                ApiError::invalid("currency", "must be an ISO 4217 code such as USD")
+            })?,
+        };
+        Ok(Self {
+            click_id,
+            goal,
+            txid,
+            amount_micros,
+            currency,
+            status,
+        })
+    }
+
+    /// The event this postback reports; its id is the conversion id.
+    /// `verified_offer_id`: the offer whose postback security it passed.
+    pub fn into_event(
+        self,
+        ip: String,
+        now_ms: i64,
+        verified_offer_id: String,
+    ) -> ConversionReported {
+        let id = conversion_id(&self.click_id, &self.goal, &self.txid);
+        ConversionReported {
+            event_id: id.clone(),
+            occurred_at_ms: now_ms,
+            conversion_id: id,
+            click_id: self.click_id,
+            goal: self.goal,
+            txid: self.txid,
+            amount_micros: self.amount_micros,
+            currency: self.currency,
+            origin: ConversionOrigin::Http as i32,
+            ip,
+            status: self.status,
+            verified_offer_id,
+        }
+    }
+}
+
+/// The `Nats-Msg-Id` of a report: the conversion id, plus the status word when
+/// one is given, so a later status report is not dropped as a retry.
+pub fn report_msg_id(e: &ConversionReported) -> String {
+    if e.status.is_empty() {
+        e.conversion_id.clone()
+    } else {
+        format!("{}/{}", e.conversion_id, e.status)
+    }
+}
+
+/// Brings a `ConversionReported` from the log to canonical form: derived
+/// conversion id and event time where missing, canonical click id, upper-case
+/// currency. `log_time_ms` is when JetStream stored it.
+///
+/// # Errors
+/// Why the report is malformed, in words; it is then decided `malformed`.
+pub fn normalize_reported(
+    mut e: ConversionReported,
+    log_time_ms: i64,
+) -> Result<ConversionReported, String> {
+    if e.click_id.is_empty() {
+        return Err("missing click_id".to_owned());
+    }
+    e.click_id = Uuid::try_parse(&e.click_id)
+        .map_err(|_| format!("click_id {:?} is not a UUID", truncate(&e.click_id)))?
+        .to_string();
+    if e.goal.len() > MAX_GOAL_LEN || e.txid.len() > MAX_TXID_LEN {
+        return Err("goal or txid too long".to_owned());
+    }
+    if e.amount_micros.is_some_and(|a| a < 0) {
+        return Err("negative amount".to_owned());
+    }
+    if !e.currency.is_empty() {
+        e.currency = money::parse_currency(&e.currency)
+            .ok_or_else(|| format!("unknown currency {:?}", truncate(&e.currency)))?;
+    }
+    let derived = conversion_id(&e.click_id, &e.goal, &e.txid);
+    if e.conversion_id.is_empty() {
+        e.conversion_id = derived;
+    } else if e.conversion_id.len() > 128 {
+        return Err("conversion_id longer than 128 bytes".to_owned());
+    }
+    if e.occurred_at_ms <= 0 {
+        e.occurred_at_ms = log_time_ms;
+    }
+    if e.origin == ConversionOrigin::Unspecified as i32
+        || ConversionOrigin::try_from(e.origin).is_err()
+    {
+        e.origin = ConversionOrigin::Nats as i32;
+    }
+    Ok(e)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7d";
+
+    fn parse(q: &str) -> Result<PostbackInput, ApiError> {
+        PostbackInput::parse(url::form_urlencoded::parse(q.as_bytes()))
+    }
+
+    fn field(r: Result<PostbackInput, ApiError>) -> String {
+        match r {
+            Err(ApiError::Invalid { field, .. }) => field,
+            other => panic!("expected 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_every_alias_and_field() {
+        for alias in CLICK_ID_ALIASES {
+            let p = parse(&format!(
+                "{alias}={}&goal=sale&amount=9.99&currency=eur&txid=T1",
+                CID.to_uppercase()
+            ))
+            .unwrap();
+            assert_eq!(p.click_id, CID, "canonical form via {alias}");
+            assert_eq!(
+                (p.goal.as_str(), p.txid.as_str(), p.currency.as_str()),
+                ("sale", "T1", "EUR")
+            );
+            assert_eq!(p.amount_micros, Some(9_990_000));
+        }
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        assert_eq!(field(parse("goal=x")), "click_id");
+        assert_eq!(field(parse("click_id=nope")), "click_id");
+        assert_eq!(field(parse("cid=nope")), "cid");
+        assert_eq!(field(parse(&format!("click_id={CID}&amount=-1"))), "amount");
+        assert_eq!(
+            field(parse(&format!("click_id={CID}&amount=NaN"))),
+            "amount"
+        );
+        assert_eq!(
+            field(parse(&format!("click_id={CID}&amount=1.0000001"))),
+            "amount"
+        );
+        assert_eq!(
+            field(parse(&format!("click_id={CID}&currency=ZZZ"))),
+            "currency"
+        );
+        assert_eq!(
+            field(parse(&format!("click_id={CID}&goal={}", "g".repeat(65)))),
+            "goal"
+        );
+        assert_eq!(
+            field(parse(&format!("click_id={CID}&txid=a&txid=b"))),
+            "txid"
+        );
+    }
+
+    #[test]
+    fn same_repeat_and_unknown_params_are_fine() {
+        let p = parse(&format!("click_id={CID}&txid=a&txid=a&utm=1")).unwrap();
+        assert_eq!(p.txid, "a");
+    }
+
+    #[test]
+    fn conversion_id_is_stable_and_distinguishes_goal_and_txid() {
+        assert_eq!(conversion_id(CID, "", ""), conversion_id(CID, "", ""));
+        assert_ne!(conversion_id(CID, "a", ""), conversion_id(CID, "", "a"));
+        assert_ne!(conversion_id(CID, "", "t1"), conversion_id(CID, "", "t2"));
+    }
+
+    #[test]
+    fn normalizes_partner_events() {
+        let e = ConversionReported {
+            click_id: CID.to_uppercase(),
+            currency: "usd".into(),
+            ..Default::default()
+        };
+        let n = normalize_reported(e, 42).unwrap();
+        assert_eq!(n.click_id, CID);
+        assert_eq!(n.conversion_id, conversion_id(CID, "", ""));
+        assert_eq!(n.occurred_at_ms, 42);
+        assert_eq!(n.currency, "USD");
+        assert_eq!(n.origin(), ConversionOrigin::Nats);
+    }
+
+    #[test]
+    fn refuses_nonsense_partner_events() {
+        let bad = [
+            ConversionReported::default(),
+            ConversionReported {
+                click_id: "x".into(),
+                ..Default::default()
+            },
+            ConversionReported {
+                click_id: CID.into(),
+                amount_micros: Some(-1),
+                ..Default::default()
+            },
+            ConversionReported {
+                click_id: CID.into(),
+                currency: "ZZZ".into(),
+                ..Default::default()
+            },
+        ];
+        for e in bad {
+            assert!(normalize_reported(e.clone(), 1).is_err(), "{e:?}");
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `GET|POST /postback`: an advertiser reports a conversion.
+//!
+//! Parameters come from the query string and, for POST, an
+//! `application/x-www-form-urlencoded` body. The answer is `200
+//! {"status":"accepted","conversion_id":..}` only once `ConversionReported` is
+//! durable: acked by JetStream within the ack deadline, or flushed to the local
+//! outbox (then `"durable":"outbox"` is added), or the same conversion is
+//! already in the log; 400 names the bad field; 503 means retry.
+
+use std::net::SocketAddr;
+
+use axum::{
+    body::Bytes,
+    extract::rejection::BytesRejection,
+    extract::{ConnectInfo, RawQuery, State},
+    http::{header, HeaderMap, Method},
+    Json,
+};
+use common::ApiError;
+use prost::Message;
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::postback::PostbackInput;
+
+#[tracing::instrument(skip_all)]
+pub(super) async fn postback(
+    State(state): State<AppState>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
+            field: "body".into(),
+            message: format!("is larger than {} bytes", super::MAX_BODY_BYTES),
+        },
+        _ => ApiError::invalid("body", rejection.body_text()),
+    })?;
+    let query = query.unwrap_or_default();
+    let mut pairs = common::params::parse(query.as_bytes(), "query")?;
+    if method == Method::POST && !body.is_empty() {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !content_type.is_empty()
+            && !content_type.starts_with("application/x-www-form-urlencoded")
+        {
+            return Err(ApiError::invalid(
+                "body",
+                "send parameters as application/x-www-form-urlencoded or in the query string",
+            ));
+        }
+        pairs.extend(common::params::parse(&body, "body")?);
+    }
+    let now = common::time::now_ms();
+    let ip = crate::security::client_ip(peer.ip(), &headers, &state.trusted_proxy_header);
+    if state.refusals.over_rate(ip, now) {
+        return Err(too_many());
+    }
+    let input = PostbackInput::parse(pairs.iter().map(|(k, v)| (k.into(), v.into())))?;
+    let verified = verify(&state, &input, &pairs, ip, now).await?;
+    let event = input.into_event(ip.to_string(), now, verified);
+    let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
+    if let Some(known) = state.conversions.get(&event.conversion_id)? {
+        if known.advertiser_status == event.status {
+            return Ok(Json(accepted)); // a retry of a postback already in the log
+        }
+    }
+    let durable = state
+        .outbox
+        .publish_or_spool(
+            &state.js,
+            proto::subject::CONVERSION_REPORTED,
+            &crate::postback::report_msg_id(&event),
+            event.encode_to_vec(),
+            state.ack_deadline,
+        )
+        .await
+        .map_err(|e| ApiError::not_durable(&e))?;
+    if durable == common::outbox::Durable::Outbox {
+        let body = json!({"status": "accepted", "conversion_id": event.conversion_id, "durable": "outbox"});
+        return Ok(Json(body));
+    }
+    Ok(Json(accepted))
+}
+
+/// The click a postback names. A click the projection does not hold yet may
+/// still be in the log (its redirect went out once JetStream acked it, so an
+/// advertiser can call back before this service has folded it): then wait,
+/// briefly, for the CLICKS fold to reach the log's end as it is now, so the
+/// offer's security is checked at the door rather than only later by the
+/// decider. A click id that is in no log costs one stream-info request.
+async fn click_at_door(
+    state: &AppState,
+    click_id: &str,
+) -> Result<Option<proto::clicks::v1::ClickRecorded>, ApiError> {
+    if let Some(click) = state.clicks.get(click_id)? {
+        return Ok(Some(click));
+    }
+    if click_id.is_empty() {
+        return Ok(None);
+    }
+    let last = match state.js.get_stream(proto::stream::CLICKS).await {
+        Ok(mut stream) => match stream.info().await {
+            Ok(info) => info.state.last_sequence,
+            Err(_) => return Ok(None),
+        },
+        Err(_) => return Ok(None),
+    };
+    let mut status = state.clicks_status.clone();
+    if status.borrow().applied_seq >= last
+        || !common::fold::wait_applied(&mut status, last, state.door_wait).await
+    {
+        return Ok(None);
+    }
+    Ok(state.clicks.get(click_id)?)
+}
+
+fn too_many() -> ApiError {
+    ApiError::Refused {
+        status: 429,
+        reason: "too_many_refusals",
+        message: "too many refused postbacks from this address; slow down".to_owned(),
+    }
+}
+
+/// Runs the offer's postback security, when the offer is known at the door: the
+/// click's offer, else the `offer_id` parameter. Returns the offer verified for
+/// (empty: none was checked; the decider rejects the conversion later if its
+/// offer turns out to require security).
+async fn verify(
+    state: &AppState,
+    input: &PostbackInput,
+    pairs: &[(String, String)],
+    ip: std::net::IpAddr,
+    now: i64,
+) -> Result<String, ApiError> {
+    let offer_id = match click_at_door(state, &input.click_id).await? {
+        Some(click) => click.offer_id,
+        None => pairs
+            .iter()
+            .find(|(k, _)| k == "offer_id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+    };
+    let Some(offer) = state.catalog.offer(&offer_id)? else {
+        return Ok(String::new());
+    };
+    if !offer.security.is_required() {
+        return Ok(String::new());
+    }
+    match crate::security::check(&offer.security, pairs, ip, now, &state.replays) {
+        Ok(()) => Ok(offer.offer_id),
+        Err(refusal) => {
+            if !state.refusals.record(ip, refusal, now) {
+                return Err(too_many());
+            }
+            tracing::warn!(%ip, reason = refusal.code(), offer_id = %offer.offer_id,
+                click_id = %input.click_id, "postback refused");
+            Err(ApiError::Refused {
+                status: refusal.status(),
+                reason: refusal.code(),
+                message: format!("postback refused: {}", refusal.code()),
+            })
+        }
+    }
+}
+
+/// `GET /api/postback-refusals`: refused postbacks since the process started.
+pub(super) async fn refusals(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<crate::security::RefusalReport>, ApiError> {
+    common::auth::require_bearer(&headers, &state.admin_token)?;
+    Ok(Json(state.refusals.report()))
+}

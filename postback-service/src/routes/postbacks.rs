@@ -1,0 +1,260 @@
+//! The affiliate postback delivery log:
+//! - `GET /api/postbacks?affiliate=&state=pending|delivered|failed&limit=&offset=`,
+//!   newest first;
+//! - `GET /api/postbacks/{delivery_id}`;
+//! - `POST /api/postbacks/{delivery_id}/retry`: send a failed delivery again.
+
+use std::collections::HashMap;
+
+use axum::{
+    extract::{Path, RawQuery, State},
+    http::{HeaderMap, StatusCode},
+    Json,
+};
+use common::{time::rfc3339, ApiError};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::deliveries::{
+    dispatcher::RetryError, outcome::HistoryEntry, Outcome, OutcomeState, Schedule,
+};
+
+/// A delivery as the API shows it.
+#[derive(Debug, Serialize)]
+pub(super) struct DeliveryJson {
+    delivery_id: String,
+    /// `pending`, `delivered` or `failed`.
+    state: &'static str,
+    conversion_id: String,
+    click_id: String,
+    offer_id: String,
+    affiliate_id: String,
+    url: String,
+    attempts: u32,
+    status_code: Option<u32>,
+    latency_ms: Option<u64>,
+    error: Option<String>,
+    response_body: Option<String>,
+    next_attempt_at: Option<String>,
+    generation: u32,
+    updated_at: String,
+    history: Vec<HistoryJson>,
+    #[serde(skip)]
+    updated_at_ms: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryJson {
+    state: OutcomeState,
+    at: String,
+    generation: u32,
+    attempts: u32,
+    status_code: Option<u32>,
+    error: Option<String>,
+}
+
+fn some<T: PartialEq + Default>(v: T) -> Option<T> {
+    (v != T::default()).then_some(v)
+}
+
+impl From<HistoryEntry> for HistoryJson {
+    fn from(h: HistoryEntry) -> Self {
+        Self {
+            state: h.state,
+            at: rfc3339(h.at_ms),
+            generation: h.generation,
+            attempts: h.attempts,
+            status_code: some(h.status_code),
+            error: some(h.error),
+        }
+    }
+}
+
+/// The view of a delivery from what the log says and what is still scheduled.
+pub(super) fn delivery_json(
+    outcome: Option<Outcome>,
+    schedule: Option<Schedule>,
+) -> Option<DeliveryJson> {
+    let history: Vec<HistoryJson> = outcome
+        .as_ref()
+        .map(|o| o.history.iter().cloned().map(Into::into).collect())
+        .unwrap_or_default();
+    match (outcome, schedule) {
+        (Some(o), _) if o.state != OutcomeState::RetryRequested => Some(DeliveryJson {
+            state: if o.state == OutcomeState::Delivered {
+                "delivered"
+            } else {
+                "failed"
+            },
+            delivery_id: o.delivery_id,
+            conversion_id: o.conversion_id,
+            click_id: o.click_id,
+            offer_id: o.offer_id,
+            affiliate_id: o.affiliate_id,
+            url: o.url,
+            attempts: o.attempts,
+            status_code: some(o.status_code),
+            latency_ms: o.latency_ms,
+            error: some(o.error),
+            response_body: some(o.body),
+            next_attempt_at: None,
+            generation: o.generation,
+            updated_at: rfc3339(o.updated_at_ms),
+            history,
+            updated_at_ms: o.updated_at_ms,
+        }),
+        (_, Some(s)) => {
+            let updated = s.first_attempt_ms.max(s.created_at_ms);
+            Some(DeliveryJson {
+                state: "pending",
+                delivery_id: s.delivery_id,
+                conversion_id: s.conversion_id,
+                click_id: s.click_id,
+                offer_id: s.offer_id,
+                affiliate_id: s.affiliate_id,
+                url: s.url,
+                attempts: s.attempts,
+                status_code: some(s.last_status),
+                latency_ms: None,
+                error: some(s.last_error),
+                response_body: some(s.last_body),
+                next_attempt_at: (s.unpublished.is_none()).then(|| rfc3339(s.next_at_ms)),
+                generation: s.generation,
+                updated_at: rfc3339(updated),
+                history,
+                updated_at_ms: updated,
+            })
+        }
+        (Some(o), None) => Some(DeliveryJson {
+            state: "pending",
+            delivery_id: o.delivery_id,
+            conversion_id: o.conversion_id,
+            click_id: o.click_id,
+            offer_id: o.offer_id,
+            affiliate_id: o.affiliate_id,
+            url: o.url,
+            attempts: 0,
+            status_code: None,
+            latency_ms: None,
+            error: None,
+            response_body: None,
+            next_attempt_at: None,
+            generation: o.generation,
+            updated_at: rfc3339(o.updated_at_ms),
+            history,
+            updated_at_ms: o.updated_at_ms,
+        }),
+        (None, None) => None,
+    }
+}
+
+/// One delivery by id.
+pub(super) fn lookup(
+    state: &AppState,
+    delivery_id: &str,
+) -> Result<Option<DeliveryJson>, ApiError> {
+    let outcome = state.dispatcher.outcomes().get(delivery_id)?;
+    let schedule = state.dispatcher.schedules().get(delivery_id)?;
+    Ok(delivery_json(outcome, schedule))
+}
+
+pub(super) async fn get_postback(
+    State(state): State<AppState>,
+    Path(delivery_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<DeliveryJson>, ApiError> {
+    common::auth::require_bearer(&headers, &state.admin_token)?;
+    lookup(&state, &delivery_id)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("delivery_id", "unknown delivery"))
+}
+
+pub(super) async fn list_postbacks(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    common::auth::require_bearer(&headers, &state.admin_token)?;
+    let query = query.unwrap_or_default();
+    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let wanted_state = match params.get("state").map(String::as_str) {
+        None | Some("") => None,
+        Some(s @ ("pending" | "delivered" | "failed")) => Some(s.to_owned()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "state",
+                "must be pending, delivered or failed",
+            ))
+        }
+    };
+    let number = |name: &str, default: usize, max: usize| match params.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| ApiError::invalid(name, format!("must be a whole number up to {max}"))),
+    };
+    let limit = number("limit", 50, 500)?.max(1);
+    let offset = number("offset", 0, usize::MAX)?;
+    let affiliate = params.get("affiliate").filter(|a| !a.is_empty());
+
+    let mut schedules: HashMap<String, Schedule> = state
+        .dispatcher
+        .schedules()
+        .all()?
+        .into_iter()
+        .map(|s| (s.delivery_id.clone(), s))
+        .collect();
+    let mut all: Vec<DeliveryJson> = Vec::new();
+    for outcome in state.dispatcher.outcomes().newest_first()? {
+        let schedule = schedules.remove(&outcome.delivery_id);
+        all.extend(delivery_json(Some(outcome), schedule));
+    }
+    all.extend(
+        schedules
+            .into_values()
+            .filter_map(|s| delivery_json(None, Some(s))),
+    );
+    all.retain(|d| {
+        affiliate.is_none_or(|a| &d.affiliate_id == a)
+            && wanted_state.as_deref().is_none_or(|s| d.state == s)
+    });
+    all.sort_by(|a, b| {
+        b.updated_at_ms
+            .cmp(&a.updated_at_ms)
+            .then_with(|| a.delivery_id.cmp(&b.delivery_id))
+    });
+    let total = all.len();
+    let page: Vec<DeliveryJson> = all.into_iter().skip(offset).take(limit).collect();
+    let next = (offset + page.len() < total).then_some(offset + page.len());
+    Ok(Json(
+        json!({"total": total, "offset": offset, "next_offset": next, "postbacks": page}),
+    ))
+}
+
+pub(super) async fn retry_postback(
+    State(state): State<AppState>,
+    Path(delivery_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    common::auth::require_bearer(&headers, &state.admin_token)?;
+    match state.dispatcher.request_retry(&delivery_id).await {
+        Ok(generation) => Ok((
+            StatusCode::ACCEPTED,
+            Json(
+                json!({"status": "retrying", "delivery_id": delivery_id, "generation": generation}),
+            ),
+        )),
+        Err(RetryError::NotFound) => Err(ApiError::not_found("delivery_id", "unknown delivery")),
+        Err(e @ RetryError::NotFailed(_)) => Err(ApiError::Conflict {
+            field: "delivery_id".into(),
+            message: format!("{e}; only failed deliveries can be retried"),
+        }),
+        Err(RetryError::Publish(e)) => Err(ApiError::Unavailable(e)),
+        Err(RetryError::Store(e)) => Err(ApiError::Internal(e)),
+    }
+}

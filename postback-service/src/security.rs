@@ -1,0 +1,361 @@
+//! Postback security at the door, per offer: a static token, an IP/CIDR
+//! allowlist, and HMAC-SHA256 signatures with a timestamp window and replay
+//! refusal. A refused postback is not a conversion: it gets 401/403 with the
+//! reason, is counted and logged with the caller's IP ([`Refusals`]), and a
+//! caller refused too often is answered 429 without further logging.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Mutex,
+};
+
+use axum::http::HeaderMap;
+use catalog::Security;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+
+/// Default accepted skew of `ts`, seconds.
+pub const DEFAULT_WINDOW_SECS: u32 = 300;
+/// Refusals per caller IP per minute before it is answered 429 unlogged.
+pub const REFUSALS_PER_MINUTE: u32 = 20;
+
+/// Why a postback was refused at the door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadToken,
+    IpNotAllowed,
+    MissingSignature,
+    BadSignature,
+    Expired,
+    Replayed,
+}
+
+impl Refusal {
+    /// The machine-readable reason.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::BadToken => "bad_token",
+            Self::IpNotAllowed => "ip_not_allowed",
+            Self::MissingSignature => "missing_signature",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired_signature",
+            Self::Replayed => "replayed_signature",
+        }
+    }
+
+    /// 403 for a caller we do not take postbacks from; 401 otherwise.
+    pub fn status(self) -> u16 {
+        if self == Self::IpNotAllowed {
+            403
+        } else {
+            401
+        }
+    }
+}
+
+/// The caller's IP: the right-most address in `trusted_header` (the one our own
+/// proxy appended) when that header is configured and present, else the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_header: &str) -> IpAddr {
+    if trusted_header.is_empty() {
+        return peer;
+    }
+    headers
+        .get(trusted_header)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').map(str::trim).find_map(|s| s.parse().ok()))
+        .unwrap_or(peer)
+}
+
+/// The signed text: every parameter but `sig`, sorted by name then value, as
+/// `application/x-www-form-urlencoded`.
+pub fn canonical(pairs: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "sig").collect();
+    sorted.sort();
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(sorted.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .finish()
+}
+
+/// Lower-case hex HMAC-SHA256 of `text` under `secret`.
+pub fn sign(secret: &str, text: &str) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(text.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn ip_allowed(ip: IpAddr, allowed: &[String]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    allowed
+        .iter()
+        .any(|entry| match entry.parse::<ipnet::IpNet>() {
+            Ok(net) => net.contains(&ip),
+            Err(_) => entry.parse::<IpAddr>().is_ok_and(|a| a == ip),
+        })
+}
+
+/// Remembers signatures seen within their window, to refuse replays.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl ReplayGuard {
+    /// True the first time `sig` is seen before `expires_ms`; false on a replay.
+    fn first_use(&self, sig: &str, now_ms: i64, expires_ms: i64) -> bool {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() > 100_000 {
+            seen.retain(|_, exp| *exp > now_ms);
+        }
+        match seen.get(sig) {
+            Some(exp) if *exp > now_ms => false,
+            _ => {
+                seen.insert(sig.to_owned(), expires_ms);
+                true
+            }
+        }
+    }
+}
+
+/// Runs an offer's checks on a postback's parameters.
+///
+/// # Errors
+/// The first check that fails.
+pub fn check(
+    security: &Security,
+    pairs: &[(String, String)],
+    ip: IpAddr,
+    now_ms: i64,
+    replays: &ReplayGuard,
+) -> Result<(), Refusal> {
+    let param = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if !security.allowed_ips.is_empty() && !ip_allowed(ip, &security.allowed_ips) {
+        return Err(Refusal::IpNotAllowed);
+    }
+    if !security.token.is_empty()
+        && !common::auth::constant_time_eq(
+            param("token").unwrap_or("").as_bytes(),
+            security.token.as_bytes(),
+        )
+    {
+        return Err(Refusal::BadToken);
+    }
+    if !security.hmac_secret.is_empty() {
+        let (Some(sig), Some(ts)) = (param("sig"), param("ts")) else {
+            return Err(Refusal::MissingSignature);
+        };
+        let expected = sign(&security.hmac_secret, &canonical(pairs));
+        if !common::auth::constant_time_eq(sig.to_ascii_lowercase().as_bytes(), expected.as_bytes())
+        {
+            return Err(Refusal::BadSignature);
+        }
+        let window = i64::from(if security.signature_window_seconds == 0 {
+            DEFAULT_WINDOW_SECS
+        } else {
+            security.signature_window_seconds
+        }) * 1000;
+        let ts_ms = ts
+            .parse::<i64>()
+            .map_err(|_| Refusal::BadSignature)?
+            .saturating_mul(1000);
+        if (now_ms - ts_ms).abs() > window {
+            return Err(Refusal::Expired);
+        }
+        if !replays.first_use(&expected, now_ms, ts_ms + window) {
+            return Err(Refusal::Replayed);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    total: u64,
+    suppressed: u64,
+    by_reason: BTreeMap<&'static str, u64>,
+    by_ip: HashMap<IpAddr, (i64, u32)>,
+}
+
+/// Counts refused postbacks and rate-limits callers refused too often.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    tally: Mutex<Tally>,
+}
+
+/// What the admin API shows of refusals (since the process started).
+#[derive(Debug, Serialize)]
+pub struct RefusalReport {
+    pub total: u64,
+    /// Refusals answered 429 and not logged one by one.
+    pub suppressed: u64,
+    pub by_reason: BTreeMap<&'static str, u64>,
+}
+
+impl Refusals {
+    /// Counts a refusal; false when the caller is over its rate (answer 429,
+    /// do not log).
+    pub fn record(&self, ip: IpAddr, refusal: Refusal, now_ms: i64) -> bool {
+        let mut t = self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.total += 1;
+        *t.by_reason.entry(refusal.code()).or_default() += 1;
+        if t.by_ip.len() > 10_000 {
+            t.by_ip.retain(|_, (start, _)| now_ms - *start < 60_000);
+        }
+        let entry = t.by_ip.entry(ip).or_insert((now_ms, 0));
+        if now_ms - entry.0 >= 60_000 {
+            *entry = (now_ms, 0);
+        }
+        entry.1 += 1;
+        let allowed = entry.1 <= REFUSALS_PER_MINUTE;
+        if !allowed {
+            t.suppressed += 1;
+        }
+        allowed
+    }
+
+    /// Whether the caller is over its rate already.
+    pub fn over_rate(&self, ip: IpAddr, now_ms: i64) -> bool {
+        let t = self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.by_ip
+            .get(&ip)
+            .is_some_and(|(start, n)| now_ms - start < 60_000 && *n > REFUSALS_PER_MINUTE)
+    }
+
+    /// The counts.
+    pub fn report(&self) -> RefusalReport {
+        let t = self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        RefusalReport {
+            total: t.total,
+            suppressed: t.suppressed,
+            by_reason: t.by_reason.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(q: &str) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(q.as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 7));
+
+    #[test]
+    fn canonical_form_sorts_and_drops_sig() {
+        assert_eq!(
+            canonical(&pairs("txid=a b&click_id=c&sig=x&amount=1")),
+            "amount=1&click_id=c&txid=a+b"
+        );
+    }
+
+    #[test]
+    fn token_and_allowlist() {
+        let g = ReplayGuard::default();
+        let s = Security {
+            token: "s3cret".into(),
+            allowed_ips: vec!["203.0.113.0/24".into()],
+            ..Security::default()
+        };
+        assert_eq!(check(&s, &pairs("token=s3cret"), IP, 0, &g), Ok(()));
+        assert_eq!(
+            check(&s, &pairs("token=nope"), IP, 0, &g),
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(check(&s, &pairs(""), IP, 0, &g), Err(Refusal::BadToken));
+        let other: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            check(&s, &pairs("token=s3cret"), other, 0, &g),
+            Err(Refusal::IpNotAllowed)
+        );
+        let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        assert_eq!(check(&s, &pairs("token=s3cret"), mapped, 0, &g), Ok(()));
+    }
+
+    #[test]
+    fn signatures_good_bad_expired_replayed() {
+        let g = ReplayGuard::default();
+        let s = Security {
+            hmac_secret: "k".into(),
+            ..Security::default()
+        };
+        let now = 1_700_000_000_000;
+        let unsigned = "click_id=c&amount=5&ts=1700000000";
+        let sig = sign("k", &canonical(&pairs(unsigned)));
+        let signed = format!("{unsigned}&sig={sig}");
+        assert_eq!(check(&s, &pairs(&signed), IP, now, &g), Ok(()));
+        assert_eq!(
+            check(&s, &pairs(&signed), IP, now + 1000, &g),
+            Err(Refusal::Replayed)
+        );
+        let tampered = signed.replace("amount=5", "amount=500");
+        assert_eq!(
+            check(&s, &pairs(&tampered), IP, now, &g),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check(&s, &pairs(unsigned), IP, now, &g),
+            Err(Refusal::MissingSignature)
+        );
+        let old = "click_id=c&ts=1699999000";
+        let old_signed = format!("{old}&sig={}", sign("k", &canonical(&pairs(old))));
+        assert_eq!(
+            check(&s, &pairs(&old_signed), IP, now, &g),
+            Err(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn client_ip_honours_only_the_configured_header() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.1.1.1, 203.0.113.7".parse().unwrap());
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, ""), peer);
+        assert_eq!(client_ip(peer, &h, "x-forwarded-for"), IP);
+    }
+
+    #[test]
+    fn refusals_are_counted_and_rate_limited() {
+        let r = Refusals::default();
+        for _ in 0..REFUSALS_PER_MINUTE {
+            assert!(r.record(IP, Refusal::BadToken, 0));
+        }
+        assert!(!r.record(IP, Refusal::BadToken, 1));
+        assert!(r.over_rate(IP, 2));
+        assert!(!r.over_rate(IP, 61_000), "a minute later it may try again");
+        let report = r.report();
+        assert_eq!(
+            (report.total, report.suppressed),
+            (u64::from(REFUSALS_PER_MINUTE) + 1, 1)
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Building and running postback-service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{
+    fold::FoldSpec,
+    rebuild::FoldJob,
+    service::{Base, Server, StartupError},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clicks::{Clicks, ClicksFold},
+    conversions::{self, Conversions, ConversionsFold, DeciderConfig, DeciderInputs},
+    deliveries::{
+        self, dispatcher::DispatchStores, Dispatcher, Outcomes, PostbacksFold, ScheduleStore,
+    },
+    routes, Config,
+};
+
+/// The folds of postback-service, for the operator's rebuild.
+pub fn fold_jobs() -> Vec<FoldJob> {
+    vec![
+        FoldJob {
+            tree: "catalog",
+            spec: spec(proto::stream::CATALOG),
+            fold: Box::new(catalog::CatalogFold),
+        },
+        FoldJob {
+            tree: "clicks",
+            spec: spec(proto::stream::CLICKS),
+            fold: Box::new(ClicksFold),
+        },
+        FoldJob {
+            tree: "conversions",
+            spec: spec(proto::stream::CONVERSIONS),
+            fold: Box::new(ConversionsFold),
+        },
+        FoldJob {
+            tree: "postbacks",
+            spec: spec(proto::stream::POSTBACKS),
+            fold: Box::new(PostbacksFold),
+        },
+    ]
+}
+
+/// A built postback-service: bound, connected, folding and deciding; not yet serving.
+pub struct Application(Server);
+
+fn spec(stream: &'static str) -> FoldSpec {
+    FoldSpec {
+        stream,
+        consumer: format!("postback-service-{}", stream.to_ascii_lowercase()),
+        filter_subject: String::new(),
+    }
+}
+
+impl Application {
+    /// Opens the projection, connects to NATS, ensures the streams, starts the
+    /// CATALOG, CLICKS, CONVERSIONS and POSTBACKS folds, the decider and the
+    /// postback dispatcher, binds the listener.
+    ///
+    /// # Errors
+    /// See [`StartupError`].
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let mut base = Base::open(&config.nats_url, "postback-service", &config.data_dir).await?;
+        let catalog_status = base.spawn_fold(
+            "catalog",
+            spec(proto::stream::CATALOG),
+            catalog::CatalogFold,
+        )?;
+        let clicks_status = base.spawn_fold("clicks", spec(proto::stream::CLICKS), ClicksFold)?;
+        let conversions_status = base.spawn_fold(
+            "conversions",
+            spec(proto::stream::CONVERSIONS),
+            ConversionsFold,
+        )?;
+        let postbacks_status =
+            base.spawn_fold("postbacks", spec(proto::stream::POSTBACKS), PostbacksFold)?;
+        let clicks = Clicks::new(base.db.open_tree("clicks")?);
+        let conversions = Conversions::new(base.db.open_tree("conversions")?);
+
+        let inputs = DeciderInputs {
+            conversions: conversions.clone(),
+            clicks: clicks.clone(),
+            catalog: catalog::Catalog::new(base.db.open_tree("catalog")?),
+            conversions_status: conversions_status.clone(),
+            clicks_status: clicks_status.clone(),
+            catalog_status,
+        };
+        let decider = DeciderConfig {
+            grace: config.grace(),
+            publish_timeout: config.publish_timeout(),
+        };
+        let js = base.js.clone();
+        base.spawn(|token| conversions::run_decider(js, inputs, decider, token));
+
+        let stores = DispatchStores {
+            conversions: conversions.clone(),
+            clicks: clicks.clone(),
+            outcomes: Outcomes::new(base.db.open_tree("postbacks")?),
+            schedules: ScheduleStore::new(base.db.open_tree("dispatch")?),
+            postbacks_status,
+        };
+        let dispatcher =
+            Dispatcher::new(base.js.clone(), stores, config.dispatch()).map_err(|e| {
+                StartupError::Component {
+                    what: "the postback HTTP client",
+                    source: e.into(),
+                }
+            })?;
+        let running = dispatcher.clone();
+        base.spawn(|token| deliveries::run_dispatcher(running, conversions_status, token));
+
+        let state = routes::AppState {
+            js: base.js.clone(),
+            conversions,
+            clicks,
+            clicks_status,
+            door_wait: Duration::from_secs(1),
+            dispatcher,
+            catalog: catalog::Catalog::new(base.db.open_tree("catalog")?),
+            refusals: Arc::default(),
+            replays: Arc::default(),
+            trusted_proxy_header: Arc::from(
+                config.trusted_proxy_header.to_ascii_lowercase().as_str(),
+            ),
+            admin_token: Arc::from(config.admin_token.as_str()),
+            publish_timeout: config.publish_timeout(),
+            outbox: base
+                .start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
+            ack_deadline: config.ack_deadline(),
+        };
+        let router = routes::router(state);
+        Ok(Self(
+            Server::bind("postback-service", base, config.listen, router).await?,
+        ))
+    }
+
+    /// The address HTTP is served on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled, then drains and flushes.
+    ///
+    /// # Errors
+    /// The HTTP server failed.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), StartupError> {
+        self.0.run_until_stopped(stop).await
+    }
+}

@@ -1,0 +1,248 @@
+//! Property: any sequence of events folds to the same projection whether applied
+//! at once, in batches, or with redeliveries and restarts in between (real sled).
+
+use common::{fold::apply_new, fold::Fold, LogEntry};
+use postback_service::{
+    clicks::ClicksFold, conversions::ConversionsFold, deliveries::PostbacksFold,
+};
+use proptest::prelude::*;
+use prost::Message;
+use proto::clicks::v1::ClickRecorded;
+use proto::conversions::v1::{
+    ConversionAttributed, ConversionRejected, ConversionReported, ConversionStatusUpdated,
+};
+use proto::postbacks::v1::{PostbackDelivered, PostbackFailed, PostbackRetryRequested};
+
+const CLICKS: [&str; 3] = [
+    "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c70",
+    "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c71",
+    "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c72",
+];
+
+/// One generated event: (subject, payload).
+fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
+    let click = 0..CLICKS.len();
+    let conv = 0..4usize;
+    let txid = prop_oneof![Just(String::new()), "[ab]"];
+    let status = prop_oneof![
+        Just(String::new()),
+        Just("hold".to_owned()),
+        Just("sale".to_owned()),
+        Just("trash".to_owned())
+    ];
+    prop_oneof![
+        (click.clone(), 0..3i64, "[a-c]{0,2}").prop_map(|(c, t, ip)| (
+            "clicks.v1.recorded".to_owned(),
+            ClickRecorded {
+                click_id: CLICKS[c].into(),
+                offer_id: "o1".into(),
+                affiliate_id: "a1".into(),
+                ip,
+                occurred_at_ms: t * 3_600_000 * 12,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (click.clone(), txid, status).prop_map(|(c, txid, status)| (
+            "conversions.v1.reported".to_owned(),
+            ConversionReported {
+                click_id: CLICKS[c].into(),
+                txid,
+                status,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (click.clone(), conv.clone(), 0..2u32).prop_map(|(c, v, st)| (
+            "conversions.v1.attributed".to_owned(),
+            ConversionAttributed {
+                conversion_id: postback_service::postback::conversion_id(
+                    CLICKS[c],
+                    "",
+                    ["", "a", "b", "x"][v]
+                ),
+                offer_id: "o1".into(),
+                affiliate_id: "a1".into(),
+                payout_micros: 2_000_000,
+                payout_currency: "USD".into(),
+                revenue_currency: "USD".into(),
+                affiliate_postback_url: "http://aff.test/{click_id}".into(),
+                status: st as i32 + 1,
+                cap_day: "2026-01-01".into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (click.clone(), conv.clone(), 1..6i32).prop_map(|(c, v, reason)| (
+            "conversions.v1.rejected".to_owned(),
+            ConversionRejected {
+                conversion_id: postback_service::postback::conversion_id(
+                    CLICKS[c],
+                    "",
+                    ["", "a", "b", "x"][v]
+                ),
+                reason,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (click, conv, 1..4i32, any::<bool>(), 0..30u64).prop_map(|(c, v, to, changed, seq)| (
+            "conversions.v1.status_updated".to_owned(),
+            ConversionStatusUpdated {
+                conversion_id: postback_service::postback::conversion_id(
+                    CLICKS[c],
+                    "",
+                    ["", "a", "b", "x"][v]
+                ),
+                from: 2,
+                to,
+                changed,
+                update_seq: seq,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (0..3usize, 1..3u32).prop_map(|(d, g)| (
+            "postbacks.v1.delivered".to_owned(),
+            PostbackDelivered {
+                delivery_id: format!("d{d}"),
+                generation: g,
+                occurred_at_ms: 5,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (0..3usize, 1..3u32).prop_map(|(d, g)| (
+            "postbacks.v1.failed".to_owned(),
+            PostbackFailed {
+                delivery_id: format!("d{d}"),
+                generation: g,
+                occurred_at_ms: 6,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        (0..3usize, 2..4u32).prop_map(|(d, g)| (
+            "postbacks.v1.retry_requested".to_owned(),
+            PostbackRetryRequested {
+                delivery_id: format!("d{d}"),
+                generation: g,
+                occurred_at_ms: 7,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        )),
+        prop::collection::vec(any::<u8>(), 0..12)
+            .prop_map(|garbage| ("conversions.v1.reported".to_owned(), garbage)),
+    ]
+}
+
+/// The fold a subject belongs to.
+fn fold_for(subject: &str) -> usize {
+    if subject.starts_with("clicks.") {
+        0
+    } else if subject.starts_with("conversions.") {
+        1
+    } else {
+        2
+    }
+}
+
+struct Projection {
+    _dir: tempfile::TempDir,
+    trees: Vec<sled::Tree>,
+}
+
+impl Projection {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = common::store::open_db(dir.path()).unwrap();
+        let trees = ["clicks", "conversions", "postbacks"]
+            .iter()
+            .map(|t| db.open_tree(t).unwrap())
+            .collect();
+        Self { _dir: dir, trees }
+    }
+
+    /// Applies one delivered group: each fold takes its stream's entries.
+    fn apply(&self, group: &[LogEntry<'_>]) {
+        for (i, tree) in self.trees.iter().enumerate() {
+            let mine: Vec<LogEntry<'_>> = group
+                .iter()
+                .copied()
+                .filter(|e| fold_for(e.subject) == i)
+                .collect();
+            let mut fold: Box<dyn Fold> = match i {
+                0 => Box::new(ClicksFold),
+                1 => Box::new(ConversionsFold),
+                _ => Box::new(PostbacksFold),
+            };
+            apply_new(tree, &mut fold, &mine).unwrap();
+        }
+    }
+
+    fn rows(&self) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.trees
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|r| r.unwrap())
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn folding_is_the_same_at_once_in_batches_and_with_redeliveries(
+        events in prop::collection::vec(event(), 1..40),
+        cuts in prop::collection::vec(1..8usize, 1..12),
+        replays in prop::collection::vec(0..6usize, 0..8),
+    ) {
+        // Per-stream sequences, as each stream numbers its own messages.
+        let mut next = [0u64; 3];
+        let log: Vec<(String, Vec<u8>, u64)> = events
+            .into_iter()
+            .map(|(s, p)| {
+                let i = fold_for(&s);
+                next[i] += 1;
+                (s, p, next[i])
+            })
+            .collect();
+        let entries: Vec<LogEntry<'_>> = log
+            .iter()
+            .map(|(s, p, seq)| LogEntry { subject: s, payload: p, seq: *seq, log_time_ms: 1_000 })
+            .collect();
+
+        let at_once = Projection::new();
+        at_once.apply(&entries);
+
+        let batched = Projection::new();
+        let mut start = 0;
+        for cut in cuts.iter().cycle() {
+            if start >= entries.len() { break; }
+            let end = (start + cut).min(entries.len());
+            batched.apply(&entries[start..end]);
+            start = end;
+        }
+
+        // Redeliveries: each group re-sends some already applied entries first,
+        // as a consumer does after a restart from an older position.
+        let redelivered = Projection::new();
+        let mut start = 0;
+        for (n, cut) in cuts.iter().cycle().enumerate() {
+            if start >= entries.len() { break; }
+            let end = (start + cut).min(entries.len());
+            let back = replays.get(n % replays.len().max(1)).copied().unwrap_or(0);
+            redelivered.apply(&entries[start.saturating_sub(back)..end]);
+            start = end;
+        }
+
+        prop_assert_eq!(at_once.rows(), batched.rows());
+        prop_assert_eq!(at_once.rows(), redelivered.rows());
+    }
+}

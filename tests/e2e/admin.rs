@@ -1,0 +1,194 @@
+//! The catalog admin API: auth, validation, collections.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{System, OFFER_URL};
+
+#[tokio::test]
+async fn admin_api_needs_the_bearer_token() {
+    let sys = System::start().await;
+    for (method, path) in [
+        ("GET", "/api/offers"),
+        ("PUT", "/api/offers/o1"),
+        ("GET", "/api/affiliates"),
+        ("PUT", "/api/affiliates/a1"),
+    ] {
+        for token in [None, Some("wrong")] {
+            let mut req = sys
+                .http
+                .request(method.parse().unwrap(), sys.click_url(path))
+                .json(&json!({"url": OFFER_URL}));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn offers_and_affiliates_are_created_updated_and_listed() {
+    let sys = System::start().await;
+    let (status, created) = sys
+        .put(
+            "/api/offers/o1",
+            json!({"name": "Shop", "url": OFFER_URL, "payout": "1.5", "revenue": 3, "currency": "eur",
+                   "attribution_window_hours": 48, "status": "active", "fallback_url": null}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["payout"], "1.50");
+    assert_eq!(created["revenue"], "3.00");
+    assert_eq!(created["currency"], "EUR");
+    assert_eq!(created["fallback_url"], serde_json::Value::Null);
+    let (status, updated) = sys
+        .put(
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "name": "Shop 2"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "an update is 200");
+    assert_eq!(updated["name"], "Shop 2");
+    assert_eq!(updated["created_at"], created["created_at"]);
+    sys.put_offer("o2", json!({"url": "http://b.example/"}))
+        .await;
+    sys.put_affiliate(
+        "a1",
+        json!({"name": "Aff", "postback_url": "https://aff.example/pb?c={click_id}"}),
+    )
+    .await;
+
+    let offers: serde_json::Value = sys
+        .http
+        .get(sys.click_url("/api/offers"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<_> = offers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["offer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["o1", "o2"]);
+    let affs: serde_json::Value = sys
+        .http
+        .get(sys.click_url("/api/affiliates"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        affs[0]["postback_url"],
+        "https://aff.example/pb?c={click_id}"
+    );
+    let one: serde_json::Value = sys
+        .http
+        .get(sys.click_url("/api/offers/o2"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        one["attribution_window_hours"], 720,
+        "default window is 30 days"
+    );
+}
+
+#[tokio::test]
+async fn bad_catalog_input_is_a_400_naming_the_field() {
+    let sys = System::start().await;
+    let cases = [
+        ("/api/offers/o1", json!({}), "url"),
+        (
+            "/api/offers/o1",
+            json!({"url": "javascript:alert(1)"}),
+            "url",
+        ),
+        ("/api/offers/o1", json!({"url": "/landing"}), "url"),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "payout": "two"}),
+            "payout",
+        ),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "revenue": -1}),
+            "revenue",
+        ),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "currency": "DOLLARS"}),
+            "currency",
+        ),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "attribution_window_hours": "24"}),
+            "attribution_window_hours",
+        ),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "status": "live"}),
+            "status",
+        ),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "fallback_url": "ftp://x"}),
+            "fallback_url",
+        ),
+        (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "colour": "red"}),
+            "colour",
+        ),
+        ("/api/offers/bad.id", json!({"url": OFFER_URL}), "offer_id"),
+        (
+            "/api/affiliates/a1",
+            json!({"postback_url": "not a url"}),
+            "postback_url",
+        ),
+        ("/api/affiliates/a%20b", json!({}), "affiliate_id"),
+    ];
+    for (path, body, field) in cases {
+        let (status, json) = sys.put(path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}");
+        assert_eq!(json["field"], field, "{path} {body}: {json}");
+    }
+    let r = sys
+        .http
+        .put(sys.click_url("/api/offers/o1"))
+        .bearer_auth("admin")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["field"],
+        "body"
+    );
+    let r = sys
+        .http
+        .get(sys.click_url("/api/offers/none"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}

@@ -1,0 +1,197 @@
+//! Click → 302 → postback → attributed, visible in every read endpoint.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{app::url_params, eventually, System, OFFER_URL};
+
+#[tokio::test]
+async fn click_redirects_with_macros_then_postback_is_attributed_everywhere() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+
+    let r = sys
+        .http
+        .get(sys.click_url(
+            "/c/o1?aff=a1&sub1=x%20y&sub2=b%26c&sub3=3&sub4=4&sub5=5&source=fb&aff_click_id=AC-9",
+        ))
+        .header("user-agent", "test-agent/1")
+        .header("referer", "https://pub.example/page")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with("https://adv.example/landing?"),
+        "{location}"
+    );
+    let params = url_params(&location);
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap()
+    };
+    let click_id = get("cid").to_owned();
+    let parsed = uuid::Uuid::parse_str(&click_id).expect("click id is a UUID");
+    assert_eq!(parsed.get_version_num(), 7, "click id is a UUID v7");
+    assert_eq!((get("o"), get("a")), ("o1", "a1"));
+    assert_eq!(
+        (get("s1"), get("s2"), get("s3"), get("s4"), get("s5")),
+        ("x y", "b&c", "3", "4", "5")
+    );
+    assert_eq!((get("src"), get("acid")), ("fb", "AC-9"));
+    assert!(
+        location.contains("s2=b%26c"),
+        "values are URL-encoded: {location}"
+    );
+
+    let conversion_id = sys
+        .postback_ok(&format!("click_id={click_id}&amount=12.34&txid=T1"))
+        .await;
+    let conversion = sys.decided(&conversion_id).await;
+    assert_eq!(conversion["state"], "attributed", "{conversion}");
+    assert_eq!(conversion["click_id"], click_id.as_str());
+    assert_eq!(
+        (
+            conversion["offer_id"].as_str(),
+            conversion["affiliate_id"].as_str()
+        ),
+        (Some("o1"), Some("a1"))
+    );
+    assert_eq!(
+        (
+            conversion["payout"].as_str(),
+            conversion["revenue"].as_str()
+        ),
+        (Some("2.50"), Some("12.34"))
+    );
+    assert_eq!(conversion["revenue_currency"], "USD");
+    assert_eq!(conversion["txid"], "T1");
+    assert!(conversion["decided_at"].is_string());
+
+    let (status, click) = sys.api(&format!("/api/clicks/{click_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(click["click"]["sub1"], "x y");
+    assert_eq!(click["click"]["user_agent"], "test-agent/1");
+    assert_eq!(click["click"]["referer"], "https://pub.example/page");
+    assert_eq!(click["click"]["ip"], "127.0.0.1");
+    assert_eq!(click["click"]["disposition"], "landing");
+    assert_eq!(click["click"]["redirect_url"], location.as_str());
+    assert_eq!(
+        click["conversions"][0]["conversion_id"],
+        conversion_id.as_str()
+    );
+    assert_eq!(click["conversions"][0]["state"], "attributed");
+
+    for (group, id) in [("offer", "o1"), ("affiliate", "a1")] {
+        let report = sys.report(group).await;
+        assert_eq!(report["group_by"], group);
+        let row = &report["rows"][0];
+        assert_eq!(row["id"], id, "{report}");
+        assert_eq!(
+            (
+                row["clicks"].as_u64(),
+                row["attributed"].as_u64(),
+                row["rejected"].as_u64()
+            ),
+            (Some(1), Some(1), Some(0))
+        );
+        assert_eq!(row["payout"], json!({"USD": "2.50"}));
+        assert_eq!(row["revenue"], json!({"USD": "12.34"}));
+    }
+}
+
+#[tokio::test]
+async fn paused_offer_goes_to_its_fallback_or_nowhere() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "status": "paused", "fallback_url": "https://fallback.example/?c={click_id}"}),
+    )
+    .await;
+    let (_, location) = sys.click_ok("o1", "aff=a1").await;
+    assert!(
+        location.starts_with("https://fallback.example/?c="),
+        "{location}"
+    );
+    let click_id = url_params(&location)[0].1.clone();
+    assert!(
+        uuid::Uuid::parse_str(&click_id).is_ok(),
+        "fallback gets the click id too"
+    );
+    let (status, click) = eventually("fallback click folded", Duration::from_secs(5), || async {
+        let r = sys.api(&format!("/api/clicks/{click_id}")).await;
+        (r.0 == StatusCode::OK).then_some(r)
+    })
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        click["click"]["disposition"], "fallback_paused",
+        "recorded as such"
+    );
+
+    sys.put_offer("o1", json!({"url": OFFER_URL, "status": "paused"}))
+        .await;
+    let r = sys.click("o1", "aff=a1").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "offer_id");
+}
+
+#[tokio::test]
+async fn click_errors_name_the_parameter() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let cases = [
+        ("nope", "aff=a1", StatusCode::NOT_FOUND, "offer_id"),
+        ("bad.id", "aff=a1", StatusCode::NOT_FOUND, "offer_id"),
+        ("o1", "", StatusCode::BAD_REQUEST, "aff"),
+        ("o1", "sub1=x", StatusCode::BAD_REQUEST, "aff"),
+        ("o1", "aff=ghost", StatusCode::NOT_FOUND, "aff"),
+        (
+            "o1",
+            &format!("aff=a1&sub3={}", "x".repeat(2000)),
+            StatusCode::BAD_REQUEST,
+            "sub3",
+        ),
+    ];
+    for (offer, query, status, field) in cases {
+        let r = sys.click(offer, query).await;
+        assert_eq!(r.status(), status, "/c/{offer}?{query}");
+        let body: serde_json::Value = r.json().await.expect("JSON error body");
+        assert_eq!(body["field"], field, "/c/{offer}?{query}: {body}");
+        assert!(body["error"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn catalog_changes_reach_both_services_live() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.put_offer(
+        "o1",
+        json!({"url": "https://new.example/?c={click_id}", "payout": "7", "attribution_window_hours": 24}),
+    )
+    .await;
+    let (_, location) = sys.click_ok("o1", "aff=a1").await;
+    assert!(
+        location.starts_with("https://new.example/?c="),
+        "click-service sees the new URL: {location}"
+    );
+    sys.wait_postback_sees_offer("o1", "7.00").await;
+    let click_id = url_params(&location)[0].1.clone();
+    let id = sys.postback_ok(&format!("cid={click_id}")).await;
+    let conversion = sys.decided(&id).await;
+    assert_eq!(
+        conversion["payout"], "7.00",
+        "postback-service pays the new payout: {conversion}"
+    );
+    assert_eq!(conversion["revenue"], "0.00");
+}

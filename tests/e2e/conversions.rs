@@ -1,0 +1,344 @@
+//! Deciding conversions: partners on NATS, retries, txids, the reasons, pending.
+
+use std::time::Duration;
+
+use prost::Message;
+use proto::clicks::v1::ClickRecorded;
+use proto::conversions::v1::ConversionReported;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{eventually, System};
+
+async fn publish(sys: &System, subject: &str, payload: Vec<u8>) {
+    sys.publish(subject, payload).await;
+}
+
+#[tokio::test]
+async fn a_partner_publishing_protobuf_to_nats_is_attributed() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let event = ConversionReported {
+        click_id: click_id.clone(),
+        goal: "sale".into(),
+        txid: "P-1".into(),
+        amount_micros: Some(3_000_000),
+        currency: "EUR".into(),
+        ..Default::default()
+    };
+    publish(&sys, "conversions.v1.reported", event.encode_to_vec()).await;
+    let id = postback_service::postback::conversion_id(&click_id, "sale", "P-1");
+    let conversion = sys.decided(&id).await;
+    assert_eq!(conversion["state"], "attributed", "{conversion}");
+    assert_eq!(conversion["origin"], "nats");
+    assert_eq!(
+        (
+            conversion["revenue"].as_str(),
+            conversion["revenue_currency"].as_str()
+        ),
+        (Some("3.00"), Some("EUR"))
+    );
+    assert_eq!(conversion["goal"], "sale");
+}
+
+#[tokio::test]
+async fn the_same_postback_twice_is_one_conversion_and_one_attribution() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let query = format!("click_id={click_id}&goal=sale&txid=T1&amount=5");
+    let first = sys.postback_ok(&query).await;
+    let second = sys.postback_ok(&query).await;
+    assert_eq!(first, second, "same conversion id for a retried postback");
+    sys.decided(&first).await;
+    let third = sys.postback_ok(&query).await;
+    assert_eq!(
+        first, third,
+        "a retry after the decision is still the same conversion"
+    );
+    // POST with a form body is the same postback too.
+    let r = sys
+        .http
+        .post(sys.postback_url("/postback"))
+        .form(&[
+            ("click_id", click_id.as_str()),
+            ("goal", "sale"),
+            ("txid", "T1"),
+            ("amount", "5"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["conversion_id"],
+        first.as_str()
+    );
+
+    let (_, click) = sys.api(&format!("/api/clicks/{click_id}")).await;
+    assert_eq!(click["conversions"].as_array().unwrap().len(), 1, "{click}");
+    let report = sys.report("offer").await;
+    assert_eq!(report["rows"][0]["attributed"], 1);
+    assert_eq!(report["rows"][0]["rejected"], 0);
+}
+
+#[tokio::test]
+async fn another_txid_counts_but_no_txid_is_a_duplicate() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let first = sys
+        .postback_ok(&format!("click_id={click_id}&goal=sale&txid=A"))
+        .await;
+    assert_eq!(sys.decided(&first).await["state"], "attributed");
+    let other_txid = sys
+        .postback_ok(&format!("click_id={click_id}&goal=sale&txid=B"))
+        .await;
+    assert_eq!(sys.decided(&other_txid).await["state"], "attributed");
+    let no_txid = sys
+        .postback_ok(&format!("click_id={click_id}&goal=sale"))
+        .await;
+    let decided = sys.decided(&no_txid).await;
+    assert_eq!(
+        (decided["state"].as_str(), decided["reason"].as_str()),
+        (Some("rejected"), Some("duplicate")),
+        "{decided}"
+    );
+    let other_goal = sys
+        .postback_ok(&format!("click_id={click_id}&goal=install"))
+        .await;
+    assert_eq!(
+        sys.decided(&other_goal).await["state"],
+        "attributed",
+        "another goal is another conversion"
+    );
+
+    let row = &sys.report("affiliate").await["rows"][0];
+    assert_eq!(
+        (row["attributed"].as_u64(), row["rejected"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(row["rejected_by_reason"], json!({"duplicate": 1}));
+    assert_eq!(row["payout"], json!({"USD": "7.50"}));
+}
+
+#[tokio::test]
+async fn an_unknown_click_is_rejected_after_the_grace() {
+    let sys = System::start_with_grace(300).await;
+    sys.demo_catalog().await;
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let id = sys.postback_ok(&format!("click_id={ghost}")).await;
+    let decided = sys.decided(&id).await;
+    assert_eq!(
+        (decided["state"].as_str(), decided["reason"].as_str()),
+        (Some("rejected"), Some("unknown_click"))
+    );
+    let (status, click) = sys.api(&format!("/api/clicks/{ghost}")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "conversions of an unknown click are still shown"
+    );
+    assert!(click["click"].is_null());
+    assert_eq!(click["conversions"][0]["reason"], "unknown_click");
+    let report = sys.report("offer").await;
+    assert_eq!(report["rows"][0]["id"], serde_json::Value::Null, "{report}");
+    assert_eq!(
+        report["rows"][0]["rejected_by_reason"],
+        json!({"unknown_click": 1})
+    );
+}
+
+#[tokio::test]
+async fn a_conversion_past_the_window_expires() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let late = common::time::now_ms() + 25 * 3_600_000;
+    let event = ConversionReported {
+        click_id: click_id.clone(),
+        occurred_at_ms: late,
+        ..Default::default()
+    };
+    publish(&sys, "conversions.v1.reported", event.encode_to_vec()).await;
+    let id = postback_service::postback::conversion_id(&click_id, "", "");
+    let decided = sys.decided(&id).await;
+    assert_eq!(
+        (decided["state"].as_str(), decided["reason"].as_str()),
+        (Some("rejected"), Some("expired")),
+        "{decided}"
+    );
+    assert_eq!(
+        decided["offer_id"], "o1",
+        "rejections of known clicks carry the offer"
+    );
+    assert_eq!(
+        sys.report("offer").await["rows"][0]["rejected_by_reason"],
+        json!({"expired": 1})
+    );
+}
+
+#[tokio::test]
+async fn a_conversion_before_its_click_waits_then_is_attributed() {
+    let sys = System::start_with_grace(60_000).await;
+    sys.demo_catalog().await;
+    let click_id = uuid::Uuid::now_v7().to_string();
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    let pending = eventually(
+        "conversion folded as pending",
+        Duration::from_secs(5),
+        || async {
+            let (status, v) = sys.api(&format!("/api/conversions/{id}")).await;
+            (status == StatusCode::OK).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(pending["state"], "pending");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sys.api(&format!("/api/conversions/{id}")).await.1["state"],
+        "pending",
+        "still waiting for its click"
+    );
+
+    let click = ClickRecorded {
+        event_id: click_id.clone(),
+        click_id: click_id.clone(),
+        offer_id: "o1".into(),
+        affiliate_id: "a1".into(),
+        occurred_at_ms: common::time::now_ms() - 1000,
+        ..Default::default()
+    };
+    publish(&sys, "clicks.v1.recorded", click.encode_to_vec()).await;
+    let decided = sys.decided(&id).await;
+    assert_eq!(decided["state"], "attributed", "{decided}");
+}
+
+#[tokio::test]
+async fn malformed_nats_messages_are_decided_and_do_not_block_the_next() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    publish(&sys, "conversions.v1.reported", vec![0xff, 0xff, 0xff]).await;
+    let no_click = ConversionReported {
+        goal: "x".into(),
+        ..Default::default()
+    };
+    publish(&sys, "conversions.v1.reported", no_click.encode_to_vec()).await;
+    let bad_currency = ConversionReported {
+        click_id: click_id.clone(),
+        currency: "ZZZ".into(),
+        txid: "c".into(),
+        ..Default::default()
+    };
+    publish(
+        &sys,
+        "conversions.v1.reported",
+        bad_currency.encode_to_vec(),
+    )
+    .await;
+    let good = ConversionReported {
+        click_id: click_id.clone(),
+        ..Default::default()
+    };
+    publish(&sys, "conversions.v1.reported", good.encode_to_vec()).await;
+
+    let id = postback_service::postback::conversion_id(&click_id, "", "");
+    assert_eq!(
+        sys.decided(&id).await["state"],
+        "attributed",
+        "the consumer moved past the poison"
+    );
+    let bad_id = postback_service::postback::conversion_id(&click_id, "", "c");
+    let bad = sys.decided(&bad_id).await;
+    assert_eq!(
+        (bad["state"].as_str(), bad["reason"].as_str()),
+        (Some("rejected"), Some("malformed")),
+        "{bad}"
+    );
+    assert!(
+        bad["detail"].as_str().unwrap().contains("currency"),
+        "{bad}"
+    );
+    let report = eventually(
+        "three malformed decisions",
+        Duration::from_secs(5),
+        || async {
+            let r = sys.report("offer").await;
+            let rows = r["rows"].as_array()?.clone();
+            let malformed: u64 = rows
+                .iter()
+                .filter_map(|row| row["rejected_by_reason"]["malformed"].as_u64())
+                .sum();
+            (malformed == 3).then_some(r)
+        },
+    )
+    .await;
+    assert!(report["rows"].as_array().unwrap().len() >= 2, "{report}");
+}
+
+#[tokio::test]
+async fn postback_errors_name_the_field() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let cid = uuid::Uuid::now_v7();
+    let cases = [
+        (String::new(), "click_id"),
+        ("goal=x".to_owned(), "click_id"),
+        ("click_id=not-a-uuid".to_owned(), "click_id"),
+        ("subid=123".to_owned(), "subid"),
+        (format!("click_id={cid}&amount=abc"), "amount"),
+        (format!("click_id={cid}&amount=-3"), "amount"),
+        (format!("click_id={cid}&amount=1.1234567"), "amount"),
+        (format!("click_id={cid}&currency=XYZ"), "currency"),
+        (format!("click_id={cid}&txid=a&txid=b"), "txid"),
+    ];
+    for (query, field) in cases {
+        let (status, body) = sys.postback(&query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(body["field"], field, "{query}: {body}");
+    }
+    let r = sys
+        .http
+        .post(sys.postback_url("/postback"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"click_id\":\"{cid}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["field"],
+        "body"
+    );
+
+    let (status, _) = sys.api(&format!("/api/conversions/{cid}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = sys.api(&format!("/api/clicks/{cid}")).await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::NOT_FOUND, Some("click_id"))
+    );
+    let (status, body) = sys.api("/api/clicks/nope").await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("click_id"))
+    );
+    let (status, body) = sys.api("/api/reports?group_by=day").await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("group_by"))
+    );
+    let r = sys
+        .http
+        .get(sys.postback_url("/api/reports"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "the read API needs the token"
+    );
+}

@@ -1,0 +1,352 @@
+//! Affiliate postbacks against real HTTP receivers on loopback.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{app::url_params, Receiver, Reply, System, OFFER_URL};
+
+const ALL_MACROS: &str =
+    "/pb?click_id={click_id}&conversion_id={conversion_id}&offer_id={offer_id}\
+&aff_id={aff_id}&sub1={sub1}&sub2={sub2}&sub3={sub3}&sub4={sub4}&sub5={sub5}&source={source}\
+&aff_click_id={aff_click_id}&goal={goal}&payout={payout}&revenue={revenue}&currency={currency}\
+&txid={txid}&status={status}&delivery_id={delivery_id}";
+
+/// Offer o1, affiliate `aff` posting back to `url`; returns nothing.
+async fn catalog(sys: &System, aff: &str, url: &str) {
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
+    )
+    .await;
+    sys.put_affiliate(aff, json!({"postback_url": url})).await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+}
+
+/// A click by `aff` and an attributed conversion; returns (click id, conversion id, delivery id).
+async fn convert(sys: &System, aff: &str, extra: &str) -> (String, String, String) {
+    let (click_id, _) = sys
+        .click_ok(
+            "o1",
+            &format!(
+                "aff={aff}&sub1=s%201&sub2=b%26c&sub3=3&sub4=4&sub5=5&source=src&aff_click_id=AC-1"
+            ),
+        )
+        .await;
+    let conversion_id = sys
+        .postback_ok(&format!("click_id={click_id}{extra}"))
+        .await;
+    assert_eq!(sys.decided(&conversion_id).await["state"], "attributed");
+    let delivery_id = postback_service::deliveries::delivery_id(&conversion_id, aff);
+    (click_id, conversion_id, delivery_id)
+}
+
+#[tokio::test]
+async fn two_500s_then_200_is_one_delivery_after_three_attempts_with_every_macro() {
+    let receiver = Receiver::start(
+        vec![Reply::Status(500, "oops"), Reply::Status(503, "busy")],
+        Reply::Status(200, "ok"),
+    )
+    .await;
+    let sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url(ALL_MACROS)).await;
+    let (click_id, conversion_id, delivery_id) =
+        convert(&sys, "a1", "&goal=sale&amount=12.5&txid=T%201").await;
+
+    let delivery = sys.delivery_in(&delivery_id, "delivered").await;
+    assert_eq!(delivery["attempts"], 3, "{delivery}");
+    assert_eq!(delivery["status_code"], 200);
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|s| s.uri == seen[0].uri),
+        "every attempt asks the same URL"
+    );
+    let params = url_params(&format!("http://x{}", seen[2].uri));
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("<missing>")
+    };
+    assert_eq!(get("click_id"), click_id);
+    assert_eq!(get("conversion_id"), conversion_id);
+    assert_eq!((get("offer_id"), get("aff_id")), ("o1", "a1"));
+    assert_eq!(
+        (
+            get("sub1"),
+            get("sub2"),
+            get("sub3"),
+            get("sub4"),
+            get("sub5")
+        ),
+        ("s 1", "b&c", "3", "4", "5")
+    );
+    assert_eq!(
+        (get("source"), get("aff_click_id"), get("goal")),
+        ("src", "AC-1", "sale")
+    );
+    assert_eq!(
+        (get("payout"), get("revenue"), get("currency")),
+        ("2.50", "12.50", "USD")
+    );
+    assert_eq!(
+        (get("txid"), get("status"), get("delivery_id")),
+        ("T 1", "approved", delivery_id.as_str())
+    );
+
+    // The click view shows the delivery too; nothing is sent again.
+    let (_, click) = sys.api(&format!("/api/clicks/{click_id}")).await;
+    assert_eq!(click["deliveries"][0]["delivery_id"], delivery_id.as_str());
+    assert_eq!(click["deliveries"][0]["state"], "delivered");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(receiver.seen().len(), 3, "never sent again after a success");
+}
+
+#[tokio::test]
+async fn a_404_is_one_attempt_and_a_failure_with_the_body() {
+    let receiver = Receiver::start(vec![], Reply::Status(404, "no such campaign")).await;
+    let sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+    let delivery = sys.delivery_in(&delivery_id, "failed").await;
+    assert_eq!(
+        (
+            delivery["attempts"].as_u64(),
+            delivery["status_code"].as_u64()
+        ),
+        (Some(1), Some(404)),
+        "{delivery}"
+    );
+    assert_eq!(delivery["response_body"], "no such campaign");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        receiver.seen().len(),
+        1,
+        "a permanent refusal is not retried"
+    );
+
+    let (status, list) = sys.api("/api/postbacks?state=failed&affiliate=a1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["total"], 1, "{list}");
+    assert_eq!(list["postbacks"][0]["delivery_id"], delivery_id.as_str());
+    let (_, none) = sys.api("/api/postbacks?state=delivered").await;
+    assert_eq!(none["total"], 0);
+    let (status, body) = sys.api("/api/postbacks?state=lost").await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("state"))
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_receiver_times_out_and_is_retried() {
+    let receiver = Receiver::start(
+        vec![Reply::Hang(Duration::from_secs(10))],
+        Reply::Status(200, "ok"),
+    )
+    .await;
+    let sys = System::start_configured(500, |c| c.postback_timeout_ms = 300).await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+    let delivery = sys.delivery_in(&delivery_id, "delivered").await;
+    assert_eq!(delivery["attempts"], 2, "{delivery}");
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[1].at - seen[0].at >= Duration::from_millis(300),
+        "the second came after the timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_dispatcher_resumes_its_schedule_and_delivers_once() {
+    let receiver =
+        Receiver::start(vec![Reply::Status(500, "down")], Reply::Status(200, "ok")).await;
+    let mut sys = System::start_configured(500, |c| c.postback_first_retry_ms = 1500).await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+    let pending =
+        crate::support::eventually("first attempt made", Duration::from_secs(5), || async {
+            let (_, v) = sys.api(&format!("/api/postbacks/{delivery_id}")).await;
+            (v["attempts"] == 1).then_some(v)
+        })
+        .await;
+    assert_eq!(pending["state"], "pending");
+    assert_eq!(pending["status_code"], 500);
+    assert!(pending["next_attempt_at"].is_string());
+    sys.restart_postback().await;
+    assert_eq!(
+        receiver.seen().len(),
+        1,
+        "the restart does not send everything at once"
+    );
+    let delivery = sys.delivery_in(&delivery_id, "delivered").await;
+    assert_eq!(
+        delivery["attempts"], 2,
+        "resumed at its stored attempt count: {delivery}"
+    );
+    assert_eq!(receiver.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn a_rebuilt_projection_does_not_send_delivered_postbacks_again() {
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+    sys.delivery_in(&delivery_id, "delivered").await;
+    sys.wipe_postback().await;
+    let rebuilt = sys.delivery_in(&delivery_id, "delivered").await;
+    assert_eq!(rebuilt["attempts"], 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.seen().len(),
+        1,
+        "the rebuild knew it was delivered"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_receiver_does_not_delay_a_fast_one() {
+    let slow = Receiver::start(vec![], Reply::Hang(Duration::from_secs(20))).await;
+    let fast = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let sys = System::start_configured(500, |c| c.postback_timeout_ms = 8000).await;
+    catalog(&sys, "slow", &slow.url("/pb?c={click_id}")).await;
+    sys.put_affiliate(
+        "fast",
+        json!({"postback_url": fast.url("/pb?c={click_id}")}),
+    )
+    .await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+    let mut slow_ids = Vec::new();
+    for _ in 0..6 {
+        slow_ids.push(convert(&sys, "slow", "").await.2);
+    }
+    let (_, _, fast_id) = convert(&sys, "fast", "").await;
+    let delivered = sys.delivery_in(&fast_id, "delivered").await;
+    assert_eq!(delivered["attempts"], 1);
+    for id in &slow_ids {
+        let (_, v) = sys.api(&format!("/api/postbacks/{id}")).await;
+        assert_eq!(
+            v["state"], "pending",
+            "the slow ones are still hanging: {v}"
+        );
+    }
+    assert!(
+        slow.seen().len() <= 4,
+        "at most the per-host limit in flight to one host"
+    );
+}
+
+#[tokio::test]
+async fn private_targets_are_refused_unless_allowed() {
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let sys = System::start_configured(500, |c| c.postback_allow_private = false).await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let by_name = format!(
+        "http://localhost:{}/pb?c={{click_id}}",
+        receiver.addr.port()
+    );
+    sys.put_affiliate("a2", json!({"postback_url": by_name}))
+        .await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+    let (_, _, literal) = convert(&sys, "a1", "").await;
+    let (_, _, named) = convert(&sys, "a2", "").await;
+    for id in [literal, named] {
+        let failed = sys.delivery_in(&id, "failed").await;
+        assert!(
+            failed["error"].as_str().unwrap().contains("refused"),
+            "{failed}"
+        );
+        assert_eq!(failed["attempts"], 1);
+    }
+    assert!(
+        receiver.seen().is_empty(),
+        "nothing reached the private address"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_delivery_can_be_retried_by_hand_and_it_is_logged() {
+    let receiver = Receiver::start(vec![], Reply::Status(410, "gone")).await;
+    let sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+    sys.delivery_in(&delivery_id, "failed").await;
+
+    let r = sys
+        .http
+        .post(sys.postback_url(&format!("/api/postbacks/{delivery_id}/retry")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "retry needs the admin token"
+    );
+    receiver.answer_from_now(Reply::Status(200, "ok"));
+    let (status, body) = sys
+        .api_post(&format!("/api/postbacks/{delivery_id}/retry"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["generation"], 2);
+    let delivered = sys.delivery_in(&delivery_id, "delivered").await;
+    assert_eq!(
+        (
+            delivered["generation"].as_u64(),
+            delivered["attempts"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{delivered}"
+    );
+    let history: Vec<_> = delivered["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(history, ["failed", "retry_requested", "delivered"]);
+    assert_eq!(receiver.seen().len(), 2);
+
+    let (status, body) = sys
+        .api_post(&format!("/api/postbacks/{delivery_id}/retry"))
+        .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::CONFLICT, Some("delivery_id")),
+        "a delivered one is final"
+    );
+    let (status, _) = sys
+        .api_post(&format!("/api/postbacks/{}/retry", uuid::Uuid::now_v7()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let js = sys.jetstream().await;
+    let mut stream = js.get_stream("POSTBACKS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.state.messages, 3,
+        "failed, retry_requested, delivered: every step is in the log"
+    );
+}
+
+#[tokio::test]
+async fn an_offer_postback_url_overrides_the_affiliates() {
+    let affiliate_own = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let offer_level = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let sys = System::start().await;
+    catalog(&sys, "a1", &affiliate_own.url("/own?c={click_id}")).await;
+    sys.put_offer("o1", json!({"url": OFFER_URL, "payout": "3", "postback_url": offer_level.url("/offer?c={click_id}&p={payout}")})).await;
+    sys.wait_postback_sees_offer("o1", "3.00").await;
+    let (click_id, _, delivery_id) = convert(&sys, "a1", "").await;
+    sys.delivery_in(&delivery_id, "delivered").await;
+    assert!(affiliate_own.seen().is_empty());
+    assert_eq!(
+        offer_level.seen()[0].uri,
+        format!("/offer?c={click_id}&p=3.00")
+    );
+}

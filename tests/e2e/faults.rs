@@ -1,0 +1,567 @@
+//! Fault tests: a steady load of clicks and postbacks against the real service
+//! binaries while NATS or a service is killed, then an accounting of every
+//! request that got a 2xx, in the manner of Jepsen's checker: none lost, none
+//! duplicated, the projection equal to a fresh rebuild, no affiliate postback
+//! sent again after its recorded success.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use prost::Message;
+use proto::{
+    clicks::v1::ClickRecorded, conversions::v1::ConversionReported,
+    postbacks::v1::PostbackDelivered,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::{
+    app::url_params, eventually, process::Process, NatsServer, Receiver, Reply, OFFER_URL,
+};
+
+struct Cluster {
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    click: Process,
+    postback: Process,
+    receiver: Receiver,
+    http: reqwest::Client,
+}
+
+fn env(nats: &NatsServer, data_dir: &std::path::Path) -> Vec<(String, String)> {
+    [
+        ("NATS_URL", nats.url.clone()),
+        ("DATA_DIR", data_dir.display().to_string()),
+        ("ADMIN_TOKEN", "admin".to_owned()),
+        ("ACK_DEADLINE_MS", "50".to_owned()),
+        ("POSTBACK_ALLOW_PRIVATE", "true".to_owned()),
+        ("POSTBACK_FIRST_RETRY_MS", "100".to_owned()),
+        ("POSTBACK_TIMEOUT_MS", "1000".to_owned()),
+        ("UNKNOWN_CLICK_GRACE_MS", "10000".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        postback_service::deliveries::attempt::install_tls_provider();
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let click = Process::start(
+            "click-service",
+            env(&nats, &dir.path().join("click")),
+            dir.path(),
+        );
+        let postback = Process::start(
+            "postback-service",
+            env(&nats, &dir.path().join("postback")),
+            dir.path(),
+        );
+        click.ready(&http).await;
+        postback.ready(&http).await;
+        let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+        let put = |path: &str, body: Value| {
+            let req = http.put(click.url(path)).bearer_auth("admin").json(&body);
+            async move { assert!(req.send().await.unwrap().status().is_success()) }
+        };
+        put("/api/offers/o1", json!({"url": OFFER_URL, "payout": "1"})).await;
+        put(
+            "/api/affiliates/a1",
+            json!({"postback_url": receiver.url("/pb?d={delivery_id}")}),
+        )
+        .await;
+        let cluster = Self {
+            nats,
+            dir,
+            click,
+            postback,
+            receiver,
+            http,
+        };
+        cluster.settle_catalog().await;
+        cluster
+    }
+
+    async fn settle_catalog(&self) {
+        eventually(
+            "postback-service has the catalog",
+            Duration::from_secs(10),
+            || async {
+                let v: Value = self
+                    .http
+                    .get(self.postback.url("/readyz"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let seq = v["projections"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["stream"] == "CATALOG")?["applied_seq"]
+                    .as_u64()?;
+                (seq >= 2).then_some(())
+            },
+        )
+        .await;
+    }
+
+    async fn api(&self, p: &Process, path: &str) -> (StatusCode, Value) {
+        match self.http.get(p.url(path)).bearer_auth("admin").send().await {
+            Ok(r) => {
+                let s = r.status();
+                (s, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
+        }
+    }
+}
+
+/// What the load got a 2xx for.
+#[derive(Default)]
+struct Ledger {
+    clicks: Vec<String>,
+    conversions: Vec<String>,
+    refused: u64,
+}
+
+/// Clicks and postbacks every 5 ms until `stop`.
+async fn load(
+    http: reqwest::Client,
+    click: String,
+    postback: String,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) && i < 20_000 {
+        i += 1;
+        let r = http
+            .get(format!("{click}/c/o1?aff=a1&sub1={i}"))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status() == StatusCode::FOUND => {
+                let location = r.headers()["location"].to_str().unwrap().to_owned();
+                let id = url_params(&location)
+                    .into_iter()
+                    .find(|(k, _)| k == "cid")
+                    .unwrap()
+                    .1;
+                ledger.lock().unwrap().clicks.push(id.clone());
+                match http
+                    .get(format!("{postback}/postback?click_id={id}&txid=T{i}"))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == StatusCode::OK => {
+                        let body: Value = r.json().await.unwrap();
+                        ledger
+                            .lock()
+                            .unwrap()
+                            .conversions
+                            .push(body["conversion_id"].as_str().unwrap().to_owned());
+                    }
+                    _ => ledger.lock().unwrap().refused += 1,
+                }
+            }
+            _ => ledger.lock().unwrap().refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every message of a stream: (subject, payload, time ms).
+async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Vec<(String, Vec<u8>, i64)> {
+    let mut stream = js.get_stream(name).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push((
+                m.subject.to_string(),
+                m.payload.to_vec(),
+                (m.time.unix_timestamp_nanos() / 1_000_000) as i64,
+            ));
+        }
+    }
+    out
+}
+
+async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
+    let mut c = Cluster::start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let load_task = tokio::spawn(load(
+        c.http.clone(),
+        c.click.url(""),
+        c.postback.url(""),
+        stop.clone(),
+        ledger.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    inject(&mut c).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    load_task.await.unwrap();
+    let (clicks, conversions, refused) = {
+        let l = ledger.lock().unwrap();
+        (l.clicks.clone(), l.conversions.clone(), l.refused)
+    };
+    assert!(
+        clicks.len() > 50 && conversions.len() > 50,
+        "{fault}: the load ran ({} clicks)",
+        clicks.len()
+    );
+
+    // Settle: outboxes drained, every acked conversion decided, every delivery done.
+    c.click.ready(&c.http).await;
+    c.postback.ready(&c.http).await;
+    for p in [&c.click, &c.postback] {
+        eventually("outbox drained", Duration::from_secs(30), || async {
+            let r = c.http.get(p.url("/readyz")).send().await;
+            if std::env::var_os("FAULT_DEBUG").is_some() {
+                eprintln!("{r:?}");
+            }
+            let v: Value = r.ok()?.json().await.ok()?;
+            (v["outbox"]["depth"] == 0).then_some(())
+        })
+        .await;
+    }
+    for id in &conversions {
+        eventually(
+            &format!("{fault}: conversion {id} decided"),
+            Duration::from_secs(30),
+            || async {
+                let (s, v) = c.api(&c.postback, &format!("/api/conversions/{id}")).await;
+                (s == StatusCode::OK && v["state"] != "pending").then_some(())
+            },
+        )
+        .await;
+    }
+    eventually("deliveries done", Duration::from_secs(30), || async {
+        let (_, v) = c.api(&c.postback, "/api/postbacks?state=pending").await;
+        (v["total"] == 0).then_some(())
+    })
+    .await;
+
+    // None lost, none duplicated: every acked click is in the log exactly once.
+    let js = async_nats::jetstream::new(async_nats::connect(&c.nats.url).await.unwrap());
+    let mut in_log: HashMap<String, u32> = HashMap::new();
+    for (_, payload, _) in read_stream(&js, "CLICKS").await {
+        *in_log
+            .entry(ClickRecorded::decode(&payload[..]).unwrap().click_id)
+            .or_default() += 1;
+    }
+    for id in &clicks {
+        assert_eq!(
+            in_log.get(id),
+            Some(&1),
+            "{fault}: acked click {id} in the log once"
+        );
+    }
+    assert!(in_log.values().all(|n| *n == 1), "{fault}: no click twice");
+
+    // Every acked conversion has exactly one decision, and it counts.
+    let mut decisions: HashMap<String, u32> = HashMap::new();
+    let mut attributed_ids = std::collections::HashSet::new();
+    let mut reported_ids = std::collections::HashSet::new();
+    for (subject, payload, _) in read_stream(&js, "CONVERSIONS").await {
+        let id = match subject.as_str() {
+            "conversions.v1.reported" => {
+                reported_ids.insert(
+                    ConversionReported::decode(&payload[..])
+                        .unwrap()
+                        .conversion_id,
+                );
+                continue;
+            }
+            "conversions.v1.attributed" => {
+                let id = proto::conversions::v1::ConversionAttributed::decode(&payload[..])
+                    .unwrap()
+                    .conversion_id;
+                attributed_ids.insert(id.clone());
+                id
+            }
+            "conversions.v1.rejected" => {
+                proto::conversions::v1::ConversionRejected::decode(&payload[..])
+                    .unwrap()
+                    .conversion_id
+            }
+            _ => continue,
+        };
+        *decisions.entry(id).or_default() += 1;
+    }
+    for id in &conversions {
+        assert_eq!(
+            decisions.get(id),
+            Some(&1),
+            "{fault}: acked conversion {id} decided once"
+        );
+    }
+    assert!(
+        decisions.values().all(|n| *n == 1),
+        "{fault}: no conversion decided twice"
+    );
+    // Every acked conversion found its click; a report the client never saw
+    // acked (killed after it was durable, before the answer) may be decided too,
+    // as its retry would have been: every report in the log has one decision.
+    for id in &conversions {
+        assert!(
+            attributed_ids.contains(id),
+            "{fault}: acked conversion {id} attributed"
+        );
+    }
+    assert_eq!(
+        decisions.len(),
+        reported_ids.len(),
+        "{fault}: every report in the log decided"
+    );
+    let attributed = attributed_ids.len();
+
+    // No affiliate postback sent again after its recorded success: every request
+    // the receiver saw is one of the attempts the success was recorded after
+    // (requests carry X-Delivery-Attempt: <generation>.<attempt>).
+    let delivered: HashMap<String, (u32, u32)> = read_stream(&js, "POSTBACKS")
+        .await
+        .into_iter()
+        .filter(|(s, ..)| s == "postbacks.v1.delivered")
+        .map(|(_, p, _)| {
+            let e = PostbackDelivered::decode(&p[..]).unwrap();
+            (e.delivery_id, (e.generation, e.attempts))
+        })
+        .collect();
+    assert_eq!(
+        delivered.len(),
+        attributed,
+        "{fault}: one delivery per attributed conversion"
+    );
+
+    // The projection equals a fresh rebuild from the log.
+    let fresh = Process::start(
+        "postback-service",
+        env(&c.nats, &c.dir.path().join("fresh")),
+        c.dir.path(),
+    );
+    fresh.ready(&c.http).await;
+    let snapshot = |p: &Process| {
+        let c = &c;
+        let ids = clicks.clone();
+        let url = p.url("");
+        async move {
+            let mut views = Vec::new();
+            for id in &ids {
+                let r = c
+                    .http
+                    .get(format!("{url}/api/clicks/{id}"))
+                    .bearer_auth("admin")
+                    .send()
+                    .await
+                    .unwrap();
+                views.push(r.json::<Value>().await.unwrap());
+            }
+            let report = c
+                .http
+                .get(format!("{url}/api/reports?group_by=affiliate"))
+                .bearer_auth("admin")
+                .send()
+                .await
+                .unwrap();
+            json!({"clicks": views, "report": report.json::<Value>().await.unwrap()})
+        }
+    };
+    let live = snapshot(&c.postback).await;
+    let rebuilt = snapshot(&fresh).await;
+    assert!(
+        live == rebuilt,
+        "{fault}: the projection differs from a fresh rebuild"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut resent = 0;
+    let mut sent: HashMap<(String, String), u32> = HashMap::new();
+    for seen in c.receiver.seen() {
+        let id = url_params(&format!("http://x{}", seen.uri))
+            .into_iter()
+            .find(|(k, _)| k == "d")
+            .unwrap()
+            .1;
+        let sent_as = seen.attempt.split_once('.').map_or((0, 0), |(g, a)| {
+            (g.parse::<u32>().unwrap_or(0), a.parse::<u32>().unwrap_or(0))
+        });
+        let repeats = sent.entry((id.clone(), seen.attempt.clone())).or_default();
+        *repeats += 1;
+        if *repeats > 1
+            || delivered
+                .get(&id)
+                .is_some_and(|recorded| sent_as > *recorded)
+        {
+            resent += 1;
+            eprintln!(
+                "{fault}: {id} delivered as {:?}, then sent again as {}",
+                delivered.get(&id),
+                seen.attempt
+            );
+        }
+    }
+    assert_eq!(
+        resent, 0,
+        "{fault}: a postback attempt was sent twice, or again after its recorded success"
+    );
+    println!(
+        "fault {fault}: {} clicks and {} conversions acked ({refused} requests refused while down); \
+         all in the log once, {attributed} attributed, {} deliveries, {} affiliate requests, 0 after success; \
+         projection equal to a fresh rebuild",
+        clicks.len(),
+        conversions.len(),
+        delivered.len(),
+        c.receiver.seen().len(),
+    );
+}
+
+#[tokio::test]
+async fn nats_killed_and_restarted_under_load() {
+    run("nats restart", async |c: &mut Cluster| {
+        c.nats.kill();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        c.nats.restart();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn click_service_sigkilled_and_restarted_under_load() {
+    run("click-service SIGKILL", async |c: &mut Cluster| {
+        c.click.kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.click.restart();
+        c.click.ready(&c.http).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postback_service_sigkilled_while_deciding_and_restarted() {
+    run("postback-service SIGKILL", async |c: &mut Cluster| {
+        c.postback.kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.postback.restart();
+        c.postback.ready(&c.http).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let mut c = Cluster::start().await;
+    let (_, location) = {
+        let r = c
+            .http
+            .get(c.click.url("/c/o1?aff=a1"))
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status(),
+            r.headers()["location"].to_str().unwrap().to_owned(),
+        )
+    };
+    assert!(location.contains("cid="));
+    for p in [&mut c.click, &mut c.postback] {
+        let status = p.terminate().expect("was running");
+        assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    }
+}
+
+fn operator(c: &Cluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(crate::support::process::binary("postback-service"))
+        .args(args)
+        .envs(env(&c.nats, &c.dir.path().join("postback")))
+        .output()
+        .expect("operator command runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if args == ["rebuild"] {
+        assert!(
+            stderr.contains("events/s") && stderr.contains("left"),
+            "progress is shown: {stderr}"
+        );
+    }
+    stdout
+        .split("checksum ")
+        .nth(1)
+        .expect("a checksum line")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_rebuild_command_reproduces_the_projection_checksum() {
+    let mut c = Cluster::start().await;
+    for i in 0..20 {
+        let r = c
+            .http
+            .get(c.click.url(&format!("/c/o1?aff=a1&sub1={i}")))
+            .send()
+            .await
+            .unwrap();
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let id = url_params(&location)
+            .into_iter()
+            .find(|(k, _)| k == "cid")
+            .unwrap()
+            .1;
+        let r = c
+            .http
+            .get(c.postback.url(&format!("/postback?click_id={id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    eventually("deliveries done", Duration::from_secs(20), || async {
+        let (_, v) = c.api(&c.postback, "/api/postbacks?state=delivered").await;
+        (v["total"] == 20).then_some(())
+    })
+    .await;
+    let report = c.api(&c.postback, "/api/reports?group_by=offer").await.1;
+    assert!(c.postback.terminate().unwrap().success());
+    let before = operator(&c, &["checksum"]);
+    let rebuilt = operator(&c, &["rebuild"]);
+    assert_eq!(before, rebuilt, "a rebuild reaches the same state");
+    assert_eq!(operator(&c, &["rebuild"]), rebuilt, "and again");
+    c.postback.restart();
+    c.postback.ready(&c.http).await;
+    assert_eq!(
+        c.api(&c.postback, "/api/reports?group_by=offer").await.1,
+        report
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        c.receiver.seen().len(),
+        20,
+        "the rebuilt projection re-sends nothing"
+    );
+}

@@ -1,0 +1,112 @@
+//! NATS down: clicks and postbacks are spooled to the durable outbox, answered,
+//! and published when NATS is back; with a full outbox they get 503.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::{eventually, System};
+
+async fn ready(sys: &System, url: &str) -> (StatusCode, Value) {
+    let r = sys.http.get(url).send().await.unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn with_nats_down_clicks_and_postbacks_are_spooled_then_published() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    let (before, _) = sys.click_ok("o1", "aff=a1").await;
+    sys.nats.kill();
+
+    let (during, location) = sys.click_ok("o1", "aff=a1").await;
+    assert!(
+        location.contains(&during),
+        "the user is redirected without waiting for NATS"
+    );
+    let (status, body) = sys.postback(&format!("click_id={before}&txid=T1")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["durable"], "outbox");
+    let spooled_conversion = body["conversion_id"].as_str().unwrap().to_owned();
+
+    for (url, depth) in [
+        (sys.click_url("/readyz"), 1),
+        (sys.postback_url("/readyz"), 1),
+    ] {
+        let (status, body) = eventually(
+            "not ready while NATS is down",
+            Duration::from_secs(5),
+            || async {
+                let (status, body) = ready(&sys, &url).await;
+                (status == StatusCode::SERVICE_UNAVAILABLE).then_some((status, body))
+            },
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["outbox"]["depth"], depth, "{body}");
+        assert!(body["outbox"]["oldest_age_ms"].as_i64().is_some(), "{body}");
+        let r = sys
+            .http
+            .get(url.replace("readyz", "healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "alive all the same");
+    }
+
+    sys.nats.restart();
+    for url in [sys.click_url("/readyz"), sys.postback_url("/readyz")] {
+        eventually(
+            "outbox drained and ready",
+            Duration::from_secs(20),
+            || async {
+                let (status, body) = ready(&sys, &url).await;
+                (status == StatusCode::OK && body["outbox"]["depth"] == 0).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        sys.decided(&spooled_conversion).await["state"],
+        "attributed"
+    );
+    let id = sys.postback_ok(&format!("click_id={during}")).await;
+    assert_eq!(
+        sys.decided(&id).await["state"],
+        "attributed",
+        "the spooled click reached the log"
+    );
+    let js = sys.jetstream().await;
+    let clicks = js
+        .get_stream("CLICKS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(clicks, 2, "each click once");
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.click.take().unwrap().stop().await;
+    let mut config = sys.click_config();
+    config.ingest.outbox_max_entries = 1;
+    sys.start_click_with(config).await;
+    sys.nats.kill();
+    sys.click_ok("o1", "aff=a1").await;
+    let r = sys.click("o1", "aff=a1").await;
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no redirect without a durable click"
+    );
+    assert!(r.headers().get("location").is_none());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "not_recorded");
+}

@@ -1,0 +1,550 @@
+//! The rules networks expect: goals, dedup policies, status lifecycle, fraud
+//! windows, unique clicks, caps, postback security; and a rebuild reproducing it all.
+
+use std::time::Duration;
+
+use prost::Message;
+use proto::clicks::v1::ClickRecorded;
+use proto::conversions::v1::ConversionReported;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::{app::url_params, eventually, Receiver, Reply, System, OFFER_URL};
+
+async fn offer(sys: &System, body: Value) {
+    let mut body = body;
+    body["url"] = json!(OFFER_URL);
+    sys.put_offer("o1", body).await;
+    sys.put_affiliate("a1", json!({})).await;
+    sys.put_affiliate("a2", json!({})).await;
+    sys.wait_postback_sees_offer("o1", "").await;
+}
+
+async fn rejected_for(sys: &System, id: &str) -> String {
+    let v = sys.decided(id).await;
+    assert_eq!(v["state"], "rejected", "{v}");
+    v["reason"].as_str().unwrap().to_owned()
+}
+
+/// A partner's report with its own conversion id, so the same (click, goal,
+/// txid) can be reported as distinct conversions.
+async fn partner(sys: &System, id: &str, click_id: &str, goal: &str, txid: &str, at_ms: i64) {
+    let e = ConversionReported {
+        conversion_id: id.into(),
+        click_id: click_id.into(),
+        goal: goal.into(),
+        txid: txid.into(),
+        occurred_at_ms: at_ms,
+        ..Default::default()
+    };
+    sys.publish("conversions.v1.reported", e.encode_to_vec())
+        .await;
+}
+
+#[tokio::test]
+async fn install_then_purchase_on_one_click_and_unknown_goals() {
+    let sys = System::start().await;
+    offer(
+        &sys,
+        json!({"payout": "0.50", "goals": [
+        {"id": "install", "payout": "1.00", "revenue": "2"},
+        {"id": "purchase", "payout": "5", "revenue": "20"}]}),
+    )
+    .await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let install = sys
+        .decided(
+            &sys.postback_ok(&format!("click_id={click_id}&goal=install"))
+                .await,
+        )
+        .await;
+    let purchase = sys
+        .decided(
+            &sys.postback_ok(&format!("click_id={click_id}&goal=purchase"))
+                .await,
+        )
+        .await;
+    assert_eq!(
+        (install["state"].as_str(), install["payout"].as_str()),
+        (Some("attributed"), Some("1.00"))
+    );
+    assert_eq!(
+        (purchase["state"].as_str(), purchase["payout"].as_str()),
+        (Some("attributed"), Some("5.00"))
+    );
+    assert_eq!(purchase["revenue"], "20.00");
+    let signup = sys
+        .postback_ok(&format!("click_id={click_id}&goal=signup"))
+        .await;
+    assert_eq!(rejected_for(&sys, &signup).await, "unknown_goal");
+    let default = sys
+        .decided(&sys.postback_ok(&format!("click_id={click_id}")).await)
+        .await;
+    assert_eq!(default["payout"], "0.50", "no goal: the offer's default");
+    let row = &sys.report("offer").await["rows"][0];
+    assert_eq!(row["payout"], json!({"USD": "6.50"}));
+}
+
+#[tokio::test]
+async fn dedup_policies_unique_txid_one_per_goal_and_all() {
+    let sys = System::start().await;
+    offer(
+        &sys,
+        json!({"dedup": "unique_txid", "goals": [
+        {"id": "sale"}, {"id": "lead", "dedup": "one_per_goal"}, {"id": "event", "dedup": "all"}]}),
+    )
+    .await;
+    let (k, _) = sys.click_ok("o1", "aff=a1").await;
+    let now = common::time::now_ms();
+    let ids: Vec<String> = (0..9).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    // unique_txid: every distinct txid once; a repeat of a txid is a duplicate.
+    partner(&sys, &ids[0], &k, "sale", "A", now).await;
+    partner(&sys, &ids[1], &k, "sale", "B", now).await;
+    partner(&sys, &ids[2], &k, "sale", "A", now).await;
+    // one_per_goal: the first only, whatever the txid.
+    partner(&sys, &ids[3], &k, "lead", "X", now).await;
+    partner(&sys, &ids[4], &k, "lead", "Y", now).await;
+    // all: every distinct conversion.
+    partner(&sys, &ids[5], &k, "event", "", now).await;
+    partner(&sys, &ids[6], &k, "event", "", now).await;
+    let mut states = Vec::new();
+    for id in &ids[..7] {
+        let v = sys.decided(id).await;
+        states.push(
+            v["reason"]
+                .as_str()
+                .unwrap_or(v["state"].as_str().unwrap())
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        states,
+        [
+            "attributed",
+            "attributed",
+            "duplicate",
+            "attributed",
+            "duplicate",
+            "attributed",
+            "attributed"
+        ]
+    );
+    // An advertiser's retry of one postback is never counted twice, under any policy.
+    let retried = sys.postback_ok(&format!("click_id={k}&goal=event")).await;
+    assert_eq!(
+        sys.postback_ok(&format!("click_id={k}&goal=event")).await,
+        retried
+    );
+    sys.decided(&retried).await;
+    let (_, click) = sys.api(&format!("/api/clicks/{k}")).await;
+    assert_eq!(click["conversions"].as_array().unwrap().len(), 8);
+}
+
+#[tokio::test]
+async fn pending_then_approved_then_reversed_moves_reports_and_affiliate_postbacks() {
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let sys = System::start().await;
+    offer(
+        &sys,
+        json!({"payout": "2.50", "status_map": {"ok_paid": "approved"}}),
+    )
+    .await;
+    sys.put_affiliate(
+        "a1",
+        json!({"postback_url": receiver.url("/pb?c={click_id}&s={status}&d={delivery_id}")}),
+    )
+    .await;
+    sys.wait_postback_sees_offer("o1", "").await;
+    let (k, _) = sys.click_ok("o1", "aff=a1").await;
+    let base = format!("click_id={k}&txid=T1");
+    let id = sys.postback_ok(&format!("{base}&status=hold")).await;
+    let v = sys.decided(&id).await;
+    assert_eq!(
+        (v["state"].as_str(), v["status"].as_str()),
+        (Some("attributed"), Some("pending"))
+    );
+    let row = &sys.report("offer").await["rows"][0];
+    assert_eq!(row["by_status"], json!({"pending": 1}));
+    assert_eq!(
+        row["payout"],
+        json!({}),
+        "pending conversions are not paid yet"
+    );
+
+    assert_eq!(
+        sys.postback_ok(&format!("{base}&status=OK_PAID")).await,
+        id,
+        "the same conversion"
+    );
+    let approved = eventually("approved", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+        (v["status"] == "approved").then_some(v)
+    })
+    .await;
+    assert_eq!(approved["status_history"][0]["from"], "pending");
+    let row = &sys.report("offer").await["rows"][0];
+    assert_eq!(
+        (row["by_status"].clone(), row["payout"].clone()),
+        (json!({"approved": 1, "pending": 0}), json!({"USD": "2.50"}))
+    );
+    eventually("approval postback", Duration::from_secs(10), || async {
+        (receiver.seen().len() == 1).then_some(())
+    })
+    .await;
+
+    sys.postback_ok(&format!("{base}&status=chargeback")).await;
+    eventually("reversed", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+        (v["status"] == "rejected").then_some(())
+    })
+    .await;
+    let row = &sys.report("offer").await["rows"][0];
+    assert_eq!(
+        row["payout"],
+        json!({"USD": "0.00"}),
+        "a reversal takes the payout back"
+    );
+    assert_eq!(row["attributed"], 1);
+    eventually("reversal postback", Duration::from_secs(10), || async {
+        (receiver.seen().len() == 2).then_some(())
+    })
+    .await;
+    let seen = receiver.seen();
+    let status_of = |i: usize| {
+        url_params(&format!("http://x{}", seen[i].uri))
+            .into_iter()
+            .find(|(k, _)| k == "s")
+            .unwrap()
+            .1
+    };
+    assert_eq!(
+        (status_of(0), status_of(1)),
+        ("approved".to_owned(), "rejected".to_owned())
+    );
+    assert_ne!(
+        seen[0].uri, seen[1].uri,
+        "each status event has its own delivery id"
+    );
+
+    // No way back from a reversal; the report says why nothing changed.
+    sys.postback_ok(&format!("{base}&status=approved")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+    assert_eq!(v["status"], "rejected");
+    assert_eq!(receiver.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn conversions_faster_than_the_minimum_click_to_conversion_time_are_too_fast() {
+    let sys = System::start().await;
+    offer(&sys, json!({"min_ctit_seconds": 3600})).await;
+    let (k, _) = sys.click_ok("o1", "aff=a1").await;
+    let id = sys.postback_ok(&format!("click_id={k}")).await;
+    assert_eq!(rejected_for(&sys, &id).await, "too_fast");
+}
+
+#[tokio::test]
+async fn unique_and_gross_clicks() {
+    let sys = System::start().await;
+    offer(&sys, json!({})).await;
+    let mut ids = Vec::new();
+    for ua in ["ua-1", "ua-1", "ua-2"] {
+        let r = sys
+            .http
+            .get(sys.click_url("/c/o1?aff=a1"))
+            .header("user-agent", ua)
+            .send()
+            .await
+            .unwrap();
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        ids.push(
+            url_params(&location)
+                .into_iter()
+                .find(|(k, _)| k == "cid")
+                .unwrap()
+                .1,
+        );
+    }
+    let row = eventually("three clicks folded", Duration::from_secs(5), || async {
+        let r = sys.report("offer").await;
+        (r["rows"][0]["clicks"] == 3).then(|| r["rows"][0].clone())
+    })
+    .await;
+    assert_eq!(row["unique_clicks"], 2);
+    let mut unique = Vec::new();
+    for id in &ids {
+        unique.push(
+            sys.api(&format!("/api/clicks/{id}")).await.1["click"]["unique"]
+                .as_bool()
+                .unwrap(),
+        );
+    }
+    assert_eq!(unique, [true, false, true]);
+}
+
+#[tokio::test]
+async fn daily_caps_hold_at_the_boundary_and_reset_at_midnight_in_the_offers_time_zone() {
+    let sys = System::start().await;
+    let tz = "America/New_York";
+    offer(&sys, json!({"timezone": tz, "attribution_window_hours": 72, "fallback_url": "https://fallback.example/",
+        "caps": {"daily_conversions": 2, "daily_clicks": 4}})).await;
+    let mut clicks = Vec::new();
+    for _ in 0..4 {
+        clicks.push(sys.click_ok("o1", "aff=a1").await.0);
+    }
+    let (_, location) = sys.click_ok("o1", "aff=a1").await;
+    assert_eq!(
+        location, "https://fallback.example/",
+        "the fifth click of the day goes to the fallback"
+    );
+
+    let zone = jiff::tz::TimeZone::get(tz).unwrap();
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(zone.clone())
+        .date();
+    let midnight = today
+        .tomorrow()
+        .unwrap()
+        .in_tz(tz)
+        .unwrap()
+        .timestamp()
+        .as_millisecond();
+    let now = common::time::now_ms();
+    let ids: Vec<String> = (0..4).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    partner(&sys, &ids[0], &clicks[0], "", "", now).await;
+    partner(&sys, &ids[1], &clicks[1], "", "", now).await;
+    partner(&sys, &ids[2], &clicks[2], "", "", midnight - 1000).await;
+    partner(&sys, &ids[3], &clicks[3], "", "", midnight + 1000).await;
+    assert_eq!(sys.decided(&ids[0]).await["state"], "attributed");
+    assert_eq!(
+        sys.decided(&ids[1]).await["state"],
+        "attributed",
+        "the Nth is attributed"
+    );
+    assert_eq!(
+        rejected_for(&sys, &ids[2]).await,
+        "cap_reached",
+        "the N+1th, one second before midnight"
+    );
+    assert_eq!(
+        sys.decided(&ids[3]).await["state"],
+        "attributed",
+        "a new day in New York, a new cap"
+    );
+}
+
+#[tokio::test]
+async fn postback_token_and_ip_allowlist() {
+    let sys =
+        System::start_configured(500, |c| c.trusted_proxy_header = "X-Forwarded-For".into()).await;
+    offer(
+        &sys,
+        json!({"security": {"token": "s3cret", "allowed_ips": ["198.51.100.0/24"]}}),
+    )
+    .await;
+    let (k, _) = sys.click_ok("o1", "aff=a1").await;
+    let send = |query: String, forwarded: Option<&'static str>| {
+        let mut req = sys
+            .http
+            .get(sys.postback_url(&format!("/postback?{query}")));
+        if let Some(ip) = forwarded {
+            req = req.header("x-forwarded-for", ip);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = send(format!("click_id={k}&token=s3cret"), None).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::FORBIDDEN, Some("ip_not_allowed")),
+        "127.0.0.1 is not allowed"
+    );
+    let (status, body) = send(format!("click_id={k}&token=wrong"), Some("198.51.100.7")).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_token"))
+    );
+    let (status, body) = send(format!("click_id={k}"), Some("10.0.0.1, 198.51.100.7")).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_token"))
+    );
+    let (status, body) = send(format!("click_id={k}&token=s3cret"), Some("198.51.100.7")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v = sys.decided(body["conversion_id"].as_str().unwrap()).await;
+    assert_eq!(v["state"], "attributed");
+    let (_, refusals) = sys.api("/api/postback-refusals").await;
+    assert_eq!(refusals["total"], 3, "{refusals}");
+    assert_eq!(
+        refusals["by_reason"],
+        json!({"bad_token": 2, "ip_not_allowed": 1})
+    );
+    let (_, click) = sys.api(&format!("/api/clicks/{k}")).await;
+    assert_eq!(
+        click["conversions"].as_array().unwrap().len(),
+        1,
+        "refused postbacks are not conversions"
+    );
+}
+
+#[tokio::test]
+async fn hmac_signatures_good_bad_expired_replayed_and_refusals_rate_limited() {
+    let sys = System::start().await;
+    offer(
+        &sys,
+        json!({"security": {"hmac_secret": "k3y", "signature_window_seconds": 300}}),
+    )
+    .await;
+    let (k, _) = sys.click_ok("o1", "aff=a1").await;
+    let sign = |unsigned: String| {
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
+            .into_owned()
+            .collect();
+        let sig =
+            postback_service::security::sign("k3y", &postback_service::security::canonical(&pairs));
+        format!("{unsigned}&sig={sig}")
+    };
+    let now = common::time::now_ms() / 1000;
+    let good = sign(format!("click_id={k}&amount=9.5&ts={now}"));
+    let (status, body) = sys.postback(&good).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        sys.decided(body["conversion_id"].as_str().unwrap()).await["revenue"],
+        "9.50"
+    );
+    let (status, body) = sys.postback(&good).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("replayed_signature"))
+    );
+    let tampered = good.replace("amount=9.5", "amount=950");
+    assert_eq!(sys.postback(&tampered).await.1["reason"], "bad_signature");
+    let expired = sign(format!("click_id={k}&txid=old&ts={}", now - 3600));
+    assert_eq!(
+        sys.postback(&expired).await.1["reason"],
+        "expired_signature"
+    );
+    assert_eq!(
+        sys.postback(&format!("click_id={k}&txid=x")).await.1["reason"],
+        "missing_signature"
+    );
+
+    // A caller refused too often is answered 429 without being logged one by one.
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        statuses.push(sys.postback(&format!("click_id={k}&txid=flood{i}")).await.0);
+    }
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        sys.postback(&good.replace("ts=", "txid=z&ts=")).await.0,
+        StatusCode::TOO_MANY_REQUESTS,
+        "even a good one, for a minute"
+    );
+}
+
+#[tokio::test]
+async fn a_postback_that_skipped_the_door_checks_is_rejected_once_its_offer_is_known() {
+    let sys = System::start_with_grace(60_000).await;
+    offer(&sys, json!({"security": {"token": "s3cret"}})).await;
+    let click_id = uuid::Uuid::now_v7().to_string();
+    // The click is not in the projection yet, so the door cannot know the offer.
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    let click = ClickRecorded {
+        event_id: click_id.clone(),
+        click_id: click_id.clone(),
+        offer_id: "o1".into(),
+        affiliate_id: "a1".into(),
+        occurred_at_ms: common::time::now_ms() - 1000,
+        ..Default::default()
+    };
+    sys.publish("clicks.v1.recorded", click.encode_to_vec())
+        .await;
+    assert_eq!(rejected_for(&sys, &id).await, "unauthenticated");
+    // Naming the offer lets the door check it up front.
+    let (status, body) = sys
+        .postback(&format!("click_id={}&offer_id=o1", uuid::Uuid::now_v7()))
+        .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_token"))
+    );
+}
+
+#[tokio::test]
+async fn a_rebuild_reproduces_every_rule_decision_and_report_figure() {
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    offer(
+        &sys,
+        json!({"min_ctit_seconds": 0, "dedup": "first_per_goal", "caps": {"daily_conversions": 3},
+        "goals": [{"id": "install", "payout": "1"}, {"id": "purchase", "payout": "4"}]}),
+    )
+    .await;
+    sys.put_affiliate("a1", json!({"postback_url": receiver.url("/pb?s={status}"), "postback_statuses": ["pending", "approved", "rejected"]})).await;
+    sys.wait_postback_sees_offer("o1", "").await;
+    let mut clicks = Vec::new();
+    for aff in ["a1", "a1", "a2"] {
+        clicks.push(sys.click_ok("o1", &format!("aff={aff}")).await.0);
+    }
+    let mut ids = vec![
+        sys.postback_ok(&format!(
+            "click_id={}&goal=install&status=pending",
+            clicks[0]
+        ))
+        .await,
+        sys.postback_ok(&format!("click_id={}&goal=purchase&txid=P1", clicks[0]))
+            .await,
+        sys.postback_ok(&format!("click_id={}&goal=install", clicks[1]))
+            .await,
+        sys.postback_ok(&format!("click_id={}&goal=install", clicks[2]))
+            .await,
+        sys.postback_ok(&format!("click_id={}&goal=bogus", clicks[2]))
+            .await,
+    ];
+    for id in &ids {
+        sys.decided(id).await;
+    }
+    ids.push(
+        sys.postback_ok(&format!(
+            "click_id={}&goal=install&status=approved",
+            clicks[0]
+        ))
+        .await,
+    );
+    eventually("status moved", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{}", ids[0])).await;
+        (v["status"] == "approved").then_some(())
+    })
+    .await;
+    eventually("postbacks delivered", Duration::from_secs(10), || async {
+        let (_, v) = sys.api("/api/postbacks?state=delivered").await;
+        (v["total"] == 4).then_some(())
+    })
+    .await;
+    let before = sys.snapshot(&clicks).await;
+    assert_eq!(
+        before["by_offer"]["rows"][0]["rejected_by_reason"],
+        json!({"cap_reached": 1, "unknown_goal": 1}),
+        "{before}"
+    );
+    let sent = receiver.seen().len();
+    sys.wipe_postback().await;
+    let after = eventually("rebuilt", Duration::from_secs(10), || async {
+        let after = sys.snapshot(&clicks).await;
+        (after == before).then_some(after)
+    })
+    .await;
+    assert_eq!(after, before);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.seen().len(), sent, "nothing re-sent");
+}

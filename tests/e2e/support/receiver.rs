@@ -1,0 +1,121 @@
+//! A scripted HTTP receiver on loopback, standing in for an affiliate's server.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::State,
+    http::{StatusCode, Uri},
+    response::IntoResponse,
+    Router,
+};
+
+/// What the receiver answers to one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16, &'static str),
+    /// Answer nothing for this long, then 200.
+    Hang(Duration),
+}
+
+/// One request the receiver saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub uri: String,
+    pub at: Instant,
+    /// The `X-Delivery-Attempt` header: `<generation>.<attempt>`.
+    pub attempt: String,
+}
+
+#[derive(Default)]
+struct Script {
+    next: VecDeque<Reply>,
+    then: Option<Reply>,
+    seen: Vec<Seen>,
+}
+
+pub struct Receiver {
+    pub addr: SocketAddr,
+    script: Arc<Mutex<Script>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+async fn answer(
+    State(script): State<Arc<Mutex<Script>>>,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let attempt = headers
+        .get("x-delivery-attempt")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let reply = {
+        let mut s = script.lock().unwrap();
+        s.seen.push(Seen {
+            uri: uri.to_string(),
+            at: Instant::now(),
+            attempt,
+        });
+        s.next
+            .pop_front()
+            .or_else(|| s.then.clone())
+            .unwrap_or(Reply::Status(200, "ok"))
+    };
+    match reply {
+        Reply::Status(code, body) => (StatusCode::from_u16(code).unwrap(), body).into_response(),
+        Reply::Hang(d) => {
+            tokio::time::sleep(d).await;
+            (StatusCode::OK, "late").into_response()
+        }
+    }
+}
+
+impl Receiver {
+    /// Answers `first` in order, then `then` forever.
+    pub async fn start(first: Vec<Reply>, then: Reply) -> Self {
+        let script = Arc::new(Mutex::new(Script {
+            next: first.into(),
+            then: Some(then),
+            seen: Vec::new(),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().fallback(answer).with_state(script.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            addr,
+            script,
+            _server: server,
+        }
+    }
+
+    /// A postback URL template on this receiver.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.addr)
+    }
+
+    /// What it has seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.script.lock().unwrap().seen.clone()
+    }
+
+    /// Changes the answer from now on.
+    pub fn answer_from_now(&self, reply: Reply) {
+        let mut s = self.script.lock().unwrap();
+        s.next.clear();
+        s.then = Some(reply);
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self._server.abort();
+    }
+}
