@@ -5,7 +5,7 @@
 //! service's own projection has applied it (or after 2 s, the event being durable
 //! either way), so a `GET` right after sees it.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Bytes,
@@ -173,7 +173,7 @@ pub(super) async fn put_offer(
     let offer = state
         .catalog
         .offer(&offer_id)?
-        .unwrap_or_else(|| catalog::apply_offer(None, &event));
+        .map_or_else(|| catalog::apply_offer(None, &event), Arc::unwrap_or_clone);
     let code = if existed {
         StatusCode::OK
     } else {
@@ -190,7 +190,7 @@ pub(super) async fn get_offer(
     authorize(&state, &headers)?;
     let offer = state.catalog.offer(&offer_id)?;
     offer
-        .map(|o| Json(o.into()))
+        .map(|o| Json(Arc::unwrap_or_clone(o).into()))
         .ok_or_else(|| ApiError::not_found("offer_id", "unknown offer"))
 }
 
@@ -223,10 +223,10 @@ pub(super) async fn put_affiliate(
     event.occurred_at_ms = common::time::now_ms();
     let subject = proto::subject::affiliate(&affiliate_id);
     publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
-    let affiliate = state
-        .catalog
-        .affiliate(&affiliate_id)?
-        .unwrap_or_else(|| catalog::apply_affiliate(None, &event));
+    let affiliate = state.catalog.affiliate(&affiliate_id)?.map_or_else(
+        || catalog::apply_affiliate(None, &event),
+        Arc::unwrap_or_clone,
+    );
     let code = if existed {
         StatusCode::OK
     } else {
@@ -243,7 +243,7 @@ pub(super) async fn get_affiliate(
     authorize(&state, &headers)?;
     let affiliate = state.catalog.affiliate(&affiliate_id)?;
     affiliate
-        .map(|a| Json(a.into()))
+        .map(|a| Json(Arc::unwrap_or_clone(a).into()))
         .ok_or_else(|| ApiError::not_found("affiliate_id", "unknown affiliate"))
 }
 

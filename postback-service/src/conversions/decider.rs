@@ -114,10 +114,11 @@ async fn round(
     let mut claimed: HashSet<Vec<u8>> = HashSet::new();
     let mut cap_claims: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut decisions = Vec::new();
-    for conversion in inputs.conversions.pending(SCAN_LIMIT)? {
+    for conversion in inputs.conversions.pending().take(SCAN_LIMIT) {
         if decisions.len() >= ROUND_LIMIT {
             break;
         }
+        let conversion = conversion?;
         let click = match conversion.click_id.as_str() {
             "" => None,
             id => inputs.clicks.get(id)?,
@@ -151,8 +152,8 @@ async fn round(
         let input = DecideInput {
             conversion: &conversion,
             click: click.as_ref(),
-            offer: offer.as_ref(),
-            affiliate: affiliate.as_ref(),
+            offer: offer.as_deref(),
+            affiliate: affiliate.as_deref(),
             goal_taken: claimed.contains(&gk) || inputs.conversions.taken(&gk)?,
             txid_taken: claimed.contains(&tk) || inputs.conversions.taken(&tk)?,
             click_wait_over: now - conversion.reported_at_ms >= grace_ms
@@ -175,10 +176,11 @@ async fn round(
     }
     // Later status reports, in log order; one per conversion per round.
     let mut touched: HashSet<String> = HashSet::new();
-    for (seq, update) in inputs.conversions.status_queue(SCAN_LIMIT)? {
+    for row in inputs.conversions.status_queue().take(SCAN_LIMIT) {
         if decisions.len() >= ROUND_LIMIT {
             break;
         }
+        let (seq, update) = row?;
         if !touched.insert(update.conversion_id.clone()) {
             continue;
         }
@@ -186,7 +188,7 @@ async fn round(
             continue;
         };
         let offer = inputs.catalog.offer(&view.offer_id)?;
-        let verdict = decide_status(&view, offer.as_ref(), &update.advertiser_status);
+        let verdict = decide_status(&view, offer.as_deref(), &update.advertiser_status);
         let (from, to, changed, detail) = match verdict {
             StatusVerdict::Wait => continue,
             StatusVerdict::Ignore(why) => {

@@ -380,17 +380,15 @@ impl Conversions {
         Ok(out)
     }
 
-    /// Pending conversions in log order, at most `limit`.
-    ///
-    /// # Errors
-    /// sled read failure.
-    pub fn pending(&self, limit: usize) -> Result<Vec<ConversionView>, sled::Error> {
-        let mut out = Vec::new();
-        for row in self.tree.scan_prefix(b"p/").take(limit) {
-            let (_, id) = row?;
-            out.extend(self.get(&String::from_utf8_lossy(&id))?);
-        }
-        Ok(out)
+    /// Pending conversions in log order, read lazily (a round that stops early
+    /// decodes only what it looked at).
+    pub fn pending(&self) -> impl Iterator<Item = Result<ConversionView, sled::Error>> + '_ {
+        self.tree
+            .scan_prefix(b"p/")
+            .filter_map(move |row| match row {
+                Ok((_, id)) => self.get(&String::from_utf8_lossy(&id)).transpose(),
+                Err(e) => Some(Err(e)),
+            })
     }
 
     /// Conversions owed an affiliate postback, queued after `after` (a queue
@@ -419,20 +417,17 @@ impl Conversions {
         Ok(out)
     }
 
-    /// Later status reports waiting for the decider, in log order:
-    /// (report sequence, update).
-    ///
-    /// # Errors
-    /// sled read failure.
-    pub fn status_queue(&self, limit: usize) -> Result<Vec<(u64, StatusUpdate)>, sled::Error> {
-        let mut out = Vec::new();
-        for row in self.tree.scan_prefix(b"u/").take(limit) {
-            let (k, v) = row?;
-            if let Ok(update) = serde_json::from_slice(&v) {
-                out.push((common::store::decode_u64(&k[2..]), update));
-            }
-        }
-        Ok(out)
+    /// Later status reports waiting for the decider, in log order, read
+    /// lazily: (report sequence, update).
+    pub fn status_queue(
+        &self,
+    ) -> impl Iterator<Item = Result<(u64, StatusUpdate), sled::Error>> + '_ {
+        self.tree.scan_prefix(b"u/").filter_map(|row| match row {
+            Ok((k, v)) => serde_json::from_slice(&v)
+                .ok()
+                .map(|update| Ok((common::store::decode_u64(&k[2..]), update))),
+            Err(e) => Some(Err(e)),
+        })
     }
 
     /// A counter row (such as a [`cap_key`]); 0 when absent.
@@ -544,7 +539,7 @@ mod tests {
     fn a_report_is_pending_then_its_first_decision_sticks() {
         let mut h = Harness::new();
         let id = h.report("T1");
-        assert_eq!(h.reads().pending(10).unwrap().len(), 1);
+        assert_eq!(h.reads().pending().count(), 1);
         h.attribute(&id, 2_000_000);
         let rejected = ConversionRejected {
             conversion_id: id.clone(),
@@ -563,7 +558,7 @@ mod tests {
             (view.state, view.payout_micros),
             (ConversionState::Attributed, 2_000_000)
         );
-        assert!(reads.pending(10).unwrap().is_empty());
+        assert!(reads.pending().next().is_none());
         assert!(reads.taken(&goal_key(CLICK, "")).unwrap());
         assert!(reads.taken(&txid_key(CLICK, "", "T1")).unwrap());
         assert!(!reads.taken(&txid_key(CLICK, "", "T2")).unwrap());
@@ -582,10 +577,7 @@ mod tests {
         let before = h.reads().get(&id).unwrap();
         h.report("");
         assert_eq!(h.reads().get(&id).unwrap(), before);
-        assert!(
-            h.reads().pending(10).unwrap().is_empty(),
-            "not pending again"
-        );
+        assert!(h.reads().pending().next().is_none(), "not pending again");
         assert_eq!(h.reads().of_click(CLICK).unwrap().len(), 1);
     }
 
@@ -593,7 +585,7 @@ mod tests {
     fn garbage_becomes_a_pending_malformed_conversion() {
         let mut h = Harness::new();
         h.apply(proto::subject::CONVERSION_REPORTED, vec![0xff, 0x01]);
-        let pending = h.reads().pending(10).unwrap();
+        let pending: Vec<_> = h.reads().pending().collect::<Result<_, _>>().unwrap();
         assert_eq!(pending.len(), 1);
         assert!(pending[0]
             .malformed

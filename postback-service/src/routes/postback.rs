@@ -154,7 +154,7 @@ async fn verify(
         return Ok(String::new());
     }
     match crate::security::check(&offer.security, pairs, ip, now, &state.replays) {
-        Ok(()) => Ok(offer.offer_id),
+        Ok(()) => Ok(offer.offer_id.clone()),
         Err(refusal) => {
             if !state.refusals.record(ip, refusal, now) {
                 return Err(too_many());
