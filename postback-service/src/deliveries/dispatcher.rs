@@ -81,8 +81,24 @@ struct Inner {
     postbacks_status: watch::Receiver<FoldStatus>,
     in_flight: Mutex<HashSet<String>>,
     global: Arc<Semaphore>,
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    hosts: Mutex<HashMap<String, HostSlot>>,
+    /// Where the last round that ran out of budget stopped in the due index.
+    resume_after: Mutex<Vec<u8>>,
     wake: Notify,
+}
+
+/// One target host: its concurrency limit and how many attempts are started
+/// (running or waiting for a slot).
+struct HostSlot {
+    limit: Arc<Semaphore>,
+    started: usize,
+}
+
+/// Most due entries one round passes over without starting them.
+const SCAN_BUDGET: usize = 512;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The projections a dispatcher reads and the store it writes.
@@ -118,6 +134,7 @@ impl Dispatcher {
                 postbacks_status: stores.postbacks_status,
                 in_flight: Mutex::new(HashSet::new()),
                 hosts: Mutex::new(HashMap::new()),
+                resume_after: Mutex::new(Vec::new()),
                 wake: Notify::new(),
             }),
         })
@@ -243,79 +260,103 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Starts an attempt for every due schedule not already in flight.
+    /// Starts attempts for due schedules, earliest first, skipping those in
+    /// flight and those whose host already has twice its concurrency started.
+    /// A round looks at no more than [`SCAN_BUDGET`] due entries it cannot
+    /// start, and the next round goes on after the last one it looked at, so a
+    /// saturated host's backlog costs little and never hides another host's
+    /// deliveries for long.
     fn start_due(
         &self,
         tracker: &TaskTracker,
         token: &CancellationToken,
     ) -> Result<(), sled::Error> {
+        let inner = &self.inner;
         let now = common::time::now_ms();
-        for listed in self.inner.schedules.all()? {
-            if listed.next_at_ms > now {
-                continue;
-            }
-            let id = listed.delivery_id;
-            if !self.lock_in_flight().insert(id.clone()) {
-                continue;
-            }
-            // The listing may be stale: an attempt that finished since removed its
-            // schedule (before leaving the in-flight set), so read it again now
-            // that we hold the delivery, or a delivered postback would be sent again.
-            let schedule = match self.inner.schedules.get(&id) {
-                Ok(Some(s)) if s.next_at_ms <= now => s,
-                Ok(_) => {
-                    self.lock_in_flight().remove(&id);
+        let host_most = inner.config.per_host.max(1).saturating_mul(2);
+        let mut resume = std::mem::take(&mut *lock(&inner.resume_after));
+        let mut skipped = 0;
+        let mut wrapped = resume.is_empty();
+        loop {
+            for due in inner.schedules.due(now, &resume) {
+                let due = due?;
+                if skipped >= SCAN_BUDGET {
+                    *lock(&inner.resume_after) = resume;
+                    return Ok(());
+                }
+                resume.clone_from(&due.key);
+                if lock(&inner.in_flight).contains(&due.delivery_id) {
                     continue;
                 }
-                Err(error) => {
-                    self.lock_in_flight().remove(&id);
-                    return Err(error);
+                if !self.claim_host(&due.host, host_most) {
+                    skipped += 1;
+                    continue;
                 }
-            };
-            let this = self.clone();
-            let token = token.clone();
-            tracker.spawn(async move {
-                if let Err(error) = this.run_attempt(schedule, &token).await {
-                    tracing::error!(%error, delivery_id = %id, "delivery bookkeeping failed; will retry");
-                }
-                this.lock_in_flight().remove(&id);
-            });
+                lock(&inner.in_flight).insert(due.delivery_id.clone());
+                // The index may be stale: an attempt that finished since removed
+                // its schedule (before leaving the in-flight set), so read it again
+                // now that we hold the delivery, or a delivered postback would be
+                // sent again.
+                let schedule = match inner.schedules.get(&due.delivery_id) {
+                    Ok(Some(s)) if s.next_at_ms <= now => s,
+                    other => {
+                        self.release(&due.delivery_id, &due.host);
+                        other?;
+                        continue;
+                    }
+                };
+                let this = self.clone();
+                let token = token.clone();
+                tracker.spawn(async move {
+                    if let Err(error) = this.run_attempt(schedule, &due.host, &token).await {
+                        tracing::error!(%error, delivery_id = %due.delivery_id, "delivery bookkeeping failed; will retry");
+                    }
+                    this.release(&due.delivery_id, &due.host);
+                    this.inner.wake.notify_one();
+                });
+            }
+            if wrapped {
+                return Ok(());
+            }
+            // Resumed mid-index and reached its end: go round from the start.
+            wrapped = true;
+            resume.clear();
         }
-        Ok(())
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Counts one more attempt started for `host`, unless it has `most`.
+    fn claim_host(&self, host: &str, most: usize) -> bool {
+        let mut hosts = lock(&self.inner.hosts);
+        let slot = self.host_slot(&mut hosts, host);
+        if slot.started >= most {
+            return false;
+        }
+        slot.started += 1;
+        true
     }
 
-    fn host_limit(&self, url: &str) -> Arc<Semaphore> {
-        let host = reqwest::Url::parse(url)
-            .ok()
-            .map(|u| {
-                format!(
-                    "{}:{}",
-                    u.host_str().unwrap_or(""),
-                    u.port_or_known_default().unwrap_or(0)
-                )
-            })
-            .unwrap_or_default();
-        let mut hosts = self
-            .inner
-            .hosts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        hosts
-            .entry(host)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.per_host.max(1))))
-            .clone()
+    fn release(&self, delivery_id: &str, host: &str) {
+        lock(&self.inner.in_flight).remove(delivery_id);
+        if let Some(slot) = lock(&self.inner.hosts).get_mut(host) {
+            slot.started = slot.started.saturating_sub(1);
+        }
+    }
+
+    fn host_slot<'a>(
+        &self,
+        hosts: &'a mut HashMap<String, HostSlot>,
+        host: &str,
+    ) -> &'a mut HostSlot {
+        hosts.entry(host.to_owned()).or_insert_with(|| HostSlot {
+            limit: Arc::new(Semaphore::new(self.inner.config.per_host.max(1))),
+            started: 0,
+        })
     }
 
     async fn run_attempt(
         &self,
         mut s: Schedule,
+        host: &str,
         token: &CancellationToken,
     ) -> Result<(), sled::Error> {
         let inner = &self.inner;
@@ -323,7 +364,10 @@ impl Dispatcher {
             return self.record(s, record).await;
         }
         // Wait for a slot, unless stopping: the schedule then stays as it is.
-        let host = self.host_limit(&s.url);
+        let host = {
+            let mut hosts = lock(&inner.hosts);
+            Arc::clone(&self.host_slot(&mut hosts, host).limit)
+        };
         let permits = async {
             let host = host.acquire_owned().await.ok()?;
             let global = inner.global.clone().acquire_owned().await.ok()?;
@@ -407,7 +451,7 @@ impl Dispatcher {
         )
         .await;
         match published {
-            Ok(_) => inner.schedules.remove(&s.delivery_id).await,
+            Ok(_) => inner.schedules.remove(&s.delivery_id),
             Err(error) => {
                 tracing::warn!(%error, delivery_id = %s.delivery_id, "outcome not yet in the log; will publish again");
                 s.next_at_ms = common::time::now_ms() + 1000;
@@ -488,6 +532,7 @@ pub async fn run_dispatcher(
         }
         let result = async {
             if !recovered {
+                dispatcher.inner.schedules.reindex()?;
                 dispatcher.recover_retries().await?;
                 recovered = true;
             }

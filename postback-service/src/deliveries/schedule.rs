@@ -64,6 +64,7 @@ pub struct Target {
 impl Schedule {
     /// A first run of attempts (generation `generation`) to `target`, due now.
     pub fn fresh(target: Target, generation: u32) -> Self {
+        let now = common::time::now_ms();
         Self {
             delivery_id: target.delivery_id,
             conversion_id: target.conversion_id,
@@ -75,11 +76,11 @@ impl Schedule {
             generation,
             attempts: 0,
             first_attempt_ms: 0,
-            next_at_ms: 0,
+            next_at_ms: now,
             last_status: 0,
             last_error: String::new(),
             last_body: String::new(),
-            created_at_ms: common::time::now_ms(),
+            created_at_ms: now,
             unpublished: None,
         }
     }
@@ -104,16 +105,53 @@ fn key(delivery_id: &str) -> Vec<u8> {
     [b"s/", delivery_id.as_bytes()].concat()
 }
 
+/// The due index: `d/` + due time (big-endian ms) + delivery id, valued with
+/// the target's host, so finding due schedules is a range scan that can pass
+/// over a saturated host without decoding anything.
+fn due_key(next_at_ms: i64, delivery_id: &str) -> Vec<u8> {
+    let at = u64::try_from(next_at_ms).unwrap_or(0).to_be_bytes();
+    [b"d/".as_slice(), &at, delivery_id.as_bytes()].concat()
+}
+
+const DUE_ID_AT: usize = 10;
+
+/// `host:port` of a URL, the unit of per-host concurrency.
+pub fn host_of(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or(""),
+                u.port_or_known_default().unwrap_or(0)
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// One entry of the due index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    /// Where the entry sits in the index (to resume a scan after it).
+    pub key: Vec<u8>,
+    pub delivery_id: String,
+    pub host: String,
+}
+
 /// The schedule Tree.
 #[derive(Clone, Debug)]
 pub struct ScheduleStore {
     tree: sled::Tree,
+    durable: common::store::GroupFlush,
 }
 
 impl ScheduleStore {
     /// Over its own Tree.
     pub fn new(tree: sled::Tree) -> Self {
-        Self { tree }
+        Self {
+            durable: common::store::GroupFlush::new(tree.clone()),
+            tree,
+        }
     }
 
     /// One schedule.
@@ -124,27 +162,42 @@ impl ScheduleStore {
         common::store::get_json(&self.tree, &key(delivery_id))
     }
 
-    /// Writes a schedule and flushes (a restart must see it).
+    /// Writes a schedule and flushes (a restart must see it). Concurrent writers
+    /// share their flushes.
     ///
     /// # Errors
     /// sled failure.
     pub async fn put(&self, s: &Schedule) -> Result<(), sled::Error> {
-        self.tree.insert(
+        let mut batch = sled::Batch::default();
+        if let Some(old) = self.get(&s.delivery_id)? {
+            batch.remove(due_key(old.next_at_ms, &old.delivery_id));
+        }
+        batch.insert(
+            due_key(s.next_at_ms, &s.delivery_id),
+            host_of(&s.url).as_bytes(),
+        );
+        batch.insert(
             key(&s.delivery_id),
             serde_json::to_vec(s).unwrap_or_default(),
-        )?;
-        common::store::flush(&self.tree).await?;
-        Ok(())
+        );
+        self.tree.apply_batch(batch)?;
+        self.durable.flush().await
     }
 
-    /// Removes a finished schedule.
+    /// Removes a finished schedule, without waiting for a flush: only schedules
+    /// whose outcome is already in the log are removed, and one that comes back
+    /// after a crash is finished again by republishing that outcome under its
+    /// `Nats-Msg-Id`, never by another request.
     ///
     /// # Errors
     /// sled failure.
-    pub async fn remove(&self, delivery_id: &str) -> Result<(), sled::Error> {
-        self.tree.remove(key(delivery_id))?;
-        common::store::flush(&self.tree).await?;
-        Ok(())
+    pub fn remove(&self, delivery_id: &str) -> Result<(), sled::Error> {
+        let mut batch = sled::Batch::default();
+        if let Some(old) = self.get(delivery_id)? {
+            batch.remove(due_key(old.next_at_ms, delivery_id));
+        }
+        batch.remove(key(delivery_id));
+        self.tree.apply_batch(batch)
     }
 
     /// Every schedule.
@@ -160,6 +213,48 @@ impl ScheduleStore {
             }
         }
         Ok(out)
+    }
+
+    /// The schedules due at `now`, earliest first, lazily, starting after
+    /// `after` (an index key; empty: from the start).
+    pub fn due(
+        &self,
+        now: i64,
+        after: &[u8],
+    ) -> impl Iterator<Item = Result<Due, sled::Error>> + '_ {
+        let end = due_key(now.saturating_add(1), "");
+        let start = if after.is_empty() {
+            std::ops::Bound::Included(b"d/".to_vec())
+        } else {
+            std::ops::Bound::Excluded(after.to_vec())
+        };
+        self.tree
+            .range((start, std::ops::Bound::Excluded(end)))
+            .map(|row| {
+                let (k, v) = row?;
+                Ok(Due {
+                    delivery_id: String::from_utf8_lossy(k.get(DUE_ID_AT..).unwrap_or_default())
+                        .into_owned(),
+                    host: String::from_utf8_lossy(&v).into_owned(),
+                    key: k.to_vec(),
+                })
+            })
+    }
+
+    /// Rebuilds the due index from the schedules (for schedules written before
+    /// the index existed; idempotent).
+    ///
+    /// # Errors
+    /// sled failure.
+    pub fn reindex(&self) -> Result<(), sled::Error> {
+        let mut batch = sled::Batch::default();
+        for s in self.all()? {
+            batch.insert(
+                due_key(s.next_at_ms, &s.delivery_id),
+                host_of(&s.url).as_bytes(),
+            );
+        }
+        self.tree.apply_batch(batch)
     }
 
     /// How far the queue of attributed conversions has been walked.
@@ -181,13 +276,74 @@ impl ScheduleStore {
         let mut batch = sled::Batch::default();
         for s in new {
             batch.insert(
+                due_key(s.next_at_ms, &s.delivery_id),
+                host_of(&s.url).as_bytes(),
+            );
+            batch.insert(
                 key(&s.delivery_id),
                 serde_json::to_vec(s).unwrap_or_default(),
             );
         }
         batch.insert(CURSOR_KEY, cursor.to_be_bytes().to_vec());
         self.tree.apply_batch(batch)?;
-        common::store::flush(&self.tree).await?;
-        Ok(())
+        self.durable.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(id: &str, next_at_ms: i64) -> Schedule {
+        let target = Target {
+            delivery_id: id.into(),
+            conversion_id: String::new(),
+            affiliate_id: String::new(),
+            offer_id: String::new(),
+            click_id: String::new(),
+            url: "http://x/".into(),
+            status: "approved".into(),
+        };
+        Schedule {
+            next_at_ms,
+            ..Schedule::fresh(target, 1)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_due_index_follows_puts_and_removes() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let store = ScheduleStore::new(db.open_tree("dispatch").unwrap());
+        store
+            .enqueue(&[schedule("a", 0), schedule("b", 0)], 7)
+            .await
+            .unwrap();
+        store.put(&schedule("c", 500)).await.unwrap();
+        let due = |now| {
+            store
+                .due(now, &[])
+                .map(|d| d.unwrap().delivery_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(due(100), ["a", "b"]);
+        store.put(&schedule("a", 1000)).await.unwrap();
+        assert_eq!(due(100), ["b"], "a moved to later");
+        assert_eq!(due(1000), ["b", "c", "a"], "earliest first");
+        let first = store.due(1000, &[]).next().unwrap().unwrap();
+        assert_eq!(first.host, "x:80");
+        let rest: Vec<_> = store
+            .due(1000, &first.key)
+            .map(|d| d.unwrap().delivery_id)
+            .collect();
+        assert_eq!(rest, ["c", "a"], "resumes after a key");
+        store.remove("b").unwrap();
+        assert_eq!(due(1000), ["c", "a"]);
+        assert_eq!(
+            (store.all().unwrap().len(), store.cursor().unwrap()),
+            (2, 7)
+        );
+        store.tree.remove(due_key(500, "c")).unwrap();
+        store.reindex().unwrap();
+        assert_eq!(due(1000), ["c", "a"], "reindex restores a lost entry");
     }
 }
