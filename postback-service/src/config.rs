@@ -121,6 +121,7 @@ impl Config {
             per_host: self.postback_per_host,
             allow_private: self.postback_allow_private,
             follow_redirects: self.postback_follow_redirects,
+            ack_deadline: self.ack_deadline(),
             publish_timeout: self.publish_timeout(),
         }
     }

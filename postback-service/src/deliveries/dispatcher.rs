@@ -9,7 +9,7 @@
 //! outcome is acknowledged, and the queue cursor never walks back.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -26,6 +26,7 @@ use super::{
     macros,
     outcome::{OutcomeState, Outcomes},
     policy::{seed, Class, RetryPolicy},
+    ready::Ready,
     schedule::{Schedule, ScheduleStore, Target, Unpublished},
     status_delivery_id,
 };
@@ -47,7 +48,10 @@ pub struct DispatchConfig {
     /// Allow targets on loopback, private and link-local addresses.
     pub allow_private: bool,
     pub follow_redirects: bool,
-    /// How long an outcome publish waits for its ack.
+    /// How long an outcome publish waits for its ack before the outcome is
+    /// stored in the schedule (flushed) while the wait goes on.
+    pub ack_deadline: Duration,
+    /// How long an outcome publish waits for its ack in all.
     pub publish_timeout: Duration,
 }
 
@@ -79,23 +83,20 @@ struct Inner {
     client: reqwest::Client,
     config: DispatchConfig,
     postbacks_status: watch::Receiver<FoldStatus>,
-    in_flight: Mutex<HashSet<String>>,
+    /// Due deliveries by host, and the started ones. Its lock is held over
+    /// each scan of the due index and each finish (see [`Ready`]).
+    ready: Mutex<Ready>,
+    /// This run of the dispatcher (random): whose attempt reservations are whose.
+    run: u64,
     global: Arc<Semaphore>,
-    hosts: Mutex<HashMap<String, HostSlot>>,
-    /// Where the last round that ran out of budget stopped in the due index.
-    resume_after: Mutex<Vec<u8>>,
+    host_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     wake: Notify,
 }
 
-/// One target host: its concurrency limit and how many attempts are started
-/// (running or waiting for a slot).
-struct HostSlot {
-    limit: Arc<Semaphore>,
-    started: usize,
-}
-
-/// Most due entries one round passes over without starting them.
-const SCAN_BUDGET: usize = 512;
+/// Most due deliveries held in memory; more wait in the index.
+const MAX_READY: usize = 100_000;
+/// How often the whole due index is read again (see [`Ready::rescan`]).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -132,9 +133,9 @@ impl Dispatcher {
                 global: Arc::new(Semaphore::new(config.concurrency.max(1))),
                 config,
                 postbacks_status: stores.postbacks_status,
-                in_flight: Mutex::new(HashSet::new()),
-                hosts: Mutex::new(HashMap::new()),
-                resume_after: Mutex::new(Vec::new()),
+                ready: Mutex::new(Ready::default()),
+                run: uuid::Uuid::now_v7().as_u64_pair().1 | 1,
+                host_limits: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
             }),
         })
@@ -185,7 +186,8 @@ impl Dispatcher {
         .await?;
         let mut status = inner.postbacks_status.clone();
         common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await;
-        let schedule = Schedule::again(outcome, generation);
+        let mut schedule = Schedule::again(outcome, generation);
+        schedule.reserve_next(inner.run);
         inner.schedules.put(&schedule).await?;
         inner.wake.notify_one();
         Ok(generation)
@@ -239,7 +241,9 @@ impl Dispatcher {
             offer_id: view.offer_id,
             click_id: view.click_id,
         };
-        Ok(Some(Schedule::fresh(target, generation)))
+        let mut schedule = Schedule::fresh(target, generation);
+        schedule.reserve_next(inner.run);
+        Ok(Some(schedule))
     }
 
     /// Schedules for retry-requested outcomes that lost theirs (a stop between
@@ -251,21 +255,16 @@ impl Dispatcher {
                 && inner.schedules.get(&outcome.delivery_id)?.is_none()
             {
                 let generation = outcome.generation;
-                inner
-                    .schedules
-                    .put(&Schedule::again(outcome, generation))
-                    .await?;
+                let mut schedule = Schedule::again(outcome, generation);
+                schedule.reserve_next(inner.run);
+                inner.schedules.put(&schedule).await?;
             }
         }
         Ok(())
     }
 
-    /// Starts attempts for due schedules, earliest first, skipping those in
-    /// flight and those whose host already has twice its concurrency started.
-    /// A round looks at no more than [`SCAN_BUDGET`] due entries it cannot
-    /// start, and the next round goes on after the last one it looked at, so a
-    /// saturated host's backlog costs little and never hides another host's
-    /// deliveries for long.
+    /// Reads newly due schedules into the per-host queues, then starts what
+    /// the hosts' limits allow (see [`Ready`]).
     fn start_due(
         &self,
         tracker: &TaskTracker,
@@ -274,83 +273,66 @@ impl Dispatcher {
         let inner = &self.inner;
         let now = common::time::now_ms();
         let host_most = inner.config.per_host.max(1).saturating_mul(2);
-        let mut resume = std::mem::take(&mut *lock(&inner.resume_after));
-        let mut skipped = 0;
-        let mut wrapped = resume.is_empty();
-        loop {
-            for due in inner.schedules.due(now, &resume) {
-                let due = due?;
-                if skipped >= SCAN_BUDGET {
-                    *lock(&inner.resume_after) = resume;
-                    return Ok(());
+        let startable = {
+            let mut ready = lock(&inner.ready);
+            let room = MAX_READY.saturating_sub(ready.len());
+            if room > 0 {
+                let mut read = 0;
+                let mut last = now;
+                for due in inner
+                    .schedules
+                    .due_between(ready.scan_from(), now)
+                    .take(room)
+                {
+                    let due = due?;
+                    ready.offer(&due.delivery_id, &due.host);
+                    (read, last) = (read + 1, due.at_ms);
                 }
-                resume.clone_from(&due.key);
-                if lock(&inner.in_flight).contains(&due.delivery_id) {
+                ready.scanned(if read == room { last } else { now });
+            }
+            ready.take_startable(host_most)
+        };
+        for (id, host) in startable {
+            // The index may be stale: re-read the schedule now that we hold it.
+            let schedule = match inner.schedules.get(&id) {
+                Ok(Some(s)) if s.next_at_ms <= now => s,
+                Ok(later) => {
+                    self.finish(&id, &host, later.map(|s| s.next_at_ms));
                     continue;
                 }
-                if !self.claim_host(&due.host, host_most) {
-                    skipped += 1;
-                    continue;
+                Err(error) => {
+                    self.finish(&id, &host, Some(i64::MIN));
+                    return Err(error);
                 }
-                lock(&inner.in_flight).insert(due.delivery_id.clone());
-                // The index may be stale: an attempt that finished since removed
-                // its schedule (before leaving the in-flight set), so read it again
-                // now that we hold the delivery, or a delivered postback would be
-                // sent again.
-                let schedule = match inner.schedules.get(&due.delivery_id) {
-                    Ok(Some(s)) if s.next_at_ms <= now => s,
-                    other => {
-                        self.release(&due.delivery_id, &due.host);
-                        other?;
-                        continue;
-                    }
-                };
-                let this = self.clone();
-                let token = token.clone();
-                tracker.spawn(async move {
-                    if let Err(error) = this.run_attempt(schedule, &due.host, &token).await {
-                        tracing::error!(%error, delivery_id = %due.delivery_id, "delivery bookkeeping failed; will retry");
-                    }
-                    this.release(&due.delivery_id, &due.host);
-                    this.inner.wake.notify_one();
+            };
+            let this = self.clone();
+            let token = token.clone();
+            tracker.spawn(async move {
+                if let Err(error) = this.run_attempt(schedule, &host, &token).await {
+                    tracing::error!(%error, delivery_id = %id, "delivery bookkeeping failed; will retry");
+                }
+                let still_due_at = this.inner.schedules.get(&id).map_or(Some(i64::MIN), |s| {
+                    s.map(|s| s.next_at_ms)
                 });
-            }
-            if wrapped {
-                return Ok(());
-            }
-            // Resumed mid-index and reached its end: go round from the start.
-            wrapped = true;
-            resume.clear();
+                this.finish(&id, &host, still_due_at);
+                this.inner.wake.notify_one();
+            });
         }
+        Ok(())
     }
 
-    /// Counts one more attempt started for `host`, unless it has `most`.
-    fn claim_host(&self, host: &str, most: usize) -> bool {
-        let mut hosts = lock(&self.inner.hosts);
-        let slot = self.host_slot(&mut hosts, host);
-        if slot.started >= most {
-            return false;
-        }
-        slot.started += 1;
-        true
+    fn finish(&self, id: &str, host: &str, still_due_at: Option<i64>) {
+        lock(&self.inner.ready).finish(id, host, still_due_at);
     }
 
-    fn release(&self, delivery_id: &str, host: &str) {
-        lock(&self.inner.in_flight).remove(delivery_id);
-        if let Some(slot) = lock(&self.inner.hosts).get_mut(host) {
-            slot.started = slot.started.saturating_sub(1);
-        }
-    }
-
-    fn host_slot<'a>(
-        &self,
-        hosts: &'a mut HashMap<String, HostSlot>,
-        host: &str,
-    ) -> &'a mut HostSlot {
-        hosts.entry(host.to_owned()).or_insert_with(|| HostSlot {
-            limit: Arc::new(Semaphore::new(self.inner.config.per_host.max(1))),
-            started: 0,
-        })
+    /// The concurrency limit of one host.
+    fn host_limit(&self, host: &str) -> Arc<Semaphore> {
+        let mut limits = lock(&self.inner.host_limits);
+        Arc::clone(
+            limits
+                .entry(host.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.per_host.max(1)))),
+        )
     }
 
     async fn run_attempt(
@@ -364,10 +346,7 @@ impl Dispatcher {
             return self.record(s, record).await;
         }
         // Wait for a slot, unless stopping: the schedule then stays as it is.
-        let host = {
-            let mut hosts = lock(&inner.hosts);
-            Arc::clone(&self.host_slot(&mut hosts, host).limit)
-        };
+        let host = self.host_limit(host);
         let permits = async {
             let host = host.acquire_owned().await.ok()?;
             let global = inner.global.clone().acquire_owned().await.ok()?;
@@ -381,10 +360,13 @@ impl Dispatcher {
         if s.first_attempt_ms == 0 {
             s.first_attempt_ms = started;
         }
-        s.attempts += 1;
-        // Count the attempt durably before sending it: after a crash mid-attempt
-        // the next one goes out under a new attempt number, never the same twice.
-        inner.schedules.put(&s).await?;
+        // The attempt's number is durable before the request goes out, so after
+        // a crash mid-attempt the next one goes out under a new number, never the
+        // same twice. Usually it was set aside when the delivery was queued or
+        // its retry scheduled, in a write that was flushed anyway.
+        if !s.take_attempt(inner.run) {
+            inner.schedules.put(&s).await?;
+        }
         let tag = attempt::AttemptTag {
             delivery_id: &s.delivery_id,
             generation: s.generation,
@@ -419,6 +401,7 @@ impl Dispatcher {
                         tracing::info!(delivery_id = %s.delivery_id, attempts = s.attempts, error = %result.error,
                             retry_in_ms = next - now, "postback attempt failed; retrying");
                         s.next_at_ms = next;
+                        s.reserve_next(inner.run);
                         inner.schedules.put(&s).await
                     }
                     None => {
@@ -435,30 +418,73 @@ impl Dispatcher {
         }
     }
 
-    /// Stores the outcome as unpublished, publishes it, then drops the schedule.
-    /// If the log does not acknowledge, the schedule keeps the outcome and only
-    /// the publish is tried again, never the request.
+    /// Publishes the outcome and drops the schedule once the log has it. When
+    /// no ack comes within the ack deadline (the same one clicks and postbacks
+    /// have), the outcome is first stored in the schedule (flushed), so from
+    /// then on a stop can only lead to publishing it again, never to another
+    /// request; then the ack is awaited up to the publish timeout, and if it
+    /// still does not come only the publish is tried again later. A schedule
+    /// that already holds its outcome goes straight to publishing.
     async fn record(&self, mut s: Schedule, record: Unpublished) -> Result<(), sled::Error> {
         let inner = &self.inner;
-        s.unpublished = Some(record.clone());
-        inner.schedules.put(&s).await?;
-        let published = common::nats::publish(
+        let stored = s.unpublished.is_some();
+        let publish = common::nats::send(
             &inner.js,
             record.subject.clone(),
             &record.msg_id,
-            record.payload.into(),
-            inner.config.publish_timeout,
-        )
+            record.payload.clone().into(),
+        );
+        let timeout = |subject: &str, timeout| common::nats::PublishError::Timeout {
+            subject: subject.to_owned(),
+            timeout,
+        };
+        let published = async {
+            let ack = std::future::IntoFuture::into_future(publish.await?);
+            tokio::pin!(ack);
+            if !stored {
+                match tokio::time::timeout(inner.config.ack_deadline, &mut ack).await {
+                    Ok(result) => return Ok(result),
+                    Err(_) => {
+                        s.unpublished = Some(record.clone());
+                        inner.schedules.put(&s).await.map_err(Recording::Store)?;
+                    }
+                }
+            }
+            let wait = inner.config.publish_timeout;
+            tokio::time::timeout(wait, ack)
+                .await
+                .map_err(|_| timeout(&record.subject, wait).into())
+        }
         .await;
         match published {
-            Ok(_) => inner.schedules.remove(&s.delivery_id),
-            Err(error) => {
-                tracing::warn!(%error, delivery_id = %s.delivery_id, "outcome not yet in the log; will publish again");
-                s.next_at_ms = common::time::now_ms() + 1000;
-                inner.schedules.put(&s).await
-            }
+            Ok(Ok(_)) => inner.schedules.remove(&s.delivery_id),
+            Err(Recording::Store(error)) => Err(error),
+            Ok(Err(error)) => self.publish_later(s, record, &error).await,
+            Err(Recording::Publish(error)) => self.publish_later(s, record, &error).await,
         }
     }
+
+    /// Keeps the outcome in the schedule and tries its publish again in a second.
+    async fn publish_later(
+        &self,
+        mut s: Schedule,
+        record: Unpublished,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> Result<(), sled::Error> {
+        tracing::warn!(%error, delivery_id = %s.delivery_id, "outcome not yet in the log; will publish again");
+        s.unpublished = Some(record);
+        s.next_at_ms = common::time::now_ms() + 1000;
+        self.inner.schedules.put(&s).await
+    }
+}
+
+/// Why recording an outcome stopped short.
+#[derive(Debug, thiserror::Error)]
+enum Recording {
+    #[error(transparent)]
+    Publish(#[from] common::nats::PublishError),
+    #[error("schedule storage")]
+    Store(sled::Error),
 }
 
 fn delivered_event(s: &Schedule, r: &AttemptResult, now: i64) -> Unpublished {
@@ -519,6 +545,7 @@ pub async fn run_dispatcher(
     let mut postbacks_status = dispatcher.inner.postbacks_status.clone();
     let tracker = TaskTracker::new();
     let mut recovered = false;
+    let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
             () = token.cancelled() => break,
@@ -537,6 +564,10 @@ pub async fn run_dispatcher(
                 recovered = true;
             }
             dispatcher.enqueue_new().await?;
+            if tokio::time::Instant::now() >= rescan_at {
+                rescan_at += FULL_SCAN_EVERY;
+                lock(&dispatcher.inner.ready).rescan();
+            }
             dispatcher.start_due(&tracker, &token)
         }
         .await;
@@ -546,4 +577,8 @@ pub async fn run_dispatcher(
     }
     tracker.close();
     tracker.wait().await;
+    let run = dispatcher.inner.run;
+    if let Err(error) = dispatcher.inner.schedules.release_reservations(run).await {
+        tracing::warn!(%error, "attempt reservations not released; the next run skips those numbers");
+    }
 }

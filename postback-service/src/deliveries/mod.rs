@@ -7,6 +7,7 @@
 //! - [`attempt`]: one HTTP request;
 //! - [`outcome`]: the POSTBACKS fold (delivered, failed, retry requested);
 //! - [`schedule`]: the local retry schedule in sled;
+//! - [`ready`]: due deliveries queued per host, in memory;
 //! - [`dispatcher`]: the task that walks the queue and runs attempts.
 
 pub mod attempt;
@@ -14,6 +15,7 @@ pub mod dispatcher;
 pub mod macros;
 pub mod outcome;
 pub mod policy;
+pub mod ready;
 pub mod schedule;
 pub mod target;
 

@@ -42,6 +42,12 @@ pub struct Schedule {
     pub last_body: String,
     pub created_at_ms: i64,
     pub unpublished: Option<Unpublished>,
+    /// The attempt number durably set aside for the next request (0: none),
+    /// and by which run of the dispatcher (see [`Schedule::take_attempt`]).
+    #[serde(default)]
+    pub reserved_attempt: u32,
+    #[serde(default)]
+    pub reserved_by: u64,
 }
 
 fn approved() -> String {
@@ -82,6 +88,8 @@ impl Schedule {
             last_body: String::new(),
             created_at_ms: now,
             unpublished: None,
+            reserved_attempt: 0,
+            reserved_by: 0,
         }
     }
 
@@ -101,6 +109,34 @@ impl Schedule {
     }
 }
 
+/// `reserved_by` of a reservation whose run stopped cleanly, with nothing in
+/// flight: any later run may use it.
+pub const RELEASED: u64 = 0;
+
+impl Schedule {
+    /// Sets the next attempt number aside for dispatcher run `run`; it is
+    /// durable once this schedule is written and flushed.
+    pub fn reserve_next(&mut self, run: u64) {
+        self.reserved_attempt = self.attempts.max(self.reserved_attempt) + 1;
+        self.reserved_by = run;
+    }
+
+    /// Counts an attempt about to be sent by dispatcher run `run`. True when
+    /// its number was reserved by this run and so is already durable; false
+    /// when the schedule must be written (and flushed) before the request goes
+    /// out: a reservation left by an earlier run may have been sent before that
+    /// run stopped, so its number is never used again.
+    pub fn take_attempt(&mut self, run: u64) -> bool {
+        let durable = (self.reserved_by == run || self.reserved_by == RELEASED)
+            && self.reserved_attempt == self.attempts + 1;
+        if !durable {
+            self.reserve_next(run);
+        }
+        self.attempts = self.reserved_attempt;
+        durable
+    }
+}
+
 fn key(delivery_id: &str) -> Vec<u8> {
     [b"s/", delivery_id.as_bytes()].concat()
 }
@@ -113,6 +149,7 @@ fn due_key(next_at_ms: i64, delivery_id: &str) -> Vec<u8> {
     [b"d/".as_slice(), &at, delivery_id.as_bytes()].concat()
 }
 
+/// Where the delivery id starts in a due key.
 const DUE_ID_AT: usize = 10;
 
 /// `host:port` of a URL, the unit of per-host concurrency.
@@ -132,8 +169,7 @@ pub fn host_of(url: &str) -> String {
 /// One entry of the due index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
-    /// Where the entry sits in the index (to resume a scan after it).
-    pub key: Vec<u8>,
+    pub at_ms: i64,
     pub delivery_id: String,
     pub host: String,
 }
@@ -215,30 +251,45 @@ impl ScheduleStore {
         Ok(out)
     }
 
-    /// The schedules due at `now`, earliest first, lazily, starting after
-    /// `after` (an index key; empty: from the start).
-    pub fn due(
+    /// The schedules due from `from_ms` to `to_ms` (both inclusive), earliest
+    /// first, lazily.
+    pub fn due_between(
         &self,
-        now: i64,
-        after: &[u8],
+        from_ms: i64,
+        to_ms: i64,
     ) -> impl Iterator<Item = Result<Due, sled::Error>> + '_ {
-        let end = due_key(now.saturating_add(1), "");
-        let start = if after.is_empty() {
-            std::ops::Bound::Included(b"d/".to_vec())
-        } else {
-            std::ops::Bound::Excluded(after.to_vec())
-        };
-        self.tree
-            .range((start, std::ops::Bound::Excluded(end)))
-            .map(|row| {
-                let (k, v) = row?;
-                Ok(Due {
-                    delivery_id: String::from_utf8_lossy(k.get(DUE_ID_AT..).unwrap_or_default())
-                        .into_owned(),
-                    host: String::from_utf8_lossy(&v).into_owned(),
-                    key: k.to_vec(),
-                })
+        let range = due_key(from_ms, "")..due_key(to_ms.saturating_add(1), "");
+        self.tree.range(range).map(|row| {
+            let (k, v) = row?;
+            let mut at = [0u8; 8];
+            at.copy_from_slice(k.get(2..DUE_ID_AT).unwrap_or(&[0; 8]));
+            Ok(Due {
+                at_ms: i64::try_from(u64::from_be_bytes(at)).unwrap_or(i64::MAX),
+                delivery_id: String::from_utf8_lossy(k.get(DUE_ID_AT..).unwrap_or_default())
+                    .into_owned(),
+                host: String::from_utf8_lossy(&v).into_owned(),
             })
+        })
+    }
+
+    /// Hands the attempt numbers reserved by dispatcher run `run` to whichever
+    /// run comes next; only once nothing of `run` is in flight (a clean stop).
+    ///
+    /// # Errors
+    /// sled failure.
+    pub async fn release_reservations(&self, run: u64) -> Result<(), sled::Error> {
+        let mut batch = sled::Batch::default();
+        for mut s in self.all()? {
+            if s.reserved_by == run {
+                s.reserved_by = RELEASED;
+                batch.insert(
+                    key(&s.delivery_id),
+                    serde_json::to_vec(&s).unwrap_or_default(),
+                );
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.durable.flush().await
     }
 
     /// Rebuilds the due index from the schedules (for schedules written before
@@ -310,6 +361,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_attempt_number_is_never_used_twice_across_runs() {
+        let mut s = schedule("a", 0);
+        s.reserve_next(1); // enqueued by run 1
+        assert!(s.take_attempt(1), "run 1 uses its own reservation");
+        assert_eq!(s.attempts, 1);
+        s.reserve_next(1); // the retry is scheduled
+        assert_eq!(s.reserved_attempt, 2);
+        // Run 1 stops; run 2 cannot know whether attempt 2 went out.
+        assert!(!s.take_attempt(2), "must be written before sending");
+        assert_eq!(s.attempts, 3);
+        s.reserve_next(2);
+        s.reserved_by = RELEASED; // run 2 stopped cleanly
+        assert!(s.take_attempt(3), "a released reservation is anyone's");
+        assert_eq!(s.attempts, 4);
+        let mut fresh = schedule("b", 0);
+        assert!(!fresh.take_attempt(7), "nothing reserved");
+        assert_eq!(fresh.attempts, 1);
+    }
+
     #[tokio::test]
     async fn the_due_index_follows_puts_and_removes() {
         let db = sled::Config::new().temporary(true).open().unwrap();
@@ -319,31 +390,27 @@ mod tests {
             .await
             .unwrap();
         store.put(&schedule("c", 500)).await.unwrap();
-        let due = |now| {
+        let due = |from, to| {
             store
-                .due(now, &[])
+                .due_between(from, to)
                 .map(|d| d.unwrap().delivery_id)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(due(100), ["a", "b"]);
+        assert_eq!(due(0, 100), ["a", "b"]);
         store.put(&schedule("a", 1000)).await.unwrap();
-        assert_eq!(due(100), ["b"], "a moved to later");
-        assert_eq!(due(1000), ["b", "c", "a"], "earliest first");
-        let first = store.due(1000, &[]).next().unwrap().unwrap();
-        assert_eq!(first.host, "x:80");
-        let rest: Vec<_> = store
-            .due(1000, &first.key)
-            .map(|d| d.unwrap().delivery_id)
-            .collect();
-        assert_eq!(rest, ["c", "a"], "resumes after a key");
+        assert_eq!(due(0, 100), ["b"], "a moved to later");
+        assert_eq!(due(0, 1000), ["b", "c", "a"], "earliest first");
+        assert_eq!(due(500, 1000), ["c", "a"], "both ends inclusive");
+        let first = store.due_between(0, 1000).next().unwrap().unwrap();
+        assert_eq!((first.at_ms, first.host.as_str()), (0, "x:80"));
         store.remove("b").unwrap();
-        assert_eq!(due(1000), ["c", "a"]);
+        assert_eq!(due(0, 1000), ["c", "a"]);
         assert_eq!(
             (store.all().unwrap().len(), store.cursor().unwrap()),
             (2, 7)
         );
         store.tree.remove(due_key(500, "c")).unwrap();
         store.reindex().unwrap();
-        assert_eq!(due(1000), ["c", "a"], "reindex restores a lost entry");
+        assert_eq!(due(0, 1000), ["c", "a"], "reindex restores a lost entry");
     }
 }

@@ -1,0 +1,161 @@
+//! The dispatcher's in-memory view of due deliveries: one queue per target
+//! host, so a saturated or dead host never holds back another host's
+//! deliveries, and starting one costs O(1) instead of a walk over a backlog.
+//!
+//! The durable truth stays in the schedule store's due index (time-ordered);
+//! [`Ready`] reads it incrementally: [`Ready::scan_from`] says from which due
+//! time on the index has not been read yet (inclusive, so a delivery due in
+//! the same millisecond as the last scan is still found; ids already known are
+//! ignored). A delivery that ends with its schedule due *before* that point
+//! (an attempt cut short, a storage error) is put back by [`Ready::finish`],
+//! since no scan will read it again. Scans and finishes must be serialised
+//! (the dispatcher holds one lock over each), so a schedule written while a
+//! scan was reading is either read by the scan or put back by its finish.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+/// Due deliveries by host, and the ones started.
+#[derive(Debug, Default)]
+pub struct Ready {
+    scanned_ms: i64,
+    hosts: HashMap<String, HostQueue>,
+    /// Queued or started.
+    known: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct HostQueue {
+    waiting: VecDeque<String>,
+    started: usize,
+}
+
+impl Ready {
+    /// The due time from which the index must still be read (inclusive).
+    pub fn scan_from(&self) -> i64 {
+        self.scanned_ms
+    }
+
+    /// Records that the index was read up to `upto_ms` (inclusive).
+    pub fn scanned(&mut self, upto_ms: i64) {
+        self.scanned_ms = self.scanned_ms.max(upto_ms);
+    }
+
+    /// Makes the next scan read the whole index again (a safety net against a
+    /// wall clock that stepped back; known ids are not queued twice).
+    pub fn rescan(&mut self) {
+        self.scanned_ms = 0;
+    }
+
+    /// Queues a due delivery for `host`, unless it is already queued or started.
+    pub fn offer(&mut self, delivery_id: &str, host: &str) {
+        if self.known.insert(delivery_id.to_owned()) {
+            self.hosts
+                .entry(host.to_owned())
+                .or_default()
+                .waiting
+                .push_back(delivery_id.to_owned());
+        }
+    }
+
+    /// Queued or started deliveries.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether nothing is queued or started.
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// Takes the deliveries to start now, oldest first per host, so that no host
+    /// has more than `per_host` started; returns (delivery id, host).
+    pub fn take_startable(&mut self, per_host: usize) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (host, queue) in &mut self.hosts {
+            while queue.started < per_host {
+                let Some(id) = queue.waiting.pop_front() else {
+                    break;
+                };
+                queue.started += 1;
+                out.push((id, host.clone()));
+            }
+        }
+        self.hosts
+            .retain(|_, q| q.started > 0 || !q.waiting.is_empty());
+        out
+    }
+
+    /// A started delivery is over. `still_due_at`: its schedule's due time if it
+    /// still has one; one due before [`Self::scan_from`] is queued again.
+    pub fn finish(&mut self, delivery_id: &str, host: &str, still_due_at: Option<i64>) {
+        if let Some(queue) = self.hosts.get_mut(host) {
+            queue.started = queue.started.saturating_sub(1);
+        }
+        self.known.remove(delivery_id);
+        if still_due_at.is_some_and(|at| at < self.scanned_ms) {
+            self.offer(delivery_id, host);
+        }
+        self.hosts
+            .retain(|_, q| q.started > 0 || !q.waiting.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(started: &[(String, String)]) -> Vec<&str> {
+        let mut v: Vec<&str> = started.iter().map(|(id, _)| id.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn a_busy_host_does_not_hold_back_another() {
+        let mut r = Ready::default();
+        for i in 0..5 {
+            r.offer(&format!("slow{i}"), "slow:80");
+        }
+        r.offer("fast0", "fast:80");
+        assert_eq!(ids(&r.take_startable(2)), ["fast0", "slow0", "slow1"]);
+        assert!(
+            r.take_startable(2).is_empty(),
+            "both hosts are at their limit"
+        );
+        r.finish("fast0", "fast:80", None);
+        r.offer("fast1", "fast:80");
+        assert_eq!(ids(&r.take_startable(2)), ["fast1"]);
+        r.finish("slow0", "slow:80", None);
+        assert_eq!(ids(&r.take_startable(2)), ["slow2"], "oldest first");
+        assert_eq!(r.len(), 5);
+    }
+
+    #[test]
+    fn known_deliveries_are_not_queued_twice() {
+        let mut r = Ready::default();
+        r.offer("a", "h:80");
+        r.offer("a", "h:80");
+        assert_eq!(r.take_startable(8).len(), 1);
+        r.offer("a", "h:80");
+        assert!(r.take_startable(8).is_empty(), "started: still known");
+    }
+
+    #[test]
+    fn a_delivery_left_due_behind_the_scan_is_queued_again() {
+        let mut r = Ready::default();
+        r.offer("a", "h:80");
+        r.offer("b", "h:80");
+        r.offer("c", "h:80");
+        r.take_startable(8);
+        r.scanned(1_000);
+        r.finish("a", "h:80", Some(500)); // cut short: the scan will not see it again
+        r.finish("b", "h:80", Some(2_000)); // retried later: the scan will
+        r.finish("c", "h:80", None); // done
+        assert_eq!(ids(&r.take_startable(8)), ["a"]);
+        assert_eq!(r.scan_from(), 1_000);
+        r.scanned(10);
+        assert_eq!(r.scan_from(), 1_000, "never walks back");
+        r.rescan();
+        assert_eq!(r.scan_from(), 0, "unless told to");
+    }
+}
