@@ -103,6 +103,8 @@ pub struct Outbox {
 struct Inner {
     db: sled::Db,
     tree: sled::Tree,
+    /// Spools that happen at once (an outage under load) share flushes.
+    durable: crate::store::GroupFlush,
     depth: AtomicU64,
     max_entries: u64,
     wake: Notify,
@@ -127,6 +129,7 @@ impl Outbox {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                durable: crate::store::GroupFlush::new(tree.clone()),
                 db,
                 tree,
                 depth: AtomicU64::new(depth),
@@ -183,7 +186,7 @@ impl Outbox {
         };
         inner.tree.insert(key, record.encode())?;
         inner.depth.fetch_add(1, Ordering::Relaxed);
-        crate::store::flush(&inner.tree).await?;
+        inner.durable.flush().await?;
         inner.wake.notify_one();
         Ok(())
     }

@@ -159,11 +159,13 @@ pub async fn rebuild(
     let token = CancellationToken::new();
     let mut statuses = Vec::new();
     let mut tasks = Vec::new();
+    let durable = crate::store::GroupFlush::new((*fresh).clone());
     for job in jobs {
         let (tx, rx) = fold::status_channel(job.spec.stream);
         let source = Source {
             js: conn.js.clone(),
             connections: conn.connections.clone(),
+            durable: durable.clone(),
         };
         let tree = fresh.open_tree(job.tree)?;
         tasks.push(tokio::spawn(fold::run(

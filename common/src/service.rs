@@ -44,6 +44,8 @@ pub struct Base {
     pub client: async_nats::Client,
     pub js: Context,
     pub db: sled::Db,
+    /// Flushes `db`; writers that need durability at the same time share one.
+    pub durable: crate::store::GroupFlush,
     connections: watch::Receiver<u64>,
     tracker: TaskTracker,
     token: CancellationToken,
@@ -71,6 +73,7 @@ impl Base {
             client,
             js,
             connections,
+            durable: crate::store::GroupFlush::new((*db).clone()),
             db,
             tracker: TaskTracker::new(),
             _cancel_on_drop: token.clone().drop_guard(),
@@ -96,6 +99,7 @@ impl Base {
         let source = fold::Source {
             js: self.js.clone(),
             connections: self.connections.clone(),
+            durable: self.durable.clone(),
         };
         let task = fold::run(source, tree, spec, fold, tx, self.token.clone());
         self.tracker.spawn(task);

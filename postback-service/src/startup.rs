@@ -101,7 +101,7 @@ impl Application {
             conversions: conversions.clone(),
             clicks: clicks.clone(),
             outcomes: Outcomes::new(base.db.open_tree("postbacks")?),
-            schedules: ScheduleStore::new(base.db.open_tree("dispatch")?),
+            schedules: ScheduleStore::new(base.db.open_tree("dispatch")?, base.durable.clone()),
             postbacks_status,
         };
         let dispatcher =

@@ -182,12 +182,9 @@ pub struct ScheduleStore {
 }
 
 impl ScheduleStore {
-    /// Over its own Tree.
-    pub fn new(tree: sled::Tree) -> Self {
-        Self {
-            durable: common::store::GroupFlush::new(tree.clone()),
-            tree,
-        }
+    /// Over its own Tree, flushed by `durable` (the database's shared flusher).
+    pub fn new(tree: sled::Tree, durable: common::store::GroupFlush) -> Self {
+        Self { tree, durable }
     }
 
     /// One schedule.
@@ -384,7 +381,8 @@ mod tests {
     #[tokio::test]
     async fn the_due_index_follows_puts_and_removes() {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let store = ScheduleStore::new(db.open_tree("dispatch").unwrap());
+        let tree = db.open_tree("dispatch").unwrap();
+        let store = ScheduleStore::new(tree.clone(), common::store::GroupFlush::new(tree));
         store
             .enqueue(&[schedule("a", 0), schedule("b", 0)], 7)
             .await
