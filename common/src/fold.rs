@@ -9,7 +9,10 @@
 //! seen, so the fold never skips a message and never needs an ack. Replays of
 //! already-applied sequences are skipped, so folding is idempotent.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use async_nats::jetstream::{consumer, Context};
 use futures::StreamExt;
@@ -120,14 +123,15 @@ pub async fn run<F: Fold>(
     mut source: Source,
     tree: sled::Tree,
     spec: FoldSpec,
-    mut fold: F,
+    fold: F,
     status: watch::Sender<FoldStatus>,
     token: CancellationToken,
 ) {
+    let fold = Arc::new(Mutex::new(fold));
     let mut backoff = Duration::from_millis(50);
     while !token.is_cancelled() {
         source.connections.mark_unchanged();
-        match run_consumer(&mut source, &tree, &spec, &mut fold, &status, &token).await {
+        match run_consumer(&mut source, &tree, &spec, &fold, &status, &token).await {
             Ok(()) => break,
             Err(FoldError::Reconnected) => {
                 tracing::info!(
@@ -176,7 +180,7 @@ async fn run_consumer<F: Fold>(
     source: &mut Source,
     tree: &sled::Tree,
     spec: &FoldSpec,
-    fold: &mut F,
+    fold: &Arc<Mutex<F>>,
     status: &watch::Sender<FoldStatus>,
     token: &CancellationToken,
 ) -> Result<(), FoldError> {
@@ -235,17 +239,16 @@ async fn run_consumer<F: Fold>(
                 }
             }
         }
-        let Some(group) = Group::of(&delivered, applied) else {
+        let Some(group) = apply_delivered(tree, fold, delivered, applied, token).await? else {
             continue;
         };
-        apply_group(tree, fold, &group, applied, token).await?;
         applied = group.top;
         status.send_modify(|s| {
             s.applied_seq = applied;
             s.at_tail = group.pending_after == 0;
             s.caught_up |= s.at_tail;
-            if let Some(last) = group.entries.last() {
-                s.applied_log_time_ms = last.log_time_ms;
+            if let Some(at) = group.last_log_time_ms {
+                s.applied_log_time_ms = at;
             }
         });
     }
@@ -297,8 +300,18 @@ impl<'m> Group<'m> {
     }
 }
 
-/// Applies a group in one batch with its checkpoint; retries storage failures
-/// until they pass or the token is cancelled.
+/// What applying one delivered chunk reached.
+struct Applied {
+    top: u64,
+    pending_after: u64,
+    last_log_time_ms: Option<i64>,
+}
+
+/// Applies the new messages of a delivered chunk in one batch with their
+/// checkpoint, on the blocking pool: a big group's sled writes take
+/// milliseconds, which HTTP requests sharing the async workers would otherwise
+/// wait out. Retries storage failures until they pass or the token is
+/// cancelled. `None`: nothing usable was delivered.
 ///
 /// The group is not flushed here: the projection is disposable, and state and
 /// checkpoint share one atomic batch, so after a crash sled recovers some
@@ -307,27 +320,45 @@ impl<'m> Group<'m> {
 /// promise durability (the dispatcher's schedule, the outbox) flush the whole
 /// database when they need to, and the fold flushes when it stops. An fsync
 /// per group was most of the CPU the folds spent under load.
-async fn apply_group<F: Fold>(
+async fn apply_delivered<F: Fold>(
     tree: &sled::Tree,
-    fold: &mut F,
-    group: &Group<'_>,
+    fold: &Arc<Mutex<F>>,
+    delivered: Vec<async_nats::jetstream::Message>,
     applied: u64,
     token: &CancellationToken,
-) -> Result<(), FoldError> {
-    if group.top == applied {
-        return Ok(());
-    }
-    let mut attempt = 0u32;
-    loop {
-        match apply_new(tree, fold, &group.entries) {
-            Ok(_) => return Ok(()),
-            Err(error) if attempt < 5 && !token.is_cancelled() => {
-                attempt += 1;
-                tracing::error!(%error, attempt, "projection write failed; retrying the group");
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-            }
-            Err(error) => return Err(error.into()),
+) -> Result<Option<Applied>, FoldError> {
+    let (tree, fold, token) = (tree.clone(), Arc::clone(fold), token.clone());
+    let work = move || -> Result<Option<Applied>, sled::Error> {
+        let Some(group) = Group::of(&delivered, applied) else {
+            return Ok(None);
+        };
+        let reached = Applied {
+            top: group.top,
+            pending_after: group.pending_after,
+            last_log_time_ms: group.entries.last().map(|e| e.log_time_ms),
+        };
+        if group.top == applied {
+            return Ok(Some(reached));
         }
+        let mut fold = fold.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut attempt = 0u32;
+        loop {
+            match apply_new(&tree, &mut *fold, &group.entries) {
+                Ok(_) => return Ok(Some(reached)),
+                Err(error) if attempt < 5 && !token.is_cancelled() => {
+                    attempt += 1;
+                    tracing::error!(%error, attempt, "projection write failed; retrying the group");
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Ok(result?),
+        Err(join) => Err(FoldError::Store(sled::Error::Io(std::io::Error::other(
+            format!("fold task failed: {join}"),
+        )))),
     }
 }
 

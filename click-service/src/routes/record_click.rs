@@ -18,7 +18,7 @@ use super::AppState;
 use crate::caps;
 use crate::click::{self, ClickParams, Visitor};
 
-#[tracing::instrument(skip_all, fields(offer_id = %offer_id))]
+#[tracing::instrument(level = "debug", skip_all, fields(offer_id = %offer_id))]
 pub(super) async fn record_click(
     State(state): State<AppState>,
     Path(offer_id): Path<String>,

@@ -345,6 +345,11 @@ impl Dispatcher {
         if let Some(record) = s.unpublished.clone() {
             return self.record(s, record).await;
         }
+        if self.recorded(&s)? {
+            // A schedule whose removal did not reach the disk before a crash:
+            // the log already has its outcome, so it is finished, not sent.
+            return inner.schedules.remove(&s.delivery_id);
+        }
         // Wait for a slot, unless stopping: the schedule then stays as it is.
         let host = self.host_limit(host);
         let permits = async {
@@ -386,7 +391,7 @@ impl Dispatcher {
         s.last_body = String::from_utf8_lossy(&result.body).into_owned();
         match result.class {
             Class::Delivered => {
-                tracing::info!(delivery_id = %s.delivery_id, attempts = s.attempts, "postback delivered");
+                tracing::debug!(delivery_id = %s.delivery_id, attempts = s.attempts, "postback delivered");
                 let record = delivered_event(&s, &result, now);
                 self.record(s, record).await
             }
@@ -416,6 +421,15 @@ impl Dispatcher {
                 self.record(s, record).await
             }
         }
+    }
+
+    /// Whether the log records an outcome of this schedule's generation. (The
+    /// dispatcher starts only once the POSTBACKS fold has reached the end of the
+    /// log, so every outcome published before a restart is known.)
+    fn recorded(&self, s: &Schedule) -> Result<bool, sled::Error> {
+        Ok(self.inner.outcomes.get(&s.delivery_id)?.is_some_and(|o| {
+            o.generation >= s.generation && o.state != OutcomeState::RetryRequested
+        }))
     }
 
     /// Publishes the outcome and drops the schedule once the log has it. When

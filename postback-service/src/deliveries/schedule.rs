@@ -219,8 +219,8 @@ impl ScheduleStore {
 
     /// Removes a finished schedule, without waiting for a flush: only schedules
     /// whose outcome is already in the log are removed, and one that comes back
-    /// after a crash is finished again by republishing that outcome under its
-    /// `Nats-Msg-Id`, never by another request.
+    /// after a crash is dropped by the dispatcher when it finds that outcome in
+    /// the log, never sent again.
     ///
     /// # Errors
     /// sled failure.

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use super::AppState;
 use crate::postback::PostbackInput;
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn postback(
     State(state): State<AppState>,
     method: Method,
