@@ -199,7 +199,10 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// sled read failure.
     pub fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, sled::Error> {
-        Ok(self.get(key)?.and_then(|v| decode_json(key, &v)))
+        Ok(match self.writes.get(key) {
+            Some(staged) => staged.as_deref().and_then(|v| decode_json(key, v)),
+            None => self.tree.get(key)?.and_then(|v| decode_json(key, &v)),
+        })
     }
 
     /// Stages a write.
@@ -225,7 +228,10 @@ impl<'a> Staged<'a> {
     /// sled read failure.
     pub fn add_u64(&mut self, key: impl Into<Vec<u8>>, delta: u64) -> Result<(), sled::Error> {
         let key = key.into();
-        let now = self.get(&key)?.map(|v| decode_u64(&v)).unwrap_or(0);
+        let now = match self.writes.get(&key) {
+            Some(staged) => staged.as_deref().map_or(0, decode_u64),
+            None => self.tree.get(&key)?.map_or(0, |v| decode_u64(&v)),
+        };
         self.insert(key, now.saturating_add(delta).to_be_bytes().to_vec());
         Ok(())
     }
