@@ -23,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, Staged};
 
-/// Most messages folded into one sled batch (one flush).
+/// Most messages folded into one sled batch.
 const MAX_GROUP: usize = 1024;
+/// How long a fold waits for more messages after the first of a group.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// One message of the log, as a fold sees it.
 #[derive(Debug, Clone, Copy)]
@@ -225,11 +227,20 @@ async fn run_consumer<F: Fold>(
         }
     });
     loop {
-        let chunk = tokio::select! {
+        let mut chunk = tokio::select! {
             () = token.cancelled() => return Ok(()),
             _ = source.connections.changed() => return Err(FoldError::Reconnected),
             chunk = messages.next() => chunk.ok_or(FoldError::Ended)?,
         };
+        // Linger briefly for more: one group of many events costs far less than
+        // many groups of one (each is a batch, a checkpoint, a status wake-up).
+        let linger = tokio::time::Instant::now() + LINGER;
+        while chunk.len() < MAX_GROUP {
+            match tokio::time::timeout_at(linger, messages.next()).await {
+                Ok(Some(more)) => chunk.extend(more),
+                Ok(None) | Err(_) => break,
+            }
+        }
         let mut delivered = Vec::with_capacity(chunk.len());
         for item in chunk {
             match item {
