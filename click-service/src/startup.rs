@@ -33,6 +33,7 @@ fn catalog_spec() -> FoldSpec {
         stream: proto::stream::CATALOG,
         consumer: "click-service-catalog".to_owned(),
         filter_subject: String::new(),
+        linger: std::time::Duration::ZERO,
     }
 }
 
@@ -41,6 +42,7 @@ fn clicks_spec() -> FoldSpec {
         stream: proto::stream::CLICKS,
         consumer: "click-service-clicks".to_owned(),
         filter_subject: String::new(),
+        linger: common::fold::CLICKS_LINGER,
     }
 }
 

@@ -54,6 +54,14 @@ fn spec(stream: &'static str) -> FoldSpec {
         stream,
         consumer: format!("postback-service-{}", stream.to_ascii_lowercase()),
         filter_subject: String::new(),
+        // Clicks come in volume and wait for nobody (a postback whose click is
+        // not folded yet waits for it at the door); conversions are on the path
+        // from postback to decision.
+        linger: if stream == proto::stream::CLICKS {
+            common::fold::CLICKS_LINGER
+        } else {
+            Duration::ZERO
+        },
     }
 }
 
