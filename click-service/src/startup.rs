@@ -56,7 +56,13 @@ impl Application {
     /// # Errors
     /// See [`StartupError`].
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let mut base = Base::open(&config.nats_url, "click-service", &config.data_dir).await?;
+        let mut base = Base::open(
+            &config.nats_url,
+            "click-service",
+            &config.data_dir,
+            config.ingest.sled_cache_bytes(),
+        )
+        .await?;
         let catalog_status = base.spawn_fold("catalog", catalog_spec(), catalog::CatalogFold)?;
         let clicks_status = base.spawn_fold("clicks", clicks_spec(), crate::caps::ClickCapsFold)?;
         let state = routes::AppState {

@@ -17,6 +17,10 @@ pub struct IngestArgs {
     /// the outbox drain) wait for their JetStream ack.
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
     pub publish_timeout_ms: u64,
+    /// Memory sled may use to cache the projection, in MiB (most of the
+    /// service's resident memory once the projection is large).
+    #[arg(long, env = "SLED_CACHE_MB", default_value_t = 1024)]
+    pub sled_cache_mb: u64,
 }
 
 impl IngestArgs {
@@ -26,7 +30,13 @@ impl IngestArgs {
             ack_deadline_ms: 250,
             outbox_max_entries: 100_000,
             publish_timeout_ms: 2000,
+            sled_cache_mb: 64,
         }
+    }
+
+    /// The projection cache, in bytes.
+    pub fn sled_cache_bytes(&self) -> u64 {
+        self.sled_cache_mb.max(1).saturating_mul(1024 * 1024)
     }
 
     /// The ack deadline.

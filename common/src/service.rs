@@ -60,8 +60,13 @@ impl Base {
     ///
     /// # Errors
     /// The projection cannot open or NATS cannot be reached within 10 s.
-    pub async fn open(nats_url: &str, name: &str, data_dir: &Path) -> Result<Self, StartupError> {
-        let db = crate::store::open_db(data_dir)?;
+    pub async fn open(
+        nats_url: &str,
+        name: &str,
+        data_dir: &Path,
+        cache_bytes: u64,
+    ) -> Result<Self, StartupError> {
+        let db = crate::store::open_db_with_cache(data_dir, cache_bytes)?;
         let crate::nats::Connection {
             client,
             js,

@@ -21,9 +21,26 @@ pub const CHECKPOINT_KEY: &[u8] = b"~meta/last_seq";
 /// # Errors
 /// The directory cannot be created or moved, or a fresh database cannot open.
 pub fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
+    open_db_with_cache(dir, DEFAULT_CACHE_BYTES)
+}
+
+/// sled's own default page cache: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// [`open_db`] with a page cache of `cache_bytes`.
+///
+/// # Errors
+/// As [`open_db`].
+pub fn open_db_with_cache(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("projection");
-    match sled::open(&path) {
+    let open = |path: &Path| {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+    };
+    match open(&path) {
         Ok(db) => Ok(db),
         Err(error @ sled::Error::Io(_)) if is_lock_error(&error) => Err(error),
         Err(error) => {
@@ -31,7 +48,7 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
             tracing::error!(%error, moved_to = %aside.display(),
                 "projection failed to open; moving it aside and rebuilding from the log");
             std::fs::rename(&path, &aside)?;
-            sled::open(&path)
+            open(&path)
         }
     }
 }

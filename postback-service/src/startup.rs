@@ -73,7 +73,13 @@ impl Application {
     /// # Errors
     /// See [`StartupError`].
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let mut base = Base::open(&config.nats_url, "postback-service", &config.data_dir).await?;
+        let mut base = Base::open(
+            &config.nats_url,
+            "postback-service",
+            &config.data_dir,
+            config.ingest.sled_cache_bytes(),
+        )
+        .await?;
         let catalog_status = base.spawn_fold(
             "catalog",
             spec(proto::stream::CATALOG),
