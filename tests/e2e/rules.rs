@@ -453,6 +453,41 @@ async fn hmac_signatures_good_bad_expired_replayed_and_refusals_rate_limited() {
 }
 
 #[tokio::test]
+async fn a_postback_right_behind_its_click_is_still_checked_at_the_door() {
+    let sys = System::start().await;
+    offer(&sys, json!({"security": {"token": "s3cret"}})).await;
+    let js = sys.jetstream().await;
+    for _ in 0..5 {
+        let click_id = uuid::Uuid::now_v7().to_string();
+        let click = ClickRecorded {
+            event_id: click_id.clone(),
+            click_id: click_id.clone(),
+            offer_id: "o1".into(),
+            affiliate_id: "a1".into(),
+            occurred_at_ms: common::time::now_ms(),
+            ..Default::default()
+        };
+        // Acked by JetStream, then the advertiser calls back at once: the
+        // service may not have folded the click yet, and must wait for it.
+        js.publish("clicks.v1.recorded", click.encode_to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let (status, body) = sys.postback(&format!("click_id={click_id}")).await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("bad_token")),
+            "{body}"
+        );
+        let (status, _) = sys
+            .postback(&format!("click_id={click_id}&token=s3cret"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
 async fn a_postback_that_skipped_the_door_checks_is_rejected_once_its_offer_is_known() {
     let sys = System::start_with_grace(60_000).await;
     offer(&sys, json!({"security": {"token": "s3cret"}})).await;

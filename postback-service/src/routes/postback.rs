@@ -104,11 +104,9 @@ async fn click_at_door(
     if click_id.is_empty() {
         return Ok(None);
     }
+    // `get_stream` asks the server for the stream's info, as of now.
     let last = match state.js.get_stream(proto::stream::CLICKS).await {
-        Ok(mut stream) => match stream.info().await {
-            Ok(info) => info.state.last_sequence,
-            Err(_) => return Ok(None),
-        },
+        Ok(stream) => stream.cached_info().state.last_sequence,
         Err(_) => return Ok(None),
     };
     let mut status = state.clicks_status.clone();
