@@ -102,6 +102,14 @@ impl Clicks {
         Self { tree }
     }
 
+    /// Whether the click is in the projection.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn contains(&self, click_id: &str) -> Result<bool, sled::Error> {
+        self.tree.contains_key(click_key(click_id))
+    }
+
     /// One click.
     ///
     /// # Errors

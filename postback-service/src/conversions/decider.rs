@@ -64,6 +64,7 @@ pub async fn run_decider(
     token: CancellationToken,
 ) {
     let tick = (config.grace / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut waiting = Waiting::default();
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -75,7 +76,7 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        match round(&js, &inputs, &config).await {
+        match round(&js, &inputs, &config, &mut waiting).await {
             Ok(Some(seq)) => {
                 let mut status = inputs.conversions_status.clone();
                 if !common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await {
@@ -101,10 +102,36 @@ enum RoundError {
 
 /// Decides what can be decided now; returns the highest stream sequence of the
 /// decisions published.
+/// Conversions whose last verdict was to wait for their click: conversion id →
+/// (click id, reported at). While the click is still missing and the grace has
+/// not run out, the verdict cannot change (it depends on nothing else), so a
+/// round passes over them without decoding their views: a flood of postbacks
+/// for clicks we never saw costs a key lookup each per round, not a decode.
+#[derive(Debug, Default)]
+struct Waiting(HashMap<String, (String, i64)>);
+
+impl Waiting {
+    /// Whether `conversion_id` is known to be still waiting at `now`.
+    fn still(
+        &self,
+        conversion_id: &str,
+        clicks: &Clicks,
+        now: i64,
+        grace_ms: i64,
+    ) -> Result<bool, sled::Error> {
+        let Some((click_id, reported_at_ms)) = self.0.get(conversion_id) else {
+            return Ok(false);
+        };
+        Ok(now - reported_at_ms < grace_ms
+            && (click_id.is_empty() || !clicks.contains(click_id)?))
+    }
+}
+
 async fn round(
     js: &Context,
     inputs: &DeciderInputs,
     config: &DeciderConfig,
+    waiting: &mut Waiting,
 ) -> Result<Option<u64>, RoundError> {
     let now = common::time::now_ms();
     let clicks = inputs.clicks_status.borrow().clone();
@@ -114,11 +141,17 @@ async fn round(
     let mut claimed: HashSet<Vec<u8>> = HashSet::new();
     let mut cap_claims: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut decisions = Vec::new();
-    for conversion in inputs.conversions.pending().take(SCAN_LIMIT) {
+    for id in inputs.conversions.pending_ids().take(SCAN_LIMIT) {
         if decisions.len() >= ROUND_LIMIT {
             break;
         }
-        let conversion = conversion?;
+        let id = id?;
+        if waiting.still(&id, &inputs.clicks, now, grace_ms)? {
+            continue;
+        }
+        let Some(conversion) = inputs.conversions.get(&id)? else {
+            continue;
+        };
         let click = match conversion.click_id.as_str() {
             "" => None,
             id => inputs.clicks.get(id)?,
@@ -163,6 +196,12 @@ async fn round(
             cap_used,
         };
         let verdict = decide(input);
+        if matches!(verdict, Verdict::Wait) {
+            let since = (conversion.click_id.clone(), conversion.reported_at_ms);
+            waiting.0.insert(conversion.conversion_id.clone(), since);
+        } else {
+            waiting.0.remove(&conversion.conversion_id);
+        }
         if matches!(verdict, Verdict::Attribute { .. }) {
             claimed.insert(gk);
             claimed.insert(tk);
@@ -312,4 +351,30 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
     (0..hex.len() / 2)
         .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_conversion_is_passed_over_until_its_click_or_the_grace_comes() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("clicks").unwrap();
+        let clicks = Clicks::new(tree.clone());
+        let mut waiting = Waiting::default();
+        waiting.0.insert("conv".into(), ("k1".into(), 1_000));
+        waiting.0.insert("no-click".into(), (String::new(), 1_000));
+        let still = |w: &Waiting, id: &str, now| w.still(id, &clicks, now, 500).unwrap();
+        assert!(
+            still(&waiting, "conv", 1_499),
+            "click missing, grace not over"
+        );
+        assert!(still(&waiting, "no-click", 1_499));
+        assert!(!still(&waiting, "conv", 1_500), "grace over: decide again");
+        assert!(!still(&waiting, "unknown", 1_000), "never seen: decide");
+        tree.insert(crate::clicks::click_key("k1"), b"x".as_slice())
+            .unwrap();
+        assert!(!still(&waiting, "conv", 1_001), "its click came: decide");
+    }
 }

@@ -380,6 +380,13 @@ impl Conversions {
         Ok(out)
     }
 
+    /// Ids of the pending conversions in log order, lazily.
+    pub fn pending_ids(&self) -> impl Iterator<Item = Result<String, sled::Error>> + '_ {
+        self.tree
+            .scan_prefix(b"p/")
+            .map(|row| row.map(|(_, id)| String::from_utf8_lossy(&id).into_owned()))
+    }
+
     /// Pending conversions in log order, read lazily (a round that stops early
     /// decodes only what it looked at).
     pub fn pending(&self) -> impl Iterator<Item = Result<ConversionView, sled::Error>> + '_ {
