@@ -88,8 +88,12 @@ pub struct GroupFlush {
 #[derive(Debug)]
 struct GroupInner {
     tree: sled::Tree,
+    /// Tickets handed out.
     tickets: std::sync::atomic::AtomicU64,
-    covered: tokio::sync::watch::Sender<u64>,
+    /// Every ticket up to this one is on disk.
+    covered: std::sync::atomic::AtomicU64,
+    /// Held by the one flush in progress; the callers queued on it are covered
+    /// by the next.
     flushing: tokio::sync::Mutex<()>,
 }
 
@@ -100,7 +104,7 @@ impl GroupFlush {
             inner: std::sync::Arc::new(GroupInner {
                 tree,
                 tickets: std::sync::atomic::AtomicU64::new(0),
-                covered: tokio::sync::watch::Sender::new(0),
+                covered: std::sync::atomic::AtomicU64::new(0),
                 flushing: tokio::sync::Mutex::new(()),
             }),
         }
@@ -109,28 +113,20 @@ impl GroupFlush {
     /// Returns once everything written before the call is on disk.
     ///
     /// # Errors
-    /// The flush failed (every caller it was to cover gets the error).
+    /// The flush failed (a caller it was to cover then flushes for itself).
     pub async fn flush(&self) -> Result<(), sled::Error> {
-        use std::sync::atomic::Ordering;
+        use std::sync::atomic::Ordering::SeqCst;
         let inner = &self.inner;
-        let ticket = inner.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-        loop {
-            if *inner.covered.borrow() >= ticket {
-                return Ok(());
-            }
-            let _turn = inner.flushing.lock().await;
-            if *inner.covered.borrow() >= ticket {
-                return Ok(());
-            }
-            // Every ticket up to here was taken after its writes.
-            let upto = inner.tickets.load(Ordering::SeqCst);
-            flush(&inner.tree).await?;
-            inner.covered.send_if_modified(|c| {
-                let moved = upto > *c;
-                *c = (*c).max(upto);
-                moved
-            });
+        let ticket = inner.tickets.fetch_add(1, SeqCst) + 1;
+        let _turn = inner.flushing.lock().await;
+        if inner.covered.load(SeqCst) >= ticket {
+            return Ok(());
         }
+        // Every ticket up to here was taken after its writes.
+        let upto = inner.tickets.load(SeqCst);
+        flush(&inner.tree).await?;
+        inner.covered.fetch_max(upto, SeqCst);
+        Ok(())
     }
 }
 
@@ -194,10 +190,15 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// sled read failure.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
-        match self.writes.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
-        }
+        self.read(key, <[u8]>::to_vec)
+    }
+
+    /// `f` of the value as the staged writes leave it, without copying it.
+    fn read<T>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>, sled::Error> {
+        Ok(match self.writes.get(key) {
+            Some(staged) => staged.as_deref().map(f),
+            None => self.tree.get(key)?.as_deref().map(f),
+        })
     }
 
     /// Whether the key exists, as the staged writes leave it.
@@ -216,10 +217,7 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// sled read failure.
     pub fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, sled::Error> {
-        Ok(match self.writes.get(key) {
-            Some(staged) => staged.as_deref().and_then(|v| decode_json(key, v)),
-            None => self.tree.get(key)?.and_then(|v| decode_json(key, &v)),
-        })
+        Ok(self.read(key, |v| decode_json(key, v))?.flatten())
     }
 
     /// Stages a write.
@@ -245,10 +243,7 @@ impl<'a> Staged<'a> {
     /// sled read failure.
     pub fn add_u64(&mut self, key: impl Into<Vec<u8>>, delta: u64) -> Result<(), sled::Error> {
         let key = key.into();
-        let now = match self.writes.get(&key) {
-            Some(staged) => staged.as_deref().map_or(0, decode_u64),
-            None => self.tree.get(&key)?.map_or(0, |v| decode_u64(&v)),
-        };
+        let now = self.read(&key, decode_u64)?.unwrap_or(0);
         self.insert(key, now.saturating_add(delta).to_be_bytes().to_vec());
         Ok(())
     }
@@ -339,7 +334,14 @@ mod group_flush_tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(*group.inner.covered.borrow(), 64, "every ticket covered");
+        assert_eq!(
+            group
+                .inner
+                .covered
+                .load(std::sync::atomic::Ordering::SeqCst),
+            64,
+            "every ticket covered"
+        );
         drop((group, tree, db));
         let db = sled::open(dir.path().join("db")).unwrap();
         assert_eq!(db.open_tree("t").unwrap().len(), 64);

@@ -100,8 +100,6 @@ enum RoundError {
     Publish(#[from] common::nats::PublishError),
 }
 
-/// Decides what can be decided now; returns the highest stream sequence of the
-/// decisions published.
 /// Conversions whose last verdict was to wait for their click: conversion id →
 /// (click id, reported at). While the click is still missing and the grace has
 /// not run out, the verdict cannot change (it depends on nothing else), so a
@@ -127,6 +125,8 @@ impl Waiting {
     }
 }
 
+/// Decides what can be decided now; returns the highest stream sequence of the
+/// decisions published.
 async fn round(
     js: &Context,
     inputs: &DeciderInputs,

@@ -390,12 +390,8 @@ impl Conversions {
     /// Pending conversions in log order, read lazily (a round that stops early
     /// decodes only what it looked at).
     pub fn pending(&self) -> impl Iterator<Item = Result<ConversionView, sled::Error>> + '_ {
-        self.tree
-            .scan_prefix(b"p/")
-            .filter_map(move |row| match row {
-                Ok((_, id)) => self.get(&String::from_utf8_lossy(&id)).transpose(),
-                Err(e) => Some(Err(e)),
-            })
+        self.pending_ids()
+            .filter_map(|id| id.and_then(|id| self.get(&id)).transpose())
     }
 
     /// Conversions owed an affiliate postback, queued after `after` (a queue

@@ -308,12 +308,13 @@ impl Dispatcher {
             let this = self.clone();
             let token = token.clone();
             tracker.spawn(async move {
-                if let Err(error) = this.run_attempt(schedule, &host, &token).await {
-                    tracing::error!(%error, delivery_id = %id, "delivery bookkeeping failed; will retry");
-                }
-                let still_due_at = this.inner.schedules.get(&id).map_or(Some(i64::MIN), |s| {
-                    s.map(|s| s.next_at_ms)
-                });
+                let still_due_at = match this.run_attempt(schedule, &host, &token).await {
+                    Ok(left) => left,
+                    Err(error) => {
+                        tracing::error!(%error, delivery_id = %id, "delivery bookkeeping failed; will retry");
+                        Some(i64::MIN)
+                    }
+                };
                 this.finish(&id, &host, still_due_at);
                 this.inner.wake.notify_one();
             });
@@ -335,12 +336,14 @@ impl Dispatcher {
         )
     }
 
+    /// Runs one attempt (or finishes a schedule that needs none); returns when
+    /// the stored schedule is due next (`None`: it is finished and removed).
     async fn run_attempt(
         &self,
         mut s: Schedule,
         host: &str,
         token: &CancellationToken,
-    ) -> Result<(), sled::Error> {
+    ) -> Result<Option<i64>, sled::Error> {
         let inner = &self.inner;
         if let Some(record) = s.unpublished.clone() {
             return self.record(s, record).await;
@@ -348,7 +351,7 @@ impl Dispatcher {
         if self.recorded(&s)? {
             // A schedule whose removal did not reach the disk before a crash:
             // the log already has its outcome, so it is finished, not sent.
-            return inner.schedules.remove(&s.delivery_id);
+            return inner.schedules.remove(&s.delivery_id).map(|()| None);
         }
         // Wait for a slot, unless stopping: the schedule then stays as it is.
         let host = self.host_limit(host);
@@ -358,8 +361,8 @@ impl Dispatcher {
             Some((host, global))
         };
         let _permits = tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            p = permits => match p { Some(p) => p, None => return Ok(()) },
+            () = token.cancelled() => return Ok(Some(s.next_at_ms)),
+            p = permits => match p { Some(p) => p, None => return Ok(Some(s.next_at_ms)) },
         };
         let started = common::time::now_ms();
         if s.first_attempt_ms == 0 {
@@ -407,7 +410,7 @@ impl Dispatcher {
                             retry_in_ms = next - now, "postback attempt failed; retrying");
                         s.next_at_ms = next;
                         s.reserve_next(inner.run);
-                        inner.schedules.put(&s).await
+                        inner.schedules.put(&s).await.map(|()| Some(next))
                     }
                     None => {
                         let record = failed_event(&s, &result, now, "retries exhausted: ");
@@ -439,7 +442,11 @@ impl Dispatcher {
     /// request; then the ack is awaited up to the publish timeout, and if it
     /// still does not come only the publish is tried again later. A schedule
     /// that already holds its outcome goes straight to publishing.
-    async fn record(&self, mut s: Schedule, record: Unpublished) -> Result<(), sled::Error> {
+    async fn record(
+        &self,
+        mut s: Schedule,
+        record: Unpublished,
+    ) -> Result<Option<i64>, sled::Error> {
         let inner = &self.inner;
         let stored = s.unpublished.is_some();
         let publish = common::nats::send(
@@ -471,7 +478,7 @@ impl Dispatcher {
         }
         .await;
         match published {
-            Ok(Ok(_)) => inner.schedules.remove(&s.delivery_id),
+            Ok(Ok(_)) => inner.schedules.remove(&s.delivery_id).map(|()| None),
             Err(Recording::Store(error)) => Err(error),
             Ok(Err(error)) => self.publish_later(s, record, &error).await,
             Err(Recording::Publish(error)) => self.publish_later(s, record, &error).await,
@@ -484,11 +491,15 @@ impl Dispatcher {
         mut s: Schedule,
         record: Unpublished,
         error: &(dyn std::fmt::Display + Sync),
-    ) -> Result<(), sled::Error> {
+    ) -> Result<Option<i64>, sled::Error> {
         tracing::warn!(%error, delivery_id = %s.delivery_id, "outcome not yet in the log; will publish again");
         s.unpublished = Some(record);
         s.next_at_ms = common::time::now_ms() + 1000;
-        self.inner.schedules.put(&s).await
+        self.inner
+            .schedules
+            .put(&s)
+            .await
+            .map(|()| Some(s.next_at_ms))
     }
 }
 

@@ -107,13 +107,7 @@ impl Schedule {
         };
         Self::fresh(target, generation)
     }
-}
 
-/// `reserved_by` of a reservation whose run stopped cleanly, with nothing in
-/// flight: any later run may use it.
-pub const RELEASED: u64 = 0;
-
-impl Schedule {
     /// Sets the next attempt number aside for dispatcher run `run`; it is
     /// durable once this schedule is written and flushed.
     pub fn reserve_next(&mut self, run: u64) {
@@ -136,6 +130,10 @@ impl Schedule {
         durable
     }
 }
+
+/// `reserved_by` of a reservation whose run stopped cleanly, with nothing in
+/// flight: any later run may use it.
+pub const RELEASED: u64 = 0;
 
 fn key(delivery_id: &str) -> Vec<u8> {
     [b"s/", delivery_id.as_bytes()].concat()
@@ -164,6 +162,23 @@ pub fn host_of(url: &str) -> String {
             )
         })
         .unwrap_or_default()
+}
+
+/// Stages `s`'s due index entry.
+fn stage_due(batch: &mut sled::Batch, s: &Schedule) {
+    batch.insert(
+        due_key(s.next_at_ms, &s.delivery_id),
+        host_of(&s.url).as_bytes(),
+    );
+}
+
+/// Stages `s` and its due index entry.
+fn stage(batch: &mut sled::Batch, s: &Schedule) {
+    stage_due(batch, s);
+    batch.insert(
+        key(&s.delivery_id),
+        serde_json::to_vec(s).unwrap_or_default(),
+    );
 }
 
 /// One entry of the due index.
@@ -205,14 +220,7 @@ impl ScheduleStore {
         if let Some(old) = self.get(&s.delivery_id)? {
             batch.remove(due_key(old.next_at_ms, &old.delivery_id));
         }
-        batch.insert(
-            due_key(s.next_at_ms, &s.delivery_id),
-            host_of(&s.url).as_bytes(),
-        );
-        batch.insert(
-            key(&s.delivery_id),
-            serde_json::to_vec(s).unwrap_or_default(),
-        );
+        stage(&mut batch, s);
         self.tree.apply_batch(batch)?;
         self.durable.flush().await
     }
@@ -279,10 +287,7 @@ impl ScheduleStore {
         for mut s in self.all()? {
             if s.reserved_by == run {
                 s.reserved_by = RELEASED;
-                batch.insert(
-                    key(&s.delivery_id),
-                    serde_json::to_vec(&s).unwrap_or_default(),
-                );
+                stage(&mut batch, &s);
             }
         }
         self.tree.apply_batch(batch)?;
@@ -297,10 +302,7 @@ impl ScheduleStore {
     pub fn reindex(&self) -> Result<(), sled::Error> {
         let mut batch = sled::Batch::default();
         for s in self.all()? {
-            batch.insert(
-                due_key(s.next_at_ms, &s.delivery_id),
-                host_of(&s.url).as_bytes(),
-            );
+            stage_due(&mut batch, &s);
         }
         self.tree.apply_batch(batch)
     }
@@ -323,14 +325,7 @@ impl ScheduleStore {
     pub async fn enqueue(&self, new: &[Schedule], cursor: u64) -> Result<(), sled::Error> {
         let mut batch = sled::Batch::default();
         for s in new {
-            batch.insert(
-                due_key(s.next_at_ms, &s.delivery_id),
-                host_of(&s.url).as_bytes(),
-            );
-            batch.insert(
-                key(&s.delivery_id),
-                serde_json::to_vec(s).unwrap_or_default(),
-            );
+            stage(&mut batch, s);
         }
         batch.insert(CURSOR_KEY, cursor.to_be_bytes().to_vec());
         self.tree.apply_batch(batch)?;
