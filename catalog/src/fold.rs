@@ -176,7 +176,7 @@ mod tests {
         CatalogFold
             .apply(&mut staged, &entry("catalog.v1.offers.o1", &good, 2))
             .unwrap();
-        tree.apply_batch(staged.into_batch(2)).unwrap();
+        staged.commit(2).unwrap();
         let catalog = crate::Catalog::new(tree);
         assert_eq!(
             catalog.offer("o1").unwrap().unwrap().payout_micros,

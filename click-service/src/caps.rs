@@ -128,7 +128,7 @@ mod tests {
             };
             ClickCapsFold.apply(&mut staged, &entry).unwrap();
         }
-        tree.apply_batch(staged.into_batch(4)).unwrap();
+        staged.commit(4).unwrap();
         let counts = ClickCounts::new(tree);
         assert_eq!(counts.used("o1", "a1", "2026-01-01").unwrap(), (2, 1));
         assert_eq!(counts.used("o1", "a1", "2026-01-02").unwrap(), (1, 1));

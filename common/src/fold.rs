@@ -1,10 +1,11 @@
 //! The checkpointed fold loop: reads one stream in order and folds it into one sled
-//! Tree, storing the stream sequence in the same atomic batch as the rows.
+//! Tree, storing the stream sequence in the same commit as the rows
+//! ([`Staged::commit`]).
 //!
 //! The loop reads through an *ordered* pull consumer started at `checkpoint + 1`.
 //! The checkpoint in sled, not the server, is the truth of how far the projection
 //! got, so a wiped data dir replays from the start and a restart resumes where the
-//! last flushed batch ended. The ordered consumer detects gaps (a lost delivery, a
+//! last flushed commit ended. The ordered consumer detects gaps (a lost delivery, a
 //! server restart, missed heartbeats) and recreates itself from the last sequence
 //! seen, so the fold never skips a message and never needs an ack. Replays of
 //! already-applied sequences are skipped, so folding is idempotent.
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, Staged};
 
-/// Most messages folded into one sled batch.
+/// Most messages folded into one commit.
 const MAX_GROUP: usize = 1024;
 /// A [`FoldSpec::linger`] for high-volume streams off the critical path.
 pub const CLICKS_LINGER: Duration = Duration::from_millis(2);
@@ -75,7 +76,7 @@ pub struct FoldSpec {
     pub filter_subject: String,
     /// How long to wait for more messages after the first of a group. A high
     /// volume stream read off the critical path (clicks) gains: one group of
-    /// many events costs far less than many groups of one (each is a batch, a
+    /// many events costs far less than many groups of one (each is a commit, a
     /// checkpoint, a status wake-up). Zero where latency matters (conversions).
     pub linger: Duration,
 }
@@ -191,6 +192,7 @@ async fn run_consumer<F: Fold>(
     status: &watch::Sender<FoldStatus>,
     token: &CancellationToken,
 ) -> Result<(), FoldError> {
+    store::recover(tree)?;
     let mut applied = store::checkpoint(tree)?;
     let mut stream = source.js.get_stream(spec.stream).await?;
     let last = stream.info().await?.state.last_sequence;
@@ -321,14 +323,14 @@ struct Applied {
     last_log_time_ms: Option<i64>,
 }
 
-/// Applies the new messages of a delivered chunk in one batch with their
+/// Applies the new messages of a delivered chunk in one commit with their
 /// checkpoint, on the blocking pool: a big group's sled writes take
 /// milliseconds, which HTTP requests sharing the async workers would otherwise
 /// wait out. Retries storage failures until they pass or the token is
 /// cancelled. `None`: nothing usable was delivered.
 ///
 /// The group is not flushed here: the projection is disposable, and state and
-/// checkpoint share one atomic batch, so after a crash sled recovers some
+/// checkpoint share one commit, so after a crash sled recovers some
 /// earlier checkpoint together with exactly its state and the fold replays
 /// from there. sled flushes in the background (every 500 ms), writers that
 /// promise durability (the dispatcher's schedule, the outbox) flush the whole
@@ -377,7 +379,7 @@ async fn apply_delivered<F: Fold>(
 }
 
 /// Applies the entries the Tree has not applied yet (sequence above its
-/// checkpoint; replays are skipped) in one atomic batch with the new checkpoint,
+/// checkpoint; replays are skipped) in one commit with the new checkpoint,
 /// and returns that checkpoint. Entries come in log order. Does not flush.
 ///
 /// # Errors
@@ -387,6 +389,7 @@ pub fn apply_new<F: Fold>(
     fold: &mut F,
     entries: &[LogEntry<'_>],
 ) -> Result<u64, sled::Error> {
+    store::recover(tree)?; // a previous attempt at this group may have failed half-way
     let checkpoint = store::checkpoint(tree)?;
     let mut staged = Staged::new(tree);
     let mut top = checkpoint;
@@ -398,7 +401,7 @@ pub fn apply_new<F: Fold>(
         top = entry.seq;
     }
     if top > checkpoint {
-        tree.apply_batch(staged.into_batch(top))?;
+        staged.commit(top)?;
     }
     Ok(top)
 }

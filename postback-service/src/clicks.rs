@@ -212,7 +212,7 @@ mod tests {
             };
             ClicksFold.apply(&mut staged, &entry).unwrap();
         }
-        tree.apply_batch(staged.into_batch(4)).unwrap();
+        staged.commit(4).unwrap();
         let clicks = Clicks::new(tree);
         let unique: Vec<bool> = ["c1", "c2", "c3", "c4"]
             .iter()
@@ -248,7 +248,7 @@ mod tests {
             };
             ClicksFold.apply(&mut staged, &entry).unwrap();
         }
-        tree.apply_batch(staged.into_batch(3)).unwrap();
+        staged.commit(3).unwrap();
         let clicks = Clicks::new(tree);
         assert_eq!(clicks.get("c1").unwrap().unwrap().offer_id, "o1");
         assert!(clicks.is_unique("c1").unwrap());

@@ -394,21 +394,23 @@ impl Conversions {
             .filter_map(|id| id.and_then(|id| self.get(&id)).transpose())
     }
 
-    /// Conversions owed an affiliate postback, queued after `after` (a queue
-    /// sequence), in log order, at most `limit`: (queue sequence, conversion id).
+    /// Conversions owed an affiliate postback, queued after `after` and up to
+    /// `upto` (queue sequences), in log order, at most `limit`: (queue
+    /// sequence, conversion id).
     ///
     /// # Errors
     /// sled read failure.
     pub fn delivery_queue(
         &self,
         after: u64,
+        upto: u64,
         limit: usize,
     ) -> Result<Vec<(u64, QueueEntry)>, sled::Error> {
         let mut out = Vec::new();
         let start = delivery_queue_key(after.saturating_add(1));
         for row in self
             .tree
-            .range(start..delivery_queue_key(u64::MAX))
+            .range(start..delivery_queue_key(upto.saturating_add(1)))
             .take(limit)
         {
             let (k, v) = row?;
@@ -507,7 +509,7 @@ mod tests {
                 log_time_ms: 1000,
             };
             ConversionsFold.apply(&mut staged, &entry).unwrap();
-            self.tree.apply_batch(staged.into_batch(self.seq)).unwrap();
+            staged.commit(self.seq).unwrap();
         }
 
         fn report(&mut self, txid: &str) -> String {

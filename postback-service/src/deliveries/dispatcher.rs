@@ -193,12 +193,15 @@ impl Dispatcher {
         Ok(generation)
     }
 
-    /// Turns queued attributions into schedules, from the cursor on.
-    async fn enqueue_new(&self) -> Result<(), sled::Error> {
+    /// Turns queued attributions into schedules, from the cursor on, up to
+    /// `applied` (the conversions fold's applied sequence): a queue entry of a
+    /// group still being committed may be visible before the view it names is
+    /// updated, and the cursor must not pass it.
+    async fn enqueue_new(&self, applied: u64) -> Result<(), sled::Error> {
         let inner = &self.inner;
         loop {
             let cursor = inner.schedules.cursor()?;
-            let batch = inner.conversions.delivery_queue(cursor, 512)?;
+            let batch = inner.conversions.delivery_queue(cursor, applied, 512)?;
             let Some(&(last, _)) = batch.last() else {
                 return Ok(());
             };
@@ -588,7 +591,8 @@ pub async fn run_dispatcher(
                 dispatcher.recover_retries().await?;
                 recovered = true;
             }
-            dispatcher.enqueue_new().await?;
+            let applied = conversions_status.borrow().applied_seq;
+            dispatcher.enqueue_new(applied).await?;
             if tokio::time::Instant::now() >= rescan_at {
                 rescan_at += FULL_SCAN_EVERY;
                 lock(&dispatcher.inner.ready).rescan();

@@ -165,17 +165,17 @@ pub fn host_of(url: &str) -> String {
 }
 
 /// Stages `s`'s due index entry.
-fn stage_due(batch: &mut sled::Batch, s: &Schedule) {
-    batch.insert(
+fn stage_due(writes: &mut common::store::Writes, s: &Schedule) {
+    writes.insert(
         due_key(s.next_at_ms, &s.delivery_id),
         host_of(&s.url).as_bytes(),
     );
 }
 
 /// Stages `s` and its due index entry.
-fn stage(batch: &mut sled::Batch, s: &Schedule) {
-    stage_due(batch, s);
-    batch.insert(
+fn stage(writes: &mut common::store::Writes, s: &Schedule) {
+    stage_due(writes, s);
+    writes.insert(
         key(&s.delivery_id),
         serde_json::to_vec(s).unwrap_or_default(),
     );
@@ -216,12 +216,15 @@ impl ScheduleStore {
     /// # Errors
     /// sled failure.
     pub async fn put(&self, s: &Schedule) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
+        // Single-key writes (no sled batch, see `common::store::Writes`), in an
+        // order whose every prefix recovery handles: a due entry missing or
+        // stale is rebuilt by `reindex` at start or re-checked before an attempt.
+        let mut writes = common::store::Writes::default();
         if let Some(old) = self.get(&s.delivery_id)? {
-            batch.remove(due_key(old.next_at_ms, &old.delivery_id));
+            writes.remove(due_key(old.next_at_ms, &old.delivery_id));
         }
-        stage(&mut batch, s);
-        self.tree.apply_batch(batch)?;
+        stage(&mut writes, s);
+        writes.apply(&self.tree)?;
         self.durable.flush().await
     }
 
@@ -233,12 +236,12 @@ impl ScheduleStore {
     /// # Errors
     /// sled failure.
     pub fn remove(&self, delivery_id: &str) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
+        let mut writes = common::store::Writes::default();
         if let Some(old) = self.get(delivery_id)? {
-            batch.remove(due_key(old.next_at_ms, delivery_id));
+            writes.remove(due_key(old.next_at_ms, delivery_id));
         }
-        batch.remove(key(delivery_id));
-        self.tree.apply_batch(batch)
+        writes.remove(key(delivery_id));
+        writes.apply(&self.tree)
     }
 
     /// Every schedule.
@@ -283,14 +286,14 @@ impl ScheduleStore {
     /// # Errors
     /// sled failure.
     pub async fn release_reservations(&self, run: u64) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
+        let mut writes = common::store::Writes::default();
         for mut s in self.all()? {
             if s.reserved_by == run {
                 s.reserved_by = RELEASED;
-                stage(&mut batch, &s);
+                stage(&mut writes, &s);
             }
         }
-        self.tree.apply_batch(batch)?;
+        writes.apply(&self.tree)?;
         self.durable.flush().await
     }
 
@@ -300,11 +303,11 @@ impl ScheduleStore {
     /// # Errors
     /// sled failure.
     pub fn reindex(&self) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
+        let mut writes = common::store::Writes::default();
         for s in self.all()? {
-            stage_due(&mut batch, &s);
+            stage_due(&mut writes, &s);
         }
-        self.tree.apply_batch(batch)
+        writes.apply(&self.tree)
     }
 
     /// How far the queue of attributed conversions has been walked.
@@ -323,12 +326,12 @@ impl ScheduleStore {
     /// # Errors
     /// sled failure.
     pub async fn enqueue(&self, new: &[Schedule], cursor: u64) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
+        let mut writes = common::store::Writes::default();
         for s in new {
-            stage(&mut batch, s);
+            stage(&mut writes, s);
         }
-        batch.insert(CURSOR_KEY, cursor.to_be_bytes().to_vec());
-        self.tree.apply_batch(batch)?;
+        writes.insert(CURSOR_KEY, cursor.to_be_bytes().to_vec());
+        writes.apply(&self.tree)?;
         self.durable.flush().await
     }
 }
