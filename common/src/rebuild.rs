@@ -49,16 +49,18 @@ pub enum RebuildError {
 }
 
 /// SHA-256 over every row (tree name, key, value) of the named Trees, in order:
-/// equal projections have equal checksums.
+/// equal projections have equal checksums. A group commit a crash cut short is
+/// finished first ([`crate::store::recover`]), as the service would on start.
 ///
 /// # Errors
-/// sled read failure.
+/// sled read or write failure.
 pub fn checksum(db: &sled::Db, trees: &[&str]) -> Result<String, sled::Error> {
     let mut hash = Sha256::new();
     let mut names: Vec<&str> = trees.to_vec();
     names.sort_unstable();
     for name in names {
         let tree = db.open_tree(name)?;
+        crate::store::recover(&tree)?;
         hash.update((name.len() as u64).to_be_bytes());
         hash.update(name.as_bytes());
         for row in tree.iter() {
