@@ -475,6 +475,35 @@ mod tests {
         assert_eq!(checkpoint(&tree).unwrap(), 0);
     }
 
+    /// The services must never switch sled's process-wide lock on (see
+    /// [`Writes`]): no batch or transaction anywhere in their code.
+    #[test]
+    fn no_sled_batch_or_transaction_in_the_services() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let needles = [
+            ["apply", "_batch("].concat(),
+            [".transaction", "("].concat(),
+        ];
+        let mut stack: Vec<_> = ["common", "catalog", "click-service", "postback-service"]
+            .iter()
+            .map(|c| root.join(c).join("src"))
+            .collect();
+        let mut found = Vec::new();
+        while let Some(path) = stack.pop() {
+            if path.is_dir() {
+                stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for needle in &needles {
+                    if text.contains(needle.as_str()) {
+                        found.push(format!("{}: {needle}", path.display()));
+                    }
+                }
+            }
+        }
+        assert!(found.is_empty(), "sled batches or transactions: {found:?}");
+    }
+
     #[test]
     fn a_corrupt_projection_is_moved_aside_and_recreated() {
         let dir = tempfile::tempdir().unwrap();
