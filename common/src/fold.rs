@@ -365,6 +365,8 @@ async fn apply_delivered<F: Fold>(
                     attempt += 1;
                     tracing::error!(%error, attempt, "projection write failed; retrying the group");
                     std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+                    // The failed commit may have stopped half-way.
+                    store::recover(&tree)?;
                 }
                 Err(error) => return Err(error),
             }
@@ -389,7 +391,6 @@ pub fn apply_new<F: Fold>(
     fold: &mut F,
     entries: &[LogEntry<'_>],
 ) -> Result<u64, sled::Error> {
-    store::recover(tree)?; // a previous attempt at this group may have failed half-way
     let checkpoint = store::checkpoint(tree)?;
     let mut staged = Staged::new(tree);
     let mut top = checkpoint;

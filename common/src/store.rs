@@ -384,21 +384,25 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// sled failure; the group is then finished by [`recover`] or replayed.
     pub fn commit(self, checkpoint: u64) -> Result<(), sled::Error> {
-        let tree = self.tree;
-        let mut writes = Writes(self.writes.into_iter().collect());
-        writes.insert(CHECKPOINT_KEY, checkpoint.to_be_bytes().to_vec());
+        let (tree, writes) = self.sealed(checkpoint);
         tree.insert(REDO_KEY, writes.encode())?;
         writes.apply(tree)?;
         tree.remove(REDO_KEY)?;
         Ok(())
     }
 
+    /// The staged writes followed by the checkpoint.
+    fn sealed(self, checkpoint: u64) -> (&'a sled::Tree, Writes) {
+        let mut writes = Writes(self.writes.into_iter().collect());
+        writes.insert(CHECKPOINT_KEY, checkpoint.to_be_bytes().to_vec());
+        (self.tree, writes)
+    }
+
     /// Leaves only the redo record of the group, as a crash right after it would.
     #[cfg(test)]
     fn crash_after_redo(self, checkpoint: u64) -> Result<(), sled::Error> {
-        let mut writes = Writes(self.writes.into_iter().collect());
-        writes.insert(CHECKPOINT_KEY, checkpoint.to_be_bytes().to_vec());
-        self.tree.insert(REDO_KEY, writes.encode())?;
+        let (tree, writes) = self.sealed(checkpoint);
+        tree.insert(REDO_KEY, writes.encode())?;
         Ok(())
     }
 }

@@ -186,8 +186,7 @@ impl Dispatcher {
         .await?;
         let mut status = inner.postbacks_status.clone();
         common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await;
-        let mut schedule = Schedule::again(outcome, generation);
-        schedule.reserve_next(inner.run);
+        let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);
         inner.schedules.put(&schedule).await?;
         inner.wake.notify_one();
         Ok(generation)
@@ -244,9 +243,9 @@ impl Dispatcher {
             offer_id: view.offer_id,
             click_id: view.click_id,
         };
-        let mut schedule = Schedule::fresh(target, generation);
-        schedule.reserve_next(inner.run);
-        Ok(Some(schedule))
+        Ok(Some(
+            Schedule::fresh(target, generation).reserved_for(inner.run),
+        ))
     }
 
     /// Schedules for retry-requested outcomes that lost theirs (a stop between
@@ -258,8 +257,7 @@ impl Dispatcher {
                 && inner.schedules.get(&outcome.delivery_id)?.is_none()
             {
                 let generation = outcome.generation;
-                let mut schedule = Schedule::again(outcome, generation);
-                schedule.reserve_next(inner.run);
+                let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);
                 inner.schedules.put(&schedule).await?;
             }
         }
@@ -458,32 +456,44 @@ impl Dispatcher {
             &record.msg_id,
             record.payload.clone().into(),
         );
-        let timeout = |subject: &str, timeout| common::nats::PublishError::Timeout {
-            subject: subject.to_owned(),
-            timeout,
-        };
         let published = async {
             let ack = std::future::IntoFuture::into_future(publish.await?);
             tokio::pin!(ack);
-            if !stored {
+            let early = if stored {
+                None
+            } else {
                 match tokio::time::timeout(inner.config.ack_deadline, &mut ack).await {
-                    Ok(result) => return Ok(result),
+                    Ok(acked) => Some(acked),
                     Err(_) => {
                         s.unpublished = Some(record.clone());
                         inner.schedules.put(&s).await.map_err(Recording::Store)?;
+                        None
                     }
                 }
-            }
-            let wait = inner.config.publish_timeout;
-            tokio::time::timeout(wait, ack)
-                .await
-                .map_err(|_| timeout(&record.subject, wait).into())
+            };
+            let acked = match early {
+                Some(acked) => acked,
+                None => {
+                    let timeout = inner.config.publish_timeout;
+                    tokio::time::timeout(timeout, ack).await.map_err(|_| {
+                        common::nats::PublishError::Timeout {
+                            subject: record.subject.clone(),
+                            timeout,
+                        }
+                    })?
+                }
+            };
+            acked.map_err(|source| {
+                Recording::Publish(common::nats::PublishError::Send {
+                    subject: record.subject.clone(),
+                    source,
+                })
+            })
         }
         .await;
         match published {
-            Ok(Ok(_)) => inner.schedules.remove(&s.delivery_id).map(|()| None),
+            Ok(_) => inner.schedules.remove(&s.delivery_id).map(|()| None),
             Err(Recording::Store(error)) => Err(error),
-            Ok(Err(error)) => self.publish_later(s, record, &error).await,
             Err(Recording::Publish(error)) => self.publish_later(s, record, &error).await,
         }
     }
@@ -493,7 +503,7 @@ impl Dispatcher {
         &self,
         mut s: Schedule,
         record: Unpublished,
-        error: &(dyn std::fmt::Display + Sync),
+        error: &common::nats::PublishError,
     ) -> Result<Option<i64>, sled::Error> {
         tracing::warn!(%error, delivery_id = %s.delivery_id, "outcome not yet in the log; will publish again");
         s.unpublished = Some(record);

@@ -95,8 +95,13 @@ impl Ready {
         if still_due_at.is_some_and(|at| at < self.scanned_ms) {
             self.offer(delivery_id, host);
         }
-        self.hosts
-            .retain(|_, q| q.started > 0 || !q.waiting.is_empty());
+        if self
+            .hosts
+            .get(host)
+            .is_some_and(|q| q.started == 0 && q.waiting.is_empty())
+        {
+            self.hosts.remove(host);
+        }
     }
 }
 

@@ -115,6 +115,12 @@ impl Schedule {
         self.reserved_by = run;
     }
 
+    /// This schedule with its next attempt number reserved for run `run`.
+    pub fn reserved_for(mut self, run: u64) -> Self {
+        self.reserve_next(run);
+        self
+    }
+
     /// Counts an attempt about to be sent by dispatcher run `run`. True when
     /// its number was reserved by this run and so is already durable; false
     /// when the schedule must be written (and flushed) before the request goes
