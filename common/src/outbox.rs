@@ -118,7 +118,7 @@ impl Outbox {
     /// aside: it may hold events that exist nowhere else.
     pub fn open(dir: &Path, max_entries: u64) -> Result<Self, sled::Error> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::open(dir.join("outbox"))?;
+        let db = crate::store::open_waiting(&sled::Config::new().path(dir.join("outbox")))?;
         let tree = db.open_tree("events")?;
         let depth = tree.len() as u64;
         if depth > 0 {

@@ -35,12 +35,8 @@ pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
 pub fn open_db_with_cache(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("projection");
-    let open = |path: &Path| {
-        sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-    };
+    let open =
+        |path: &Path| open_waiting(&sled::Config::new().path(path).cache_capacity(cache_bytes));
     match open(&path) {
         Ok(db) => Ok(db),
         Err(error @ sled::Error::Io(_)) if is_lock_error(&error) => Err(error),
@@ -56,6 +52,26 @@ pub fn open_db_with_cache(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled
 
 fn is_lock_error(error: &sled::Error) -> bool {
     error.to_string().contains("lock")
+}
+
+/// Opens a sled database, waiting up to 2 s while its file lock is still held.
+/// sled releases the lock only once its background IO threads have let go of
+/// the files, a moment after the last handle is dropped; a database reopened
+/// at once in the same process (a test, a rebuild) or by a restarted service
+/// whose predecessor is still exiting would otherwise fail to open.
+///
+/// # Errors
+/// The database cannot open, or the lock is still held after 2 s.
+pub fn open_waiting(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match config.open() {
+            Err(error) if is_lock_error(&error) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Flushes a Tree to disk without blocking the async runtime.
