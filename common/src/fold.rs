@@ -226,6 +226,7 @@ async fn run_consumer<F: Fold>(
         })
         .await?;
     let mut messages = consumer.messages().await?.ready_chunks(MAX_GROUP);
+    let started = std::time::Instant::now();
     status.send_modify(|s| {
         s.applied_seq = applied;
         if applied >= last {
@@ -259,14 +260,24 @@ async fn run_consumer<F: Fold>(
             continue;
         };
         applied = group.top;
+        let mut reached_tail = false;
         status.send_modify(|s| {
             s.applied_seq = applied;
             s.at_tail = group.pending_after == 0;
+            reached_tail = s.at_tail && !s.caught_up;
             s.caught_up |= s.at_tail;
             if let Some(at) = group.last_log_time_ms {
                 s.applied_log_time_ms = at;
             }
         });
+        if reached_tail {
+            tracing::info!(
+                stream = spec.stream,
+                applied_seq = applied,
+                caught_up_after = ?started.elapsed(),
+                "fold caught up with the log"
+            );
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 use std::{
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -42,6 +42,39 @@ pub enum Durable {
     Log(u64),
     /// Flushed to the local outbox; the drainer will publish it.
     Outbox,
+}
+
+/// Whether events sent through the outbox must reach the log in the order
+/// they were accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Each event stands alone (a click): while some wait in the outbox, new
+    /// ones are still published directly as long as JetStream acknowledges.
+    /// A stall of a few tens of milliseconds under load then spools only the
+    /// events caught in it, instead of sending every later event through the
+    /// slower spool until the outbox is empty, which at a steady load it
+    /// rarely becomes.
+    Independent,
+    /// A later event may depend on an earlier one (a conversion's status
+    /// reports): while any wait in the outbox, new ones queue behind them.
+    Keep,
+}
+
+/// Where [`Outbox::publish_or_spool`] sends an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Publish,
+    Spool,
+}
+
+/// Publish directly when nothing waits; otherwise only events that stand
+/// alone, and only while JetStream acknowledges (so an outage does not cost
+/// every request the ack deadline before it is spooled).
+fn route(order: Order, depth: u64, acking: bool) -> Route {
+    match (order, depth, acking) {
+        (_, 0, _) | (Order::Independent, _, true) => Route::Publish,
+        _ => Route::Spool,
+    }
 }
 
 /// What `/readyz` shows of the outbox.
@@ -106,6 +139,8 @@ struct Inner {
     /// Spools that happen at once (an outage under load) share flushes.
     durable: crate::store::GroupFlush,
     depth: AtomicU64,
+    /// The last publish, direct or by the drainer, was acknowledged.
+    acking: AtomicBool,
     max_entries: u64,
     wake: Notify,
 }
@@ -133,6 +168,7 @@ impl Outbox {
                 db,
                 tree,
                 depth: AtomicU64::new(depth),
+                acking: AtomicBool::new(true),
                 max_entries,
                 wake: Notify::new(),
             }),
@@ -191,9 +227,10 @@ impl Outbox {
         Ok(())
     }
 
-    /// Publishes and waits for the ack up to `deadline`; if it does not come (or
-    /// events are already waiting, to keep their order), spools instead. The
-    /// caller may answer success for either [`Durable`] outcome.
+    /// Publishes and waits for the ack up to `deadline`; if it does not come,
+    /// spools instead. Events already waiting send a new one to the spool
+    /// first as `order` says ([`Order`]). The caller may answer success for
+    /// either [`Durable`] outcome.
     ///
     /// # Errors
     /// Not acknowledged and the outbox could not take it either.
@@ -204,8 +241,10 @@ impl Outbox {
         msg_id: &str,
         payload: Vec<u8>,
         deadline: Duration,
+        order: Order,
     ) -> Result<Durable, OutboxError> {
-        if self.depth() == 0 {
+        let acking = &self.inner.acking;
+        if route(order, self.depth(), acking.load(Ordering::Relaxed)) == Route::Publish {
             let published = crate::nats::publish(
                 js,
                 subject.to_owned(),
@@ -215,8 +254,12 @@ impl Outbox {
             )
             .await;
             match published {
-                Ok(seq) => return Ok(Durable::Log(seq)),
+                Ok(seq) => {
+                    acking.store(true, Ordering::Relaxed);
+                    return Ok(Durable::Log(seq));
+                }
                 Err(error) => {
+                    acking.store(false, Ordering::Relaxed);
                     tracing::warn!(%error, subject, "no ack in time; spooling to the outbox")
                 }
             }
@@ -304,7 +347,9 @@ impl Outbox {
                 }
                 continue;
             }
-            match self.drain_once(&js, timeout).await {
+            let drained = self.drain_once(&js, timeout).await;
+            self.inner.acking.store(drained.is_ok(), Ordering::Relaxed);
+            match drained {
                 Ok(n) => {
                     backoff = Duration::from_millis(50);
                     if n > 0 {
@@ -348,6 +393,25 @@ mod tests {
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
         assert_eq!(Record::decode(&[0, 0, 0, 9, b'x']), None);
+    }
+
+    #[test]
+    fn only_independent_events_pass_waiting_ones_and_only_while_nats_acks() {
+        for order in [Order::Independent, Order::Keep] {
+            assert_eq!(route(order, 0, true), Route::Publish, "nothing waits");
+            assert_eq!(
+                route(order, 0, false),
+                Route::Publish,
+                "nothing waits: try NATS again"
+            );
+            assert_eq!(route(order, 3, false), Route::Spool, "an outage");
+        }
+        assert_eq!(route(Order::Independent, 3, true), Route::Publish);
+        assert_eq!(
+            route(Order::Keep, 3, true),
+            Route::Spool,
+            "a status report stays behind the report it follows"
+        );
     }
 
     #[tokio::test]

@@ -90,6 +90,7 @@ pub(super) async fn record_click(
             &click_id,
             event.encode_to_vec(),
             state.ack_deadline,
+            common::outbox::Order::Independent,
         )
         .await
         .map_err(|e| ApiError::not_durable(&e))?;

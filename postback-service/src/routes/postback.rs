@@ -78,6 +78,7 @@ pub(super) async fn postback(
             &crate::postback::report_msg_id(&event),
             event.encode_to_vec(),
             state.ack_deadline,
+            common::outbox::Order::Keep,
         )
         .await
         .map_err(|e| ApiError::not_durable(&e))?;
