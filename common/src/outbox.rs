@@ -8,10 +8,11 @@
 //! events not yet in the log.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -46,17 +47,21 @@ pub enum Durable {
 
 /// Whether events sent through the outbox must reach the log in the order
 /// they were accepted.
+///
+/// While events wait in the outbox, a new event that need not follow them is
+/// still published directly as long as JetStream acknowledges: a stall of a
+/// few tens of milliseconds under load then spools only the events caught in
+/// it, instead of sending every later event through the slower spool until
+/// the outbox is empty, which at a steady load it rarely becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// Each event stands alone (a click): while some wait in the outbox, new
-    /// ones are still published directly as long as JetStream acknowledges.
-    /// A stall of a few tens of milliseconds under load then spools only the
-    /// events caught in it, instead of sending every later event through the
-    /// slower spool until the outbox is empty, which at a steady load it
-    /// rarely becomes.
+pub enum Order<'k> {
+    /// Each event stands alone (a click).
     Independent,
-    /// A later event may depend on an earlier one (a conversion's status
-    /// reports): while any wait in the outbox, new ones queue behind them.
+    /// Events with the same key (a conversion id) reach the log in the order
+    /// they were accepted: a status report never overtakes the report of the
+    /// same conversion that waits in the outbox. Other keys pass.
+    PerKey(&'k str),
+    /// Every event queues behind every waiting one.
     Keep,
 }
 
@@ -67,13 +72,62 @@ enum Route {
     Spool,
 }
 
-/// Publish directly when nothing waits; otherwise only events that stand
-/// alone, and only while JetStream acknowledges (so an outage does not cost
-/// every request the ack deadline before it is spooled).
-fn route(order: Order, depth: u64, acking: bool) -> Route {
-    match (order, depth, acking) {
-        (_, 0, _) | (Order::Independent, _, true) => Route::Publish,
-        _ => Route::Spool,
+/// What waits in the outbox, as far as ordering goes.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Events every later one must follow: spooled with [`Order::Keep`], or
+    /// by a version that did not record their order.
+    barriers: u64,
+    /// Events spooled with [`Order::PerKey`], per key.
+    by_key: HashMap<Vec<u8>, u64>,
+}
+
+/// How a spooled event's order is kept in its outbox key, after the 8-byte
+/// id that orders the outbox: nothing (a barrier), `i` (independent) or `k`
+/// and the key.
+fn order_suffix(order: Order<'_>) -> Vec<u8> {
+    match order {
+        Order::Keep => Vec::new(),
+        Order::Independent => b"i".to_vec(),
+        Order::PerKey(key) => [b"k", key.as_bytes()].concat(),
+    }
+}
+
+impl Waiting {
+    /// Counts (`add`) or forgets the event stored under `outbox_key`.
+    fn count(&mut self, outbox_key: &[u8], add: bool) {
+        let change = |n: &mut u64| *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        match outbox_key.get(8..) {
+            None | Some([]) => change(&mut self.barriers),
+            Some([b'k', key @ ..]) => {
+                let n = self.by_key.entry(key.to_vec()).or_default();
+                change(n);
+                if *n == 0 {
+                    self.by_key.remove(key);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Whether an event with this order may be published before the waiting ones.
+    fn may_pass(&self, order: Order<'_>) -> bool {
+        match order {
+            Order::Independent => true,
+            Order::PerKey(key) => self.barriers == 0 && !self.by_key.contains_key(key.as_bytes()),
+            Order::Keep => false,
+        }
+    }
+}
+
+/// Publish directly when nothing waits; otherwise only an event that need not
+/// follow the waiting ones, and only while JetStream acknowledges (so an
+/// outage does not cost every request the ack deadline before it is spooled).
+fn route(order: Order<'_>, depth: u64, acking: bool, waiting: &Waiting) -> Route {
+    if depth == 0 || (acking && waiting.may_pass(order)) {
+        Route::Publish
+    } else {
+        Route::Spool
     }
 }
 
@@ -141,6 +195,7 @@ struct Inner {
     depth: AtomicU64,
     /// The last publish, direct or by the drainer, was acknowledged.
     acking: AtomicBool,
+    waiting: Mutex<Waiting>,
     max_entries: u64,
     wake: Notify,
 }
@@ -156,6 +211,10 @@ impl Outbox {
         let db = crate::store::open_waiting(&sled::Config::new().path(dir.join("outbox")))?;
         let tree = db.open_tree("events")?;
         let depth = tree.len() as u64;
+        let mut waiting = Waiting::default();
+        for key in tree.iter().keys() {
+            waiting.count(&key?, true);
+        }
         if depth > 0 {
             tracing::warn!(
                 depth,
@@ -169,6 +228,7 @@ impl Outbox {
                 tree,
                 depth: AtomicU64::new(depth),
                 acking: AtomicBool::new(true),
+                waiting: Mutex::new(waiting),
                 max_entries,
                 wake: Notify::new(),
             }),
@@ -207,20 +267,31 @@ impl Outbox {
         subject: &str,
         msg_id: &str,
         payload: &[u8],
+        order: Order<'_>,
     ) -> Result<(), OutboxError> {
         let inner = &self.inner;
         let depth = self.depth();
         if depth >= inner.max_entries {
             return Err(OutboxError::Full(depth));
         }
-        let key = inner.db.generate_id()?.to_be_bytes();
+        let key = [
+            &inner.db.generate_id()?.to_be_bytes()[..],
+            &order_suffix(order),
+        ]
+        .concat();
         let record = Record {
             subject: subject.to_owned(),
             msg_id: msg_id.to_owned(),
             enqueued_at_ms: crate::time::now_ms(),
             payload: payload.to_vec(),
         };
-        inner.tree.insert(key, record.encode())?;
+        // Counted before it is stored, so a request that follows this one's
+        // answer sees it waiting.
+        self.waiting().count(&key, true);
+        if let Err(error) = inner.tree.insert(&key, record.encode()) {
+            self.waiting().count(&key, false);
+            return Err(error.into());
+        }
         inner.depth.fetch_add(1, Ordering::Relaxed);
         inner.durable.flush().await?;
         inner.wake.notify_one();
@@ -241,10 +312,16 @@ impl Outbox {
         msg_id: &str,
         payload: Vec<u8>,
         deadline: Duration,
-        order: Order,
+        order: Order<'_>,
     ) -> Result<Durable, OutboxError> {
         let acking = &self.inner.acking;
-        if route(order, self.depth(), acking.load(Ordering::Relaxed)) == Route::Publish {
+        let route = route(
+            order,
+            self.depth(),
+            acking.load(Ordering::Relaxed),
+            &self.waiting(),
+        );
+        if route == Route::Publish {
             let published = crate::nats::publish(
                 js,
                 subject.to_owned(),
@@ -264,8 +341,25 @@ impl Outbox {
                 }
             }
         }
-        self.spool(subject, msg_id, &payload).await?;
+        self.spool(subject, msg_id, &payload, order).await?;
         Ok(Durable::Outbox)
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.inner
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Removes a spooled event; whether it was still there.
+    fn take(&self, key: &[u8]) -> bool {
+        let removed = self.inner.tree.remove(key).ok().flatten().is_some();
+        if removed {
+            self.inner.depth.fetch_sub(1, Ordering::Relaxed);
+            self.waiting().count(key, false);
+        }
+        removed
     }
 
     fn first(&self, n: usize) -> Vec<(sled::IVec, Record)> {
@@ -278,7 +372,7 @@ impl Outbox {
                 Some(r) => Some((k, r)),
                 None => {
                     tracing::error!("undecodable outbox entry dropped");
-                    let _ = self.inner.tree.remove(&k);
+                    self.take(&k);
                     None
                 }
             })
@@ -312,9 +406,7 @@ impl Outbox {
         for (key, record, ack) in acks {
             match tokio::time::timeout(timeout, ack).await {
                 Ok(Ok(_)) => {
-                    if self.inner.tree.remove(key).ok().flatten().is_some() {
-                        self.inner.depth.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    self.take(key);
                     done += 1;
                 }
                 Ok(Err(source)) => {
@@ -395,23 +487,52 @@ mod tests {
         assert_eq!(Record::decode(&[0, 0, 0, 9, b'x']), None);
     }
 
-    #[test]
-    fn only_independent_events_pass_waiting_ones_and_only_while_nats_acks() {
-        for order in [Order::Independent, Order::Keep] {
-            assert_eq!(route(order, 0, true), Route::Publish, "nothing waits");
-            assert_eq!(
-                route(order, 0, false),
-                Route::Publish,
-                "nothing waits: try NATS again"
-            );
-            assert_eq!(route(order, 3, false), Route::Spool, "an outage");
+    fn waiting(keys: &[&[u8]]) -> Waiting {
+        let mut w = Waiting::default();
+        for k in keys {
+            w.count(k, true);
         }
-        assert_eq!(route(Order::Independent, 3, true), Route::Publish);
+        w
+    }
+
+    #[test]
+    fn events_pass_waiting_ones_they_need_not_follow_and_only_while_nats_acks() {
+        let conv_a: &[u8] = b"\0\0\0\0\0\0\0\x01kA";
+        let click: &[u8] = b"\0\0\0\0\0\0\0\x02i";
+        let w = waiting(&[conv_a, click]);
+        let orders = [Order::Independent, Order::PerKey("B"), Order::Keep];
+        for order in orders {
+            let empty = Waiting::default();
+            assert_eq!(route(order, 0, true, &empty), Route::Publish, "none waits");
+            assert_eq!(
+                route(order, 0, false, &empty),
+                Route::Publish,
+                "none waits: try NATS again"
+            );
+            assert_eq!(route(order, 2, false, &w), Route::Spool, "an outage");
+        }
+        assert_eq!(route(Order::Independent, 2, true, &w), Route::Publish);
         assert_eq!(
-            route(Order::Keep, 3, true),
+            route(Order::PerKey("B"), 2, true, &w),
+            Route::Publish,
+            "another conversion passes"
+        );
+        assert_eq!(
+            route(Order::PerKey("A"), 2, true, &w),
             Route::Spool,
             "a status report stays behind the report it follows"
         );
+        assert_eq!(route(Order::Keep, 2, true, &w), Route::Spool);
+        let legacy: &[u8] = b"\0\0\0\0\0\0\0\x03";
+        assert_eq!(
+            route(Order::PerKey("B"), 3, true, &waiting(&[legacy])),
+            Route::Spool,
+            "an event of unknown order (a Keep, or an older version's) holds every keyed one"
+        );
+        let mut w = w;
+        w.count(conv_a, false);
+        assert_eq!(route(Order::PerKey("A"), 1, true, &w), Route::Publish);
+        assert!(w.by_key.is_empty(), "forgotten keys leave nothing behind");
     }
 
     #[tokio::test]
@@ -419,16 +540,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let outbox = Outbox::open(dir.path(), 2).unwrap();
-            outbox.spool("s", "m1", b"one").await.unwrap();
-            outbox.spool("s", "m2", b"two").await.unwrap();
+            outbox
+                .spool("s", "m1", b"one", Order::PerKey("c1"))
+                .await
+                .unwrap();
+            outbox
+                .spool("s", "m2", b"two", Order::Independent)
+                .await
+                .unwrap();
             assert!(matches!(
-                outbox.spool("s", "m3", b"three").await,
+                outbox.spool("s", "m3", b"three", Order::Keep).await,
                 Err(OutboxError::Full(2))
             ));
             assert_eq!(outbox.status().depth, 2);
         }
         let reopened = Outbox::open(dir.path(), 2).unwrap();
         assert_eq!(reopened.depth(), 2);
+
         let ids: Vec<String> = reopened
             .first(10)
             .into_iter()
@@ -436,5 +564,14 @@ mod tests {
             .collect();
         assert_eq!(ids, ["m1", "m2"]);
         assert!(reopened.status().oldest_age_ms.is_some());
+        assert!(
+            !reopened.waiting().may_pass(Order::PerKey("c1")),
+            "the order of what waits survives the restart"
+        );
+        assert!(reopened.waiting().may_pass(Order::PerKey("c2")));
+        let keys: Vec<_> = reopened.first(10).into_iter().map(|(k, _)| k).collect();
+        assert!(reopened.take(&keys[0]));
+        assert!(reopened.waiting().may_pass(Order::PerKey("c1")));
+        assert_eq!(reopened.depth(), 1);
     }
 }

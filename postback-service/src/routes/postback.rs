@@ -78,7 +78,7 @@ pub(super) async fn postback(
             &crate::postback::report_msg_id(&event),
             event.encode_to_vec(),
             state.ack_deadline,
-            common::outbox::Order::Keep,
+            common::outbox::Order::PerKey(&event.conversion_id),
         )
         .await
         .map_err(|e| ApiError::not_durable(&e))?;
