@@ -315,13 +315,16 @@ impl Outbox {
         order: Order<'_>,
     ) -> Result<Durable, OutboxError> {
         let acking = &self.inner.acking;
-        let route = route(
-            order,
-            self.depth(),
-            acking.load(Ordering::Relaxed),
-            &self.waiting(),
-        );
-        if route == Route::Publish {
+        let depth = self.depth();
+        // The common case, an empty outbox, takes no lock.
+        let publish = depth == 0
+            || route(
+                order,
+                depth,
+                acking.load(Ordering::Relaxed),
+                &self.waiting(),
+            ) == Route::Publish;
+        if publish {
             let published = crate::nats::publish(
                 js,
                 subject.to_owned(),
