@@ -110,7 +110,7 @@ pub const SCENARIOS: [Scenario; 8] = [
     },
     Scenario {
         id: "deliveries",
-        title: "Affiliate deliveries/s to a fast local receiver",
+        title: "Affiliate deliveries/s to a fast local receiver, conversions already decided",
         ceiling: None,
         goal: Goal::Throughput { min: 5_000.0 },
     },
