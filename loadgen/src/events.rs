@@ -37,6 +37,18 @@ pub fn click(click_id: &str, offer_id: &str, affiliate_id: &str, now_ms: i64) ->
     }
 }
 
+/// A visitor's IPv4 address derived from the random tail of a click id: seeded
+/// clicks each come from their own visitor, as most clicks do, so the clicks
+/// fold writes a unique click's rows for each (one visitor's clicks would
+/// coalesce into one fingerprint row per fold group).
+pub fn visitor_ip(click_id: &str) -> String {
+    let tail = click_id
+        .get(click_id.len().saturating_sub(8)..)
+        .unwrap_or("");
+    let [a, b, c, d] = u32::from_str_radix(tail, 16).unwrap_or(0).to_be_bytes();
+    format!("{a}.{b}.{c}.{d}")
+}
+
 /// A partner's report of a sale on `click_id` with transaction `txid`, its
 /// conversion id derived as postback-service derives it.
 pub fn conversion(click_id: &str, txid: &str, now_ms: i64) -> ConversionReported {
@@ -65,6 +77,15 @@ pub fn click_id() -> String {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn visitors_differ_by_click() {
+        assert_eq!(
+            visitor_ip("0190a0b4-7c6e-7a2b-9c1d-2e3f0a0b0c0d"),
+            "10.11.12.13"
+        );
+        assert_ne!(visitor_ip(&click_id()), visitor_ip(&click_id()));
+    }
 
     #[test]
     fn a_synthetic_click_has_the_size_of_a_recorded_one() {

@@ -121,7 +121,9 @@ pub async fn seed_clicks(
         let click_id = id(i);
         let offer = &offers[i as usize % offers.len()];
         let affiliate = &affiliates[(i as usize / offers.len()) % affiliates.len()];
-        let payload = crate::events::click(&click_id, offer, affiliate, now).encode_to_vec();
+        let mut click = crate::events::click(&click_id, offer, affiliate, now);
+        click.ip = crate::events::visitor_ip(&click_id);
+        let payload = click.encode_to_vec();
         (proto::subject::CLICK_RECORDED, click_id, payload.into())
     })
     .await?;
