@@ -92,13 +92,14 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
     let mut next_line = started + Duration::from_secs(1);
     let mut last = 0;
     let mut stall = service::Stall::new(service::stall_limit());
-    // When every decision was in the log, and how many deliveries were recorded then.
+    // When every decision was in the log, and how many deliveries had been
+    // recorded then.
     let mut all_decided: Option<(Instant, u64)> = None;
     let (done, failed) = loop {
         let (d, f) = delivered(&js).await?;
         let (d, f) = (d - base_delivered, f - base_failed);
         if all_decided.is_none() && decided(&js).await? - base_decided >= count {
-            all_decided = Some((Instant::now(), d + f));
+            all_decided = Some((Instant::now(), d));
         }
         if d + f >= count {
             break (Instant::now(), f);
@@ -126,15 +127,16 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
     let cpu = cpu.stop();
     let seen = receiver.counts();
     let first = seen.first.unwrap_or(started).max(started);
+    let landed = count - failed;
     let mut pipeline = Measurement::new(
         &format!("{id}_pipeline"),
         "Affiliate postbacks delivered/s while their reports are still being folded and decided (first request → last delivery recorded)",
         "deliveries/s",
     )
-    .with_rate(count - failed, done.duration_since(first).as_secs_f64())
+    .with_rate(landed, done.duration_since(first).as_secs_f64())
     .extra(
         "from_first_report_per_s",
-        ((count - failed) as f64 / done.duration_since(started).as_secs_f64()).round(),
+        (landed as f64 / done.duration_since(started).as_secs_f64()).round(),
     );
     pipeline.errors = failed;
     // Every delivery needs its decision in the log first, so `all_decided` is
@@ -142,7 +144,9 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
     // the decisions, too few deliveries are left to time it alone: the pipeline's
     // rate (a lower bound of the dispatcher's) is the row's then.
     let (decided_at, recorded_then, window) = match all_decided {
-        Some((at, then)) if count - then >= count / 10 => (at, then, "every decision in the log"),
+        Some((at, then)) if landed.saturating_sub(then) >= count / 10 => {
+            (at, then, "every decision in the log")
+        }
         _ => (
             first,
             0,
@@ -155,7 +159,7 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
         "deliveries/s",
     )
     .with_rate(
-        count - recorded_then,
+        landed.saturating_sub(recorded_then),
         done.duration_since(decided_at).as_secs_f64(),
     )
     .extra("timed_from", window)
