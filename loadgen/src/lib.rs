@@ -8,6 +8,8 @@
 //!   ([`stats`]);
 //! - [`ceiling`]: the four ceilings (bare axum 302, 302 after a JetStream ack,
 //!   pipelined JetStream publishes, sled batched inserts);
+//! - [`folds`]: ceilings 5 and 6, postback-service's clicks and conversions
+//!   folds alone (no NATS), the stage that bounds decisions and the rebuild;
 //! - [`scenarios`]: postbacks, decisions, deliveries, rebuild; [`receiver`] is
 //!   the fast affiliate endpoint deliveries go to;
 //! - [`results`] and [`report`]: one JSON line per measurement, then
@@ -18,6 +20,7 @@ pub mod ceiling;
 pub mod cli;
 pub mod error;
 pub mod events;
+pub mod folds;
 pub mod http;
 pub mod load;
 pub mod nats;
@@ -77,6 +80,18 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
                 &args.out.watch,
             )
             .await?;
+            m.id = id.to_owned();
+            results::append(&args.out.results, &m)
+        }
+        Command::FoldAlone(args) => {
+            let plan = folds::Plan {
+                shape: args.shape,
+                dir: args.dir,
+                warmup: args.warmup,
+                duration: args.duration,
+                group: args.group,
+            };
+            let mut m = folds::run(plan, &args.out.watch).await?;
             m.id = id.to_owned();
             results::append(&args.out.results, &m)
         }

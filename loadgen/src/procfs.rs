@@ -137,6 +137,11 @@ impl CpuWatch {
     }
 }
 
+/// Bytes as MiB, one decimal.
+pub fn mib(bytes: u64) -> f64 {
+    (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0
+}
+
 /// Bytes under a directory, recursively (0 if it is not there).
 pub fn dir_size(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {

@@ -85,7 +85,7 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     let cpu = cpu.stop();
     let memory = procfs::memory(args.pid);
     let disk = procfs::dir_size(&args.data_dir);
-    let mib = |b: u64| (b as f64 / 1_048_576.0 * 10.0).round() / 10.0;
+    let mib = crate::procfs::mib;
     let per_million = if clicks > 0 {
         disk as f64 / (clicks as f64 / 1e6)
     } else {

@@ -1,0 +1,367 @@
+//! Ceilings 5 and 6: postback-service's own folds alone, without NATS.
+//!
+//! The decisions and rebuild scenarios are bounded by one fold thread each
+//! (see BENCHMARKS.md). These two measurements run that stage on its own: the
+//! real [`ClicksFold`] and [`ConversionsFold`] applying events that were
+//! encoded beforehand to a real sled Tree, in groups, through the same
+//! `common::fold::apply_new` and commit the services use, on one thread. A
+//! scenario's ratio to them is what everything around the fold costs (NATS, the
+//! decider, the other folds sharing the cores); the fold's own cost against
+//! sled's is in the notes.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use common::{
+    fold::{apply_new, Fold},
+    LogEntry,
+};
+use postback_service::{clicks::ClicksFold, conversions::ConversionsFold};
+use prost::Message;
+use proto::conversions::v1::{ConversionAttributed, ConversionStatus};
+
+use crate::{
+    error::BenchError,
+    events,
+    procfs::{self, CpuWatch, Watched},
+    results::Measurement,
+};
+
+/// Which fold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// ClickRecorded events, each from its own visitor, spread over 10 offers
+    /// and 50 affiliates.
+    Clicks,
+    /// Per conversion a ConversionReported, then (in the next group) its
+    /// ConversionAttributed, as the decider publishes it.
+    Conversions,
+}
+
+impl Shape {
+    /// Default measurement id.
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::Clicks => "fold_clicks",
+            Self::Conversions => "fold_conversions",
+        }
+    }
+}
+
+/// How a run is set up.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub shape: Shape,
+    /// Scratch directory (deleted before and after).
+    pub dir: PathBuf,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Events per commit.
+    pub group: usize,
+}
+
+/// One group's events, encoded before the clock runs.
+struct Encoded(Vec<(&'static str, Vec<u8>)>);
+
+/// Makes the groups of a shape, numbering the log as it goes.
+struct Source {
+    shape: Shape,
+    group: usize,
+    seq: u64,
+    now_ms: i64,
+    run: String,
+    /// Conversions reported in the last group, to be attributed in the next:
+    /// (the report's sequence, the report).
+    reported: Vec<(u64, proto::conversions::v1::ConversionReported)>,
+}
+
+impl Source {
+    fn new(shape: Shape, group: usize) -> Self {
+        Self {
+            shape,
+            group: group.max(1),
+            seq: 0,
+            now_ms: common::time::now_ms(),
+            run: uuid::Uuid::now_v7().simple().to_string()[20..].to_owned(),
+            reported: Vec::new(),
+        }
+    }
+
+    /// The next group, and how many clicks or conversions it completes.
+    fn next(&mut self) -> (Encoded, u64) {
+        match self.shape {
+            Shape::Clicks => {
+                let events = (0..self.group)
+                    .map(|_| {
+                        let n = self.seq + 1;
+                        self.seq = n;
+                        let id = events::click_id();
+                        let mut click = events::click(
+                            &id,
+                            &format!("offer-{}", n % 10),
+                            &format!("aff-{}", n % 50),
+                            self.now_ms,
+                        );
+                        click.ip = events::visitor_ip(&id);
+                        (proto::subject::CLICK_RECORDED, click.encode_to_vec())
+                    })
+                    .collect();
+                (Encoded(events), self.group as u64)
+            }
+            Shape::Conversions if self.reported.is_empty() => {
+                let events = (0..self.group)
+                    .map(|_| {
+                        self.seq += 1;
+                        let report = events::conversion(
+                            &events::click_id(),
+                            &format!("{}-{}", self.run, self.seq),
+                            self.now_ms,
+                        );
+                        let bytes = report.encode_to_vec();
+                        self.reported.push((self.seq, report));
+                        (proto::subject::CONVERSION_REPORTED, bytes)
+                    })
+                    .collect();
+                (Encoded(events), 0)
+            }
+            Shape::Conversions => {
+                let reported = std::mem::take(&mut self.reported);
+                let done = reported.len() as u64;
+                let events = reported
+                    .into_iter()
+                    .map(|(reported_seq, r)| {
+                        self.seq += 1;
+                        let n = self.seq;
+                        (
+                            proto::subject::CONVERSION_ATTRIBUTED,
+                            attribution(&r, reported_seq, n, self.now_ms).encode_to_vec(),
+                        )
+                    })
+                    .collect();
+                (Encoded(events), done)
+            }
+        }
+    }
+}
+
+/// What one group cost.
+struct Step {
+    applying: Duration,
+    completes: u64,
+    events: u64,
+}
+
+impl Source {
+    /// Makes the next group and folds it into `tree`, timing only the fold.
+    fn step(&mut self, tree: &sled::Tree) -> Result<Step, sled::Error> {
+        let first_seq = self.seq + 1;
+        let (group, completes) = self.next();
+        let entries: Vec<LogEntry<'_>> = group
+            .0
+            .iter()
+            .zip(first_seq..)
+            .map(|((subject, payload), seq)| LogEntry {
+                subject,
+                payload,
+                seq,
+                log_time_ms: self.now_ms,
+            })
+            .collect();
+        let t0 = Instant::now();
+        apply(tree, self.shape, &entries)?;
+        Ok(Step {
+            applying: t0.elapsed(),
+            completes,
+            events: entries.len() as u64,
+        })
+    }
+}
+
+/// The decision the decider publishes for an attributed report of the
+/// benchmark's catalog (no caps, no affiliate postback).
+fn attribution(
+    r: &proto::conversions::v1::ConversionReported,
+    reported_seq: u64,
+    n: u64,
+    now_ms: i64,
+) -> ConversionAttributed {
+    ConversionAttributed {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at_ms: now_ms,
+        conversion_id: r.conversion_id.clone(),
+        click_id: r.click_id.clone(),
+        offer_id: format!("offer-{}", n % 10),
+        affiliate_id: format!("aff-{}", n % 50),
+        goal: r.goal.clone(),
+        txid: r.txid.clone(),
+        payout_micros: 2_500_000,
+        payout_currency: "USD".into(),
+        revenue_micros: 12_500_000,
+        revenue_currency: "USD".into(),
+        converted_at_ms: now_ms,
+        reported_seq,
+        status: ConversionStatus::Approved as i32,
+        ..Default::default()
+    }
+}
+
+/// Runs the fold of `plan.shape` for `warmup + duration` and measures the
+/// applying (encoding the events is outside the clock).
+///
+/// # Errors
+/// sled failed.
+pub async fn run(plan: Plan, watched: &[Watched]) -> Result<Measurement, BenchError> {
+    let watched = watched.to_vec();
+    tokio::task::spawn_blocking(move || measure(&plan, &watched))
+        .await
+        .map_err(|e| BenchError::Usage(format!("the fold thread failed: {e}")))?
+}
+
+fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> {
+    let _ = std::fs::remove_dir_all(&plan.dir);
+    let db = common::store::open_db(&plan.dir)?;
+    let tree = db.open_tree("fold")?;
+    let mut source = Source::new(plan.shape, plan.group);
+    let label = plan.shape.id();
+    let unit = match plan.shape {
+        Shape::Clicks => "clicks/s",
+        Shape::Conversions => "conversions/s",
+    };
+    let started = Instant::now();
+    let measure_from = started + plan.warmup;
+    let deadline = measure_from + plan.duration;
+    let (mut done, mut events, mut applying) = (0u64, 0u64, Duration::ZERO);
+    let mut measuring: Option<CpuWatch> = None;
+    let mut next_line = started + Duration::from_secs(1);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        if measuring.is_none() && Instant::now() >= measure_from {
+            (done, events, applying) = (0, 0, Duration::ZERO);
+            measuring = Some(CpuWatch::start(watched));
+        }
+        let step = source.step(&tree)?;
+        applying += step.applying;
+        done += step.completes;
+        events += step.events;
+        if Instant::now() >= next_line {
+            next_line += Duration::from_secs(1);
+            eprintln!(
+                "[{label}] {:>5.1}s {:>8} {unit} applied so far in this window",
+                started.elapsed().as_secs_f64(),
+                done - last.min(done)
+            );
+            last = done;
+        }
+    }
+    let cpu = measuring.map(|w| w.stop()).unwrap_or_default();
+    let title = match plan.shape {
+        Shape::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS, one thread): ClickRecorded events from distinct visitors applied to sled",
+        Shape::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider, one thread): a ConversionReported, then its ConversionAttributed",
+    };
+    let mut m = Measurement::new(label, title, unit)
+        .with_rate(done, applying.as_secs_f64())
+        .extra("group", plan.group as u64)
+        .extra("events", events)
+        .extra(
+            "events_per_s",
+            (events as f64 / applying.as_secs_f64().max(1e-6)).round(),
+        )
+        .extra("disk_mib", procfs::mib(procfs::dir_size(&plan.dir)));
+    m.cpu = cpu;
+    drop(tree);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&plan.dir);
+    Ok(m)
+}
+
+fn apply(tree: &sled::Tree, shape: Shape, entries: &[LogEntry<'_>]) -> Result<u64, sled::Error> {
+    fn with<F: Fold>(
+        tree: &sled::Tree,
+        mut fold: F,
+        entries: &[LogEntry<'_>],
+    ) -> Result<u64, sled::Error> {
+        apply_new(tree, &mut fold, entries)
+    }
+    match shape {
+        Shape::Clicks => with(tree, ClicksFold, entries),
+        Shape::Conversions => with(tree, ConversionsFold, entries),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_alternate_reports_and_their_attributions() {
+        let mut s = Source::new(Shape::Conversions, 3);
+        let (reports, done) = s.next();
+        assert_eq!(done, 0);
+        assert!(reports
+            .0
+            .iter()
+            .all(|(subject, _)| *subject == proto::subject::CONVERSION_REPORTED));
+        let (decisions, done) = s.next();
+        assert_eq!(done, 3);
+        let seqs: Vec<u64> = decisions
+            .0
+            .iter()
+            .map(|(_, b)| ConversionAttributed::decode(&b[..]).unwrap().reported_seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3], "each attribution names its report");
+        assert_eq!(s.seq, 6);
+    }
+
+    #[test]
+    fn the_folds_record_every_event_they_are_given() {
+        use postback_service::{clicks::Clicks, conversions::Conversions};
+        let dir = tempfile::tempdir().unwrap();
+        let db = common::store::open_db(dir.path()).unwrap();
+        let clicks = db.open_tree("clicks").unwrap();
+        let mut source = Source::new(Shape::Clicks, 20);
+        let step = source.step(&clicks).unwrap();
+        assert_eq!((step.completes, step.events), (20, 20));
+        let clicks = Clicks::new(clicks);
+        assert_eq!(clicks.count('o', "offer-0").unwrap(), 2);
+        let unique: u64 = clicks
+            .unique_counts('a')
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(unique, 20, "each click from its own visitor");
+
+        let tree = db.open_tree("conversions").unwrap();
+        let mut source = Source::new(Shape::Conversions, 16);
+        for _ in 0..4 {
+            source.step(&tree).unwrap();
+        }
+        let conversions = Conversions::new(tree);
+        assert_eq!(conversions.pending_ids().count(), 0, "every report decided");
+        let attributed: u64 = conversions
+            .reports('o')
+            .unwrap()
+            .iter()
+            .map(|(_, row)| row.attributed)
+            .sum();
+        assert_eq!(attributed, 32);
+    }
+
+    #[test]
+    fn a_measurement_counts_whole_conversions() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Plan {
+            shape: Shape::Conversions,
+            dir: dir.path().join("fold"),
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(200),
+            group: 16,
+        };
+        let m = measure(&plan, &[]).unwrap();
+        assert!(m.count >= 16 && m.count.is_multiple_of(16), "{m:?}");
+        assert!(m.throughput > 0.0);
+        assert!(!plan.dir.exists(), "scratch removed");
+    }
+}
