@@ -333,6 +333,88 @@ async fn daily_caps_hold_at_the_boundary_and_reset_at_midnight_in_the_offers_tim
     );
 }
 
+/// The decider decides a round while the fold is still applying the previous
+/// ones (postback-service's `conversions::in_flight`): a burst of reports, in
+/// many rounds, must still meet a cap and one-per-goal dedup exactly, in log
+/// order.
+#[tokio::test]
+async fn a_burst_meets_caps_and_dedup_exactly_while_rounds_are_in_flight() {
+    let sys = System::start().await;
+    offer(&sys, json!({"caps": {"daily_conversions": 25}})).await;
+    sys.put_offer("o2", json!({"url": OFFER_URL, "dedup": "one_per_goal"}))
+        .await;
+    sys.wait_postback_sees_offer("o2", "").await;
+    let mut capped_clicks = Vec::new();
+    for _ in 0..60 {
+        capped_clicks.push(sys.click_ok("o1", "aff=a1").await.0);
+    }
+    let mut deduped_clicks = Vec::new();
+    for _ in 0..20 {
+        deduped_clicks.push(sys.click_ok("o2", "aff=a2").await.0);
+    }
+    // Pipelined, so that reports keep arriving while rounds are in flight.
+    let js = sys.jetstream().await;
+    let now = common::time::now_ms();
+    let (mut capped, mut deduped, mut acks) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, click) in capped_clicks.iter().enumerate() {
+        let reports = [
+            (click, String::new(), &mut capped),
+            (&deduped_clicks[i / 3], format!("T{i}"), &mut deduped),
+        ];
+        for (click, txid, ids) in reports {
+            let id = uuid::Uuid::now_v7().to_string();
+            let e = ConversionReported {
+                conversion_id: id.clone(),
+                click_id: click.clone(),
+                txid,
+                occurred_at_ms: now,
+                ..Default::default()
+            };
+            let ack = js
+                .publish("conversions.v1.reported", e.encode_to_vec().into())
+                .await
+                .expect("sent");
+            acks.push(ack);
+            ids.push(id);
+            if i % 4 == 3 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("acked");
+    }
+    let mut outcomes = Vec::new();
+    for id in &capped {
+        let v = sys.decided(id).await;
+        outcomes.push(v["reason"].as_str().unwrap_or("attributed").to_owned());
+    }
+    assert_eq!(
+        outcomes[..25],
+        vec!["attributed"; 25],
+        "the first 25 reported"
+    );
+    assert_eq!(outcomes[25..], vec!["cap_reached"; 35]);
+    let mut outcomes = Vec::new();
+    for id in &deduped {
+        let v = sys.decided(id).await;
+        outcomes.push(v["reason"].as_str().unwrap_or("attributed").to_owned());
+    }
+    let expected: Vec<&str> = (0..60)
+        .map(|i| {
+            if i % 3 == 0 {
+                "attributed"
+            } else {
+                "duplicate"
+            }
+        })
+        .collect();
+    assert_eq!(
+        outcomes, expected,
+        "each click's first report, then duplicates"
+    );
+}
+
 #[tokio::test]
 async fn postback_token_and_ip_allowlist() {
     let sys =

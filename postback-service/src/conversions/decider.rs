@@ -1,12 +1,14 @@
 //! The decider task: walks pending conversions in log order, decides each with
-//! [`decide`](super::decide()), publishes the decisions, and waits until the fold has
-//! applied them before looking again.
+//! [`decide`](super::decide()), and publishes the decisions, round after round.
 //!
 //! It starts only once the conversions fold has reached the end of the log, so
 //! every decision already in the log has been applied: replaying the log (a
 //! restart, a wiped data dir) never decides a conversion again. After that, the
-//! only new decisions are its own, and it waits until each round's decisions are
-//! folded back before the next round (one decider per log). Decisions are published with
+//! only new decisions are its own (one decider per log). It does not wait for a
+//! round to be folded back before deciding the next: it reads the projection
+//! together with what its unfolded rounds claimed ([`InFlight`]), and waits only
+//! where that cannot be exact (cap counts; see there) or when
+//! [`MAX_ROUNDS_IN_FLIGHT`] rounds are unfolded. Decisions are published with
 //! `Nats-Msg-Id = decision-<conversion_id>`, and the fold keeps only the first
 //! decision per conversion, so even a publish whose ack was lost cannot give a
 //! conversion two outcomes.
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     decide::{decide, decide_status, DecideInput, StatusVerdict, Verdict},
     fold::{cap_key, goal_key, txid_key, Conversions, Decision},
+    in_flight::{Claims, InFlight},
     view::{status_to_proto, ConversionView},
 };
 use crate::clicks::Clicks;
@@ -36,6 +39,12 @@ use crate::clicks::Clicks;
 const SCAN_LIMIT: usize = 100_000;
 /// Most decisions published per round.
 const ROUND_LIMIT: usize = 4096;
+/// Most rounds published and not yet folded back; past it the decider waits
+/// for the fold (a fold that stopped must not let the claims grow unbounded:
+/// at most this many × [`ROUND_LIMIT`] decisions, about 250 bytes each). A
+/// burst of reports folds before any of the decisions published meanwhile, so
+/// the decider keeps deciding through a burst of up to this many rounds.
+const MAX_ROUNDS_IN_FLIGHT: usize = 32;
 
 /// How the decider behaves.
 #[derive(Debug, Clone)]
@@ -65,6 +74,12 @@ pub async fn run_decider(
 ) {
     let tick = (config.grace / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
     let mut waiting = Waiting::default();
+    let mut in_flight = InFlight::default();
+    // Where the next round resumes its walk of the pending conversions: the
+    // rows before it are decided and in flight, or waiting for their click. A
+    // round walks from the start when nothing is in flight, and at least every
+    // `tick` while conversions wait (so they are looked at again).
+    let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -76,14 +91,29 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        match round(&js, &inputs, &config, &mut waiting).await {
-            Ok(Some(seq)) => {
-                let mut status = inputs.conversions_status.clone();
-                if !common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await {
-                    tracing::warn!(seq, "decisions not yet folded back; continuing");
+        in_flight.settle(inputs.conversions_status.borrow().applied_seq);
+        let from_start =
+            in_flight.rounds() == 0 || (!waiting.0.is_empty() && walked_all_at.elapsed() >= tick);
+        if from_start {
+            (resume_from, walked_all_at) = (0, std::time::Instant::now());
+        }
+        let walk = (&mut waiting, &in_flight, resume_from);
+        match round(&js, &inputs, &config, walk).await {
+            Ok(outcome) => {
+                resume_from = outcome.resume_from;
+                if let Some(top) = outcome.top {
+                    in_flight.push(top, outcome.claims);
+                }
+                if outcome.wait || in_flight.rounds() >= MAX_ROUNDS_IN_FLIGHT {
+                    if let Some(seq) = in_flight.top() {
+                        let mut status = inputs.conversions_status.clone();
+                        let timeout = Duration::from_secs(5);
+                        if !common::fold::wait_applied(&mut status, seq, timeout).await {
+                            tracing::warn!(seq, "decisions not yet folded back; continuing");
+                        }
+                    }
                 }
             }
-            Ok(None) => {}
             Err(error) => {
                 tracing::warn!(%error, "decider round failed; retrying");
                 tokio::time::sleep(tick).await;
@@ -125,28 +155,40 @@ impl Waiting {
     }
 }
 
-/// Decides what can be decided now; returns the highest stream sequence of the
-/// decisions published.
+/// What a round did.
+struct RoundOutcome {
+    /// The highest stream sequence of the decisions published (`None`: none).
+    top: Option<u64>,
+    claims: Claims,
+    /// The round stopped at a conversion it may decide only once the rounds in
+    /// flight are folded back.
+    wait: bool,
+    /// The report sequence of the first pending conversion not looked at.
+    resume_from: u64,
+}
+
+/// Decides what can be decided now and publishes it.
 async fn round(
     js: &Context,
     inputs: &DeciderInputs,
     config: &DeciderConfig,
-    waiting: &mut Waiting,
-) -> Result<Option<u64>, RoundError> {
+    (waiting, in_flight, from): (&mut Waiting, &InFlight, u64),
+) -> Result<RoundOutcome, RoundError> {
     let now = common::time::now_ms();
     let clicks = inputs.clicks_status.borrow().clone();
     let grace_ms = config.grace.as_millis() as i64;
-    // Dedup keys and cap counts claimed by attributions of this round, not yet
-    // folded back.
-    let mut claimed: HashSet<Vec<u8>> = HashSet::new();
-    let mut cap_claims: HashMap<Vec<u8>, u64> = HashMap::new();
+    // What this round's decisions claim; with `in_flight`, what is decided and
+    // not yet folded back.
+    let mut claims = Claims::default();
+    let (mut wait, mut resume_from) = (false, from);
     let mut decisions = Vec::new();
-    for id in inputs.conversions.pending_ids().take(SCAN_LIMIT) {
+    for row in inputs.conversions.pending_from(from).take(SCAN_LIMIT) {
         if decisions.len() >= ROUND_LIMIT {
             break;
         }
-        let id = id?;
-        if waiting.still(&id, &inputs.clicks, now, grace_ms)? {
+        let (seq, id) = row?;
+        resume_from = seq + 1;
+        if in_flight.decided(&id) || waiting.still(&id, &inputs.clicks, now, grace_ms)? {
             continue;
         }
         let Some(conversion) = inputs.conversions.get(&id)? else {
@@ -163,10 +205,22 @@ async fn round(
             ),
             None => (None, None),
         };
+        let capped = offer.as_deref().is_some_and(|o| {
+            o.caps.daily_conversions > 0 || o.caps.daily_conversions_per_affiliate > 0
+        });
+        if capped
+            && offer
+                .as_deref()
+                .is_some_and(|o| in_flight.attributed_to(&o.offer_id))
+        {
+            // Its cap counts are being folded: decide it once they are in.
+            (wait, resume_from) = (true, seq);
+            break;
+        }
         let gk = goal_key(&conversion.click_id, &conversion.goal);
         let tk = txid_key(&conversion.click_id, &conversion.goal, &conversion.txid);
         let cap_keys = match (&offer, &click) {
-            (Some(o), Some(k)) => {
+            (Some(o), Some(k)) if capped => {
                 let day = o.day_of(conversion.converted_at_ms);
                 Some((
                     cap_key(&o.offer_id, None, &day),
@@ -176,7 +230,12 @@ async fn round(
             _ => None,
         };
         let used = |key: &Vec<u8>| -> Result<u64, sled::Error> {
-            Ok(inputs.conversions.count(key)? + cap_claims.get(key).copied().unwrap_or(0))
+            Ok(inputs.conversions.count(key)? + claims.caps.get(key).copied().unwrap_or(0))
+        };
+        let taken = |key: &Vec<u8>| -> Result<bool, sled::Error> {
+            Ok(claims.keys.contains(key)
+                || in_flight.key_taken(key)
+                || inputs.conversions.taken(key)?)
         };
         let cap_used = match &cap_keys {
             Some((offer_key, aff_key)) => (used(offer_key)?, used(aff_key)?),
@@ -187,8 +246,8 @@ async fn round(
             click: click.as_ref(),
             offer: offer.as_deref(),
             affiliate: affiliate.as_deref(),
-            goal_taken: claimed.contains(&gk) || inputs.conversions.taken(&gk)?,
-            txid_taken: claimed.contains(&tk) || inputs.conversions.taken(&tk)?,
+            goal_taken: taken(&gk)?,
+            txid_taken: taken(&tk)?,
             click_wait_over: now - conversion.reported_at_ms >= grace_ms
                 && clicks.caught_up
                 && (clicks.at_tail
@@ -202,14 +261,16 @@ async fn round(
         } else {
             waiting.0.remove(&conversion.conversion_id);
         }
-        if matches!(verdict, Verdict::Attribute { .. }) {
-            claimed.insert(gk);
-            claimed.insert(tk);
+        if let Verdict::Attribute { offer_id, .. } = &verdict {
+            claims.offers.insert(offer_id.clone());
+            claims.keys.insert(gk);
+            claims.keys.insert(tk);
             for key in cap_keys.into_iter().flat_map(|(a, b)| [a, b]) {
-                *cap_claims.entry(key).or_default() += 1;
+                *claims.caps.entry(key).or_default() += 1;
             }
         }
         if let Some(decision) = decision_event(&conversion, click.as_ref(), verdict, now) {
+            claims.conversions.insert(conversion.conversion_id.clone());
             decisions.push(decision);
         }
     }
@@ -220,7 +281,7 @@ async fn round(
             break;
         }
         let (seq, update) = row?;
-        if !touched.insert(update.conversion_id.clone()) {
+        if in_flight.status_decided(seq) || !touched.insert(update.conversion_id.clone()) {
             continue;
         }
         let Some(view) = inputs.conversions.get(&update.conversion_id)? else {
@@ -236,6 +297,7 @@ async fn round(
             }
             StatusVerdict::Change { from, to } => (from, to, true, String::new()),
         };
+        claims.status_rows.insert(seq);
         decisions.push(Decision::StatusUpdated(ConversionStatusUpdated {
             event_id: uuid::Uuid::now_v7().to_string(),
             occurred_at_ms: now,
@@ -248,7 +310,13 @@ async fn round(
             detail,
         }));
     }
-    publish_all(js, &decisions, config.publish_timeout).await
+    let top = publish_all(js, &decisions, config.publish_timeout).await?;
+    Ok(RoundOutcome {
+        top,
+        claims,
+        wait,
+        resume_from,
+    })
 }
 
 /// Publishes pipelined: send all, then collect the acks.

@@ -382,9 +382,24 @@ impl Conversions {
 
     /// Ids of the pending conversions in log order, lazily.
     pub fn pending_ids(&self) -> impl Iterator<Item = Result<String, sled::Error>> + '_ {
+        self.pending_from(0).map(|row| row.map(|(_, id)| id))
+    }
+
+    /// Pending conversions reported at stream sequence `from` or later, in log
+    /// order, lazily: (the report's sequence, the conversion id).
+    pub fn pending_from(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<(u64, String), sled::Error>> + '_ {
         self.tree
-            .scan_prefix(b"p/")
-            .map(|row| row.map(|(_, id)| String::from_utf8_lossy(&id).into_owned()))
+            .range(pending_key(from)..)
+            .take_while(|row| row.as_ref().map_or(true, |(k, _)| k.starts_with(b"p/")))
+            .map(|row| {
+                row.map(|(k, id)| {
+                    let seq = common::store::decode_u64(&k[2..]);
+                    (seq, String::from_utf8_lossy(&id).into_owned())
+                })
+            })
     }
 
     /// Pending conversions in log order, read lazily.

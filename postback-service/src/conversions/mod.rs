@@ -4,6 +4,7 @@
 mod decide;
 mod decider;
 mod fold;
+mod in_flight;
 mod report;
 mod view;
 

@@ -1,0 +1,145 @@
+//! Decisions published but not yet folded back.
+//!
+//! The decider used to wait after every round until the fold had applied the
+//! round's decisions, so that the next round read pending conversions, dedup
+//! keys and cap counts that included them. Deciding and folding then took
+//! turns, and each stage idled while the other worked. Instead, the decider
+//! remembers what its unfolded rounds claimed and reads the projection *plus*
+//! these claims, so it can decide the next round while the fold applies the
+//! last one:
+//!
+//! - a conversion it decided is passed over, though its pending row is still
+//!   there;
+//! - a dedup key an attribution claimed is taken (a set: counting a key both in
+//!   the projection and here cannot matter);
+//! - cap counts are the exception: a count read from the projection may or may
+//!   not include a claim that is being folded at that moment, and counting it
+//!   twice would reject a conversion under its cap. So a conversion of an offer
+//!   with conversion caps is not decided while an earlier attribution to that
+//!   offer is in flight: the round stops there and the decider waits for the
+//!   fold, as it always did.
+//!
+//! A round leaves this record once the fold's applied sequence reaches the
+//! round's last decision: by then every effect of it is in the projection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+/// What one round's decisions claimed.
+#[derive(Debug, Default)]
+pub(super) struct Claims {
+    /// Conversions decided: their pending rows stay until the fold removes them.
+    pub(super) conversions: HashSet<String>,
+    /// Status-queue rows decided (by their sequence).
+    pub(super) status_rows: HashSet<u64>,
+    /// Dedup keys (goal, txid) claimed by attributions.
+    pub(super) keys: HashSet<Vec<u8>>,
+    /// Offers attributed to.
+    pub(super) offers: HashSet<String>,
+    /// Cap counts claimed within the round (offers with conversion caps).
+    pub(super) caps: HashMap<Vec<u8>, u64>,
+}
+
+/// The claims of the rounds published and not yet folded back, each entry
+/// tagged with the stream sequence of its round's last decision. One map per
+/// kind, so a lookup costs the same however many rounds are in flight.
+#[derive(Debug, Default)]
+pub(super) struct InFlight {
+    /// The last decision's sequence of each round in flight, oldest first.
+    rounds: VecDeque<u64>,
+    conversions: HashMap<String, u64>,
+    status_rows: HashMap<u64, u64>,
+    keys: HashMap<Vec<u8>, u64>,
+    offers: HashMap<String, u64>,
+}
+
+impl InFlight {
+    /// Records a round whose last decision is at stream sequence `top`.
+    pub(super) fn push(&mut self, top: u64, claims: Claims) {
+        self.rounds.push_back(top);
+        self.conversions
+            .extend(claims.conversions.into_iter().map(|k| (k, top)));
+        self.status_rows
+            .extend(claims.status_rows.into_iter().map(|k| (k, top)));
+        self.keys.extend(claims.keys.into_iter().map(|k| (k, top)));
+        self.offers
+            .extend(claims.offers.into_iter().map(|k| (k, top)));
+    }
+
+    /// Forgets the rounds the fold has applied (`applied`: its sequence).
+    pub(super) fn settle(&mut self, applied: u64) {
+        if self.rounds.front().is_none_or(|top| *top > applied) {
+            return;
+        }
+        while self.rounds.front().is_some_and(|top| *top <= applied) {
+            self.rounds.pop_front();
+        }
+        let live = |top: &mut u64| *top > applied;
+        self.conversions.retain(|_, top| live(top));
+        self.status_rows.retain(|_, top| live(top));
+        self.keys.retain(|_, top| live(top));
+        self.offers.retain(|_, top| live(top));
+    }
+
+    /// Rounds in flight.
+    pub(super) fn rounds(&self) -> usize {
+        self.rounds.len()
+    }
+
+    /// The sequence the fold must reach for nothing to be in flight.
+    pub(super) fn top(&self) -> Option<u64> {
+        self.rounds.back().copied()
+    }
+
+    /// Whether an unfolded round decided this conversion.
+    pub(super) fn decided(&self, conversion_id: &str) -> bool {
+        self.conversions.contains_key(conversion_id)
+    }
+
+    /// Whether an unfolded round decided this status-queue row.
+    pub(super) fn status_decided(&self, seq: u64) -> bool {
+        self.status_rows.contains_key(&seq)
+    }
+
+    /// Whether an unfolded attribution claimed this dedup key.
+    pub(super) fn key_taken(&self, key: &[u8]) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// Whether an unfolded attribution went to this offer.
+    pub(super) fn attributed_to(&self, offer_id: &str) -> bool {
+        self.offers.contains_key(offer_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(conversion: &str, key: &[u8], offer: &str) -> Claims {
+        let mut c = Claims::default();
+        c.conversions.insert(conversion.into());
+        c.keys.insert(key.to_vec());
+        c.offers.insert(offer.into());
+        c.status_rows.insert(7);
+        c
+    }
+
+    #[test]
+    fn rounds_are_remembered_until_the_fold_applies_their_last_decision() {
+        let mut f = InFlight::default();
+        f.push(10, claims("a", b"d/k1", "o1"));
+        f.push(20, claims("b", b"d/k2", "o2"));
+        assert!(f.decided("a") && f.decided("b") && !f.decided("c"));
+        assert!(f.key_taken(b"d/k1") && f.key_taken(b"d/k2") && !f.key_taken(b"d/k3"));
+        assert!(f.attributed_to("o1") && !f.attributed_to("o3"));
+        assert!(f.status_decided(7) && !f.status_decided(8));
+        assert_eq!((f.rounds(), f.top()), (2, Some(20)));
+
+        f.settle(19);
+        assert!(!f.decided("a"), "round 1 folded back");
+        assert!(f.decided("b") && f.key_taken(b"d/k2"), "round 2 not yet");
+        f.settle(20);
+        assert_eq!((f.rounds(), f.top()), (0, None));
+        assert!(!f.key_taken(b"d/k2"));
+    }
+}
