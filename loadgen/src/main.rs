@@ -3,6 +3,14 @@
 use anyhow::Context as _;
 use clap::Parser;
 
+/// The services' allocator, so that the ceilings measured in this process
+/// (sled, the folds alone, the axum handlers) use the same one. mimalloc, not
+/// glibc's malloc: sled copies a tree node on every update, and
+/// glibc's allocator took about 30 % of postback-service's CPU under load (its
+/// free lists, `malloc_consolidate`). See BENCHMARKS.md, sixth round.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = loadgen::Cli::parse();
     loadgen::service::set_stall_limit(cli.stall_limit);

@@ -3,6 +3,12 @@
 use anyhow::Context;
 use clap::Parser;
 
+/// mimalloc, not glibc's malloc: sled copies a tree node on every update, and
+/// glibc's allocator took about 30 % of postback-service's CPU under load (its
+/// free lists, `malloc_consolidate`). See BENCHMARKS.md, sixth round.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = postback_service::Config::parse();
