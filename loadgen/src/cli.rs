@@ -203,9 +203,9 @@ pub struct CeilingPublishArgs {
     pub out: Output,
 }
 
-/// `loadgen ceiling-sled`.
+/// A measurement of sled in a scratch directory, for a set time.
 #[derive(Debug, Clone, Args)]
-pub struct CeilingSledArgs {
+pub struct ScratchRun {
     /// Scratch directory (deleted before and after).
     #[arg(long)]
     pub dir: PathBuf,
@@ -213,6 +213,13 @@ pub struct CeilingSledArgs {
     pub duration: Duration,
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
+}
+
+/// `loadgen ceiling-sled`.
+#[derive(Debug, Clone, Args)]
+pub struct CeilingSledArgs {
+    #[command(flatten)]
+    pub run: ScratchRun,
     /// Rows per batch (the folds group up to 1024 events).
     #[arg(long, default_value_t = 1024)]
     pub batch: usize,
@@ -226,13 +233,8 @@ pub struct FoldAloneArgs {
     /// Which fold.
     #[arg(long, value_enum)]
     pub shape: crate::folds::Shape,
-    /// Scratch directory (deleted before and after).
-    #[arg(long)]
-    pub dir: PathBuf,
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub duration: Duration,
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub warmup: Duration,
+    #[command(flatten)]
+    pub run: ScratchRun,
     /// Events per commit. The folds group what one read from NATS brings, up to
     /// 1024: about 900 for clicks at full load (they linger 2 ms), about 127 for
     /// conversions in the decisions scenario.

@@ -238,7 +238,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
     let mut last = 0;
     while Instant::now() < deadline {
         if measuring.is_none() && Instant::now() >= measure_from {
-            (done, events, applying) = (0, 0, Duration::ZERO);
+            (done, events, applying, last) = (0, 0, Duration::ZERO, 0);
             measuring = Some(CpuWatch::start(watched));
         }
         let step = source.step(&tree)?;
@@ -248,9 +248,9 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
         if Instant::now() >= next_line {
             next_line += Duration::from_secs(1);
             eprintln!(
-                "[{label}] {:>5.1}s {:>8} {unit} applied so far in this window",
+                "[{label}] {:>5.1}s {:>8} done in the last second (encoding included)",
                 started.elapsed().as_secs_f64(),
-                done - last.min(done)
+                done - last
             );
             last = done;
         }

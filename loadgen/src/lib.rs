@@ -73,9 +73,9 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
         }
         Command::CeilingSled(args) => {
             let mut m = ceiling::sled(
-                &args.dir,
-                args.warmup,
-                args.duration,
+                &args.run.dir,
+                args.run.warmup,
+                args.run.duration,
                 args.batch,
                 &args.out.watch,
             )
@@ -86,9 +86,9 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
         Command::FoldAlone(args) => {
             let plan = folds::Plan {
                 shape: args.shape,
-                dir: args.dir,
-                warmup: args.warmup,
-                duration: args.duration,
+                dir: args.run.dir,
+                warmup: args.run.warmup,
+                duration: args.run.duration,
                 group: args.group,
             };
             let mut m = folds::run(plan, &args.out.watch).await?;

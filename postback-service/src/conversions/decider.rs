@@ -281,7 +281,10 @@ async fn round(
             break;
         }
         let (seq, update) = row?;
-        if in_flight.status_decided(seq) || !touched.insert(update.conversion_id.clone()) {
+        // A later status of a conversion with a decision in flight waits for it:
+        // it is decided against the view that decision leaves.
+        if in_flight.decided(&update.conversion_id) || !touched.insert(update.conversion_id.clone())
+        {
             continue;
         }
         let Some(view) = inputs.conversions.get(&update.conversion_id)? else {
@@ -297,7 +300,7 @@ async fn round(
             }
             StatusVerdict::Change { from, to } => (from, to, true, String::new()),
         };
-        claims.status_rows.insert(seq);
+        claims.conversions.insert(view.conversion_id.clone());
         decisions.push(Decision::StatusUpdated(ConversionStatusUpdated {
             event_id: uuid::Uuid::now_v7().to_string(),
             occurred_at_ms: now,

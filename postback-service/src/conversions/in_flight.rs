@@ -9,7 +9,9 @@
 //! last one:
 //!
 //! - a conversion it decided is passed over, though its pending row is still
-//!   there;
+//!   there, and so is a later status report of a conversion whose status
+//!   decision is in flight (it must be decided against the view that decision
+//!   leaves);
 //! - a dedup key an attribution claimed is taken (a set: counting a key both in
 //!   the projection and here cannot matter);
 //! - cap counts are the exception: a count read from the projection may or may
@@ -27,10 +29,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 /// What one round's decisions claimed.
 #[derive(Debug, Default)]
 pub(super) struct Claims {
-    /// Conversions decided: their pending rows stay until the fold removes them.
+    /// Conversions decided (a report or a later status): their pending or
+    /// status-queue rows stay until the fold removes them.
     pub(super) conversions: HashSet<String>,
-    /// Status-queue rows decided (by their sequence).
-    pub(super) status_rows: HashSet<u64>,
     /// Dedup keys (goal, txid) claimed by attributions.
     pub(super) keys: HashSet<Vec<u8>>,
     /// Offers attributed to.
@@ -47,7 +48,6 @@ pub(super) struct InFlight {
     /// The last decision's sequence of each round in flight, oldest first.
     rounds: VecDeque<u64>,
     conversions: HashMap<String, u64>,
-    status_rows: HashMap<u64, u64>,
     keys: HashMap<Vec<u8>, u64>,
     offers: HashMap<String, u64>,
 }
@@ -58,8 +58,6 @@ impl InFlight {
         self.rounds.push_back(top);
         self.conversions
             .extend(claims.conversions.into_iter().map(|k| (k, top)));
-        self.status_rows
-            .extend(claims.status_rows.into_iter().map(|k| (k, top)));
         self.keys.extend(claims.keys.into_iter().map(|k| (k, top)));
         self.offers
             .extend(claims.offers.into_iter().map(|k| (k, top)));
@@ -75,7 +73,6 @@ impl InFlight {
         }
         let live = |top: &mut u64| *top > applied;
         self.conversions.retain(|_, top| live(top));
-        self.status_rows.retain(|_, top| live(top));
         self.keys.retain(|_, top| live(top));
         self.offers.retain(|_, top| live(top));
     }
@@ -93,11 +90,6 @@ impl InFlight {
     /// Whether an unfolded round decided this conversion.
     pub(super) fn decided(&self, conversion_id: &str) -> bool {
         self.conversions.contains_key(conversion_id)
-    }
-
-    /// Whether an unfolded round decided this status-queue row.
-    pub(super) fn status_decided(&self, seq: u64) -> bool {
-        self.status_rows.contains_key(&seq)
     }
 
     /// Whether an unfolded attribution claimed this dedup key.
@@ -120,7 +112,6 @@ mod tests {
         c.conversions.insert(conversion.into());
         c.keys.insert(key.to_vec());
         c.offers.insert(offer.into());
-        c.status_rows.insert(7);
         c
     }
 
@@ -132,7 +123,6 @@ mod tests {
         assert!(f.decided("a") && f.decided("b") && !f.decided("c"));
         assert!(f.key_taken(b"d/k1") && f.key_taken(b"d/k2") && !f.key_taken(b"d/k3"));
         assert!(f.attributed_to("o1") && !f.attributed_to("o3"));
-        assert!(f.status_decided(7) && !f.status_decided(8));
         assert_eq!((f.rounds(), f.top()), (2, Some(20)));
 
         f.settle(19);
