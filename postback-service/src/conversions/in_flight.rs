@@ -9,9 +9,8 @@
 //! last one:
 //!
 //! - a conversion it decided is passed over, though its pending row is still
-//!   there, and so is a later status report of a conversion whose status
-//!   decision is in flight (it must be decided against the view that decision
-//!   leaves);
+//!   there, and so is a later status report of a conversion with any decision
+//!   in flight (it must be decided against the view that decision leaves);
 //! - a dedup key an attribution claimed is taken (a set: counting a key both in
 //!   the projection and here cannot matter);
 //! - cap counts are the exception: a count read from the projection may or may
