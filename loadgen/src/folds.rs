@@ -9,20 +9,15 @@
 //! decider, the other folds sharing the cores); the fold's own cost against
 //! sled's is in the notes.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{
-    fold::{apply_new, Fold},
-    LogEntry,
-};
+use common::{fold::apply_new, LogEntry};
 use postback_service::{clicks::ClicksFold, conversions::ConversionsFold};
 use prost::Message;
 use proto::conversions::v1::{ConversionAttributed, ConversionStatus};
 
 use crate::{
+    cli::ScratchRun,
     error::BenchError,
     events,
     procfs::{self, CpuWatch, Watched},
@@ -48,22 +43,41 @@ impl Shape {
             Self::Conversions => "fold_conversions",
         }
     }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Self::Clicks => "clicks/s",
+            Self::Conversions => "conversions/s",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS, one thread): ClickRecorded events from distinct visitors applied to sled",
+            Self::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider, one thread): a ConversionReported, then its ConversionAttributed",
+        }
+    }
+
+    /// Folds `entries` with this shape's fold.
+    fn apply(self, tree: &sled::Tree, entries: &[LogEntry<'_>]) -> Result<u64, sled::Error> {
+        match self {
+            Self::Clicks => apply_new(tree, &mut ClicksFold, entries),
+            Self::Conversions => apply_new(tree, &mut ConversionsFold, entries),
+        }
+    }
 }
 
 /// How a run is set up.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub shape: Shape,
-    /// Scratch directory (deleted before and after).
-    pub dir: PathBuf,
-    pub warmup: Duration,
-    pub duration: Duration,
+    pub run: ScratchRun,
     /// Events per commit.
     pub group: usize,
 }
 
-/// One group's events, encoded before the clock runs.
-struct Encoded(Vec<(&'static str, Vec<u8>)>);
+/// One group's events, encoded before the clock runs: (subject, payload).
+type Encoded = Vec<(&'static str, Vec<u8>)>;
 
 /// Makes the groups of a shape, numbering the log as it goes.
 struct Source {
@@ -95,8 +109,8 @@ impl Source {
             Shape::Clicks => {
                 let events = (0..self.group)
                     .map(|_| {
-                        let n = self.seq + 1;
-                        self.seq = n;
+                        self.seq += 1;
+                        let n = self.seq;
                         let id = events::click_id();
                         let mut click = events::click(
                             &id,
@@ -108,7 +122,7 @@ impl Source {
                         (proto::subject::CLICK_RECORDED, click.encode_to_vec())
                     })
                     .collect();
-                (Encoded(events), self.group as u64)
+                (events, self.group as u64)
             }
             Shape::Conversions if self.reported.is_empty() => {
                 let events = (0..self.group)
@@ -124,7 +138,7 @@ impl Source {
                         (proto::subject::CONVERSION_REPORTED, bytes)
                     })
                     .collect();
-                (Encoded(events), 0)
+                (events, 0)
             }
             Shape::Conversions => {
                 let reported = std::mem::take(&mut self.reported);
@@ -140,7 +154,7 @@ impl Source {
                         )
                     })
                     .collect();
-                (Encoded(events), done)
+                (events, done)
             }
         }
     }
@@ -159,7 +173,6 @@ impl Source {
         let first_seq = self.seq + 1;
         let (group, completes) = self.next();
         let entries: Vec<LogEntry<'_>> = group
-            .0
             .iter()
             .zip(first_seq..)
             .map(|((subject, payload), seq)| LogEntry {
@@ -170,7 +183,7 @@ impl Source {
             })
             .collect();
         let t0 = Instant::now();
-        apply(tree, self.shape, &entries)?;
+        self.shape.apply(tree, &entries)?;
         Ok(Step {
             applying: t0.elapsed(),
             completes,
@@ -220,18 +233,15 @@ pub async fn run(plan: Plan, watched: &[Watched]) -> Result<Measurement, BenchEr
 }
 
 fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> {
-    let _ = std::fs::remove_dir_all(&plan.dir);
-    let db = common::store::open_db(&plan.dir)?;
+    let dir = &plan.run.dir;
+    let _ = std::fs::remove_dir_all(dir);
+    let db = common::store::open_db(dir)?;
     let tree = db.open_tree("fold")?;
     let mut source = Source::new(plan.shape, plan.group);
-    let label = plan.shape.id();
-    let unit = match plan.shape {
-        Shape::Clicks => "clicks/s",
-        Shape::Conversions => "conversions/s",
-    };
+    let (label, unit) = (plan.shape.id(), plan.shape.unit());
     let started = Instant::now();
-    let measure_from = started + plan.warmup;
-    let deadline = measure_from + plan.duration;
+    let measure_from = started + plan.run.warmup;
+    let deadline = measure_from + plan.run.duration;
     let (mut done, mut events, mut applying) = (0u64, 0u64, Duration::ZERO);
     let mut measuring: Option<CpuWatch> = None;
     let mut next_line = started + Duration::from_secs(1);
@@ -256,11 +266,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
         }
     }
     let cpu = measuring.map(|w| w.stop()).unwrap_or_default();
-    let title = match plan.shape {
-        Shape::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS, one thread): ClickRecorded events from distinct visitors applied to sled",
-        Shape::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider, one thread): a ConversionReported, then its ConversionAttributed",
-    };
-    let mut m = Measurement::new(label, title, unit)
+    let mut m = Measurement::new(label, plan.shape.title(), unit)
         .with_rate(done, applying.as_secs_f64())
         .extra("group", plan.group as u64)
         .extra("events", events)
@@ -268,26 +274,12 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
             "events_per_s",
             (events as f64 / applying.as_secs_f64().max(1e-6)).round(),
         )
-        .extra("disk_mib", procfs::mib(procfs::dir_size(&plan.dir)));
+        .extra("disk_mib", procfs::mib(procfs::dir_size(dir)));
     m.cpu = cpu;
     drop(tree);
     drop(db);
-    let _ = std::fs::remove_dir_all(&plan.dir);
+    let _ = std::fs::remove_dir_all(dir);
     Ok(m)
-}
-
-fn apply(tree: &sled::Tree, shape: Shape, entries: &[LogEntry<'_>]) -> Result<u64, sled::Error> {
-    fn with<F: Fold>(
-        tree: &sled::Tree,
-        mut fold: F,
-        entries: &[LogEntry<'_>],
-    ) -> Result<u64, sled::Error> {
-        apply_new(tree, &mut fold, entries)
-    }
-    match shape {
-        Shape::Clicks => with(tree, ClicksFold, entries),
-        Shape::Conversions => with(tree, ConversionsFold, entries),
-    }
 }
 
 #[cfg(test)]
@@ -300,13 +292,11 @@ mod tests {
         let (reports, done) = s.next();
         assert_eq!(done, 0);
         assert!(reports
-            .0
             .iter()
             .all(|(subject, _)| *subject == proto::subject::CONVERSION_REPORTED));
         let (decisions, done) = s.next();
         assert_eq!(done, 3);
         let seqs: Vec<u64> = decisions
-            .0
             .iter()
             .map(|(_, b)| ConversionAttributed::decode(&b[..]).unwrap().reported_seq)
             .collect();
@@ -354,14 +344,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = Plan {
             shape: Shape::Conversions,
-            dir: dir.path().join("fold"),
-            warmup: Duration::ZERO,
-            duration: Duration::from_millis(200),
+            run: ScratchRun {
+                dir: dir.path().join("fold"),
+                warmup: Duration::ZERO,
+                duration: Duration::from_millis(200),
+            },
             group: 16,
         };
         let m = measure(&plan, &[]).unwrap();
         assert!(m.count >= 16 && m.count.is_multiple_of(16), "{m:?}");
         assert!(m.throughput > 0.0);
-        assert!(!plan.dir.exists(), "scratch removed");
+        assert!(!plan.run.dir.exists(), "scratch removed");
     }
 }

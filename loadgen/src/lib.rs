@@ -86,9 +86,7 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
         Command::FoldAlone(args) => {
             let plan = folds::Plan {
                 shape: args.shape,
-                dir: args.run.dir,
-                warmup: args.run.warmup,
-                duration: args.run.duration,
+                run: args.run,
                 group: args.group,
             };
             let mut m = folds::run(plan, &args.out.watch).await?;

@@ -205,22 +205,18 @@ async fn round(
             ),
             None => (None, None),
         };
-        let capped = offer.as_deref().is_some_and(|o| {
-            o.caps.daily_conversions > 0 || o.caps.daily_conversions_per_affiliate > 0
-        });
-        if capped
-            && offer
-                .as_deref()
-                .is_some_and(|o| in_flight.attributed_to(&o.offer_id))
-        {
+        let capped = offer
+            .as_deref()
+            .filter(|o| o.caps.daily_conversions > 0 || o.caps.daily_conversions_per_affiliate > 0);
+        if capped.is_some_and(|o| in_flight.attributed_to(&o.offer_id)) {
             // Its cap counts are being folded: decide it once they are in.
             (wait, resume_from) = (true, seq);
             break;
         }
         let gk = goal_key(&conversion.click_id, &conversion.goal);
         let tk = txid_key(&conversion.click_id, &conversion.goal, &conversion.txid);
-        let cap_keys = match (&offer, &click) {
-            (Some(o), Some(k)) if capped => {
+        let cap_keys = match (capped, &click) {
+            (Some(o), Some(k)) => {
                 let day = o.day_of(conversion.converted_at_ms);
                 Some((
                     cap_key(&o.offer_id, None, &day),
