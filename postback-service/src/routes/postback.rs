@@ -110,10 +110,10 @@ async fn click_at_door(
         Ok(stream) => stream.cached_info().state.last_sequence,
         Err(_) => return Ok(None),
     };
+    // Read again even when the fold was already there: it may have applied
+    // the click between the first read and the stream info.
     let mut status = state.clicks_status.clone();
-    if status.borrow().applied_seq >= last
-        || !common::fold::wait_applied(&mut status, last, state.door_wait).await
-    {
+    if !common::fold::wait_applied(&mut status, last, state.door_wait).await {
         return Ok(None);
     }
     Ok(state.clicks.get(click_id)?)
