@@ -5,7 +5,8 @@
 //! 1. [`serve`] `bare`: an axum handler answering 302, nothing else;
 //! 2. [`serve`] `ack`: the same handler awaiting the JetStream ack (with
 //!    `Nats-Msg-Id`) of an event the size of a `ClickRecorded`, on a stream
-//!    configured like `CLICKS`;
+//!    configured like `CLICKS`; with `readers`, that many ordered consumers
+//!    follow the stream meanwhile, as the two services' clicks folds do;
 //! 3. [`publish`]: pipelined JetStream publishes of that event, no HTTP;
 //! 4. [`sled`]: sled batched inserts of projection-sized rows, flushed per batch
 //!    as the folds do.
@@ -97,12 +98,18 @@ pub async fn serve(
     listen: SocketAddr,
     nats_url: &str,
     lifetime: Duration,
+    readers: usize,
 ) -> Result<(), BenchError> {
     let router = match mode {
         ServeMode::Bare => Router::new().route("/c/{offer_id}", get(bare)),
         ServeMode::Ack => {
             let (_client, js) = nats::connect(nats_url).await?;
             nats::reset_bench_stream(&js).await?;
+            // Each reader on its own connection, as each service's fold has.
+            for reader in 0..readers {
+                let (_client, js) = nats::connect(nats_url).await?;
+                nats::follow_bench_stream(&js, reader).await?;
+            }
             Router::new()
                 .route("/c/{offer_id}", get(ack))
                 .with_state(Arc::new(AckState { js }))

@@ -185,6 +185,10 @@ pub struct ServeArgs {
     /// Stops by itself after this long.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub lifetime: Duration,
+    /// Ack mode: this many readers (each its own connection and ordered pull
+    /// consumer, as a fold has) follow the stream while the server publishes.
+    #[arg(long, default_value_t = 0)]
+    pub readers: usize,
 }
 
 /// `loadgen ceiling-publish`.

@@ -57,7 +57,14 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
     match command {
         Command::Http(args) => scenarios::http_load::run(args, id).await,
         Command::Serve(args) => {
-            ceiling::serve(args.mode, args.listen, &args.nats_url, args.lifetime).await
+            ceiling::serve(
+                args.mode,
+                args.listen,
+                &args.nats_url,
+                args.lifetime,
+                args.readers,
+            )
+            .await
         }
         Command::CeilingPublish(args) => {
             let mut m = ceiling::publish(

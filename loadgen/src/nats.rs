@@ -9,7 +9,7 @@ use std::{
 
 use async_nats::jetstream::{self, context::PublishAckFuture, Context};
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 
 use crate::{
@@ -54,6 +54,28 @@ pub async fn reset_bench_stream(js: &Context) -> Result<(), BenchError> {
     js.create_stream(config)
         .await
         .nats("creating the BENCH stream")?;
+    Ok(())
+}
+
+/// Follows `BENCH` from its start with an ordered pull consumer, as a fold
+/// follows its stream, and discards what it reads; `reader` tells several apart.
+///
+/// # Errors
+/// JetStream refused the consumer.
+pub async fn follow_bench_stream(js: &Context, reader: usize) -> Result<(), BenchError> {
+    let stream = js.get_stream(BENCH_STREAM).await.nats("the BENCH stream")?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            name: Some(format!("bench-reader-{reader}")),
+            ..Default::default()
+        })
+        .await
+        .nats("a BENCH reader")?;
+    let messages = consumer
+        .messages()
+        .await
+        .nats("a BENCH reader's messages")?;
+    tokio::spawn(messages.for_each(|_| async {}));
     Ok(())
 }
 

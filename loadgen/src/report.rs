@@ -117,7 +117,7 @@ pub const SCENARIOS: [Scenario; 8] = [
 ];
 
 /// The ceilings, for their own table.
-pub const CEILINGS: [(&str, &str); 7] = [
+pub const CEILINGS: [(&str, &str); 8] = [
     ("ceiling_axum", "1. bare axum handler answering 302 (closed loop)"),
     (
         "ceiling_ack",
@@ -126,6 +126,10 @@ pub const CEILINGS: [(&str, &str); 7] = [
     (
         "ceiling_ack_open",
         "2'. ceiling 2 in open loop at the rate of the click latency scenario",
+    ),
+    (
+        "ceiling_ack_open_readers",
+        "2''. ceiling 2' while two readers follow the stream (ordered pull consumers, each on its own connection), as the two services' clicks folds follow CLICKS",
     ),
     (
         "ceiling_publish",
@@ -498,6 +502,7 @@ fn ceiling_name(id: &str) -> &'static str {
         "ceiling_axum" => "ceiling 1",
         "ceiling_ack" => "ceiling 2",
         "ceiling_ack_open" => "ceiling 2, open loop",
+        "ceiling_ack_open_readers" => "ceiling 2, open loop, two readers",
         "ceiling_publish" => "ceiling 3",
         "ceiling_sled" => "ceiling 4",
         "fold_clicks" => "ceiling 5",
