@@ -49,6 +49,15 @@ pub trait Fold: Send + 'static {
     /// # Errors
     /// Only storage failures, after which the whole group is retried.
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error>;
+
+    /// Version of the rows this fold writes. A Tree written in another format
+    /// (by an older version of the service) is cleared and folded again from the
+    /// log when the fold starts: the projection is disposable, and reading rows
+    /// of a format the code no longer writes could miss facts (a dedup row of
+    /// the old shape, say). Raise it whenever the rows change shape.
+    fn format(&self) -> u32 {
+        store::FIRST_FORMAT
+    }
 }
 
 /// Where a fold is, for readiness checks and for waiting on one's own writes.
@@ -193,6 +202,16 @@ async fn run_consumer<F: Fold>(
     token: &CancellationToken,
 ) -> Result<(), FoldError> {
     store::recover(tree)?;
+    let format = fold.lock().unwrap_or_else(PoisonError::into_inner).format();
+    if store::format(tree)? != format {
+        tracing::warn!(
+            stream = spec.stream,
+            format,
+            "projection rows are of another format; folding the log again"
+        );
+        store::start_format(tree, format)?;
+        source.durable.flush().await?;
+    }
     let mut applied = store::checkpoint(tree)?;
     let mut stream = source.js.get_stream(spec.stream).await?;
     let last = stream.info().await?.state.last_sequence;
@@ -203,7 +222,7 @@ async fn run_consumer<F: Fold>(
             last,
             "projection is ahead of the log (the stream was recreated); rebuilding"
         );
-        tree.clear()?;
+        store::start_format(tree, format)?;
         source.durable.flush().await?;
         applied = 0;
     }

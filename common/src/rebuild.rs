@@ -29,6 +29,10 @@ impl Fold for Box<dyn Fold> {
     ) -> Result<(), sled::Error> {
         (**self).apply(staged, entry)
     }
+
+    fn format(&self) -> u32 {
+        (**self).format()
+    }
 }
 
 /// A rebuild that did not finish.

@@ -147,6 +147,37 @@ impl GroupFlush {
     }
 }
 
+/// Key of the format row of a fold's Tree ([`crate::fold::Fold::format`]).
+pub const FORMAT_KEY: &[u8] = b"~meta/format";
+
+/// The format of a Tree without a format row: every fold's first.
+pub const FIRST_FORMAT: u32 = 1;
+
+/// The format a fold's Tree was written in: its format row, else
+/// [`FIRST_FORMAT`] (folds of the first format write no row, so their Trees
+/// stay as they were).
+///
+/// # Errors
+/// sled read failure.
+pub fn format(tree: &sled::Tree) -> Result<u32, sled::Error> {
+    Ok(tree.get(FORMAT_KEY)?.map_or(FIRST_FORMAT, |v| {
+        u32::try_from(decode_u64(&v)).unwrap_or(u32::MAX)
+    }))
+}
+
+/// Empties a fold's Tree and marks it as written in `format`: the fold then
+/// starts again from the log's first event.
+///
+/// # Errors
+/// sled failure.
+pub fn start_format(tree: &sled::Tree, format: u32) -> Result<(), sled::Error> {
+    tree.clear()?;
+    if format != FIRST_FORMAT {
+        tree.insert(FORMAT_KEY, &u64::from(format).to_be_bytes())?;
+    }
+    Ok(())
+}
+
 /// Reads the checkpoint of a fold's Tree (0: nothing applied yet).
 ///
 /// # Errors
@@ -451,6 +482,23 @@ mod tests {
         assert!(tree.get(REDO_KEY).unwrap().is_none(), "no redo record left");
         assert_eq!(decode_u64(&tree.get("n").unwrap().unwrap()), 5);
         assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_new_format_clears_the_tree_and_the_first_leaves_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let mut staged = Staged::new(&tree);
+        staged.insert("a", "1");
+        staged.commit(9).unwrap();
+        assert_eq!(format(&tree).unwrap(), FIRST_FORMAT, "no row: the first");
+        start_format(&tree, 2).unwrap();
+        assert_eq!(format(&tree).unwrap(), 2);
+        assert_eq!(checkpoint(&tree).unwrap(), 0, "folded again from the start");
+        assert!(tree.get("a").unwrap().is_none());
+        start_format(&tree, FIRST_FORMAT).unwrap();
+        assert!(tree.is_empty(), "the first format writes no row");
     }
 
     #[test]

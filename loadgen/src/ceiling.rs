@@ -251,7 +251,7 @@ pub async fn sled(
             let event = events::click(&click_id, "bench", "bench-aff", now_ms);
             b.insert(
                 postback_service::clicks::click_key(&click_id),
-                event.encode_to_vec(),
+                postback_service::clicks::click_row(&event.encode_to_vec(), true),
             );
         }
         rows += batch as u64;

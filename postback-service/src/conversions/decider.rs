@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     decide::{decide, decide_status, DecideInput, StatusVerdict, Verdict},
-    fold::{cap_key, goal_key, txid_key, Conversions, Decision},
+    fold::{cap_key, goal_claim, txid_claim, Conversions, Decision},
     in_flight::{Claims, InFlight},
     view::{status_to_proto, ConversionView},
 };
@@ -213,8 +213,8 @@ async fn round(
             (wait, resume_from) = (true, seq);
             break;
         }
-        let gk = goal_key(&conversion.click_id, &conversion.goal);
-        let tk = txid_key(&conversion.click_id, &conversion.goal, &conversion.txid);
+        let gk = goal_claim(&conversion.click_id, &conversion.goal);
+        let tk = txid_claim(&conversion.click_id, &conversion.goal, &conversion.txid);
         let cap_keys = match (capped, &click) {
             (Some(o), Some(k)) => {
                 let day = o.day_of(conversion.converted_at_ms);
@@ -228,11 +228,11 @@ async fn round(
         let used = |key: &Vec<u8>| -> Result<u64, sled::Error> {
             Ok(inputs.conversions.count(key)? + claims.caps.get(key).copied().unwrap_or(0))
         };
-        let taken = |key: &Vec<u8>| -> Result<bool, sled::Error> {
-            Ok(claims.keys.contains(key)
-                || in_flight.key_taken(key)
-                || inputs.conversions.taken(key)?)
-        };
+        let claimed = |key: &Vec<u8>| claims.keys.contains(key) || in_flight.key_taken(key);
+        let dedup =
+            inputs
+                .conversions
+                .dedup(&conversion.click_id, &conversion.goal, &conversion.txid)?;
         let cap_used = match &cap_keys {
             Some((offer_key, aff_key)) => (used(offer_key)?, used(aff_key)?),
             None => (0, 0),
@@ -242,8 +242,8 @@ async fn round(
             click: click.as_ref(),
             offer: offer.as_deref(),
             affiliate: affiliate.as_deref(),
-            goal_taken: taken(&gk)?,
-            txid_taken: taken(&tk)?,
+            goal_taken: dedup.goal_taken || claimed(&gk),
+            txid_taken: dedup.txid_taken || claimed(&tk),
             click_wait_over: now - conversion.reported_at_ms >= grace_ms
                 && clicks.caught_up
                 && (clicks.at_tail

@@ -5,7 +5,9 @@
 //! - `p/<reported seq, 8 bytes BE>`: conversion id of each pending conversion, in
 //!   log order, which the decider walks;
 //! - `k/<click_id>/<conversion_id>`: conversions by click;
-//! - `d/<click_id>␟<goal>` and `d/<click_id>␟<goal>␟<txid>`: attributed dedup keys;
+//! - `d/<click_id>/<goal length, 2 bytes BE><goal><txid>`: the dedup row of each
+//!   attributed conversion, one per attribution; the rows of one (click, goal)
+//!   share a prefix, so a goal is taken when any row has it ([`Conversions::dedup`]);
 //! - `q/<seq, 8 bytes BE>`: [`QueueEntry`]s, the affiliate postbacks owed by
 //!   attributions and status moves, in log order, which the dispatcher walks;
 //! - `u/<report seq, 8 bytes BE>`: later status reports of known conversions,
@@ -36,14 +38,33 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
     format!("k/{click_id}/").into_bytes()
 }
 
-/// Dedup key: an attributed conversion exists for (click, goal).
-pub(crate) fn goal_key(click_id: &str, goal: &str) -> Vec<u8> {
-    format!("d/{click_id}\u{1f}{goal}").into_bytes()
+/// The rows' format ([`Fold::format`]). 2: one dedup row per attribution
+/// (format 1 wrote two, one per goal and one per txid, in another shape).
+const FORMAT: u32 = 2;
+
+/// Prefix of the dedup rows of (click, goal): the goal's length first, so no
+/// goal's prefix is another goal's.
+fn dedup_goal_prefix(click_id: &str, goal: &str) -> Vec<u8> {
+    let len = u16::try_from(goal.len()).unwrap_or(u16::MAX).to_be_bytes();
+    [b"d/", click_id.as_bytes(), b"/", &len, goal.as_bytes()].concat()
 }
 
-/// Dedup key: an attributed conversion exists for (click, goal, txid).
-pub(crate) fn txid_key(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
-    format!("d/{click_id}\u{1f}{goal}\u{1f}{txid}").into_bytes()
+/// The dedup row of an attributed conversion of (click, goal, txid).
+fn dedup_key(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
+    let mut key = dedup_goal_prefix(click_id, goal);
+    key.extend_from_slice(txid.as_bytes());
+    key
+}
+
+/// What an attribution claims until it is folded, in the decider's memory:
+/// (click, goal) is taken.
+pub(crate) fn goal_claim(click_id: &str, goal: &str) -> Vec<u8> {
+    [b"g".as_slice(), &dedup_goal_prefix(click_id, goal)].concat()
+}
+
+/// What an attribution claims until it is folded: (click, goal, txid) is taken.
+pub(crate) fn txid_claim(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
+    [b"t".as_slice(), &dedup_key(click_id, goal, txid)].concat()
 }
 
 /// Attributed conversions owed an affiliate postback, in log order (the
@@ -128,11 +149,24 @@ impl Decision {
     }
 }
 
+/// The dedup questions of one conversion, as the projection answers them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dedup {
+    /// A conversion of the same click and goal is attributed.
+    pub goal_taken: bool,
+    /// A conversion of the same click, goal and txid is attributed.
+    pub txid_taken: bool,
+}
+
 /// Folds reports and decisions into conversion views, indexes and reports.
 #[derive(Debug, Default)]
 pub struct ConversionsFold;
 
 impl Fold for ConversionsFold {
+    fn format(&self) -> u32 {
+        FORMAT
+    }
+
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
         match entry.subject {
             proto::subject::CONVERSION_REPORTED => apply_reported(staged, entry),
@@ -255,9 +289,10 @@ fn apply_decision(
     let reported_seq = view.reported_seq;
     let view = match decision {
         Decision::Attributed(e) => {
-            let id = e.conversion_id.as_bytes().to_vec();
-            staged.insert(goal_key(&view.click_id, &view.goal), id.clone());
-            staged.insert(txid_key(&view.click_id, &view.goal, &view.txid), id);
+            staged.insert(
+                dedup_key(&view.click_id, &view.goal, &view.txid),
+                e.conversion_id.as_bytes(),
+            );
             let view = view.attributed(e);
             let status = view.status.unwrap_or(ConversionStatus::Approved);
             queue_delivery(staged, &view, None, status, seq);
@@ -461,12 +496,24 @@ impl Conversions {
             .map_or(0, |v| common::store::decode_u64(&v)))
     }
 
-    /// Whether a dedup key is taken.
+    /// Whether a conversion of (click, goal) is attributed, and one of (click,
+    /// goal, txid): the two dedup questions, from one index.
     ///
     /// # Errors
     /// sled read failure.
-    pub fn taken(&self, key: &[u8]) -> Result<bool, sled::Error> {
-        self.tree.contains_key(key)
+    pub fn dedup(&self, click_id: &str, goal: &str, txid: &str) -> Result<Dedup, sled::Error> {
+        let txid_taken = self.tree.contains_key(dedup_key(click_id, goal, txid))?;
+        let goal_taken = txid_taken
+            || self
+                .tree
+                .scan_prefix(dedup_goal_prefix(click_id, goal))
+                .next()
+                .transpose()?
+                .is_some();
+        Ok(Dedup {
+            goal_taken,
+            txid_taken,
+        })
     }
 
     /// Every report row of one kind (`'o'` offer, `'a'` affiliate), by id.
@@ -492,6 +539,7 @@ mod tests {
     use proto::conversions::v1::RejectReason;
 
     const CLICK: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7d";
+    const OTHER_CLICK: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7e";
 
     struct Harness {
         _dir: tempfile::TempDir,
@@ -579,14 +627,37 @@ mod tests {
             (ConversionState::Attributed, 2_000_000)
         );
         assert!(reads.pending().next().is_none());
-        assert!(reads.taken(&goal_key(CLICK, "")).unwrap());
-        assert!(reads.taken(&txid_key(CLICK, "", "T1")).unwrap());
-        assert!(!reads.taken(&txid_key(CLICK, "", "T2")).unwrap());
+        let taken = |goal: &str, txid: &str| {
+            let d = reads.dedup(CLICK, goal, txid).unwrap();
+            (d.goal_taken, d.txid_taken)
+        };
+        assert_eq!(taken("", "T1"), (true, true));
+        assert_eq!(taken("", "T2"), (true, false));
+        assert_eq!(taken("", ""), (true, false));
+        assert_eq!(taken("sale", "T1"), (false, false));
+        assert_eq!(
+            reads.dedup(OTHER_CLICK, "", "T1").unwrap(),
+            Dedup::default()
+        );
         let (_, row) = &reads.reports('o').unwrap()[0];
         assert_eq!(
             (row.attributed, row.rejected, row.payout["USD"]),
             (1, 0, 2_000_000)
         );
+    }
+
+    #[test]
+    fn no_goal_s_dedup_rows_share_another_goal_s_prefix() {
+        let rows = [("a", "b"), ("ab", ""), ("a\u{1f}b", ""), ("a", "\u{1f}b")];
+        for (goal, txid) in rows {
+            for (other, _) in rows.iter().filter(|(g, _)| *g != goal) {
+                assert!(
+                    !dedup_key(CLICK, goal, txid).starts_with(&dedup_goal_prefix(CLICK, other)),
+                    "{goal:?}/{txid:?} under {other:?}"
+                );
+            }
+        }
+        assert_ne!(goal_claim(CLICK, "a"), txid_claim(CLICK, "a", ""));
     }
 
     #[test]

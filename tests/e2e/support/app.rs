@@ -159,11 +159,7 @@ impl System {
 
     /// Stops postback-service (graceful) and starts it again on the same data.
     pub async fn restart_postback(&mut self) {
-        self.postback
-            .take()
-            .expect("postback-service running")
-            .stop()
-            .await;
+        self.stop_postback().await;
         self.start_postback().await;
     }
 
@@ -193,6 +189,15 @@ impl System {
         .await
     }
 
+    /// Stops postback-service (graceful), keeping its data dir.
+    pub async fn stop_postback(&mut self) {
+        self.postback
+            .take()
+            .expect("postback-service running")
+            .stop()
+            .await;
+    }
+
     /// Stops both services (graceful) and starts them again on the same data.
     pub async fn restart_services(&mut self) {
         self.click
@@ -211,11 +216,7 @@ impl System {
 
     /// Stops postback-service, deletes its data dir, starts it again.
     pub async fn wipe_postback(&mut self) {
-        self.postback
-            .take()
-            .expect("postback-service running")
-            .stop()
-            .await;
+        self.stop_postback().await;
         self.postback_dir = tempfile::tempdir().expect("temp dir");
         self.start_postback().await;
     }
