@@ -132,21 +132,29 @@ impl Clicks {
     /// # Errors
     /// sled read failure.
     pub fn get(&self, click_id: &str) -> Result<Option<ClickRecorded>, sled::Error> {
-        Ok(self
-            .tree
-            .get(click_key(click_id))?
-            .and_then(|b| ClickRecorded::decode(b.get(1..)?).ok()))
+        Ok(self.get_with_unique(click_id)?.map(|(click, _)| click))
     }
 
-    /// Whether a click was unique (false: not in the projection).
+    /// One click and whether it was unique, from its one row.
     ///
     /// # Errors
     /// sled read failure.
-    pub fn is_unique(&self, click_id: &str) -> Result<bool, sled::Error> {
+    pub fn get_with_unique(
+        &self,
+        click_id: &str,
+    ) -> Result<Option<(ClickRecorded, bool)>, sled::Error> {
+        Ok(self.tree.get(click_key(click_id))?.and_then(|row| {
+            let (flags, record) = row.split_first()?;
+            Some((ClickRecorded::decode(record).ok()?, flags & UNIQUE != 0))
+        }))
+    }
+
+    /// Whether a click was unique (false: not in the projection).
+    #[cfg(test)]
+    fn is_unique(&self, click_id: &str) -> Result<bool, sled::Error> {
         Ok(self
-            .tree
-            .get(click_key(click_id))?
-            .is_some_and(|b| b.first().is_some_and(|f| f & UNIQUE != 0)))
+            .get_with_unique(click_id)?
+            .is_some_and(|(_, unique)| unique))
     }
 
     /// Clicks counted for an offer (`'o'`) or affiliate (`'a'`).

@@ -83,7 +83,7 @@ pub(super) async fn get_click(
     let click_id = uuid::Uuid::try_parse(&click_id)
         .map_err(|_| ApiError::invalid("click_id", "must be a UUID"))?
         .to_string();
-    let click = state.clicks.get(&click_id)?;
+    let click = state.clicks.get_with_unique(&click_id)?;
     let conversions = state.conversions.of_click(&click_id)?;
     if click.is_none() && conversions.is_empty() {
         return Err(ApiError::not_found("click_id", "unknown click"));
@@ -93,9 +93,8 @@ pub(super) async fn get_click(
         let id = crate::deliveries::delivery_id(&c.conversion_id, &c.affiliate_id);
         deliveries.extend(super::postbacks::lookup(&state, &id)?);
     }
-    let unique = state.clicks.is_unique(&click_id)?;
     Ok(Json(ClickWithConversions {
-        click: click.map(|c| ClickJson { unique, ..c.into() }),
+        click: click.map(|(c, unique)| ClickJson { unique, ..c.into() }),
         conversions: conversions.into_iter().map(Into::into).collect(),
         deliveries,
     }))

@@ -205,11 +205,7 @@ impl System {
             .expect("click-service running")
             .stop()
             .await;
-        self.postback
-            .take()
-            .expect("postback-service running")
-            .stop()
-            .await;
+        self.stop_postback().await;
         self.start_click().await;
         self.start_postback().await;
     }
