@@ -254,6 +254,7 @@ async fn run_consumer<F: Fold>(
         }
     });
     loop {
+        let waiting = std::time::Instant::now();
         let mut chunk = tokio::select! {
             () = token.cancelled() => return Ok(()),
             _ = source.connections.changed() => return Err(FoldError::Reconnected),
@@ -275,9 +276,22 @@ async fn run_consumer<F: Fold>(
                 }
             }
         }
+        let (events, applying) = (delivered.len(), std::time::Instant::now());
+        let waited = applying - waiting;
         let Some(group) = apply_delivered(tree, fold, delivered, applied, token).await? else {
             continue;
         };
+        // RUST_LOG=common::fold=debug: where a fold's time goes, group by group
+        // (waited: from the last group's end until this one was gathered,
+        // linger included; applied: its commit, queueing for a thread included).
+        tracing::debug!(
+            stream = spec.stream,
+            events,
+            waited_us = waited.as_micros() as u64,
+            applied_us = applying.elapsed().as_micros() as u64,
+            pending = group.pending_after,
+            "group applied"
+        );
         applied = group.top;
         let mut reached_tail = false;
         status.send_modify(|s| {

@@ -218,6 +218,42 @@ fn decode_json<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Option<T> {
     }
 }
 
+/// A packed row's bytes: the value's serde fields in order, without their
+/// names ([postcard](https://docs.rs/postcard)). A conversion view packs to
+/// about a third of its JSON, and sled's cost per write grows with the bytes
+/// of the leaf it copies (see BENCHMARKS.md). Packed rows are not
+/// self-describing: a fold that packs a type bumps its
+/// [`crate::fold::Fold::format`] whenever the type's fields change.
+pub fn pack<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain structs into a Vec cannot fail.
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+/// The value of a packed row ([`pack`]), `None` if it does not decode.
+pub fn unpack<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    postcard::from_bytes(bytes).ok()
+}
+
+/// Reads a packed row ([`pack`]); one that does not decode reads as absent
+/// (and is logged).
+///
+/// # Errors
+/// sled read failure.
+pub fn get_packed<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, sled::Error> {
+    Ok(tree.get(key)?.and_then(|v| decode_packed(key, &v)))
+}
+
+fn decode_packed<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Option<T> {
+    let value = unpack(bytes);
+    if value.is_none() {
+        tracing::error!(key = %String::from_utf8_lossy(key), "undecodable packed projection row");
+    }
+    value
+}
+
 /// Writes applied one by one, in order, with single-key operations only.
 ///
 /// Nothing in our processes uses `sled::Batch` or sled transactions: in sled
@@ -386,6 +422,19 @@ impl<'a> Staged<'a> {
     /// sled read failure.
     pub fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, sled::Error> {
         Ok(self.read(key, |v| decode_json(key, v))?.flatten())
+    }
+
+    /// A packed row ([`Self::put_packed`]); an undecodable one reads as absent.
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn get_packed<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, sled::Error> {
+        Ok(self.read(key, |v| decode_packed(key, v))?.flatten())
+    }
+
+    /// Stages a packed row ([`pack`]).
+    pub fn put_packed<T: Serialize>(&mut self, key: impl Into<Vec<u8>>, value: &T) {
+        self.insert(key, pack(value));
     }
 
     /// Stages a write.

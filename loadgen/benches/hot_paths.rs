@@ -128,7 +128,16 @@ fn fold(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         );
     });
-    g.bench_function("ConversionView JSON round trip (as stored in sled)", |b| {
+    g.bench_function(
+        "ConversionView packed round trip (as stored in sled)",
+        |b| {
+            b.iter(|| {
+                let bytes = common::store::pack(black_box(&view));
+                common::store::unpack::<ConversionView>(&bytes)
+            });
+        },
+    );
+    g.bench_function("ConversionView JSON round trip (as the API answers)", |b| {
         b.iter(|| {
             let bytes = serde_json::to_vec(black_box(&view)).unwrap_or_default();
             serde_json::from_slice::<ConversionView>(&bytes).ok()

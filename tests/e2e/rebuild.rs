@@ -82,14 +82,14 @@ async fn projections_of_an_older_format_are_folded_again_from_the_log() {
     let clicks = traffic(&sys).await;
     let before = sys.snapshot(&clicks).await;
     sys.stop_postback().await;
-    // The Trees whose rows changed shape since format 1.
-    let trees = ["clicks", "conversions"];
+    // The Trees whose rows changed shape since format 1, and their formats now.
+    let trees = [("clicks", 2), ("conversions", 3), ("postbacks", 2)];
     let open = |sys: &System| common::store::open_db(&sys.postback_data_dir()).unwrap();
     {
         // What an older version leaves: no format row, and a row of a shape
         // this version no longer writes.
         let db = open(&sys);
-        for name in trees {
+        for (name, _) in trees {
             let tree = db.open_tree(name).unwrap();
             assert!(tree.get(common::store::FORMAT_KEY).unwrap().is_some());
             tree.remove(common::store::FORMAT_KEY).unwrap();
@@ -102,12 +102,16 @@ async fn projections_of_an_older_format_are_folded_again_from_the_log() {
     assert_eq!(before, after, "folded again: the same state");
     sys.stop_postback().await;
     let db = open(&sys);
-    for name in trees {
+    for (name, format) in trees {
         let tree = db.open_tree(name).unwrap();
         assert!(
             tree.get(b"d/old-shape").unwrap().is_none(),
             "{name}: cleared first"
         );
-        assert_eq!(common::store::format(&tree).unwrap(), 2, "{name}: marked");
+        assert_eq!(
+            common::store::format(&tree).unwrap(),
+            format,
+            "{name}: marked"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The POSTBACKS fold: what became of each delivery, as the log records it.
 //!
-//! Rows: `o/<delivery_id>` the [`Outcome`] (JSON); `t/<updated ms BE>/<delivery_id>`
-//! an index for newest-first listing.
+//! Rows: `o/<delivery_id>` the [`Outcome`], packed ([`common::store::pack`]; the
+//! API answers it as JSON); `t/<updated ms BE>/<delivery_id>` an index for
+//! newest-first listing.
 
 use common::{fold::Fold, LogEntry, Staged};
 use prost::Message;
@@ -196,11 +197,21 @@ impl PostbackEvent {
     }
 }
 
+/// The rows' format ([`Fold::format`]). 2: outcomes are packed, not JSON.
+/// Packed rows are not self-describing: any change to [`Outcome`]'s fields
+/// (or to the types inside it) needs a new format, which
+/// `tests::a_packed_outcome_keeps_its_shape` enforces.
+const FORMAT: u32 = 2;
+
 /// Folds `postbacks.v1.*`.
 #[derive(Debug, Default)]
 pub struct PostbacksFold;
 
 impl Fold for PostbacksFold {
+    fn format(&self) -> u32 {
+        FORMAT
+    }
+
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
         let Some(event) = PostbackEvent::decode(entry.subject, entry.payload) else {
             return skip(entry);
@@ -210,14 +221,14 @@ impl Fold for PostbacksFold {
             return skip(entry);
         }
         let key = outcome_key(id);
-        let prev: Option<Outcome> = staged.get_json(&key)?;
+        let prev: Option<Outcome> = staged.get_packed(&key)?;
         let old_time = prev.as_ref().map(|p| time_key(p.updated_at_ms, id));
         if let Some(next) = event.apply(prev) {
             if let Some(old) = old_time {
                 staged.remove(old);
             }
             staged.insert(time_key(next.updated_at_ms, id), Vec::new());
-            staged.put_json(key, &next);
+            staged.put_packed(key, &next);
         }
         Ok(())
     }
@@ -249,7 +260,7 @@ impl Outcomes {
     /// # Errors
     /// sled read failure.
     pub fn get(&self, delivery_id: &str) -> Result<Option<Outcome>, sled::Error> {
-        common::store::get_json(&self.tree, &outcome_key(delivery_id))
+        common::store::get_packed(&self.tree, &outcome_key(delivery_id))
     }
 
     /// Every outcome, most recently changed first.
@@ -347,4 +358,47 @@ mod tests {
         };
         assert_eq!(apply_retry_requested(None, &retry), None);
     }
+
+    /// Outcomes are stored packed, which is not self-describing. If this fails
+    /// because `Outcome` (or a type in it) changed, bump [`FORMAT`] (the Tree
+    /// is then folded again from the log on upgrade) and update the bytes.
+    #[test]
+    fn a_packed_outcome_keeps_its_shape() {
+        let entry = HistoryEntry {
+            state: OutcomeState::Failed,
+            at_ms: 1,
+            generation: 2,
+            attempts: 3,
+            status_code: 404,
+            error: "e".into(),
+        };
+        let outcome = Outcome {
+            delivery_id: "d".into(),
+            conversion_id: "cv".into(),
+            affiliate_id: "a".into(),
+            offer_id: "o".into(),
+            click_id: "ck".into(),
+            url: "u".into(),
+            state: OutcomeState::RetryRequested,
+            generation: 4,
+            attempts: 5,
+            status_code: 500,
+            latency_ms: Some(6),
+            error: "x".into(),
+            body: "b".into(),
+            updated_at_ms: 7,
+            history: vec![entry],
+        };
+        let packed = common::store::pack(&outcome);
+        let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (FORMAT, hex.as_str()),
+            (2, PACKED_OUTCOME),
+            "see this test's doc"
+        );
+        assert_eq!(common::store::unpack::<Outcome>(&packed), Some(outcome));
+    }
+
+    const PACKED_OUTCOME: &str =
+        "01640263760161016f02636b0175020405f4030106017801620e010102020394030165";
 }
