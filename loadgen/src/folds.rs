@@ -244,12 +244,15 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
     let deadline = measure_from + plan.run.duration;
     let (mut done, mut events, mut applying) = (0u64, 0u64, Duration::ZERO);
     let mut measuring: Option<CpuWatch> = None;
+    let written = || procfs::written_bytes(std::process::id()).unwrap_or(0);
+    let mut written_before = 0;
     let mut next_line = started + Duration::from_secs(1);
     let mut last = 0;
     while Instant::now() < deadline {
         if measuring.is_none() && Instant::now() >= measure_from {
             (done, events, applying, last) = (0, 0, Duration::ZERO, 0);
             measuring = Some(CpuWatch::start(watched));
+            written_before = written();
         }
         let step = source.step(&tree)?;
         applying += step.applying;
@@ -266,6 +269,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
         }
     }
     let cpu = measuring.map(|w| w.stop()).unwrap_or_default();
+    let written_per_event = written().saturating_sub(written_before) / events.max(1);
     let mut m = Measurement::new(label, plan.shape.title(), unit)
         .with_rate(done, applying.as_secs_f64())
         .extra("group", plan.group as u64)
@@ -274,7 +278,8 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
             "events_per_s",
             (events as f64 / applying.as_secs_f64().max(1e-6)).round(),
         )
-        .extra("disk_mib", procfs::mib(procfs::dir_size(dir)));
+        .extra("disk_mib", procfs::mib(procfs::dir_size(dir)))
+        .extra("written_bytes_per_event", written_per_event);
     m.cpu = cpu;
     drop(tree);
     drop(db);

@@ -44,6 +44,18 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Bytes a process has handed to write calls so far, all its threads (`wchar`
+/// of `/proc/<pid>/io`): for a service, mostly sled's log, so over a known
+/// number of events it is the projection's write amplification.
+pub fn written_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Memory of a process, in MiB.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Memory {
@@ -175,5 +187,15 @@ mod tests {
             }
         );
         assert!(parse_watched("click").is_err());
+    }
+
+    #[test]
+    fn counts_the_bytes_this_process_writes() {
+        let me = std::process::id();
+        let before = written_bytes(me).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![7u8; 100_000]).unwrap();
+        let after = written_bytes(me).unwrap();
+        assert!(after - before >= 100_000, "{before} -> {after}");
     }
 }

@@ -84,6 +84,8 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     let ms = (common::time::now_ms() - args.since_ms).max(1);
     let cpu = cpu.stop();
     let memory = procfs::memory(args.pid);
+    // Since the process started on its empty data dir: the whole rebuild.
+    let written = procfs::written_bytes(args.pid);
     let disk = procfs::dir_size(&args.data_dir);
     let mib = crate::procfs::mib;
     let per_million = if clicks > 0 {
@@ -102,6 +104,11 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     .extra("events", events)
     .extra("disk_mib", mib(disk))
     .extra("disk_mib_per_million_clicks", mib(per_million as u64));
+    if let Some(bytes) = written {
+        m = m
+            .extra("written_mib", mib(bytes))
+            .extra("written_bytes_per_event", bytes / events.max(1));
+    }
     if let Some(mem) = memory {
         m = m
             .extra("peak_rss_mib", (mem.peak_rss_mib * 10.0).round() / 10.0)

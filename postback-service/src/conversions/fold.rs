@@ -47,7 +47,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// Packed views are not self-describing: any change to [`ConversionView`]'s
 /// fields (or to the types inside it) needs a new format, which
 /// `tests::a_packed_view_keeps_its_shape` enforces.
-pub(crate) const FORMAT: u32 = 3;
+const FORMAT: u32 = 3;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
