@@ -93,13 +93,14 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
     id_key(b"k/", click_id)
 }
 
-/// The rows' format ([`Fold::format`]). 4: ids in keys and pending rows are
-/// encoded ([`push_id`]; with format 3 the fold alone wrote 3.5 KB per event,
-/// with 4 2.7 KB, and used about a fifth less CPU per conversion). 3: views are
-/// packed, not JSON (a
-/// third of the bytes; the fold alone went from about 19k to 26k-31k
-/// conversions/s). 2: one dedup row per attribution (format 1 wrote two, one
-/// per goal and one per txid, in another shape).
+/// The rows' format ([`Fold::format`]).
+/// - 4: ids in keys and in pending and dedup rows are encoded ([`push_id`]);
+///   the fold alone wrote 2.7 KB per event instead of 3.5 KB and used about a
+///   fifth less CPU per conversion.
+/// - 3: views are packed, not JSON (a third of the bytes; the fold alone went
+///   from about 19k to 26k-31k conversions/s).
+/// - 2: one dedup row per attribution (format 1 wrote two, one per goal and
+///   one per txid, in another shape).
 ///
 /// Packed views are not self-describing: any change to [`ConversionView`]'s
 /// fields (or to the types inside it) needs a new format, which
