@@ -244,6 +244,13 @@ pub struct FoldAloneArgs {
     /// conversions in the decisions scenario.
     #[arg(long, default_value_t = 128)]
     pub group: usize,
+    /// Conversions: how many groups of reports are folded between a report and
+    /// its attribution. 0 attributes in the next group; the decisions scenario
+    /// folds a burst of 100,000 reports before the first decision (--lag 780
+    /// at --group 128), so decisions land on views written long before, in a
+    /// Tree holding that many pending conversions.
+    #[arg(long, default_value_t = 0)]
+    pub lag: usize,
     #[command(flatten)]
     pub out: Output,
 }

@@ -9,6 +9,7 @@
 //! decider, the other folds sharing the cores); the fold's own cost against
 //! sled's is in the notes.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use common::{fold::apply_new, LogEntry};
@@ -74,6 +75,9 @@ pub struct Plan {
     pub run: ScratchRun,
     /// Events per commit.
     pub group: usize,
+    /// Conversions: groups of reports folded between a report and its
+    /// attribution (0: the next group).
+    pub lag: usize,
 }
 
 /// One group's events, encoded before the clock runs: (subject, payload).
@@ -86,20 +90,23 @@ struct Source {
     seq: u64,
     now_ms: i64,
     run: String,
-    /// Conversions reported in the last group, to be attributed in the next:
+    /// Groups of reports folded between a report and its attribution.
+    lag: usize,
+    /// Groups of conversions reported and not yet attributed, oldest first:
     /// (the report's sequence, the report).
-    reported: Vec<(u64, proto::conversions::v1::ConversionReported)>,
+    reported: VecDeque<Vec<(u64, proto::conversions::v1::ConversionReported)>>,
 }
 
 impl Source {
-    fn new(shape: Shape, group: usize) -> Self {
+    fn new(shape: Shape, group: usize, lag: usize) -> Self {
         Self {
             shape,
             group: group.max(1),
+            lag,
             seq: 0,
             now_ms: common::time::now_ms(),
             run: uuid::Uuid::now_v7().simple().to_string()[20..].to_owned(),
-            reported: Vec::new(),
+            reported: VecDeque::new(),
         }
     }
 
@@ -124,7 +131,8 @@ impl Source {
                     .collect();
                 (events, self.group as u64)
             }
-            Shape::Conversions if self.reported.is_empty() => {
+            Shape::Conversions if self.reported.len() <= self.lag => {
+                let mut reported = Vec::with_capacity(self.group);
                 let events = (0..self.group)
                     .map(|_| {
                         self.seq += 1;
@@ -134,14 +142,15 @@ impl Source {
                             self.now_ms,
                         );
                         let bytes = report.encode_to_vec();
-                        self.reported.push((self.seq, report));
+                        reported.push((self.seq, report));
                         (proto::subject::CONVERSION_REPORTED, bytes)
                     })
                     .collect();
+                self.reported.push_back(reported);
                 (events, 0)
             }
             Shape::Conversions => {
-                let reported = std::mem::take(&mut self.reported);
+                let reported = self.reported.pop_front().unwrap_or_default();
                 let done = reported.len() as u64;
                 let events = reported
                     .into_iter()
@@ -237,7 +246,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
     let _ = std::fs::remove_dir_all(dir);
     let db = common::store::open_db(dir)?;
     let tree = db.open_tree("fold")?;
-    let mut source = Source::new(plan.shape, plan.group);
+    let mut source = Source::new(plan.shape, plan.group, plan.lag);
     let (label, unit) = (plan.shape.id(), plan.shape.unit());
     let started = Instant::now();
     let measure_from = started + plan.run.warmup;
@@ -293,7 +302,7 @@ mod tests {
 
     #[test]
     fn conversions_alternate_reports_and_their_attributions() {
-        let mut s = Source::new(Shape::Conversions, 3);
+        let mut s = Source::new(Shape::Conversions, 3, 0);
         let (reports, done) = s.next();
         assert_eq!(done, 0);
         assert!(reports
@@ -310,12 +319,30 @@ mod tests {
     }
 
     #[test]
+    fn with_a_lag_attributions_come_that_many_report_groups_later() {
+        let mut s = Source::new(Shape::Conversions, 2, 2);
+        let groups: Vec<(Encoded, u64)> = (0..6).map(|_| s.next()).collect();
+        let completes: Vec<u64> = groups.iter().map(|(_, n)| *n).collect();
+        assert_eq!(
+            completes,
+            [0, 0, 0, 2, 0, 2],
+            "three groups of reports first"
+        );
+        let seqs: Vec<u64> = groups[3]
+            .0
+            .iter()
+            .map(|(_, b)| ConversionAttributed::decode(&b[..]).unwrap().reported_seq)
+            .collect();
+        assert_eq!(seqs, [1, 2], "the oldest reports first");
+    }
+
+    #[test]
     fn the_folds_record_every_event_they_are_given() {
         use postback_service::{clicks::Clicks, conversions::Conversions};
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
         let clicks = db.open_tree("clicks").unwrap();
-        let mut source = Source::new(Shape::Clicks, 20);
+        let mut source = Source::new(Shape::Clicks, 20, 0);
         let step = source.step(&clicks).unwrap();
         assert_eq!((step.completes, step.events), (20, 20));
         let clicks = Clicks::new(clicks);
@@ -329,7 +356,7 @@ mod tests {
         assert_eq!(unique, 20, "each click from its own visitor");
 
         let tree = db.open_tree("conversions").unwrap();
-        let mut source = Source::new(Shape::Conversions, 16);
+        let mut source = Source::new(Shape::Conversions, 16, 0);
         for _ in 0..4 {
             source.step(&tree).unwrap();
         }
@@ -355,6 +382,7 @@ mod tests {
                 duration: Duration::from_millis(200),
             },
             group: 16,
+            lag: 0,
         };
         let m = measure(&plan, &[]).unwrap();
         assert!(m.count >= 16 && m.count.is_multiple_of(16), "{m:?}");

@@ -95,6 +95,7 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
                 shape: args.shape,
                 run: args.run,
                 group: args.group,
+                lag: args.lag,
             };
             let mut m = folds::run(plan, &args.out.watch).await?;
             m.id = id.to_owned();
