@@ -5,6 +5,7 @@ mod decide;
 mod decider;
 mod fold;
 mod in_flight;
+mod pending;
 mod report;
 mod view;
 
