@@ -8,10 +8,14 @@
 //!   its fields in order, no names; the API answers it as JSON);
 //! - `p/<bucket, 8 bytes BE>`: the pending conversions, in log order, a row per
 //!   128 stream sequences, which the decider walks ([`super::pending`]);
-//! - `k/<click_id><conversion_id>`: conversions by click;
-//! - `d/<click_id><goal length, 2 bytes BE><goal><txid>`: the dedup row of each
-//!   attributed conversion, one per attribution; the rows of one (click, goal)
-//!   share a prefix, so a goal is taken when any row has it ([`Conversions::dedup`]);
+//! - `d/<click_id><goal length, 2 bytes BE><goal><txid length, 2 bytes BE><txid><conversion_id>`:
+//!   the dedup row of each attributed conversion; the rows of one (click,
+//!   goal), and of one (click, goal, txid), share a prefix, so a goal or a
+//!   txid is taken when any row has it ([`Conversions::dedup`]), and those of
+//!   one click list its attributed conversions;
+//! - `k/<click_id><conversion_id>`: the rejected conversions of each click
+//!   (its pending ones are in `p/`, its attributed ones in `d/`;
+//!   [`Conversions::of_click`]);
 //! - `q/<seq, 8 bytes BE>`: [`QueueEntry`]s, the affiliate postbacks owed by
 //!   attributions and status moves, in log order, which the dispatcher walks;
 //! - `u/<report seq, 8 bytes BE>`: later status reports of known conversions,
@@ -100,6 +104,10 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 }
 
 /// The rows' format ([`Fold::format`]).
+/// - 6: a click's conversions are listed by their pending, dedup or rejected
+///   rows; the `k/` row is written for rejected conversions only, with their
+///   decision, so a report adds one key fewer. Dedup rows end with the txid's
+///   length, the txid and the conversion id, a row per attributed conversion.
 /// - 5: pending conversions are listed a bucket row per 128 stream sequences,
 ///   not a row each ([`super::pending`]).
 /// - 4: ids in keys and in pending and dedup rows are encoded ([`push_id`]);
@@ -113,7 +121,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// Packed views are not self-describing: any change to [`ConversionView`]'s
 /// fields (or to the types inside it) needs a new format, which
 /// `tests::a_packed_view_keeps_its_shape` enforces.
-const FORMAT: u32 = 5;
+const FORMAT: u32 = 6;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -125,11 +133,33 @@ fn dedup_goal_prefix(click_id: &str, goal: &str) -> Vec<u8> {
     key
 }
 
-/// The dedup row of an attributed conversion of (click, goal, txid).
-fn dedup_key(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
+/// Prefix of the dedup rows of (click, goal, txid): the txid's length first,
+/// so no txid's prefix is another txid's.
+fn dedup_txid_prefix(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
+    let len = u16::try_from(txid.len()).unwrap_or(u16::MAX).to_be_bytes();
     let mut key = dedup_goal_prefix(click_id, goal);
+    key.extend_from_slice(&len);
     key.extend_from_slice(txid.as_bytes());
     key
+}
+
+/// The dedup row of an attributed conversion: its (click, goal, txid), then
+/// its id, so each attributed conversion has a row of its own (under the
+/// `all` policy several share a txid) and a click's rows list them.
+fn dedup_key(click_id: &str, goal: &str, txid: &str, conversion_id: &str) -> Vec<u8> {
+    let mut key = dedup_txid_prefix(click_id, goal, txid);
+    push_id(&mut key, conversion_id);
+    key
+}
+
+/// The conversion id at the end of a dedup row's key, after its click's
+/// prefix (`prefix_len` bytes).
+fn dedup_row_id(key: &[u8], prefix_len: usize) -> Option<&[u8]> {
+    let skip = |at: usize| -> Option<usize> {
+        let len = u16::from_be_bytes(key.get(at..at + 2)?.try_into().ok()?);
+        Some(at + 2 + usize::from(len))
+    };
+    key.get(skip(skip(prefix_len)?)?..)
 }
 
 /// What an attribution claims until it is folded, in the decider's memory:
@@ -140,7 +170,7 @@ pub(crate) fn goal_claim(click_id: &str, goal: &str) -> Vec<u8> {
 
 /// What an attribution claims until it is folded: (click, goal, txid) is taken.
 pub(crate) fn txid_claim(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
-    [b"t".as_slice(), &dedup_key(click_id, goal, txid)].concat()
+    [b"t".as_slice(), &dedup_txid_prefix(click_id, goal, txid)].concat()
 }
 
 /// Attributed conversions owed an affiliate postback, in log order (the
@@ -324,12 +354,7 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
         }
         return Ok(());
     }
-    super::pending::add(staged, entry.seq, &view.conversion_id)?;
-    if !view.click_id.is_empty() {
-        let mut k = by_click_prefix(&view.click_id);
-        push_id(&mut k, &view.conversion_id);
-        staged.insert(k, Vec::new());
-    }
+    super::pending::add(staged, entry.seq, &view.conversion_id, &view.click_id)?;
     staged.put_packed(key, &view);
     Ok(())
 }
@@ -363,8 +388,8 @@ fn apply_decision(
     let view = match decision {
         Decision::Attributed(e) => {
             staged.insert(
-                dedup_key(&view.click_id, &view.goal, &view.txid),
-                id_key(b"", &e.conversion_id),
+                dedup_key(&view.click_id, &view.goal, &view.txid, &e.conversion_id),
+                Vec::new(),
             );
             let view = view.attributed(e);
             let status = view.status.unwrap_or(ConversionStatus::Approved);
@@ -380,6 +405,11 @@ fn apply_decision(
             view
         }
         Decision::Rejected(e) => {
+            if !view.click_id.is_empty() {
+                let mut k = by_click_prefix(&view.click_id);
+                push_id(&mut k, &view.conversion_id);
+                staged.insert(k, Vec::new());
+            }
             let view = view.rejected(e);
             let reason = view.reason.unwrap_or(Reason::Malformed);
             update_reports(staged, &view, |row| row.rejected(reason))?;
@@ -473,17 +503,30 @@ impl Conversions {
         common::store::get_packed(&self.tree, &view_key(conversion_id))
     }
 
-    /// The conversions of one click, in key order (UUID ids by value, then
-    /// any others).
+    /// The conversions of one click, in the order of their encoded ids (UUID
+    /// ids by value, then any others): the attributed ones from their dedup
+    /// rows, the rejected ones from their `k/` rows, the pending ones from the
+    /// pending index. A commit writes a decision's row before it removes the
+    /// pending entry (keys in order: `d/`, `k/`, then `p/`), so a conversion
+    /// being decided meanwhile is found at least once, and listed once.
     ///
     /// # Errors
     /// sled read failure.
     pub fn of_click(&self, click_id: &str) -> Result<Vec<ConversionView>, sled::Error> {
+        let mut ids = std::collections::BTreeSet::new();
+        let attributed = id_key(b"d/", click_id);
+        for row in self.tree.scan_prefix(&attributed) {
+            let (key, _) = row?;
+            ids.extend(dedup_row_id(&key, attributed.len()).map(<[u8]>::to_vec));
+        }
         let prefix = by_click_prefix(click_id);
-        let mut out = Vec::new();
         for row in self.tree.scan_prefix(&prefix) {
-            let (k, _) = row?;
-            if let Some((id, _)) = read_id(&k[prefix.len()..]) {
+            ids.insert(row?.0[prefix.len()..].to_vec());
+        }
+        ids.extend(super::pending::of_click(&self.tree, click_id)?);
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((id, _)) = read_id(&id) {
                 out.extend(self.get(&id)?);
             }
         }
@@ -569,7 +612,12 @@ impl Conversions {
     /// # Errors
     /// sled read failure.
     pub fn dedup(&self, click_id: &str, goal: &str, txid: &str) -> Result<Dedup, sled::Error> {
-        let txid_taken = self.tree.contains_key(dedup_key(click_id, goal, txid))?;
+        let txid_taken = self
+            .tree
+            .scan_prefix(dedup_txid_prefix(click_id, goal, txid))
+            .next()
+            .transpose()?
+            .is_some();
         let goal_taken = txid_taken
             || self
                 .tree
@@ -745,12 +793,23 @@ mod tests {
         for (goal, txid) in rows {
             for (other, _) in rows.iter().filter(|(g, _)| *g != goal) {
                 assert!(
-                    !dedup_key(CLICK, goal, txid).starts_with(&dedup_goal_prefix(CLICK, other)),
+                    !dedup_key(CLICK, goal, txid, "c")
+                        .starts_with(&dedup_goal_prefix(CLICK, other)),
                     "{goal:?}/{txid:?} under {other:?}"
                 );
             }
         }
         assert_ne!(goal_claim(CLICK, "a"), txid_claim(CLICK, "a", ""));
+        for (txid, other) in [("T", "T1"), ("", "T")] {
+            assert!(
+                !dedup_key(CLICK, "g", other, "c")
+                    .starts_with(&dedup_txid_prefix(CLICK, "g", txid)),
+                "{other:?} under {txid:?}"
+            );
+        }
+        let key = dedup_key(CLICK, "goal", "txid", CLICK);
+        let prefix = id_key(b"d/", CLICK).len();
+        assert_eq!(dedup_row_id(&key, prefix), Some(&id_key(b"", CLICK)[..]));
     }
 
     #[test]
@@ -763,6 +822,62 @@ mod tests {
         assert_eq!(h.reads().get(&id).unwrap(), before);
         assert!(h.reads().pending().next().is_none(), "not pending again");
         assert_eq!(h.reads().of_click(CLICK).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_click_lists_its_pending_attributed_and_rejected_conversions_once_each() {
+        let mut h = Harness::new();
+        let attributed = h.report("A");
+        let rejected = h.report("R");
+        let pending = h.report("P");
+        h.attribute(&attributed, 1);
+        let reject = ConversionRejected {
+            conversion_id: rejected.clone(),
+            reason: RejectReason::Expired as i32,
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REJECTED, reject.encode_to_vec());
+        let other = ConversionReported {
+            click_id: OTHER_CLICK.into(),
+            txid: "O".into(),
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, other.encode_to_vec());
+        // Two attributed conversions of one (click, goal, txid), as the `all`
+        // dedup policy allows: a dedup row each.
+        let twins: Vec<String> = (1..=2)
+            .map(|n| format!("0190a0b4-7c6e-7a2b-9c1d-00000000000{n}"))
+            .collect();
+        for id in &twins {
+            let twin = ConversionReported {
+                conversion_id: id.clone(),
+                click_id: CLICK.into(),
+                ..Default::default()
+            };
+            h.apply(proto::subject::CONVERSION_REPORTED, twin.encode_to_vec());
+            h.attribute(id, 1);
+        }
+
+        let listed: Vec<(String, ConversionState)> = h
+            .reads()
+            .of_click(CLICK)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.conversion_id, v.state))
+            .collect();
+        let mut expected = vec![
+            (attributed, ConversionState::Attributed),
+            (rejected, ConversionState::Rejected),
+            (pending, ConversionState::Pending),
+        ];
+        expected.extend(
+            twins
+                .into_iter()
+                .map(|id| (id, ConversionState::Attributed)),
+        );
+        expected.sort_by_key(|(id, _)| uuid::Uuid::parse_str(id).unwrap());
+        assert_eq!(listed, expected, "in id order, the other click's apart");
+        assert_eq!(h.reads().of_click(OTHER_CLICK).unwrap().len(), 1);
     }
 
     #[test]
@@ -833,7 +948,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (5, PACKED_VIEW),
+            (6, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));

@@ -3,8 +3,10 @@
 //!
 //! Rows: `p/<bucket, 8 bytes BE>`, where a report at stream sequence `seq` is in
 //! bucket `seq / BUCKET_SEQS`; the value lists that bucket's pending
-//! conversions in log order, each as its report's sequence (8 bytes BE) and
-//! its id as [`push_id`] writes it. A bucket left empty is removed.
+//! conversions in log order, each as its report's sequence (8 bytes BE), its
+//! id and its click id (empty for none), both as [`push_id`] writes them. A
+//! bucket left empty is removed. The click id lets the click API find a click's
+//! pending conversions (a decided one is found through its `d/` or `k/` row).
 //!
 //! One row per conversion (format 4 and before) made every report insert a new
 //! key and every decision remove one: sled splits a leaf every few inserts and
@@ -26,22 +28,41 @@ fn bucket_key(seq: u64) -> Vec<u8> {
     [&b"p/"[..], &(seq / BUCKET_SEQS).to_be_bytes()].concat()
 }
 
-/// The entries of a bucket row as (report sequence, byte range of the entry).
-fn spans(row: &[u8]) -> Vec<(u64, std::ops::Range<usize>)> {
+/// One entry of a bucket row: its report sequence and where its parts are.
+struct Span {
+    seq: u64,
+    /// The whole entry.
+    all: std::ops::Range<usize>,
+    /// The encoded conversion id.
+    id: std::ops::Range<usize>,
+    /// The encoded click id.
+    click: std::ops::Range<usize>,
+}
+
+/// The entries of a bucket row, in order.
+fn spans(row: &[u8]) -> Vec<Span> {
     let mut out = Vec::new();
     let mut at = 0;
     while let Some(seq) = row.get(at..at + 8) {
         let seq = u64::from_be_bytes(seq.try_into().unwrap_or_default());
-        let Some(len) = row.get(at + 8..).and_then(id_len) else {
+        let id = at + 8..at + 8 + row.get(at + 8..).and_then(id_len).unwrap_or(0);
+        let click = id.end..id.end + row.get(id.end..).and_then(id_len).unwrap_or(0);
+        if id.is_empty() || click.is_empty() {
             break; // a torn tail cannot come from us; what precedes it stands
-        };
-        out.push((seq, at..at + 8 + len));
-        at += 8 + len;
+        }
+        let end = click.end;
+        out.push(Span {
+            seq,
+            all: at..end,
+            id,
+            click,
+        });
+        at = end;
     }
     out
 }
 
-/// Stages `conversion_id`, reported at `seq`, as pending.
+/// Stages `conversion_id` of `click_id`, reported at `seq`, as pending.
 ///
 /// # Errors
 /// sled read failure.
@@ -49,20 +70,22 @@ pub(crate) fn add(
     staged: &mut Staged<'_>,
     seq: u64,
     conversion_id: &str,
+    click_id: &str,
 ) -> Result<(), sled::Error> {
     let key = bucket_key(seq);
     let row = staged.get(&key)?.unwrap_or_default();
     let spans = spans(&row);
-    if spans.iter().any(|(s, _)| *s == seq) {
+    if spans.iter().any(|s| s.seq == seq) {
         return Ok(());
     }
     // Reports are folded in log order, so the new entry is almost always last.
     let at = spans
         .iter()
-        .find(|(s, _)| *s > seq)
-        .map_or(row.len(), |(_, r)| r.start);
+        .find(|s| s.seq > seq)
+        .map_or(row.len(), |s| s.all.start);
     let mut entry = seq.to_be_bytes().to_vec();
     push_id(&mut entry, conversion_id);
+    push_id(&mut entry, click_id);
     let mut new = Vec::with_capacity(row.len() + entry.len());
     new.extend_from_slice(&row[..at]);
     new.extend_from_slice(&entry);
@@ -80,13 +103,13 @@ pub(crate) fn remove(staged: &mut Staged<'_>, seq: u64) -> Result<(), sled::Erro
     let Some(row) = staged.get(&key)? else {
         return Ok(());
     };
-    let Some((_, span)) = spans(&row).into_iter().find(|(s, _)| *s == seq) else {
+    let Some(Span { all, .. }) = spans(&row).into_iter().find(|s| s.seq == seq) else {
         return Ok(());
     };
-    if span.len() == row.len() {
+    if all.len() == row.len() {
         staged.remove(key);
     } else {
-        staged.insert(key, [&row[..span.start], &row[span.end..]].concat());
+        staged.insert(key, [&row[..all.start], &row[all.end..]].concat());
     }
     Ok(())
 }
@@ -102,14 +125,31 @@ pub(crate) fn from(
         .flat_map(move |row| match row {
             Ok((_, value)) => spans(&value)
                 .into_iter()
-                .filter(|(seq, _)| *seq >= from)
-                .filter_map(|(seq, span)| {
-                    let (id, _) = read_id(&value[span.start + 8..span.end])?;
-                    Some(Ok((seq, id)))
-                })
+                .filter(|s| s.seq >= from)
+                .filter_map(|s| Some(Ok((s.seq, read_id(&value[s.id])?.0))))
                 .collect::<Vec<_>>(),
             Err(error) => vec![Err(error)],
         })
+}
+
+/// The pending conversions of `click_id`: their ids, as [`push_id`] writes
+/// them. Walks every bucket: for the click API, not for a hot path.
+///
+/// # Errors
+/// sled read failure.
+pub(crate) fn of_click(tree: &sled::Tree, click_id: &str) -> Result<Vec<Vec<u8>>, sled::Error> {
+    let mut click = Vec::new();
+    push_id(&mut click, click_id);
+    let mut out = Vec::new();
+    for row in tree.scan_prefix(b"p/") {
+        let (_, value) = row?;
+        for s in spans(&value) {
+            if value[s.click] == click[..] {
+                out.push(value[s.id].to_vec());
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -137,9 +177,9 @@ mod tests {
         let (_dir, tree) = tree();
         let mut staged = Staged::new(&tree);
         for seq in [3, 130, 5, 127, 128, 1_000] {
-            add(&mut staged, seq, &format!("{B}-{seq}")).unwrap();
+            add(&mut staged, seq, &format!("{B}-{seq}"), A).unwrap();
         }
-        add(&mut staged, 7, A).unwrap();
+        add(&mut staged, 7, A, "").unwrap();
         staged.commit(1_000).unwrap();
         let seqs: Vec<u64> = all(&tree, 0).iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, [3, 5, 7, 127, 128, 130, 1_000]);
@@ -162,10 +202,10 @@ mod tests {
     fn a_decided_conversion_leaves_and_an_empty_bucket_goes() {
         let (_dir, tree) = tree();
         let mut staged = Staged::new(&tree);
-        add(&mut staged, 10, A).unwrap();
-        add(&mut staged, 11, B).unwrap();
-        add(&mut staged, 11, B).unwrap();
-        add(&mut staged, 300, B).unwrap();
+        add(&mut staged, 10, A, B).unwrap();
+        add(&mut staged, 11, B, A).unwrap();
+        add(&mut staged, 11, B, A).unwrap();
+        add(&mut staged, 300, B, A).unwrap();
         staged.commit(300).unwrap();
         assert_eq!(all(&tree, 0).len(), 3, "a replayed report is listed once");
 
@@ -186,5 +226,26 @@ mod tests {
         staged.commit(302).unwrap();
         assert!(all(&tree, 0).is_empty());
         assert!(tree.scan_prefix(b"p/").next().is_none());
+    }
+
+    #[test]
+    fn a_clicks_pending_conversions_are_found_by_its_id() {
+        let (_dir, tree) = tree();
+        let mut staged = Staged::new(&tree);
+        add(&mut staged, 1, "c1", A).unwrap();
+        add(&mut staged, 2, "c2", B).unwrap();
+        add(&mut staged, 200, "c3", A).unwrap();
+        add(&mut staged, 201, "c4", "").unwrap();
+        staged.commit(201).unwrap();
+        let ids = |click: &str| -> Vec<String> {
+            of_click(&tree, click)
+                .unwrap()
+                .iter()
+                .map(|id| read_id(id).unwrap().0)
+                .collect()
+        };
+        assert_eq!(ids(A), ["c1", "c3"]);
+        assert_eq!(ids(B), ["c2"]);
+        assert!(ids("0190a0b4-7c6e-7a2b-9c1d-000000000000").is_empty());
     }
 }
