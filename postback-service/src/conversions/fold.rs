@@ -612,19 +612,11 @@ impl Conversions {
     /// # Errors
     /// sled read failure.
     pub fn dedup(&self, click_id: &str, goal: &str, txid: &str) -> Result<Dedup, sled::Error> {
-        let txid_taken = self
-            .tree
-            .scan_prefix(dedup_txid_prefix(click_id, goal, txid))
-            .next()
-            .transpose()?
-            .is_some();
-        let goal_taken = txid_taken
-            || self
-                .tree
-                .scan_prefix(dedup_goal_prefix(click_id, goal))
-                .next()
-                .transpose()?
-                .is_some();
+        let any = |prefix: Vec<u8>| -> Result<bool, sled::Error> {
+            Ok(self.tree.scan_prefix(prefix).next().transpose()?.is_some())
+        };
+        let txid_taken = any(dedup_txid_prefix(click_id, goal, txid))?;
+        let goal_taken = txid_taken || any(dedup_goal_prefix(click_id, goal))?;
         Ok(Dedup {
             goal_taken,
             txid_taken,
