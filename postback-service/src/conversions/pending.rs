@@ -20,7 +20,7 @@ use common::Staged;
 use super::fold::{id_len, push_id, read_id};
 
 /// Stream sequences per bucket: a bucket holds at most this many reports,
-/// about 25 bytes each.
+/// about 45 bytes each (two UUID ids).
 const BUCKET_SEQS: u64 = 128;
 
 /// The row of the bucket holding `seq`.
