@@ -71,20 +71,15 @@ pub(crate) fn id_len(bytes: &[u8]) -> Option<usize> {
 
 /// The id [`push_id`] wrote at the start of `bytes`, and the bytes after it.
 pub(crate) fn read_id(bytes: &[u8]) -> Option<(String, &[u8])> {
-    let (&tag, rest) = bytes.split_first()?;
-    match tag {
-        ID_UUID => {
-            let (id, rest) = (rest.get(..16)?, rest.get(16..)?);
-            let uuid = uuid::Uuid::from_slice(id).ok()?;
-            Some((uuid.hyphenated().to_string(), rest))
-        }
-        ID_RAW => {
-            let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
-            let (id, rest) = (rest.get(2..2 + len)?, rest.get(2 + len..)?);
-            Some((String::from_utf8_lossy(id).into_owned(), rest))
-        }
-        _ => None,
-    }
+    let (id, rest) = bytes.split_at(id_len(bytes)?);
+    let id = match id[0] {
+        ID_UUID => uuid::Uuid::from_slice(&id[1..])
+            .ok()?
+            .hyphenated()
+            .to_string(),
+        _ => String::from_utf8_lossy(&id[3..]).into_owned(),
+    };
+    Some((id, rest))
 }
 
 /// `prefix` followed by the encoded `id`.
