@@ -2,8 +2,8 @@
 //! behind one byte of flags (unique or not), keyed by its UUID, plus gross and
 //! unique click counters per offer and per affiliate.
 //!
-//! Rows: `c/<click_id>` the click ([`click_row`]), `f/<fingerprint>` the
-//! visitor's last click time, `n/…` and `nu/…` the counters.
+//! Rows: `c/<click_id>` the click ([`click_row`]), `f/<bucket>` the visitors'
+//! last click times ([`visitors`]), `n/…` and `nu/…` the counters.
 //!
 //! A click is *unique* when the same (IP, user agent, offer, affiliate) has not
 //! clicked in the 24 hours before it (event time). Decided in the fold, in log
@@ -13,6 +13,10 @@ use common::{fold::Fold, store::decode_u64, LogEntry, Staged};
 use prost::Message;
 use proto::clicks::v1::ClickRecorded;
 
+pub mod visitors;
+
+use visitors::Visitor;
+
 /// Row key of a click.
 pub fn click_key(click_id: &str) -> Vec<u8> {
     [b"c/", click_id.as_bytes()].concat()
@@ -20,8 +24,9 @@ pub fn click_key(click_id: &str) -> Vec<u8> {
 
 /// The rows' format ([`Fold::format`]). 2: a click's row carries its
 /// unique flag (format 1 wrote a `cu/<click_id>` row per unique click: one
-/// more write per click, a quarter of the fold's time).
-const FORMAT: u32 = 2;
+/// more write per click, a quarter of the fold's time). 3: visitors are kept
+/// in bucket rows, not a row each ([`visitors`]).
+const FORMAT: u32 = 3;
 
 /// Flag of a click's row: the click was unique.
 const UNIQUE: u8 = 1;
@@ -44,21 +49,6 @@ pub fn unique_count_key(kind: char, id: &str) -> Vec<u8> {
 
 /// How long a visitor's repeat clicks are not unique.
 pub const UNIQUE_WINDOW_MS: i64 = 24 * 3_600_000;
-
-/// The visitor fingerprint of a click: SHA-256 of (IP, user agent, offer, affiliate).
-fn fingerprint_key(c: &ClickRecorded) -> Vec<u8> {
-    use sha2::Digest;
-    let digest = sha2::Sha256::new()
-        .chain_update(c.ip.as_bytes())
-        .chain_update([0x1f])
-        .chain_update(c.user_agent.as_bytes())
-        .chain_update([0x1f])
-        .chain_update(c.offer_id.as_bytes())
-        .chain_update([0x1f])
-        .chain_update(c.affiliate_id.as_bytes())
-        .finalize();
-    [&b"f/"[..], &digest[..16]].concat()
-}
 
 /// Whether a click at `at_ms` is unique after the visitor's last click at `last_ms`.
 pub fn is_unique(last_ms: Option<i64>, at_ms: i64) -> bool {
@@ -93,16 +83,18 @@ impl Fold for ClicksFold {
         }
         staged.add_u64(count_key('o', &click.offer_id), 1)?;
         staged.add_u64(count_key('a', &click.affiliate_id), 1)?;
-        let fp = fingerprint_key(&click);
-        let last = staged.get(&fp)?.map(|v| decode_u64(&v) as i64);
+        let last = visitors::visit(
+            staged,
+            &Visitor::of(&click),
+            click.occurred_at_ms,
+            entry.log_time_ms,
+        )?;
         let unique = is_unique(last, click.occurred_at_ms);
         staged.insert(key, click_row(entry.payload, unique));
         if unique {
             staged.add_u64(unique_count_key('o', &click.offer_id), 1)?;
             staged.add_u64(unique_count_key('a', &click.affiliate_id), 1)?;
         }
-        let latest = last.unwrap_or(0).max(click.occurred_at_ms).max(0) as u64;
-        staged.insert(fp, latest.to_be_bytes().to_vec());
         Ok(())
     }
 }
