@@ -157,7 +157,7 @@ async fn publish_catalog(
 }
 
 pub(super) async fn put_offer(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(offer_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -183,7 +183,7 @@ pub(super) async fn put_offer(
 }
 
 pub(super) async fn get_offer(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(offer_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<OfferJson>, ApiError> {
@@ -195,7 +195,7 @@ pub(super) async fn get_offer(
 }
 
 pub(super) async fn list_offers(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<OfferJson>>, ApiError> {
     authorize(&state, &headers)?;
@@ -210,7 +210,7 @@ pub(super) async fn list_offers(
 }
 
 pub(super) async fn put_affiliate(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(affiliate_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -236,7 +236,7 @@ pub(super) async fn put_affiliate(
 }
 
 pub(super) async fn get_affiliate(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(affiliate_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<AffiliateJson>, ApiError> {
@@ -248,7 +248,7 @@ pub(super) async fn get_affiliate(
 }
 
 pub(super) async fn list_affiliates(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<AffiliateJson>>, ApiError> {
     authorize(&state, &headers)?;

@@ -4,6 +4,8 @@
 //! within the ack deadline, or else flushed to the local outbox, which publishes
 //! it later with the same `Nats-Msg-Id`. If neither, 503 and no redirect.
 
+use std::sync::Arc;
+
 use std::net::SocketAddr;
 
 use axum::{
@@ -20,7 +22,7 @@ use crate::click::{self, ClickParams, Visitor};
 
 #[tracing::instrument(level = "debug", skip_all, fields(offer_id = %offer_id))]
 pub(super) async fn record_click(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(offer_id): Path<String>,
     RawQuery(query): RawQuery,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

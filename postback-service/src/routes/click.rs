@@ -2,6 +2,8 @@
 //! the first thing anyone debugging a lost conversion asks for. Conversions
 //! reported for a click we never saw are shown too, with `click: null`.
 
+use std::sync::Arc;
+
 use axum::{
     extract::{Path, State},
     http::HeaderMap,
@@ -75,7 +77,7 @@ pub(super) struct ClickWithConversions {
 }
 
 pub(super) async fn get_click(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(click_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<ClickWithConversions>, ApiError> {

@@ -1,5 +1,7 @@
 //! `GET /api/conversions/{conversion_id}`: one conversion, its state and why.
 
+use std::sync::Arc;
+
 use axum::{
     extract::{Path, State},
     http::HeaderMap,
@@ -85,7 +87,7 @@ impl From<ConversionView> for ConversionJson {
 }
 
 pub(super) async fn get_conversion(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(conversion_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<ConversionJson>, ApiError> {

@@ -7,6 +7,8 @@
 //! outbox (then `"durable":"outbox"` is added), or the same conversion is
 //! already in the log; 400 names the bad field; 503 means retry.
 
+use std::sync::Arc;
+
 use std::net::SocketAddr;
 
 use axum::{
@@ -25,7 +27,7 @@ use crate::postback::PostbackInput;
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn postback(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     method: Method,
     RawQuery(query): RawQuery,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -171,7 +173,7 @@ async fn verify(
 
 /// `GET /api/postback-refusals`: refused postbacks since the process started.
 pub(super) async fn refusals(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<crate::security::RefusalReport>, ApiError> {
     common::auth::require_bearer(&headers, &state.admin_token)?;

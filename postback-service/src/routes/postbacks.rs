@@ -4,6 +4,8 @@
 //! - `GET /api/postbacks/{delivery_id}`;
 //! - `POST /api/postbacks/{delivery_id}/retry`: send a failed delivery again.
 
+use std::sync::Arc;
+
 use std::collections::HashMap;
 
 use axum::{
@@ -160,7 +162,7 @@ pub(super) fn lookup(
 }
 
 pub(super) async fn get_postback(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(delivery_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<DeliveryJson>, ApiError> {
@@ -171,7 +173,7 @@ pub(super) async fn get_postback(
 }
 
 pub(super) async fn list_postbacks(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
@@ -237,7 +239,7 @@ pub(super) async fn list_postbacks(
 }
 
 pub(super) async fn retry_postback(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(delivery_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {

@@ -2,6 +2,8 @@
 //! attributed (by current status) and rejected conversions, payout and revenue
 //! of approved conversions (per currency) per group.
 
+use std::sync::Arc;
+
 use std::collections::BTreeMap;
 
 use axum::{
@@ -42,7 +44,7 @@ fn decimals(m: BTreeMap<String, i64>) -> BTreeMap<String, String> {
 }
 
 pub(super) async fn get_reports(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<Report>, ApiError> {
