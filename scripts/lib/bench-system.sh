@@ -1,0 +1,20 @@
+# shellcheck shell=bash
+# Sourced by scripts/bench and scripts/profile: the pieces of the benchmark's
+# system both set up the same way.
+
+# Whether nothing listens on the loopback port $1.
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# PUT json $2 to click-service's admin API path $1 (at $CLICK_ADDR, as $ADMIN_TOKEN).
+admin() {
+  curl -fsS -o /dev/null -X PUT "http://$CLICK_ADDR$1" -H "Authorization: Bearer $ADMIN_TOKEN" \
+    -H 'content-type: application/json' -d "$2"
+}
+
+# The offer `bench`, the affiliate `bench-aff` (no postback URL) and `bench-pb`,
+# whose postback URL is a receiver on loopback port $1.
+bench_catalog() {
+  admin /api/offers/bench '{"name":"Bench","url":"https://shop.example/land?cid={click_id}&s1={sub1}&src={source}","payout":"2.50","revenue":"10.00","currency":"USD","attribution_window_hours":720}'
+  admin /api/affiliates/bench-aff '{"name":"Bench affiliate"}'
+  admin /api/affiliates/bench-pb "{\"name\":\"Bench postbacks\",\"postback_url\":\"http://127.0.0.1:$1/pb?delivery_id={delivery_id}&click_id={click_id}&payout={payout}&tx={txid}\"}"
+}
