@@ -5,6 +5,16 @@
 # Whether nothing listens on the loopback port $1.
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Waits up to 30 s for url $1 to answer 2xx, else names $2 and exits (logs in $RUN).
+wait_ready() {
+  for _ in $(seq 1 600); do
+    curl -fs -o /dev/null "$1" && return 0
+    sleep 0.05
+  done
+  echo "$2 did not become ready; logs in $RUN" >&2
+  exit 1
+}
+
 # PUT json $2 to click-service's admin API path $1 (at $CLICK_ADDR, as $ADMIN_TOKEN).
 admin() {
   curl -fsS -o /dev/null -X PUT "http://$CLICK_ADDR$1" -H "Authorization: Bearer $ADMIN_TOKEN" \

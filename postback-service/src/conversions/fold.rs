@@ -131,11 +131,15 @@ fn dedup_goal_prefix(click_id: &str, goal: &str) -> Vec<u8> {
 /// Prefix of the dedup rows of (click, goal, txid): the txid's length first,
 /// so no txid's prefix is another txid's.
 fn dedup_txid_prefix(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
+    with_txid(dedup_goal_prefix(click_id, goal), txid)
+}
+
+/// A (click, goal) prefix ([`dedup_goal_prefix`]) extended by `txid`.
+fn with_txid(mut goal_prefix: Vec<u8>, txid: &str) -> Vec<u8> {
     let len = u16::try_from(txid.len()).unwrap_or(u16::MAX).to_be_bytes();
-    let mut key = dedup_goal_prefix(click_id, goal);
-    key.extend_from_slice(&len);
-    key.extend_from_slice(txid.as_bytes());
-    key
+    goal_prefix.extend_from_slice(&len);
+    goal_prefix.extend_from_slice(txid.as_bytes());
+    goal_prefix
 }
 
 /// The dedup row of an attributed conversion: its (click, goal, txid), then
@@ -613,14 +617,15 @@ impl Conversions {
     /// # Errors
     /// sled read failure.
     pub fn dedup(&self, click_id: &str, goal: &str, txid: &str) -> Result<Dedup, sled::Error> {
-        let first = |prefix: Vec<u8>| -> Result<Option<sled::IVec>, sled::Error> {
+        let first = |prefix: &[u8]| -> Result<Option<sled::IVec>, sled::Error> {
             self.tree.scan_prefix(prefix).keys().next().transpose()
         };
-        let txid_prefix = dedup_txid_prefix(click_id, goal, txid);
-        let Some(key) = first(dedup_goal_prefix(click_id, goal))? else {
+        let goal_prefix = dedup_goal_prefix(click_id, goal);
+        let Some(key) = first(&goal_prefix)? else {
             return Ok(Dedup::default());
         };
-        let txid_taken = key.starts_with(&txid_prefix) || first(txid_prefix)?.is_some();
+        let txid_prefix = with_txid(goal_prefix, txid);
+        let txid_taken = key.starts_with(&txid_prefix) || first(&txid_prefix)?.is_some();
         Ok(Dedup {
             goal_taken: true,
             txid_taken,
