@@ -346,12 +346,12 @@ mod tests {
         let step = source.step(&clicks).unwrap();
         assert_eq!((step.completes, step.events), (20, 20));
         let clicks = Clicks::new(clicks);
-        assert_eq!(clicks.count('o', "offer-0").unwrap(), 2);
+        assert_eq!(clicks.count('o', "offer-0").unwrap().clicks, 2);
         let unique: u64 = clicks
-            .unique_counts('a')
+            .counts('a')
             .unwrap()
             .iter()
-            .map(|(_, n)| n)
+            .map(|(_, n)| n.unique)
             .sum();
         assert_eq!(unique, 20, "each click from its own visitor");
 

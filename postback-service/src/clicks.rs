@@ -3,7 +3,7 @@
 //! unique click counters per offer and per affiliate.
 //!
 //! Rows: `c/<click_id>` the click ([`click_row`]), `f/<bucket>` the visitors'
-//! last click times ([`visitors`]), `n/…` and `nu/…` the counters.
+//! last click times ([`visitors`]), `n/…` the counters ([`Tally`]).
 //!
 //! A click is *unique* when the same (IP, user agent, offer, affiliate) has not
 //! clicked in the 24 hours before it (event time). Decided in the fold, in log
@@ -25,8 +25,10 @@ pub fn click_key(click_id: &str) -> Vec<u8> {
 /// The rows' format ([`Fold::format`]). 2: a click's row carries its
 /// unique flag (format 1 wrote a `cu/<click_id>` row per unique click: one
 /// more write per click, a quarter of the fold's time). 3: visitors are kept
-/// in bucket rows, not a row each ([`visitors`]).
-const FORMAT: u32 = 3;
+/// in bucket rows, not a row each ([`visitors`]). 4: gross and unique
+/// counts share one row ([`Tally`]), so a report never shows a group's gross
+/// clicks without its unique ones (a group's rows are applied one by one).
+const FORMAT: u32 = 4;
 
 /// Flag of a click's row: the click was unique.
 const UNIQUE: u8 = 1;
@@ -42,9 +44,47 @@ pub fn count_key(kind: char, id: &str) -> Vec<u8> {
     format!("n/{kind}/{id}").into_bytes()
 }
 
-/// Counter key of unique clicks per offer (`o`) or affiliate (`a`).
-pub fn unique_count_key(kind: char, id: &str) -> Vec<u8> {
-    format!("nu/{kind}/{id}").into_bytes()
+/// Clicks counted for one offer or affiliate: gross, and unique among them.
+/// One row, 16 bytes (two u64 BE), so the two are always read together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Every click.
+    pub clicks: u64,
+    /// Clicks that were unique.
+    pub unique: u64,
+}
+
+impl Tally {
+    /// Reads a counter row; a short or garbled row counts what it can.
+    pub fn decode(bytes: &[u8]) -> Self {
+        let (clicks, unique) = bytes.split_at(bytes.len().min(8));
+        Self {
+            clicks: decode_u64(clicks),
+            unique: decode_u64(unique),
+        }
+    }
+
+    /// The counter row.
+    pub fn encode(&self) -> Vec<u8> {
+        [self.clicks.to_be_bytes(), self.unique.to_be_bytes()].concat()
+    }
+
+    /// The tally after one more click.
+    fn count(self, unique: bool) -> Self {
+        Self {
+            clicks: self.clicks.saturating_add(1),
+            unique: self.unique.saturating_add(u64::from(unique)),
+        }
+    }
+}
+
+/// Stages one more click, unique or not, on a counter row.
+fn tally(staged: &mut Staged<'_>, key: Vec<u8>, unique: bool) -> Result<(), sled::Error> {
+    let now = staged
+        .get(&key)?
+        .map_or_else(Tally::default, |row| Tally::decode(&row));
+    staged.insert(key, now.count(unique).encode());
+    Ok(())
 }
 
 /// How long a visitor's repeat clicks are not unique.
@@ -81,8 +121,6 @@ impl Fold for ClicksFold {
         if staged.contains(&key)? {
             return Ok(());
         }
-        staged.add_u64(count_key('o', &click.offer_id), 1)?;
-        staged.add_u64(count_key('a', &click.affiliate_id), 1)?;
         let last = visitors::visit(
             staged,
             &Visitor::of(&click),
@@ -91,10 +129,8 @@ impl Fold for ClicksFold {
         )?;
         let unique = is_unique(last, click.occurred_at_ms);
         staged.insert(key, click_row(entry.payload, unique));
-        if unique {
-            staged.add_u64(unique_count_key('o', &click.offer_id), 1)?;
-            staged.add_u64(unique_count_key('a', &click.affiliate_id), 1)?;
-        }
+        tally(staged, count_key('o', &click.offer_id), unique)?;
+        tally(staged, count_key('a', &click.affiliate_id), unique)?;
         Ok(())
     }
 }
@@ -153,35 +189,24 @@ impl Clicks {
     ///
     /// # Errors
     /// sled read failure.
-    pub fn count(&self, kind: char, id: &str) -> Result<u64, sled::Error> {
+    pub fn count(&self, kind: char, id: &str) -> Result<Tally, sled::Error> {
         Ok(self
             .tree
             .get(count_key(kind, id))?
-            .map_or(0, |v| decode_u64(&v)))
+            .map_or_else(Tally::default, |v| Tally::decode(&v)))
     }
 
     /// Every click counter of one kind, by id.
     ///
     /// # Errors
     /// sled read failure.
-    pub fn counts(&self, kind: char) -> Result<Vec<(String, u64)>, sled::Error> {
-        self.counts_with(&format!("n/{kind}/"))
-    }
-
-    /// Every unique-click counter of one kind, by id.
-    ///
-    /// # Errors
-    /// sled read failure.
-    pub fn unique_counts(&self, kind: char) -> Result<Vec<(String, u64)>, sled::Error> {
-        self.counts_with(&format!("nu/{kind}/"))
-    }
-
-    fn counts_with(&self, prefix: &str) -> Result<Vec<(String, u64)>, sled::Error> {
+    pub fn counts(&self, kind: char) -> Result<Vec<(String, Tally)>, sled::Error> {
+        let prefix = count_key(kind, "");
         let mut out = Vec::new();
-        for row in self.tree.scan_prefix(prefix.as_bytes()) {
+        for row in self.tree.scan_prefix(&prefix) {
             let (k, v) = row?;
             let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((id, decode_u64(&v)));
+            out.push((id, Tally::decode(&v)));
         }
         Ok(out)
     }
@@ -196,6 +221,21 @@ mod tests {
         assert!(is_unique(None, 5));
         assert!(!is_unique(Some(0), UNIQUE_WINDOW_MS - 1));
         assert!(is_unique(Some(0), UNIQUE_WINDOW_MS));
+    }
+
+    #[test]
+    fn a_tally_row_holds_both_counts() {
+        let tally = Tally::default().count(true).count(false).count(true);
+        assert_eq!(
+            tally,
+            Tally {
+                clicks: 3,
+                unique: 2
+            }
+        );
+        assert_eq!(Tally::decode(&tally.encode()), tally);
+        assert_eq!(tally.encode().len(), 16);
+        assert_eq!(Tally::decode(&[]), Tally::default());
     }
 
     #[test]
@@ -239,10 +279,15 @@ mod tests {
             .map(|c| clicks.is_unique(c).unwrap())
             .collect();
         assert_eq!(unique, [true, false, true, true]);
-        assert_eq!(clicks.counts('o').unwrap(), vec![("o1".to_owned(), 4)]);
         assert_eq!(
-            clicks.unique_counts('o').unwrap(),
-            vec![("o1".to_owned(), 3)]
+            clicks.counts('o').unwrap(),
+            vec![(
+                "o1".to_owned(),
+                Tally {
+                    clicks: 4,
+                    unique: 3
+                }
+            )]
         );
     }
 
@@ -272,7 +317,11 @@ mod tests {
         let clicks = Clicks::new(tree);
         assert_eq!(clicks.get("c1").unwrap().unwrap().offer_id, "o1");
         assert!(clicks.is_unique("c1").unwrap());
-        assert_eq!(clicks.count('o', "o1").unwrap(), 1);
-        assert_eq!(clicks.counts('a').unwrap(), vec![("a1".to_owned(), 1)]);
+        let one = Tally {
+            clicks: 1,
+            unique: 1,
+        };
+        assert_eq!(clicks.count('o', "o1").unwrap(), one);
+        assert_eq!(clicks.counts('a').unwrap(), vec![("a1".to_owned(), one)]);
     }
 }

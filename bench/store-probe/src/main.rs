@@ -65,16 +65,18 @@ fn write(store: &mut dyn Store, n: usize) -> (f64, Vec<Vec<u8>>) {
             let mut row = read(&staged, &*store, &bucket).unwrap_or_default();
             row.extend_from_slice(&fingerprint[2..18]);
             staged.insert(bucket, row);
+            // Gross and unique counts share a 16-byte row (clicks format 4).
             for counter in [
                 format!("n/o/offer-{}", i % 10),
                 format!("n/a/aff-{}", i % 50),
-                format!("nu/o/offer-{}", i % 10),
-                format!("nu/a/aff-{}", i % 50),
             ] {
                 let k = counter.into_bytes();
-                let v = read(&staged, &*store, &k)
-                    .map_or(0, |v| u64::from_be_bytes(v[..8].try_into().unwrap()));
-                staged.insert(k, (v + 1).to_be_bytes().to_vec());
+                let mut v = read(&staged, &*store, &k).unwrap_or_else(|| vec![0; 16]);
+                for half in v.chunks_exact_mut(8) {
+                    let n = u64::from_be_bytes((&*half).try_into().unwrap()) + 1;
+                    half.copy_from_slice(&n.to_be_bytes());
+                }
+                staged.insert(k, v);
             }
             if i % 3 == 0 {
                 keys.push(key.clone());

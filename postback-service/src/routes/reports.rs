@@ -59,11 +59,9 @@ pub(super) async fn get_reports(
         Some(_) => return Err(ApiError::invalid("group_by", "must be offer or affiliate")),
     };
     let mut merged: BTreeMap<String, (u64, u64, ReportRow)> = BTreeMap::new();
-    for (id, clicks) in state.clicks.counts(kind)? {
-        merged.entry(id).or_default().0 = clicks;
-    }
-    for (id, unique) in state.clicks.unique_counts(kind)? {
-        merged.entry(id).or_default().1 = unique;
+    for (id, tally) in state.clicks.counts(kind)? {
+        let row = merged.entry(id).or_default();
+        (row.0, row.1) = (tally.clicks, tally.unique);
     }
     for (id, row) in state.conversions.reports(kind)? {
         merged.entry(id).or_default().2 = row;
