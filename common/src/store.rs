@@ -474,7 +474,10 @@ impl<'a> Staged<'a> {
     /// group (no record), or the record and some of its writes, which
     /// [`recover`] completes, or all of it. State and checkpoint cannot
     /// disagree. Readers of the live Tree may see a group half-applied for the
-    /// moment it takes; a reader that walks an index the fold appends to bounds
+    /// moment it takes, its writes landing in key order (a conversion's `v/`
+    /// view after the `r/` report row it changed); whatever two numbers a
+    /// reader must see together belong in one row (the clicks Tree's
+    /// tallies). A reader that walks an index the fold appends to bounds
     /// itself by the fold's applied sequence (see the dispatcher).
     ///
     /// # Errors
