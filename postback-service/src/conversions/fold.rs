@@ -99,6 +99,8 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 }
 
 /// The rows' format ([`Fold::format`]).
+/// - 7: report rows (`r/`) are packed, not JSON: each decision decodes and
+///   encodes two of them.
 /// - 6: a click's conversions are listed by their pending, dedup or rejected
 ///   rows; the `k/` row is written for rejected conversions only, with their
 ///   decision, so a report adds one key fewer. Dedup rows end with the txid's
@@ -113,10 +115,11 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// - 2: one dedup row per attribution (format 1 wrote two, one per goal and
 ///   one per txid, in another shape).
 ///
-/// Packed views are not self-describing: any change to [`ConversionView`]'s
-/// fields (or to the types inside it) needs a new format, which
-/// `tests::a_packed_view_keeps_its_shape` enforces.
-const FORMAT: u32 = 6;
+/// Packed rows are not self-describing: any change to [`ConversionView`]'s or
+/// [`ReportRow`]'s fields (or to the types inside them) needs a new format,
+/// which `tests::a_packed_view_keeps_its_shape` and
+/// `tests::a_packed_report_row_keeps_its_shape` enforce.
+const FORMAT: u32 = 7;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -476,8 +479,8 @@ fn update_reports(
 ) -> Result<(), sled::Error> {
     for (kind, id) in [('o', &view.offer_id), ('a', &view.affiliate_id)] {
         let key = report_key(kind, id);
-        let row = staged.get_json::<ReportRow>(&key)?.unwrap_or_default();
-        staged.put_json(key, &change(row));
+        let row = staged.get_packed::<ReportRow>(&key)?.unwrap_or_default();
+        staged.put_packed(key, &change(row));
     }
     Ok(())
 }
@@ -641,7 +644,7 @@ impl Conversions {
         let mut out = Vec::new();
         for row in self.tree.scan_prefix(prefix.as_bytes()) {
             let (k, v) = row?;
-            if let Ok(r) = serde_json::from_slice(&v) {
+            if let Some(r) = common::store::unpack(&v) {
                 out.push((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), r));
             }
         }
@@ -959,11 +962,36 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (6, PACKED_VIEW),
+            (7, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));
     }
+
+    /// A report row with every field set, packed, pinned like the view
+    /// ([`FORMAT`]'s doc).
+    #[test]
+    fn a_packed_report_row_keeps_its_shape() {
+        let money = |payout: (&'static str, i64), revenue| Money { payout, revenue };
+        let row = ReportRow::default()
+            .attributed(
+                ConversionStatus::Approved,
+                money(("USD", 2_500_000), ("EUR", 7)),
+            )
+            .attributed(ConversionStatus::Pending, money(("USD", 1), ("USD", 1)))
+            .rejected(Reason::Duplicate)
+            .rejected(Reason::Malformed);
+        let packed = common::store::pack(&row);
+        let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (FORMAT, hex.as_str()),
+            (7, PACKED_REPORT_ROW),
+            "see FORMAT's doc"
+        );
+        assert_eq!(common::store::unpack::<ReportRow>(&packed), Some(row));
+    }
+
+    const PACKED_REPORT_ROW: &str = "0202020201040102000101010103555344c096b10201034555520e";
 
     const PACKED_VIEW: &str = "02637602636b01670174010e03455552046874747002697002040301016d010266660101070164016f016108035553440a03474250010c01750108617070726f7665640102017301760163010001017810";
 
