@@ -60,7 +60,7 @@ impl Application {
             &config.nats_url,
             "click-service",
             &config.data_dir,
-            config.ingest.sled_cache_bytes(),
+            &config.ingest,
         )
         .await?;
         let catalog_status = base.spawn_fold("catalog", catalog_spec(), catalog::CatalogFold)?;

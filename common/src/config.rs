@@ -21,6 +21,13 @@ pub struct IngestArgs {
     /// service's resident memory once the projection is large).
     #[arg(long, env = "SLED_CACHE_MB", default_value_t = 1024)]
     pub sled_cache_mb: u64,
+    /// How much lower than the request handlers' the folds' CPU priority is:
+    /// added to the nice value of each fold's thread (0 to 19; 0: the same).
+    /// Under a burst of requests the folds fall behind and catch up after,
+    /// instead of taking cores from redirects and postbacks.
+    #[arg(long, env = "FOLD_NICE", default_value_t = 10,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub fold_nice: i32,
 }
 
 impl IngestArgs {
@@ -31,6 +38,7 @@ impl IngestArgs {
             outbox_max_entries: 100_000,
             publish_timeout_ms: 2000,
             sled_cache_mb: 64,
+            fold_nice: 10,
         }
     }
 

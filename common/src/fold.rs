@@ -22,7 +22,10 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{self, Staged};
+use crate::{
+    store::{self, Staged},
+    worker::Worker,
+};
 
 /// Most messages folded into one commit.
 const MAX_GROUP: usize = 1024;
@@ -131,6 +134,8 @@ pub struct Source {
     /// The database's shared flusher: folds that commit at the same time share
     /// one flush.
     pub durable: store::GroupFlush,
+    /// Added to the nice value of the fold's thread ([`crate::worker`]).
+    pub nice: i32,
 }
 
 /// Runs the fold until `token` is cancelled, restarting its consumer with backoff
@@ -145,10 +150,18 @@ pub async fn run<F: Fold>(
     token: CancellationToken,
 ) {
     let fold = Arc::new(Mutex::new(fold));
+    let name = format!("fold-{}", spec.stream.to_lowercase());
+    let worker = match Worker::spawn(&name, source.nice) {
+        Ok(worker) => worker,
+        Err(error) => {
+            tracing::error!(%error, stream = spec.stream, "fold cannot start; the service will not become ready");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(50);
     while !token.is_cancelled() {
         source.connections.mark_unchanged();
-        match run_consumer(&mut source, &tree, &spec, &fold, &status, &token).await {
+        match run_consumer(&mut source, &tree, &spec, &fold, &worker, &status, &token).await {
             Ok(()) => break,
             Err(FoldError::Reconnected) => {
                 tracing::info!(
@@ -198,6 +211,7 @@ async fn run_consumer<F: Fold>(
     tree: &sled::Tree,
     spec: &FoldSpec,
     fold: &Arc<Mutex<F>>,
+    worker: &Worker,
     status: &watch::Sender<FoldStatus>,
     token: &CancellationToken,
 ) -> Result<(), FoldError> {
@@ -278,7 +292,8 @@ async fn run_consumer<F: Fold>(
         }
         let (events, applying) = (delivered.len(), std::time::Instant::now());
         let waited = applying - waiting;
-        let Some(group) = apply_delivered(tree, fold, delivered, applied, token).await? else {
+        let Some(group) = apply_delivered(tree, fold, worker, delivered, applied, token).await?
+        else {
             continue;
         };
         // RUST_LOG=common::fold=debug: where a fold's time goes, group by group
@@ -368,9 +383,9 @@ struct Applied {
 }
 
 /// Applies the new messages of a delivered chunk in one commit with their
-/// checkpoint, on the blocking pool: a big group's sled writes take
-/// milliseconds, which HTTP requests sharing the async workers would otherwise
-/// wait out. Retries storage failures until they pass or the token is
+/// checkpoint, on the fold's own thread ([`Worker`], at a lower priority): a
+/// big group's sled writes take milliseconds, which HTTP requests sharing the
+/// async workers would otherwise wait out. Retries storage failures until they pass or the token is
 /// cancelled. `None`: nothing usable was delivered.
 ///
 /// The group is not flushed here: the projection is disposable, and state and
@@ -383,6 +398,7 @@ struct Applied {
 async fn apply_delivered<F: Fold>(
     tree: &sled::Tree,
     fold: &Arc<Mutex<F>>,
+    worker: &Worker,
     delivered: Vec<async_nats::jetstream::Message>,
     applied: u64,
     token: &CancellationToken,
@@ -416,10 +432,10 @@ async fn apply_delivered<F: Fold>(
             }
         }
     };
-    match tokio::task::spawn_blocking(work).await {
+    match worker.run(work).await {
         Ok(result) => Ok(result?),
-        Err(join) => Err(FoldError::Store(sled::Error::Io(std::io::Error::other(
-            format!("fold task failed: {join}"),
+        Err(error) => Err(FoldError::Store(sled::Error::Io(std::io::Error::other(
+            format!("fold task failed: {error}"),
         )))),
     }
 }

@@ -19,6 +19,7 @@ pub mod store;
 pub mod telemetry;
 pub mod template;
 pub mod time;
+pub mod worker;
 
 pub use api_error::ApiError;
 pub use fold::{FoldStatus, LogEntry};

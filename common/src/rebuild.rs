@@ -172,6 +172,8 @@ pub async fn rebuild(
             js: conn.js.clone(),
             connections: conn.connections.clone(),
             durable: durable.clone(),
+            // Nothing else runs: the folds may have the whole machine.
+            nice: 0,
         };
         let tree = fresh.open_tree(job.tree)?;
         tasks.push(tokio::spawn(fold::run(

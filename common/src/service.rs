@@ -53,10 +53,12 @@ pub struct Base {
     folds: Vec<watch::Receiver<FoldStatus>>,
     data_dir: std::path::PathBuf,
     outbox: Option<crate::outbox::Outbox>,
+    fold_nice: i32,
 }
 
 impl Base {
-    /// Opens `data_dir`'s projection, connects to NATS as `name` and ensures streams.
+    /// Opens `data_dir`'s projection, connects to NATS as `name` and ensures
+    /// streams. Folds will run at `ingest`'s nice ([`crate::worker`]).
     ///
     /// # Errors
     /// The projection cannot open or NATS cannot be reached within 10 s.
@@ -64,9 +66,9 @@ impl Base {
         nats_url: &str,
         name: &str,
         data_dir: &Path,
-        cache_bytes: u64,
+        ingest: &crate::config::IngestArgs,
     ) -> Result<Self, StartupError> {
-        let db = crate::store::open_db_with_cache(data_dir, cache_bytes)?;
+        let db = crate::store::open_db_with_cache(data_dir, ingest.sled_cache_bytes())?;
         let crate::nats::Connection {
             client,
             js,
@@ -86,6 +88,7 @@ impl Base {
             folds: Vec::new(),
             data_dir: data_dir.to_path_buf(),
             outbox: None,
+            fold_nice: ingest.fold_nice,
         })
     }
 
@@ -105,6 +108,7 @@ impl Base {
             js: self.js.clone(),
             connections: self.connections.clone(),
             durable: self.durable.clone(),
+            nice: self.fold_nice,
         };
         let task = fold::run(source, tree, spec, fold, tx, self.token.clone());
         self.tracker.spawn(task);

@@ -365,8 +365,25 @@ fn rate_cell(m: Option<&Measurement>) -> String {
     match m {
         None => "—".to_owned(),
         Some(m) if m.failed.is_some() => "failed".to_owned(),
-        Some(m) => format!("{} {}", thousands(m.throughput), m.unit),
+        Some(m) => match decided_rate(m) {
+            Some((drain, rate)) => format!(
+                "{} {} (all decided {drain:.1} s after the window: {} decided/s)",
+                thousands(m.throughput),
+                m.unit,
+                thousands(rate)
+            ),
+            None => format!("{} {}", thousands(m.throughput), m.unit),
+        },
     }
+}
+
+/// For a measurement of accepted work that left the decider a backlog: how
+/// long it took to drain after the window, and what was accepted *and
+/// decided* per second counting that time. An HTTP rate alone rewards a back
+/// end that falls behind; this figure does not.
+fn decided_rate(m: &Measurement) -> Option<(f64, f64)> {
+    let drain = m.extra.get("decider_backlog_drained_s")?.as_f64()?;
+    (drain >= 0.5 && m.seconds > 0.0).then(|| (drain, m.count as f64 / (m.seconds + drain)))
 }
 
 /// The Markdown report.
@@ -774,6 +791,19 @@ mod tests {
         let mut errors = latency("clicks_open", 1.0, 2.0);
         errors.errors = 3;
         assert_eq!(judge(open, &[errors]).verdict, Verdict::Miss);
+    }
+
+    #[test]
+    fn a_backlog_left_for_the_decider_is_counted_beside_the_rate() {
+        let kept_up =
+            throughput("postbacks_closed", 20_000.0).extra("decider_backlog_drained_s", 0.1);
+        assert_eq!(rate_cell(Some(&kept_up)), "20,000 req/s");
+        let behind =
+            throughput("postbacks_closed", 20_000.0).extra("decider_backlog_drained_s", 2.5);
+        assert_eq!(
+            rate_cell(Some(&behind)),
+            "20,000 req/s (all decided 2.5 s after the window: 16,000 decided/s)"
+        );
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Application {
             &config.nats_url,
             "postback-service",
             &config.data_dir,
-            config.ingest.sled_cache_bytes(),
+            &config.ingest,
         )
         .await?;
         let catalog_status = base.spawn_fold(

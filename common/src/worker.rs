@@ -1,0 +1,138 @@
+//! A fold's own OS thread, at a lower CPU priority than the threads that answer
+//! requests.
+//!
+//! A fold applies a group of events in one burst of CPU (tens of milliseconds
+//! for a group of 1024 clicks). On a small machine that burst took a core from
+//! the threads answering redirects and postbacks, whose wait for it was the tail
+//! of their latency. A fold is behind the log by design and catches up when the
+//! burst of requests has passed, so it yields: its thread runs at a higher nice
+//! value ([`Worker::spawn`]). Niceness only matters when the cores are all
+//! busy; an idle machine gives the fold all it asks for.
+
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::mpsc,
+};
+
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The worker thread could not run a job.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("the worker thread could not be started")]
+    Spawn(#[source] std::io::Error),
+    #[error("the job panicked or the worker thread has stopped")]
+    Gone,
+}
+
+/// One OS thread running the jobs given to it, in order.
+#[derive(Debug)]
+pub struct Worker {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Worker {
+    /// Starts a thread named `name` whose nice value is raised by `nice` (0:
+    /// left as it is; Linux only, where nice is a thread's own). A nice value
+    /// the system refuses is logged, and the thread runs at its inherited one.
+    /// The thread ends when the worker is dropped.
+    ///
+    /// # Errors
+    /// The OS cannot start a thread.
+    pub fn spawn(name: &str, nice: i32) -> Result<Self, WorkerError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                lower_priority(nice);
+                for job in queue {
+                    // A panicking job drops its reply sender: the caller sees
+                    // `Gone`, and the thread goes on with the next job.
+                    let _ = catch_unwind(AssertUnwindSafe(job));
+                }
+            })
+            .map_err(WorkerError::Spawn)?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `job` on the thread and waits for its result.
+    ///
+    /// # Errors
+    /// [`WorkerError::Gone`]: the job panicked.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let (reply, result) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = reply.send(job());
+        });
+        self.jobs.send(job).map_err(|_| WorkerError::Gone)?;
+        result.await.map_err(|_| WorkerError::Gone)
+    }
+}
+
+/// Raises the calling thread's nice value by `nice`.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let tid = Some(rustix::thread::gettid());
+        let now = getpriority_process(tid).unwrap_or(0);
+        if let Err(error) = setpriority_process(tid, now.saturating_add(nice)) {
+            tracing::warn!(%error, nice, "could not lower a fold thread's priority");
+        }
+    }
+}
+
+/// The calling thread's nice value (Linux; 0 elsewhere).
+#[cfg(test)]
+fn current_nice() -> i32 {
+    #[cfg(target_os = "linux")]
+    return rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0);
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_jobs_in_order_on_a_thread_of_its_own_at_the_nice_asked() {
+        let worker = Worker::spawn("test-worker", 3).unwrap();
+        let here = std::thread::current().id();
+        let (name, id) = worker
+            .run(|| {
+                let me = std::thread::current();
+                (me.name().map(str::to_owned), me.id())
+            })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("test-worker"));
+        assert_ne!(id, here);
+        if cfg!(target_os = "linux") {
+            let base = current_nice();
+            assert_eq!(worker.run(current_nice).await.unwrap(), (base + 3).min(19));
+        }
+        let mut seen = Vec::new();
+        for i in 0..5 {
+            seen.push(worker.run(move || i * 2).await.unwrap());
+        }
+        assert_eq!(seen, [0, 2, 4, 6, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_and_the_thread_goes_on() {
+        let worker = Worker::spawn("test-worker", 0).unwrap();
+        let failed = worker.run(|| -> u8 { panic!("boom") }).await;
+        assert!(matches!(failed, Err(WorkerError::Gone)));
+        assert_eq!(worker.run(|| 7).await.unwrap(), 7);
+    }
+}
