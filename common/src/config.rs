@@ -21,10 +21,11 @@ pub struct IngestArgs {
     /// service's resident memory once the projection is large).
     #[arg(long, env = "SLED_CACHE_MB", default_value_t = 1024)]
     pub sled_cache_mb: u64,
-    /// How much lower than the request handlers' the folds' CPU priority is:
-    /// added to the nice value of each fold's thread (0 to 19; 0: the same).
-    /// Under a burst of requests the folds fall behind and catch up after,
-    /// instead of taking cores from redirects and postbacks.
+    /// How much lower than the request handlers' the folds' CPU priority is
+    /// once they have caught up with the log: added to the nice value of each
+    /// fold's thread (0 to 19; 0: the same). Under a burst of requests the
+    /// folds fall behind and catch up after, instead of taking cores from
+    /// redirects and postbacks.
     #[arg(long, env = "FOLD_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub fold_nice: i32,

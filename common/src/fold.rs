@@ -267,6 +267,9 @@ async fn run_consumer<F: Fold>(
             s.at_tail = true;
         }
     });
+    if status.borrow().caught_up {
+        worker.lower_priority();
+    }
     loop {
         let waiting = std::time::Instant::now();
         let mut chunk = tokio::select! {
@@ -319,6 +322,7 @@ async fn run_consumer<F: Fold>(
             }
         });
         if reached_tail {
+            worker.lower_priority();
             tracing::info!(
                 stream = spec.stream,
                 applied_seq = applied,

@@ -5,13 +5,19 @@
 //! for a group of 1024 clicks). On a small machine that burst took a core from
 //! the threads answering redirects and postbacks, whose wait for it was the tail
 //! of their latency. A fold is behind the log by design and catches up when the
-//! burst of requests has passed, so it yields: its thread runs at a higher nice
-//! value ([`Worker::spawn`]). Niceness only matters when the cores are all
-//! busy; an idle machine gives the fold all it asks for.
+//! burst of requests has passed, so once it has caught up with the log it
+//! yields: its thread's nice value is raised ([`Worker::lower_priority`]).
+//! Until then (a start, a rebuild: the service is not ready and folding is all
+//! it has to do) it runs at the priority it was started with. Niceness only
+//! matters when the cores are all busy; an idle machine gives the fold all it
+//! asks for.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
 };
 
 use thiserror::Error;
@@ -32,13 +38,14 @@ pub enum WorkerError {
 #[derive(Debug)]
 pub struct Worker {
     jobs: mpsc::Sender<Job>,
+    nice: i32,
+    lowered: AtomicBool,
 }
 
 impl Worker {
-    /// Starts a thread named `name` whose nice value is raised by `nice` (0:
-    /// left as it is; Linux only, where nice is a thread's own). A nice value
-    /// the system refuses is logged, and the thread runs at its inherited one.
-    /// The thread ends when the worker is dropped.
+    /// Starts a thread named `name`, at the caller's priority; `nice` is what
+    /// [`Worker::lower_priority`] will add to its nice value. The thread ends
+    /// when the worker is dropped.
     ///
     /// # Errors
     /// The OS cannot start a thread.
@@ -47,7 +54,6 @@ impl Worker {
         std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                lower_priority(nice);
                 for job in queue {
                     // A panicking job drops its reply sender: the caller sees
                     // `Gone`, and the thread goes on with the next job.
@@ -55,7 +61,24 @@ impl Worker {
                 }
             })
             .map_err(WorkerError::Spawn)?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            nice,
+            lowered: AtomicBool::new(false),
+        })
+    }
+
+    /// Raises the thread's nice value by the worker's `nice`, once (later
+    /// calls do nothing: without privileges a thread cannot take priority
+    /// back). Jobs given after this call run at the new priority. Linux only,
+    /// where nice is a thread's own; a value the system refuses is logged and
+    /// the thread keeps its priority.
+    pub fn lower_priority(&self) {
+        if self.nice == 0 || self.lowered.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let nice = self.nice;
+        let _ = self.jobs.send(Box::new(move || raise_nice(nice)));
     }
 
     /// Runs `job` on the thread and waits for its result.
@@ -76,10 +99,7 @@ impl Worker {
 }
 
 /// Raises the calling thread's nice value by `nice`.
-fn lower_priority(nice: i32) {
-    if nice == 0 {
-        return;
-    }
+fn raise_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     {
         use rustix::process::{getpriority_process, setpriority_process};
@@ -105,9 +125,10 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn runs_jobs_in_order_on_a_thread_of_its_own_at_the_nice_asked() {
+    async fn runs_jobs_in_order_on_a_thread_of_its_own_then_at_the_nice_asked() {
         let worker = Worker::spawn("test-worker", 3).unwrap();
         let here = std::thread::current().id();
+        let base = current_nice();
         let (name, id) = worker
             .run(|| {
                 let me = std::thread::current();
@@ -117,8 +138,10 @@ mod tests {
             .unwrap();
         assert_eq!(name.as_deref(), Some("test-worker"));
         assert_ne!(id, here);
+        assert_eq!(worker.run(current_nice).await.unwrap(), base);
+        worker.lower_priority();
+        worker.lower_priority();
         if cfg!(target_os = "linux") {
-            let base = current_nice();
             assert_eq!(worker.run(current_nice).await.unwrap(), (base + 3).min(19));
         }
         let mut seen = Vec::new();
