@@ -165,6 +165,15 @@ pub struct HttpArgs {
     /// What is measured, in words (for the report).
     #[arg(long, default_value = "HTTP GET")]
     pub title: String,
+    /// A service (IP:port) whose folds must be back at the tail of the log
+    /// after the load before the command ends, so the next measurement does
+    /// not share the machine with this one's backlog; how long that took is
+    /// recorded as `folds_settled_s`. Repeatable.
+    #[arg(long = "settle")]
+    pub settle: Vec<String>,
+    /// How long to wait for those folds.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub settle_timeout: Duration,
     #[command(flatten)]
     pub load: LoadArgs,
     #[command(flatten)]

@@ -365,9 +365,9 @@ fn rate_cell(m: Option<&Measurement>) -> String {
     match m {
         None => "—".to_owned(),
         Some(m) if m.failed.is_some() => "failed".to_owned(),
-        Some(m) => match decided_rate(m) {
-            Some((drain, rate)) => format!(
-                "{} {} (all decided {drain:.1} s after the window: {} decided/s)",
+        Some(m) => match backlog(m) {
+            Some((done, drain, rate)) => format!(
+                "{} {} (all {done} {drain:.1} s after the window: {} {done}/s)",
                 thousands(m.throughput),
                 m.unit,
                 thousands(rate)
@@ -377,13 +377,22 @@ fn rate_cell(m: Option<&Measurement>) -> String {
     }
 }
 
-/// For a measurement of accepted work that left the decider a backlog: how
-/// long it took to drain after the window, and what was accepted *and
-/// decided* per second counting that time. An HTTP rate alone rewards a back
-/// end that falls behind; this figure does not.
-fn decided_rate(m: &Measurement) -> Option<(f64, f64)> {
-    let drain = m.extra.get("decider_backlog_drained_s")?.as_f64()?;
-    (drain >= 0.5 && m.seconds > 0.0).then(|| (drain, m.count as f64 / (m.seconds + drain)))
+/// For a measurement of accepted work that left a backlog behind (the
+/// decider's, or the folds'): what was left undone, how long it took after
+/// the window, and what was accepted *and* done per second counting that time.
+/// An HTTP rate alone rewards a back end that falls behind; this figure does
+/// not.
+fn backlog(m: &Measurement) -> Option<(&'static str, f64, f64)> {
+    [
+        ("decider_backlog_drained_s", "decided"),
+        ("folds_settled_s", "folded"),
+    ]
+    .into_iter()
+    .find_map(|(key, done)| {
+        let drain = m.extra.get(key)?.as_f64()?;
+        (drain >= 0.5 && m.seconds > 0.0)
+            .then(|| (done, drain, m.count as f64 / (m.seconds + drain)))
+    })
 }
 
 /// The Markdown report.
@@ -803,6 +812,15 @@ mod tests {
         assert_eq!(
             rate_cell(Some(&behind)),
             "20,000 req/s (all decided 2.5 s after the window: 16,000 decided/s)"
+        );
+    }
+
+    #[test]
+    fn a_backlog_left_for_the_folds_is_counted_beside_the_rate() {
+        let behind = throughput("clicks_closed", 30_000.0).extra("folds_settled_s", 5.0);
+        assert_eq!(
+            rate_cell(Some(&behind)),
+            "30,000 req/s (all folded 5.0 s after the window: 20,000 folded/s)"
         );
     }
 

@@ -92,6 +92,9 @@ pub struct Projection {
     pub stream: String,
     pub applied_seq: u64,
     pub caught_up: bool,
+    /// Nothing was pending after the last message the fold was delivered.
+    #[serde(default)]
+    pub at_tail: bool,
 }
 
 impl Ready {
@@ -136,6 +139,31 @@ pub async fn wait_applied(
         if Instant::now() > until {
             return Err(BenchError::Timeout {
                 what: format!("{stream} fold to reach sequence {seq}"),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every fold of the service at `target` is at the tail of its
+/// stream, polling every 20 ms.
+///
+/// # Errors
+/// A fold made no progress for the stall limit, or not at the tail within `timeout`.
+pub async fn wait_at_tail(target: &Target, timeout: Duration) -> Result<(), BenchError> {
+    let until = Instant::now() + timeout;
+    let mut stall = Stall::new(stall_limit());
+    loop {
+        let ready = readyz(target).await?;
+        if ready.projections.iter().all(|p| p.at_tail) {
+            return Ok(());
+        }
+        let applied = ready.projections.iter().map(|p| p.applied_seq).sum();
+        stall.check(applied, target, "folding the backlog").await?;
+        if Instant::now() > until {
+            return Err(BenchError::Timeout {
+                what: format!("the folds of {} to reach the tail", target.addr),
                 after: timeout,
             });
         }

@@ -8,7 +8,7 @@ use crate::{
     error::{BenchError, BoxError},
     http::{bearer, Req, Target},
     load::{self, Plan},
-    results,
+    results, service,
 };
 
 struct Fixed {
@@ -47,7 +47,15 @@ pub async fn run(args: HttpArgs, id: &str) -> Result<(), BenchError> {
     let mode = super::mode(&args.load, &args.out.results)?;
     let config = super::load_config(id, target, mode, &args.load, &args.out.watch);
     let outcome = load::run(config, plan).await;
-    let m = super::measurement(id, &args.title, &outcome, mode, args.load.connections)
+    let mut m = super::measurement(id, &args.title, &outcome, mode, args.load.connections)
         .extra("url", args.url.as_str());
+    if !args.settle.is_empty() {
+        let started = std::time::Instant::now();
+        for addr in &args.settle {
+            service::wait_at_tail(&Target::new(addr)?, args.settle_timeout).await?;
+        }
+        let settled = started.elapsed().as_secs_f64();
+        m = m.extra("folds_settled_s", (settled * 10.0).round() / 10.0);
+    }
     results::append(&args.out.results, &m)
 }
