@@ -34,6 +34,7 @@ fn catalog_spec() -> FoldSpec {
         consumer: "click-service-catalog".to_owned(),
         filter_subject: String::new(),
         linger: std::time::Duration::ZERO,
+        background: true,
     }
 }
 
@@ -43,6 +44,8 @@ fn clicks_spec() -> FoldSpec {
         consumer: "click-service-clicks".to_owned(),
         filter_subject: String::new(),
         linger: common::fold::CLICKS_LINGER,
+        // A click on a capped offer waits for this fold to count it.
+        background: false,
     }
 }
 

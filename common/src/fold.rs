@@ -91,6 +91,11 @@ pub struct FoldSpec {
     /// many events costs far less than many groups of one (each is a commit, a
     /// checkpoint, a status wake-up). Zero where latency matters (conversions).
     pub linger: Duration,
+    /// No request waits on this fold in the common case: once caught up it
+    /// yields the cores to the request handlers ([`crate::worker`];
+    /// [`Source::nice`]). False for a fold that requests wait on (click-service's
+    /// click caps: a click on a capped offer waits for its own event).
+    pub background: bool,
 }
 
 /// A fold that stopped on its own.
@@ -134,7 +139,8 @@ pub struct Source {
     /// The database's shared flusher: folds that commit at the same time share
     /// one flush.
     pub durable: store::GroupFlush,
-    /// Added to the nice value of the fold's thread ([`crate::worker`]).
+    /// Added to the nice value of a background fold's thread once it has
+    /// caught up ([`FoldSpec::background`], [`crate::worker`]).
     pub nice: i32,
 }
 
@@ -151,7 +157,8 @@ pub async fn run<F: Fold>(
 ) {
     let fold = Arc::new(Mutex::new(fold));
     let name = format!("fold-{}", spec.stream.to_lowercase());
-    let worker = match Worker::spawn(&name, source.nice) {
+    let nice = if spec.background { source.nice } else { 0 };
+    let worker = match Worker::spawn(&name, nice) {
         Ok(worker) => worker,
         Err(error) => {
             tracing::error!(%error, stream = spec.stream, "fold cannot start; the service will not become ready");

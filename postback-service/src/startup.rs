@@ -62,6 +62,9 @@ fn spec(stream: &'static str) -> FoldSpec {
         } else {
             Duration::ZERO
         },
+        // No HTTP answer waits on these folds but the door's, briefly, for a
+        // click not folded yet.
+        background: true,
     }
 }
 
