@@ -158,11 +158,16 @@ pub async fn run<F: Fold>(
     let fold = Arc::new(Mutex::new(fold));
     let name = format!("fold-{}", spec.stream.to_lowercase());
     let nice = if spec.background { source.nice } else { 0 };
-    let worker = match Worker::spawn(&name, nice) {
-        Ok(worker) => worker,
-        Err(error) => {
-            tracing::error!(%error, stream = spec.stream, "fold cannot start; the service will not become ready");
-            return;
+    let worker = loop {
+        match Worker::spawn(&name, nice) {
+            Ok(worker) => break worker,
+            Err(error) => {
+                tracing::error!(%error, stream = spec.stream, "fold thread cannot start; retrying");
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
     };
     let mut backoff = Duration::from_millis(50);
@@ -394,10 +399,11 @@ struct Applied {
 }
 
 /// Applies the new messages of a delivered chunk in one commit with their
-/// checkpoint, on the fold's own thread ([`Worker`], at a lower priority): a
-/// big group's sled writes take milliseconds, which HTTP requests sharing the
-/// async workers would otherwise wait out. Retries storage failures until they pass or the token is
-/// cancelled. `None`: nothing usable was delivered.
+/// checkpoint, on the fold's own thread ([`Worker`], at a lower priority once
+/// caught up): a big group's sled writes take milliseconds, which HTTP
+/// requests sharing the async workers would otherwise wait out. Retries
+/// storage failures until they pass or the token is cancelled. `None`:
+/// nothing usable was delivered.
 ///
 /// The group is not flushed here: the projection is disposable, and state and
 /// checkpoint share one commit, so after a crash sled recovers some
