@@ -29,10 +29,17 @@ async fn with_nats_down_clicks_and_postbacks_are_spooled_then_published() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["durable"], "outbox");
     let spooled_conversion = body["conversion_id"].as_str().unwrap().to_owned();
+    // A click this service has not folded yet sends the door to NATS for the
+    // stream's end; with NATS down that must not hold the postback past the
+    // door's wait (the client gives up after 10 s).
+    let unfolded = uuid::Uuid::now_v7();
+    let (status, body) = sys.postback(&format!("click_id={unfolded}&txid=T2")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["durable"], "outbox");
 
     for (url, depth) in [
         (sys.click_url("/readyz"), 1),
-        (sys.postback_url("/readyz"), 1),
+        (sys.postback_url("/readyz"), 2),
     ] {
         let (status, body) = eventually(
             "not ready while NATS is down",

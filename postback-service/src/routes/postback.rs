@@ -96,7 +96,8 @@ pub(super) async fn postback(
 /// advertiser can call back before this service has folded it): then wait,
 /// briefly, for the CLICKS fold to reach the log's end as it is now, so the
 /// offer's security is checked at the door rather than only later by the
-/// decider. A click id that is in no log costs one stream-info request.
+/// decider. A click id that is in no log costs one stream-info request. The
+/// whole look takes at most the door's wait, NATS down or not.
 async fn click_at_door(
     state: &AppState,
     click_id: &str,
@@ -107,15 +108,21 @@ async fn click_at_door(
     if click_id.is_empty() {
         return Ok(None);
     }
+    // The whole look, the server's answer included, is bounded by the door's
+    // wait: with NATS down the request would otherwise take the client's
+    // request timeout (10 s), and the postback with it.
+    let deadline = tokio::time::Instant::now() + state.door_wait;
     // `get_stream` asks the server for the stream's info, as of now.
-    let last = match state.js.get_stream(proto::stream::CLICKS).await {
-        Ok(stream) => stream.cached_info().state.last_sequence,
-        Err(_) => return Ok(None),
-    };
+    let last =
+        match tokio::time::timeout_at(deadline, state.js.get_stream(proto::stream::CLICKS)).await {
+            Ok(Ok(stream)) => stream.cached_info().state.last_sequence,
+            Ok(Err(_)) | Err(_) => return Ok(None),
+        };
     // Read again even when the fold was already there: it may have applied
     // the click between the first read and the stream info.
     let mut status = state.clicks_status.clone();
-    if !common::fold::wait_applied(&mut status, last, state.door_wait).await {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !common::fold::wait_applied(&mut status, last, left).await {
         return Ok(None);
     }
     Ok(state.clicks.get(click_id)?)
