@@ -116,54 +116,62 @@ pub async fn readyz(target: &Target) -> Result<Ready, BenchError> {
     Ok(ready)
 }
 
-/// Waits until the fold of `stream` has applied `seq`, polling every 20 ms.
+/// Waits until the fold of `stream` has applied `seq`.
 ///
 /// # Errors
-/// Not within `timeout`.
+/// No progress for the stall limit, or not within `timeout`.
 pub async fn wait_applied(
     target: &Target,
     stream: &str,
     seq: u64,
     timeout: Duration,
 ) -> Result<(), BenchError> {
-    let until = Instant::now() + timeout;
-    let mut stall = Stall::new(stall_limit());
-    loop {
-        let applied = readyz(target).await.map(|r| r.applied(stream)).unwrap_or(0);
-        if applied >= seq {
-            return Ok(());
-        }
-        stall
-            .check(applied, target, &format!("folding {stream}"))
-            .await?;
-        if Instant::now() > until {
-            return Err(BenchError::Timeout {
-                what: format!("{stream} fold to reach sequence {seq}"),
-                after: timeout,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let doing = format!("folding {stream}");
+    let goal = format!("{stream} fold to reach sequence {seq}");
+    wait_readyz(target, timeout, &doing, goal, |ready| {
+        let applied = ready.map_or(0, |r| r.applied(stream));
+        (applied >= seq, applied)
+    })
+    .await
 }
 
 /// Waits until every fold of the service at `target` is at the tail of its
-/// stream, polling every 20 ms.
+/// stream.
 ///
 /// # Errors
-/// A fold made no progress for the stall limit, or not at the tail within `timeout`.
+/// No progress for the stall limit, or not within `timeout`.
 pub async fn wait_at_tail(target: &Target, timeout: Duration) -> Result<(), BenchError> {
+    let goal = format!("the folds of {} to reach the tail", target.addr);
+    wait_readyz(target, timeout, "folding the backlog", goal, |ready| {
+        ready.map_or((false, 0), |r| {
+            let applied = r.projections.iter().map(|p| p.applied_seq).sum();
+            (r.projections.iter().all(|p| p.at_tail), applied)
+        })
+    })
+    .await
+}
+
+/// Polls `/readyz` every 20 ms until `check` says done (`check` also returns
+/// the progress the stall check watches; `None`: no answer this time).
+async fn wait_readyz(
+    target: &Target,
+    timeout: Duration,
+    doing: &str,
+    goal: String,
+    check: impl Fn(Option<&Ready>) -> (bool, u64),
+) -> Result<(), BenchError> {
     let until = Instant::now() + timeout;
     let mut stall = Stall::new(stall_limit());
     loop {
-        let ready = readyz(target).await?;
-        if ready.projections.iter().all(|p| p.at_tail) {
+        let ready = readyz(target).await.ok();
+        let (done, progress) = check(ready.as_ref());
+        if done {
             return Ok(());
         }
-        let applied = ready.projections.iter().map(|p| p.applied_seq).sum();
-        stall.check(applied, target, "folding the backlog").await?;
+        stall.check(progress, target, doing).await?;
         if Instant::now() > until {
             return Err(BenchError::Timeout {
-                what: format!("the folds of {} to reach the tail", target.addr),
+                what: goal,
                 after: timeout,
             });
         }

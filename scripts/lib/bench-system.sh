@@ -15,6 +15,18 @@ wait_ready() {
   exit 1
 }
 
+# Starts postback-service on data dir $1 at $POSTBACK_ADDR, in $RUN, logging to
+# $RUN/postback-service.log; POSTBACK_ENV (VAR=value words) and POSTBACK_WRAP (a
+# command prefix) are optional. Sets POSTBACK_PID and adds it to pids.
+start_postback() {
+  # shellcheck disable=SC2086 # the wrapper and extra env are words on purpose
+  (cd "$RUN" && exec env LISTEN_ADDR="$POSTBACK_ADDR" DATA_DIR="$1" \
+    POSTBACK_ALLOW_PRIVATE=true UNKNOWN_CLICK_GRACE_MS=5000 ${POSTBACK_ENV:-} \
+    ${POSTBACK_WRAP:-} "$BIN/postback-service") >>"$RUN/postback-service.log" 2>&1 &
+  POSTBACK_PID=$!
+  pids+=("$POSTBACK_PID")
+}
+
 # PUT json $2 to click-service's admin API path $1 (at $CLICK_ADDR, as $ADMIN_TOKEN).
 admin() {
   curl -fsS -o /dev/null -X PUT "http://$CLICK_ADDR$1" -H "Authorization: Bearer $ADMIN_TOKEN" \

@@ -4,9 +4,7 @@
 //! within the ack deadline, or else flushed to the local outbox, which publishes
 //! it later with the same `Nats-Msg-Id`. If neither, 503 and no redirect.
 
-use std::sync::Arc;
-
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     extract::{ConnectInfo, Path, RawQuery, State},

@@ -7,9 +7,7 @@
 //! outbox (then `"durable":"outbox"` is added), or the same conversion is
 //! already in the log; 400 names the bad field; 503 means retry.
 
-use std::sync::Arc;
-
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     body::Bytes,
