@@ -158,7 +158,7 @@ mod tests {
     fn fold_skips_garbage_and_applies_good_events() {
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
-        let tree = db.open_tree("catalog").unwrap();
+        let tree = common::FoldTree::open(&db, "catalog").unwrap();
         let mut staged = Staged::new(&tree);
         let good = offer_event(5, ProtoStatus::Active).encode_to_vec();
         let entry = |subject, payload, seq| LogEntry {
@@ -177,7 +177,7 @@ mod tests {
             .apply(&mut staged, &entry("catalog.v1.offers.o1", &good, 2))
             .unwrap();
         staged.commit(2).unwrap();
-        let catalog = crate::Catalog::new(tree);
+        let catalog = crate::Catalog::new(tree.rows().clone());
         assert_eq!(
             catalog.offer("o1").unwrap().unwrap().payout_micros,
             2_000_000

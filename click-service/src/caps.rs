@@ -101,7 +101,7 @@ mod tests {
     fn counts_landing_clicks_per_day() {
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
-        let tree = db.open_tree("clicks").unwrap();
+        let tree = common::FoldTree::open(&db, "clicks").unwrap();
         let mut staged = Staged::new(&tree);
         let click = |day: &str, aff: &str, d: ClickDisposition| {
             ClickRecorded {
@@ -129,7 +129,7 @@ mod tests {
             ClickCapsFold.apply(&mut staged, &entry).unwrap();
         }
         staged.commit(4).unwrap();
-        let counts = ClickCounts::new(tree);
+        let counts = ClickCounts::new(tree.rows().clone());
         assert_eq!(counts.used("o1", "a1", "2026-01-01").unwrap(), (2, 1));
         assert_eq!(counts.used("o1", "a1", "2026-01-02").unwrap(), (1, 1));
     }

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    store::{self, Staged},
+    store::{self, FoldTree, Staged},
     worker::Worker,
 };
 
@@ -149,7 +149,7 @@ pub struct Source {
 /// fold must not die.
 pub async fn run<F: Fold>(
     mut source: Source,
-    tree: sled::Tree,
+    tree: FoldTree,
     spec: FoldSpec,
     fold: F,
     status: watch::Sender<FoldStatus>,
@@ -220,7 +220,7 @@ pub async fn changed(rx: &mut watch::Receiver<FoldStatus>) {
 
 async fn run_consumer<F: Fold>(
     source: &mut Source,
-    tree: &sled::Tree,
+    tree: &FoldTree,
     spec: &FoldSpec,
     fold: &Arc<Mutex<F>>,
     worker: &Worker,
@@ -413,7 +413,7 @@ struct Applied {
 /// database when they need to, and the fold flushes when it stops. An fsync
 /// per group was most of the CPU the folds spent under load.
 async fn apply_delivered<F: Fold>(
-    tree: &sled::Tree,
+    tree: &FoldTree,
     fold: &Arc<Mutex<F>>,
     worker: &Worker,
     delivered: Vec<async_nats::jetstream::Message>,
@@ -464,7 +464,7 @@ async fn apply_delivered<F: Fold>(
 /// # Errors
 /// Storage failure; nothing of the group is then written.
 pub fn apply_new<F: Fold>(
-    tree: &sled::Tree,
+    tree: &FoldTree,
     fold: &mut F,
     entries: &[LogEntry<'_>],
 ) -> Result<u64, sled::Error> {

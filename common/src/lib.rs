@@ -23,4 +23,4 @@ pub mod worker;
 
 pub use api_error::ApiError;
 pub use fold::{FoldStatus, LogEntry};
-pub use store::Staged;
+pub use store::{FoldTree, Staged};

@@ -63,7 +63,7 @@ pub fn checksum(db: &sled::Db, trees: &[&str]) -> Result<String, sled::Error> {
     let mut names: Vec<&str> = trees.to_vec();
     names.sort_unstable();
     for name in names {
-        let tree = db.open_tree(name)?;
+        let tree = crate::FoldTree::open(db, name)?;
         crate::store::recover(&tree)?;
         hash.update((name.len() as u64).to_be_bytes());
         hash.update(name.as_bytes());
@@ -175,7 +175,7 @@ pub async fn rebuild(
             // Nothing else runs: the folds may have the whole machine.
             nice: 0,
         };
-        let tree = fresh.open_tree(job.tree)?;
+        let tree = crate::FoldTree::open(&fresh, job.tree)?;
         tasks.push(tokio::spawn(fold::run(
             source,
             tree,

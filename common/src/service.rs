@@ -102,7 +102,7 @@ impl Base {
         spec: FoldSpec,
         fold: F,
     ) -> Result<watch::Receiver<FoldStatus>, sled::Error> {
-        let tree = self.db.open_tree(tree)?;
+        let tree = crate::FoldTree::open(&self.db, tree)?;
         let (tx, rx) = fold::status_channel(spec.stream);
         let source = fold::Source {
             js: self.js.clone(),

@@ -3,8 +3,9 @@
 //! A fold stages its reads and writes in a [`Staged`] overlay (reads see the writes
 //! of earlier events in the same group), then commits them together with the
 //! stream sequence through a redo record ([`Staged::commit`]), so state and
-//! checkpoint can never disagree. A commit covers one Tree: each fold owns
-//! exactly one Tree. No `sled::Batch` anywhere (see [`Writes`]).
+//! checkpoint can never disagree. A commit covers one [`FoldTree`]: each fold
+//! owns exactly one Tree of rows, and a Tree for its redo record beside it. No
+//! `sled::Batch` anywhere (see [`Writes`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -340,21 +341,64 @@ impl Writes {
     }
 }
 
-/// Key of the redo record of the group being committed (see [`Staged::commit`]).
+/// A fold's Tree (its rows, which it derefs to) and the Tree of its redo
+/// record ([`Staged::commit`]).
 ///
-/// It sorts before every row, so the record lives in the Tree's first leaf,
-/// among its oldest rows, which are rarely written. sled rewrites a whole leaf
-/// every few updates to it, and the record holds every write of its group
-/// (hundreds of KB for 1024 clicks): under `~meta/redo`, beside the checkpoint
-/// at the end of the key space, it shared a leaf with the hottest rows (the
-/// click counters after clicks format 4), and postback-service wrote 3.5
-/// times the bytes overall and 13 times in a burst of clicks (BENCHMARKS.md,
-/// eleventh round).
-pub const REDO_KEY: &[u8] = b"\x00redo";
+/// The record holds every write of its group (hundreds of KB for 1024
+/// clicks), and sled rewrites a whole leaf every few updates to it, so it
+/// must not share a leaf with rows. Kept among the rows, under `~meta/redo`
+/// beside the checkpoint at the end of the key space, it shared a leaf with
+/// the hottest rows (the click counters after clicks format 4), and
+/// postback-service wrote 3.5 times the bytes overall and 13 times in a burst
+/// of clicks (BENCHMARKS.md, eleventh round); under a key sorting first it
+/// shared one with whatever rows sort first. In a Tree of its own it shares
+/// a leaf with nothing, whatever keys a fold chooses.
+///
+/// One sled database has one log for all its Trees, and sled recovers it in
+/// order up to the first torn write, so the record written to its own Tree
+/// still lands before the group's rows and is removed after them.
+#[derive(Clone, Debug)]
+pub struct FoldTree {
+    rows: sled::Tree,
+    redo: sled::Tree,
+}
 
-/// Where the redo record was kept before [`REDO_KEY`]: [`recover`] still
-/// finishes a group a crash left there.
-const LEGACY_REDO_KEY: &[u8] = b"~meta/redo";
+/// Prefix of the name of each fold's redo Tree: `~redo/<fold Tree>`.
+const REDO_TREE_PREFIX: &str = "~redo/";
+
+/// Key of the redo record in its fold's redo Tree.
+const REDO_KEY: &[u8] = b"redo";
+
+/// Where the redo record was kept among the rows before [`FoldTree`]: under
+/// `~meta/redo` (until clicks format 4), then under `\x00redo`. [`recover`]
+/// still finishes a group a crash left under either.
+const LEGACY_REDO_KEYS: [&[u8]; 2] = [b"~meta/redo", b"\x00redo"];
+
+impl FoldTree {
+    /// Opens the fold Tree `name` of `db` and its redo Tree.
+    ///
+    /// # Errors
+    /// sled failure.
+    pub fn open(db: &sled::Db, name: &str) -> Result<Self, sled::Error> {
+        Ok(Self {
+            rows: db.open_tree(name)?,
+            redo: db.open_tree(format!("{REDO_TREE_PREFIX}{name}"))?,
+        })
+    }
+
+    /// The Tree of rows, for readers.
+    pub fn rows(&self) -> &sled::Tree {
+        &self.rows
+    }
+}
+
+impl std::ops::Deref for FoldTree {
+    type Target = sled::Tree;
+
+    fn deref(&self) -> &sled::Tree {
+        &self.rows
+    }
+}
 
 /// Finishes a group commit that a crash interrupted: applies the redo record
 /// left behind, if any, then removes it. Run before a fold reads its checkpoint.
@@ -366,9 +410,15 @@ const LEGACY_REDO_KEY: &[u8] = b"~meta/redo";
 ///
 /// # Errors
 /// sled failure.
-pub fn recover(tree: &sled::Tree) -> Result<(), sled::Error> {
-    for key in [LEGACY_REDO_KEY, REDO_KEY] {
-        let Some(record) = tree.get(key)? else {
+pub fn recover(tree: &FoldTree) -> Result<(), sled::Error> {
+    // A record among the rows was left by an older build, before any in the
+    // redo Tree could be written.
+    let places = LEGACY_REDO_KEYS
+        .iter()
+        .map(|key| (&tree.rows, *key))
+        .chain([(&tree.redo, REDO_KEY)]);
+    for (holder, key) in places {
+        let Some(record) = holder.get(key)? else {
             continue;
         };
         match Writes::decode(&record) {
@@ -377,12 +427,13 @@ pub fn recover(tree: &sled::Tree) -> Result<(), sled::Error> {
                     rows = writes.0.len(),
                     "finishing a group commit interrupted by a crash"
                 );
-                writes.apply(tree)?;
-                tree.remove(key)?;
+                writes.apply(&tree.rows)?;
+                holder.remove(key)?;
             }
             None => {
                 tracing::error!("undecodable redo record; rebuilding this projection from the log");
-                tree.clear()?;
+                tree.rows.clear()?;
+                holder.remove(key)?;
                 return Ok(());
             }
         }
@@ -392,13 +443,13 @@ pub fn recover(tree: &sled::Tree) -> Result<(), sled::Error> {
 
 /// Writes staged over one Tree, committed as one unit with the checkpoint.
 pub struct Staged<'a> {
-    tree: &'a sled::Tree,
+    tree: &'a FoldTree,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'a> Staged<'a> {
     /// A new, empty overlay over `tree`.
-    pub fn new(tree: &'a sled::Tree) -> Self {
+    pub fn new(tree: &'a FoldTree) -> Self {
         Self {
             tree,
             writes: BTreeMap::new(),
@@ -500,14 +551,14 @@ impl<'a> Staged<'a> {
     /// sled failure; the group is then finished by [`recover`] or replayed.
     pub fn commit(self, checkpoint: u64) -> Result<(), sled::Error> {
         let (tree, writes) = self.sealed(checkpoint);
-        tree.insert(REDO_KEY, writes.encode())?;
-        writes.apply(tree)?;
-        tree.remove(REDO_KEY)?;
+        tree.redo.insert(REDO_KEY, writes.encode())?;
+        writes.apply(&tree.rows)?;
+        tree.redo.remove(REDO_KEY)?;
         Ok(())
     }
 
     /// The staged writes followed by the checkpoint.
-    fn sealed(self, checkpoint: u64) -> (&'a sled::Tree, Writes) {
+    fn sealed(self, checkpoint: u64) -> (&'a FoldTree, Writes) {
         let mut writes = Writes(self.writes.into_iter().collect());
         writes.insert(CHECKPOINT_KEY, checkpoint.to_be_bytes().to_vec());
         (self.tree, writes)
@@ -517,7 +568,7 @@ impl<'a> Staged<'a> {
     #[cfg(test)]
     fn crash_after_redo(self, checkpoint: u64) -> Result<(), sled::Error> {
         let (tree, writes) = self.sealed(checkpoint);
-        tree.insert(REDO_KEY, writes.encode())?;
+        tree.redo.insert(REDO_KEY, writes.encode())?;
         Ok(())
     }
 }
@@ -530,7 +581,7 @@ mod tests {
     fn staged_reads_see_staged_writes_and_commit_with_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let tree = FoldTree::open(&db, "t").unwrap();
         tree.insert("a", "old").unwrap();
         let mut staged = Staged::new(&tree);
         assert_eq!(staged.get(b"a").unwrap().as_deref(), Some(&b"old"[..]));
@@ -547,7 +598,7 @@ mod tests {
         );
         staged.commit(7).unwrap();
         assert_eq!(checkpoint(&tree).unwrap(), 7);
-        assert!(tree.get(REDO_KEY).unwrap().is_none(), "no redo record left");
+        assert!(tree.redo.is_empty(), "no redo record left");
         assert_eq!(decode_u64(&tree.get("n").unwrap().unwrap()), 5);
         assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"new"[..]));
     }
@@ -556,7 +607,7 @@ mod tests {
     fn a_new_format_clears_the_tree_and_the_first_leaves_no_row() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let tree = FoldTree::open(&db, "t").unwrap();
         let mut staged = Staged::new(&tree);
         staged.insert("a", "1");
         staged.commit(9).unwrap();
@@ -573,7 +624,7 @@ mod tests {
     fn a_commit_cut_short_by_a_crash_is_finished_on_recovery() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let tree = FoldTree::open(&db, "t").unwrap();
         let mut staged = Staged::new(&tree);
         staged.insert("a", "1");
         staged.commit(1).unwrap();
@@ -589,7 +640,7 @@ mod tests {
         assert!(tree.get("a").unwrap().is_none());
         assert_eq!(tree.get("b").unwrap().as_deref(), Some(&b"2"[..]));
         assert_eq!(decode_u64(&tree.get("n").unwrap().unwrap()), 3);
-        assert!(tree.get(REDO_KEY).unwrap().is_none());
+        assert!(tree.redo.is_empty());
         recover(&tree).unwrap();
         assert_eq!(
             decode_u64(&tree.get("n").unwrap().unwrap()),
@@ -599,43 +650,47 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_cut_short_under_the_old_redo_key_is_finished_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path()).unwrap();
-        let tree = db.open_tree("t").unwrap();
-        let mut staged = Staged::new(&tree);
-        staged.insert("a", "1");
-        let (tree, writes) = staged.sealed(4);
-        tree.insert(LEGACY_REDO_KEY, writes.encode()).unwrap();
-        recover(tree).unwrap();
-        assert_eq!(checkpoint(tree).unwrap(), 4);
-        assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"1"[..]));
-        assert!(tree.get(LEGACY_REDO_KEY).unwrap().is_none());
+    fn a_commit_cut_short_under_an_old_redo_key_is_finished_too() {
+        for legacy in LEGACY_REDO_KEYS {
+            let dir = tempfile::tempdir().unwrap();
+            let db = open_db(dir.path()).unwrap();
+            let tree = FoldTree::open(&db, "t").unwrap();
+            let mut staged = Staged::new(&tree);
+            staged.insert("a", "1");
+            let (tree, writes) = staged.sealed(4);
+            tree.rows.insert(legacy, writes.encode()).unwrap();
+            recover(tree).unwrap();
+            assert_eq!(checkpoint(tree).unwrap(), 4);
+            assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"1"[..]));
+            assert!(tree.get(legacy).unwrap().is_none());
+        }
     }
 
     #[test]
-    fn the_redo_record_sorts_before_every_row() {
+    fn the_redo_record_shares_no_tree_with_rows() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
-        let tree = db.open_tree("t").unwrap();
-        for key in ["!", "0", "c/1", "n/o/x", "~meta/checkpoint"] {
-            tree.insert(key, "v").unwrap();
-        }
-        tree.insert(REDO_KEY, "r").unwrap();
-        let first = tree.first().unwrap().unwrap().0;
-        assert_eq!(&first[..], REDO_KEY);
+        let tree = FoldTree::open(&db, "t").unwrap();
+        let mut staged = Staged::new(&tree);
+        staged.insert("a", "1");
+        staged.crash_after_redo(1).unwrap();
+        assert!(tree.rows.is_empty(), "nothing among the rows yet");
+        assert_eq!(tree.redo.len(), 1);
+        let names: Vec<_> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
+        assert!(names.contains(&b"~redo/t".to_vec()), "{names:?}");
     }
 
     #[test]
     fn an_undecodable_redo_record_clears_the_tree_for_a_rebuild() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let tree = FoldTree::open(&db, "t").unwrap();
         tree.insert("a", "1").unwrap();
         tree.insert(CHECKPOINT_KEY, &5u64.to_be_bytes()).unwrap();
-        tree.insert(REDO_KEY, &[0, 0, 0, 9, 1][..]).unwrap();
+        tree.redo.insert(REDO_KEY, &[0, 0, 0, 9, 1][..]).unwrap();
         recover(&tree).unwrap();
         assert!(tree.is_empty());
+        assert!(tree.redo.is_empty());
         assert_eq!(checkpoint(&tree).unwrap(), 0);
     }
 

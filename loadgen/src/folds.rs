@@ -60,7 +60,7 @@ impl Shape {
     }
 
     /// Folds `entries` with this shape's fold.
-    fn apply(self, tree: &sled::Tree, entries: &[LogEntry<'_>]) -> Result<u64, sled::Error> {
+    fn apply(self, tree: &common::FoldTree, entries: &[LogEntry<'_>]) -> Result<u64, sled::Error> {
         match self {
             Self::Clicks => apply_new(tree, &mut ClicksFold, entries),
             Self::Conversions => apply_new(tree, &mut ConversionsFold, entries),
@@ -178,7 +178,7 @@ struct Step {
 
 impl Source {
     /// Makes the next group and folds it into `tree`, timing only the fold.
-    fn step(&mut self, tree: &sled::Tree) -> Result<Step, sled::Error> {
+    fn step(&mut self, tree: &common::FoldTree) -> Result<Step, sled::Error> {
         let first_seq = self.seq + 1;
         let (group, completes) = self.next();
         let entries: Vec<LogEntry<'_>> = group
@@ -245,7 +245,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
     let dir = &plan.run.dir;
     let _ = std::fs::remove_dir_all(dir);
     let db = common::store::open_db(dir)?;
-    let tree = db.open_tree("fold")?;
+    let tree = common::FoldTree::open(&db, "fold")?;
     let mut source = Source::new(plan.shape, plan.group, plan.lag);
     let (label, unit) = (plan.shape.id(), plan.shape.unit());
     let started = Instant::now();
@@ -341,11 +341,11 @@ mod tests {
         use postback_service::{clicks::Clicks, conversions::Conversions};
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
-        let clicks = db.open_tree("clicks").unwrap();
+        let clicks = common::FoldTree::open(&db, "clicks").unwrap();
         let mut source = Source::new(Shape::Clicks, 20, 0);
         let step = source.step(&clicks).unwrap();
         assert_eq!((step.completes, step.events), (20, 20));
-        let clicks = Clicks::new(clicks);
+        let clicks = Clicks::new(clicks.rows().clone());
         assert_eq!(clicks.count('o', "offer-0").unwrap().clicks, 2);
         let unique: u64 = clicks
             .counts('a')
@@ -355,12 +355,12 @@ mod tests {
             .sum();
         assert_eq!(unique, 20, "each click from its own visitor");
 
-        let tree = db.open_tree("conversions").unwrap();
+        let tree = common::FoldTree::open(&db, "conversions").unwrap();
         let mut source = Source::new(Shape::Conversions, 16, 0);
         for _ in 0..4 {
             source.step(&tree).unwrap();
         }
-        let conversions = Conversions::new(tree);
+        let conversions = Conversions::new(tree.rows().clone());
         assert_eq!(conversions.pending_ids().count(), 0, "every report decided");
         let attributed: u64 = conversions
             .reports('o')

@@ -242,7 +242,7 @@ mod tests {
     fn repeat_visitors_count_gross_not_unique() {
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
-        let tree = db.open_tree("clicks").unwrap();
+        let tree = common::FoldTree::open(&db, "clicks").unwrap();
         let mut staged = Staged::new(&tree);
         let click = |id: &str, ip: &str, at: i64| {
             ClickRecorded {
@@ -273,7 +273,7 @@ mod tests {
             ClicksFold.apply(&mut staged, &entry).unwrap();
         }
         staged.commit(4).unwrap();
-        let clicks = Clicks::new(tree);
+        let clicks = Clicks::new(tree.rows().clone());
         let unique: Vec<bool> = ["c1", "c2", "c3", "c4"]
             .iter()
             .map(|c| clicks.is_unique(c).unwrap())
@@ -295,7 +295,7 @@ mod tests {
     fn a_click_counts_once_and_garbage_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
-        let tree = db.open_tree("clicks").unwrap();
+        let tree = common::FoldTree::open(&db, "clicks").unwrap();
         let click = ClickRecorded {
             click_id: "c1".into(),
             offer_id: "o1".into(),
@@ -314,7 +314,7 @@ mod tests {
             ClicksFold.apply(&mut staged, &entry).unwrap();
         }
         staged.commit(3).unwrap();
-        let clicks = Clicks::new(tree);
+        let clicks = Clicks::new(tree.rows().clone());
         assert_eq!(clicks.get("c1").unwrap().unwrap().offer_id, "o1");
         assert!(clicks.is_unique("c1").unwrap());
         let one = Tally {

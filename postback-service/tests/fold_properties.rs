@@ -150,7 +150,7 @@ fn fold_for(subject: &str) -> usize {
 
 struct Projection {
     _dir: tempfile::TempDir,
-    trees: Vec<sled::Tree>,
+    trees: Vec<common::FoldTree>,
 }
 
 impl Projection {
@@ -159,7 +159,7 @@ impl Projection {
         let db = common::store::open_db(dir.path()).unwrap();
         let trees = ["clicks", "conversions", "postbacks"]
             .iter()
-            .map(|t| db.open_tree(t).unwrap())
+            .map(|t| common::FoldTree::open(&db, t).unwrap())
             .collect();
         Self { _dir: dir, trees }
     }

@@ -128,10 +128,10 @@ mod tests {
         (first, second)
     }
 
-    fn with_tree(f: impl FnOnce(&sled::Tree)) {
+    fn with_tree(f: impl FnOnce(&common::FoldTree)) {
         let dir = tempfile::tempdir().unwrap();
         let db = common::store::open_db(dir.path()).unwrap();
-        f(&db.open_tree("clicks").unwrap());
+        f(&common::FoldTree::open(&db, "clicks").unwrap());
     }
 
     #[test]

@@ -662,17 +662,15 @@ mod tests {
 
     struct Harness {
         _dir: tempfile::TempDir,
-        tree: sled::Tree,
+        tree: common::FoldTree,
         seq: u64,
     }
 
     impl Harness {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let tree = common::store::open_db(dir.path())
-                .unwrap()
-                .open_tree("c")
-                .unwrap();
+            let db = common::store::open_db(dir.path()).unwrap();
+            let tree = common::FoldTree::open(&db, "c").unwrap();
             Self {
                 _dir: dir,
                 tree,
@@ -718,7 +716,7 @@ mod tests {
         }
 
         fn reads(&self) -> Conversions {
-            Conversions::new(self.tree.clone())
+            Conversions::new(self.tree.rows().clone())
         }
     }
 
@@ -1000,7 +998,10 @@ mod tests {
         let mut h = Harness::new();
         let id = h.report("ORDER-1");
         h.attribute(&id, 2_500_000);
-        let view = Conversions::new(h.tree.clone()).get(&id).unwrap().unwrap();
+        let view = Conversions::new(h.tree.rows().clone())
+            .get(&id)
+            .unwrap()
+            .unwrap();
         let (packed, json) = (
             common::store::pack(&view).len(),
             serde_json::to_vec(&view).unwrap().len(),

@@ -159,12 +159,10 @@ mod tests {
     const A: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7d";
     const B: &str = "partner-conversion-7";
 
-    fn tree() -> (tempfile::TempDir, sled::Tree) {
+    fn tree() -> (tempfile::TempDir, common::FoldTree) {
         let dir = tempfile::tempdir().unwrap();
-        let tree = common::store::open_db(dir.path())
-            .unwrap()
-            .open_tree("c")
-            .unwrap();
+        let db = common::store::open_db(dir.path()).unwrap();
+        let tree = common::FoldTree::open(&db, "c").unwrap();
         (dir, tree)
     }
 
