@@ -70,6 +70,41 @@ impl ClickCounts {
     }
 }
 
+/// Whether an offer has a daily click cap.
+pub fn has_click_caps(caps: &catalog::Caps) -> bool {
+    caps.daily_clicks > 0 || caps.daily_clicks_per_affiliate > 0
+}
+
+/// Opens `gate` (the caps fold's, [`common::fold::FoldSpec::gate`]) once the
+/// catalog holds an offer with a click cap, looking again whenever the catalog
+/// fold moves; it then stays open. Until then click-service does not read
+/// CLICKS at all: with no caps in the catalog nobody needs the counts, and
+/// NATS delivering every click to this service cost CPU on the machine's
+/// cores that the click handlers share (see BENCHMARKS.md). The fold then
+/// starts from its checkpoint (the log's first click the first time), so the
+/// counts of the day include the clicks from before the cap.
+pub async fn open_on_first_cap(
+    catalog: catalog::Catalog,
+    mut catalog_status: tokio::sync::watch::Receiver<common::FoldStatus>,
+    gate: tokio::sync::watch::Sender<bool>,
+    token: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match catalog.offers() {
+            Ok(offers) if offers.iter().any(|o| has_click_caps(&o.caps)) => {
+                gate.send_replace(true);
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "reading the catalog for click caps"),
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = common::fold::changed(&mut catalog_status) => {}
+        }
+    }
+}
+
 /// Whether a click cap is full: `used` is (offer, offer × affiliate).
 pub fn is_full(caps: &catalog::Caps, used: (u64, u64)) -> bool {
     (caps.daily_clicks > 0 && used.0 >= caps.daily_clicks)

@@ -22,7 +22,8 @@ pub fn fold_jobs() -> Vec<FoldJob> {
         },
         FoldJob {
             tree: "clicks",
-            spec: clicks_spec(),
+            // A rebuild folds every click, capped offers or not.
+            spec: clicks_spec(None),
             fold: Box::new(crate::caps::ClickCapsFold),
         },
     ]
@@ -35,10 +36,12 @@ fn catalog_spec() -> FoldSpec {
         filter_subject: String::new(),
         linger: std::time::Duration::ZERO,
         background: true,
+        gate: None,
     }
 }
 
-fn clicks_spec() -> FoldSpec {
+/// `gate`: see [`crate::caps::open_on_first_cap`].
+fn clicks_spec(gate: Option<tokio::sync::watch::Receiver<bool>>) -> FoldSpec {
     FoldSpec {
         stream: proto::stream::CLICKS,
         consumer: "click-service-clicks".to_owned(),
@@ -46,6 +49,7 @@ fn clicks_spec() -> FoldSpec {
         linger: common::fold::CLICKS_LINGER,
         // A click on a capped offer waits for this fold to count it.
         background: false,
+        gate,
     }
 }
 
@@ -67,12 +71,20 @@ impl Application {
         )
         .await?;
         let catalog_status = base.spawn_fold("catalog", catalog_spec(), catalog::CatalogFold)?;
-        let clicks_status = base.spawn_fold("clicks", clicks_spec(), crate::caps::ClickCapsFold)?;
+        let catalog = catalog::Catalog::new(base.db.open_tree("catalog")?);
+        let (open_caps, caps_gate) = tokio::sync::watch::channel(false);
+        let clicks_status = base.spawn_fold(
+            "clicks",
+            clicks_spec(Some(caps_gate)),
+            crate::caps::ClickCapsFold,
+        )?;
+        let (reads, status) = (catalog.clone(), catalog_status.clone());
+        base.spawn(move |token| crate::caps::open_on_first_cap(reads, status, open_caps, token));
         let state = routes::AppState {
             click_counts: crate::caps::ClickCounts::new(base.db.open_tree("clicks")?),
             clicks_status,
             js: base.js.clone(),
-            catalog: catalog::Catalog::new(base.db.open_tree("catalog")?),
+            catalog,
             catalog_status,
             admin_token: Arc::from(config.admin_token.as_str()),
             publish_timeout: config.publish_timeout(),

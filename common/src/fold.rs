@@ -76,6 +76,10 @@ pub struct FoldStatus {
     /// When JetStream stored the last applied message (Unix ms; 0: none yet):
     /// everything stored before it has been applied too.
     pub applied_log_time_ms: i64,
+    /// The fold waits for its [`FoldSpec::gate`] and reads nothing from the
+    /// log: nobody needs its rows yet (click-service's caps fold before the
+    /// first capped offer).
+    pub paused: bool,
 }
 
 /// Which stream a fold reads and how its consumer is named.
@@ -96,6 +100,12 @@ pub struct FoldSpec {
     /// [`Source::nice`]). False for a fold that requests wait on (click-service's
     /// click caps: a click on a capped offer waits for its own event).
     pub background: bool,
+    /// `None`: the fold starts at once. Otherwise it starts once this turns
+    /// true, and until then reports itself caught up at its checkpoint and
+    /// [`FoldStatus::paused`], and NATS delivers it nothing: click-service
+    /// folds CLICKS for its click caps only once the catalog has a capped
+    /// offer, then from its checkpoint, so every click of the day counts.
+    pub gate: Option<watch::Receiver<bool>>,
 }
 
 /// A fold that stopped on its own.
@@ -127,6 +137,7 @@ pub fn status_channel(
         caught_up: false,
         at_tail: false,
         applied_log_time_ms: 0,
+        paused: false,
     })
 }
 
@@ -170,6 +181,11 @@ pub async fn run<F: Fold>(
             }
         }
     };
+    if let Some(gate) = spec.gate.clone() {
+        if !wait_for_gate(gate, &tree, &status, &token).await {
+            return;
+        }
+    }
     let mut backoff = Duration::from_millis(50);
     while !token.is_cancelled() {
         source.connections.mark_unchanged();
@@ -196,6 +212,39 @@ pub async fn run<F: Fold>(
     if let Err(error) = source.durable.flush().await {
         tracing::error!(%error, stream = spec.stream, "final projection flush failed");
     }
+}
+
+/// Waits for a fold's gate to open ([`FoldSpec::gate`]): true once open, false
+/// when the service stops first.
+async fn wait_for_gate(
+    mut gate: watch::Receiver<bool>,
+    tree: &FoldTree,
+    status: &watch::Sender<FoldStatus>,
+    token: &CancellationToken,
+) -> bool {
+    if *gate.borrow_and_update() {
+        return true;
+    }
+    let applied = store::checkpoint(tree).unwrap_or(0);
+    status.send_modify(|s| {
+        s.applied_seq = applied;
+        (s.caught_up, s.at_tail, s.paused) = (true, true, true);
+    });
+    let opened = tokio::select! {
+        () = token.cancelled() => false,
+        open = gate.wait_for(|open| *open) => open.is_ok(),
+    };
+    if !opened {
+        // A gate whose sender is gone never opens: stay paused until the stop.
+        token.cancelled().await;
+        return false;
+    }
+    status.send_modify(|s| s.paused = false);
+    tracing::info!(
+        stream = status.borrow().stream,
+        "fold gate opened; folding from the checkpoint"
+    );
+    true
 }
 
 /// An error and its sources, joined with `: `, for one log line.

@@ -65,6 +65,7 @@ fn spec(stream: &'static str) -> FoldSpec {
         // No HTTP answer waits on these folds but the door's, briefly, for a
         // click not folded yet.
         background: true,
+        gate: None,
     }
 }
 

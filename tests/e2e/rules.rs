@@ -333,6 +333,56 @@ async fn daily_caps_hold_at_the_boundary_and_reset_at_midnight_in_the_offers_tim
     );
 }
 
+/// click-service folds CLICKS for its click caps only once an offer has one
+/// (`caps::open_on_first_cap`); the clicks of the day from before the cap
+/// still count towards it.
+#[tokio::test]
+async fn a_click_cap_set_after_the_days_first_clicks_counts_them() {
+    let sys = System::start().await;
+    let fallback = "https://fallback.example/";
+    offer(&sys, json!({"fallback_url": fallback})).await;
+    for _ in 0..3 {
+        sys.click_ok("o1", "aff=a1").await;
+    }
+    let caps_fold = || async {
+        let ready: Value = sys
+            .http
+            .get(sys.click_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let folds = ready["projections"].as_array().unwrap();
+        folds
+            .iter()
+            .find(|p| p["stream"] == "CLICKS")
+            .unwrap()
+            .clone()
+    };
+    let paused = caps_fold().await;
+    assert_eq!(paused["paused"], true, "no caps, no clicks read: {paused}");
+    assert_eq!(paused["applied_seq"], 0, "{paused}");
+    assert_eq!(
+        paused["caught_up"], true,
+        "a paused fold is ready: {paused}"
+    );
+
+    offer(
+        &sys,
+        json!({"fallback_url": fallback, "caps": {"daily_clicks": 4}}),
+    )
+    .await;
+    let (_, fourth) = sys.click_ok("o1", "aff=a1").await;
+    assert_ne!(fourth, fallback, "the fourth click of the day lands");
+    let (_, fifth) = sys.click_ok("o1", "aff=a1").await;
+    assert_eq!(fifth, fallback, "the three clicks before the cap count");
+    let folding = caps_fold().await;
+    assert_eq!(folding["paused"], false, "{folding}");
+    assert!(folding["applied_seq"].as_u64().unwrap() >= 4, "{folding}");
+}
+
 /// The decider decides a round while the fold is still applying the previous
 /// ones (postback-service's `conversions::in_flight`): a burst of reports, in
 /// many rounds, must still meet a cap and one-per-goal dedup exactly, in log

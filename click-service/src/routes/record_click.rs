@@ -39,7 +39,7 @@ pub(super) async fn record_click(
     }
     let now = common::time::now_ms();
     let cap_day = offer.day_of(now);
-    let has_caps = offer.caps.daily_clicks > 0 || offer.caps.daily_clicks_per_affiliate > 0;
+    let has_caps = caps::has_click_caps(&offer.caps);
     let capped = has_caps
         && caps::is_full(
             &offer.caps,
