@@ -129,7 +129,7 @@ pub const CEILINGS: [(&str, &str); 8] = [
     ),
     (
         "ceiling_ack_open_readers",
-        "2''. ceiling 2' while two readers follow the stream (ordered pull consumers, each on its own connection), as the two services' clicks folds follow CLICKS",
+        "2''. ceiling 2' while a reader follows the stream (an ordered pull consumer on its own connection), as postback-service's clicks fold follows CLICKS (click-service reads it only for click caps; the bench catalog has none)",
     ),
     (
         "ceiling_publish",
@@ -528,7 +528,7 @@ fn ceiling_name(id: &str) -> &'static str {
         "ceiling_axum" => "ceiling 1",
         "ceiling_ack" => "ceiling 2",
         "ceiling_ack_open" => "ceiling 2, open loop",
-        "ceiling_ack_open_readers" => "ceiling 2, open loop, two readers",
+        "ceiling_ack_open_readers" => "ceiling 2, open loop, a reader",
         "ceiling_publish" => "ceiling 3",
         "ceiling_sled" => "ceiling 4",
         "fold_clicks" => "ceiling 5",
