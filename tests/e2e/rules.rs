@@ -344,23 +344,8 @@ async fn a_click_cap_set_after_the_days_first_clicks_counts_them() {
     for _ in 0..3 {
         sys.click_ok("o1", "aff=a1").await;
     }
-    let caps_fold = || async {
-        let ready: Value = sys
-            .http
-            .get(sys.click_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let folds = ready["projections"].as_array().unwrap();
-        folds
-            .iter()
-            .find(|p| p["stream"] == "CLICKS")
-            .unwrap()
-            .clone()
-    };
+    let ready = sys.click_url("/readyz");
+    let caps_fold = || async { sys.projection(&ready, "CLICKS").await.unwrap() };
     let paused = caps_fold().await;
     assert_eq!(paused["paused"], true, "no caps, no clicks read: {paused}");
     assert_eq!(paused["applied_seq"], 0, "{paused}");

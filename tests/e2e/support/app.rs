@@ -314,16 +314,18 @@ impl System {
             &format!("postback-service folded catalog to {last} ({id} {payout})"),
             Duration::from_secs(5),
             || async {
-                let v: Value = self.http.get(&url).send().await.ok()?.json().await.ok()?;
-                let seq = v["projections"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["stream"] == "CATALOG")?["applied_seq"]
-                    .as_u64()?;
+                let seq = self.projection(&url, "CATALOG").await?["applied_seq"].as_u64()?;
                 (seq >= last).then_some(())
             },
         )
         .await;
+    }
+
+    /// The status of a service's fold of `stream`, from its `/readyz` at `url`.
+    pub async fn projection(&self, url: &str, stream: &str) -> Option<Value> {
+        let v: Value = self.http.get(url).send().await.ok()?.json().await.ok()?;
+        let folds = v["projections"].as_array()?;
+        folds.iter().find(|p| p["stream"] == stream).cloned()
     }
 
     /// `GET /c/{offer}?{query}`.
