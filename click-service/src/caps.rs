@@ -90,12 +90,12 @@ pub async fn open_on_first_cap(
     token: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        match catalog.offers() {
-            Ok(offers) if offers.iter().any(|o| has_click_caps(&o.caps)) => {
+        match any_click_caps(&catalog) {
+            Ok(true) => {
                 gate.send_replace(true);
                 return;
             }
-            Ok(_) => {}
+            Ok(false) => {}
             Err(error) => tracing::warn!(%error, "reading the catalog for click caps"),
         }
         tokio::select! {
@@ -103,6 +103,26 @@ pub async fn open_on_first_cap(
             () = common::fold::changed(&mut catalog_status) => {}
         }
     }
+}
+
+/// Whether the catalog has an offer with a click cap.
+///
+/// # Errors
+/// sled failure.
+pub fn any_click_caps(catalog: &catalog::Catalog) -> Result<bool, sled::Error> {
+    Ok(catalog.offers()?.iter().any(|o| has_click_caps(&o.caps)))
+}
+
+/// Whether the catalog of the projection `db` has an offer with a click cap.
+/// While it has none, click-service does not fold its click-caps Tree, so the
+/// projection's checksum leaves that Tree out, and a rebuild, which always
+/// folds it, still prints the same checksum
+/// ([`common::rebuild::FoldJob::checksummed`]).
+///
+/// # Errors
+/// sled failure.
+pub fn catalog_has_click_caps(db: &sled::Db) -> Result<bool, sled::Error> {
+    any_click_caps(&catalog::Catalog::new(db.open_tree("catalog")?))
 }
 
 /// Whether a click cap is full: `used` is (offer, offer × affiliate).

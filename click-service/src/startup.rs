@@ -19,12 +19,14 @@ pub fn fold_jobs() -> Vec<FoldJob> {
             tree: "catalog",
             spec: catalog_spec(),
             fold: Box::new(catalog::CatalogFold),
+            checksummed: None,
         },
         FoldJob {
             tree: "clicks",
             // A rebuild folds every click, capped offers or not.
             spec: clicks_spec(None),
             fold: Box::new(crate::caps::ClickCapsFold),
+            checksummed: Some(crate::caps::catalog_has_click_caps),
         },
     ]
 }

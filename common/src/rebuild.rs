@@ -19,6 +19,32 @@ pub struct FoldJob {
     pub tree: &'static str,
     pub spec: FoldSpec,
     pub fold: Box<dyn Fold>,
+    /// `None`: the checksum always covers this Tree. Otherwise it covers it
+    /// only when this says so of the projection: click-service folds its
+    /// click-caps Tree only while the catalog has a capped offer
+    /// ([`FoldSpec::gate`]), and a rebuild folds it always.
+    pub checksummed: Option<Checksummed>,
+}
+
+/// Whether a gated Tree counts in its projection's checksum ([`FoldJob::checksummed`]).
+pub type Checksummed = fn(&sled::Db) -> Result<bool, sled::Error>;
+
+/// The Trees of `jobs` that the checksum of `db` covers.
+fn checksummed<'j>(
+    db: &sled::Db,
+    jobs: &[(&'j str, Option<Checksummed>)],
+) -> Result<Vec<&'j str>, sled::Error> {
+    let mut trees = Vec::new();
+    for (tree, counts) in jobs {
+        if counts.map_or(Ok(true), |counts| counts(db))? {
+            trees.push(*tree);
+        }
+    }
+    Ok(trees)
+}
+
+fn checksum_parts(jobs: &[FoldJob]) -> Vec<(&'static str, Option<Checksummed>)> {
+    jobs.iter().map(|j| (j.tree, j.checksummed)).collect()
 }
 
 impl Fold for Box<dyn Fold> {
@@ -103,8 +129,7 @@ pub async fn operate(
             .await?;
         }
         crate::config::Command::Checksum => {
-            let trees: Vec<&str> = jobs.iter().map(|j| j.tree).collect();
-            print_checksum(data_dir, &trees)?;
+            print_checksum(data_dir, &checksum_parts(&jobs))?;
         }
     }
     Ok(())
@@ -114,9 +139,12 @@ pub async fn operate(
 ///
 /// # Errors
 /// The projection is in use or unreadable.
-pub fn print_checksum(data_dir: &Path, trees: &[&str]) -> Result<String, RebuildError> {
+pub fn print_checksum(
+    data_dir: &Path,
+    jobs: &[(&str, Option<Checksummed>)],
+) -> Result<String, RebuildError> {
     let db = sled::open(data_dir.join("projection")).map_err(RebuildError::InUse)?;
-    let sum = checksum(&db, trees)?;
+    let sum = checksum(&db, &checksummed(&db, jobs)?)?;
     println!("projection checksum {sum}");
     Ok(sum)
 }
@@ -161,7 +189,7 @@ pub async fn rebuild(
         total += last;
         targets.push(last);
     }
-    let trees: Vec<&str> = jobs.iter().map(|j| j.tree).collect();
+    let parts = checksum_parts(&jobs);
     let token = CancellationToken::new();
     let mut statuses = Vec::new();
     let mut tasks = Vec::new();
@@ -223,7 +251,7 @@ pub async fn rebuild(
             }
         }
     }
-    let sum = checksum(&fresh, &trees)?;
+    let sum = checksum(&fresh, &checksummed(&fresh, &parts)?)?;
     fresh.flush()?;
     drop(fresh);
     drop(live);

@@ -27,21 +27,25 @@ pub fn fold_jobs() -> Vec<FoldJob> {
             tree: "catalog",
             spec: spec(proto::stream::CATALOG),
             fold: Box::new(catalog::CatalogFold),
+            checksummed: None,
         },
         FoldJob {
             tree: "clicks",
             spec: spec(proto::stream::CLICKS),
             fold: Box::new(ClicksFold),
+            checksummed: None,
         },
         FoldJob {
             tree: "conversions",
             spec: spec(proto::stream::CONVERSIONS),
             fold: Box::new(ConversionsFold),
+            checksummed: None,
         },
         FoldJob {
             tree: "postbacks",
             spec: spec(proto::stream::POSTBACKS),
             fold: Box::new(PostbacksFold),
+            checksummed: None,
         },
     ]
 }
