@@ -29,11 +29,15 @@ pub struct FoldJob {
 /// Whether a gated Tree counts in its projection's checksum ([`FoldJob::checksummed`]).
 pub type Checksummed = fn(&sled::Db) -> Result<bool, sled::Error>;
 
-/// The Trees of `jobs` that the checksum of `db` covers.
+/// The Trees of `jobs` that the checksum of `db` covers, judged after any
+/// group commit a crash cut short is finished ([`crate::store::recover`]).
 fn checksummed<'j>(
     db: &sled::Db,
     jobs: &[(&'j str, Option<Checksummed>)],
 ) -> Result<Vec<&'j str>, sled::Error> {
+    for (tree, _) in jobs {
+        crate::store::recover(&crate::FoldTree::open(db, tree)?)?;
+    }
     let mut trees = Vec::new();
     for (tree, counts) in jobs {
         if counts.map_or(Ok(true), |counts| counts(db))? {
