@@ -29,24 +29,6 @@ pub struct FoldJob {
 /// Whether a gated Tree counts in its projection's checksum ([`FoldJob::checksummed`]).
 pub type Checksummed = fn(&sled::Db) -> Result<bool, sled::Error>;
 
-/// The Trees of `jobs` that the checksum of `db` covers, judged after any
-/// group commit a crash cut short is finished ([`crate::store::recover`]).
-fn checksummed<'j>(
-    db: &sled::Db,
-    jobs: &[(&'j str, Option<Checksummed>)],
-) -> Result<Vec<&'j str>, sled::Error> {
-    for (tree, _) in jobs {
-        crate::store::recover(&crate::FoldTree::open(db, tree)?)?;
-    }
-    let mut trees = Vec::new();
-    for (tree, counts) in jobs {
-        if counts.map_or(Ok(true), |counts| counts(db))? {
-            trees.push(*tree);
-        }
-    }
-    Ok(trees)
-}
-
 fn checksum_parts(jobs: &[FoldJob]) -> Vec<(&'static str, Option<Checksummed>)> {
     jobs.iter().map(|j| (j.tree, j.checksummed)).collect()
 }
@@ -82,19 +64,31 @@ pub enum RebuildError {
     Io(#[from] std::io::Error),
 }
 
-/// SHA-256 over every row (tree name, key, value) of the named Trees, in order:
-/// equal projections have equal checksums. A group commit a crash cut short is
-/// finished first ([`crate::store::recover`]), as the service would on start.
+/// SHA-256 over every row (tree name, key, value) of the Trees of `jobs` that
+/// it covers ([`FoldJob::checksummed`]), in order: equal projections have
+/// equal checksums. A group commit a crash cut short is finished first
+/// ([`crate::store::recover`]), as the service would on start, so what
+/// decides the coverage reads finished Trees too.
 ///
 /// # Errors
 /// sled read or write failure.
-pub fn checksum(db: &sled::Db, trees: &[&str]) -> Result<String, sled::Error> {
-    let mut hash = Sha256::new();
-    let mut names: Vec<&str> = trees.to_vec();
+pub fn checksum(
+    db: &sled::Db,
+    jobs: &[(&str, Option<Checksummed>)],
+) -> Result<String, sled::Error> {
+    for (name, _) in jobs {
+        crate::store::recover(&crate::FoldTree::open(db, name)?)?;
+    }
+    let mut names = Vec::with_capacity(jobs.len());
+    for (name, counts) in jobs {
+        if counts.map_or(Ok(true), |counts| counts(db))? {
+            names.push(*name);
+        }
+    }
     names.sort_unstable();
+    let mut hash = Sha256::new();
     for name in names {
-        let tree = crate::FoldTree::open(db, name)?;
-        crate::store::recover(&tree)?;
+        let tree = db.open_tree(name)?;
         hash.update((name.len() as u64).to_be_bytes());
         hash.update(name.as_bytes());
         for row in tree.iter() {
@@ -148,7 +142,7 @@ pub fn print_checksum(
     jobs: &[(&str, Option<Checksummed>)],
 ) -> Result<String, RebuildError> {
     let db = sled::open(data_dir.join("projection")).map_err(RebuildError::InUse)?;
-    let sum = checksum(&db, &checksummed(&db, jobs)?)?;
+    let sum = checksum(&db, jobs)?;
     println!("projection checksum {sum}");
     Ok(sum)
 }
@@ -255,7 +249,7 @@ pub async fn rebuild(
             }
         }
     }
-    let sum = checksum(&fresh, &checksummed(&fresh, &parts)?)?;
+    let sum = checksum(&fresh, &parts)?;
     fresh.flush()?;
     drop(fresh);
     drop(live);

@@ -577,11 +577,18 @@ impl<'a> Staged<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn staged_reads_see_staged_writes_and_commit_with_checkpoint() {
+    /// A fold Tree `t` in a database of its own, which lives as long as the
+    /// directory returned with it.
+    fn scratch() -> (tempfile::TempDir, sled::Db, FoldTree) {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
         let tree = FoldTree::open(&db, "t").unwrap();
+        (dir, db, tree)
+    }
+
+    #[test]
+    fn staged_reads_see_staged_writes_and_commit_with_checkpoint() {
+        let (_dir, _db, tree) = scratch();
         tree.insert("a", "old").unwrap();
         let mut staged = Staged::new(&tree);
         assert_eq!(staged.get(b"a").unwrap().as_deref(), Some(&b"old"[..]));
@@ -605,9 +612,7 @@ mod tests {
 
     #[test]
     fn a_new_format_clears_the_tree_and_the_first_leaves_no_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path()).unwrap();
-        let tree = FoldTree::open(&db, "t").unwrap();
+        let (_dir, _db, tree) = scratch();
         let mut staged = Staged::new(&tree);
         staged.insert("a", "1");
         staged.commit(9).unwrap();
@@ -622,9 +627,7 @@ mod tests {
 
     #[test]
     fn a_commit_cut_short_by_a_crash_is_finished_on_recovery() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path()).unwrap();
-        let tree = FoldTree::open(&db, "t").unwrap();
+        let (_dir, _db, tree) = scratch();
         let mut staged = Staged::new(&tree);
         staged.insert("a", "1");
         staged.commit(1).unwrap();
@@ -652,9 +655,7 @@ mod tests {
     #[test]
     fn a_commit_cut_short_under_an_old_redo_key_is_finished_too() {
         for legacy in LEGACY_REDO_KEYS {
-            let dir = tempfile::tempdir().unwrap();
-            let db = open_db(dir.path()).unwrap();
-            let tree = FoldTree::open(&db, "t").unwrap();
+            let (_dir, _db, tree) = scratch();
             let mut staged = Staged::new(&tree);
             staged.insert("a", "1");
             let (tree, writes) = staged.sealed(4);
@@ -668,9 +669,7 @@ mod tests {
 
     #[test]
     fn the_redo_record_shares_no_tree_with_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path()).unwrap();
-        let tree = FoldTree::open(&db, "t").unwrap();
+        let (_dir, db, tree) = scratch();
         let mut staged = Staged::new(&tree);
         staged.insert("a", "1");
         staged.crash_after_redo(1).unwrap();
@@ -682,9 +681,7 @@ mod tests {
 
     #[test]
     fn an_undecodable_redo_record_clears_the_tree_for_a_rebuild() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path()).unwrap();
-        let tree = FoldTree::open(&db, "t").unwrap();
+        let (_dir, _db, tree) = scratch();
         tree.insert("a", "1").unwrap();
         tree.insert(CHECKPOINT_KEY, &5u64.to_be_bytes()).unwrap();
         tree.redo.insert(REDO_KEY, &[0, 0, 0, 9, 1][..]).unwrap();
