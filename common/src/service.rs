@@ -68,13 +68,23 @@ impl Base {
         data_dir: &Path,
         ingest: &crate::config::IngestArgs,
     ) -> Result<Self, StartupError> {
+        // Each step of the start is logged with its duration: a service that
+        // does not come up says which step it is waiting on.
+        let started = std::time::Instant::now();
         let db = crate::store::open_db_with_cache(data_dir, ingest.sled_cache_bytes())?;
+        tracing::info!(dir = %data_dir.display(), ms = started.elapsed().as_millis(), "projection opened");
         let crate::nats::Connection {
             client,
             js,
             connections,
         } = crate::nats::connect(nats_url, name, Duration::from_secs(10)).await?;
+        tracing::info!(
+            url = nats_url,
+            ms = started.elapsed().as_millis(),
+            "connected to NATS"
+        );
         crate::nats::ensure_streams(&js).await?;
+        tracing::info!(ms = started.elapsed().as_millis(), "streams ready");
         let token = CancellationToken::new();
         Ok(Self {
             client,

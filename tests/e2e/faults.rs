@@ -60,12 +60,12 @@ impl Cluster {
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap();
-        let click = Process::start(
+        let mut click = Process::start(
             "click-service",
             env(&nats, &dir.path().join("click")),
             dir.path(),
         );
-        let postback = Process::start(
+        let mut postback = Process::start(
             "postback-service",
             env(&nats, &dir.path().join("postback")),
             dir.path(),
@@ -355,7 +355,7 @@ async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
     );
 
     // The projection equals a fresh rebuild from the log.
-    let fresh = Process::start(
+    let mut fresh = Process::start(
         "postback-service",
         env(&c.nats, &c.dir.path().join("fresh")),
         c.dir.path(),
@@ -466,6 +466,32 @@ async fn postback_service_sigkilled_while_deciding_and_restarted() {
         c.postback.ready(&c.http).await;
     })
     .await;
+}
+
+/// A listen address already in use: the service exits with an error naming
+/// it, and the harness's `ready` moves the service to a free port (the race
+/// `free_port` leaves open).
+#[tokio::test]
+async fn a_taken_listen_address_is_named_and_the_harness_moves_off_it() {
+    postback_service::deliveries::attempt::install_tls_provider();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut p = Process::start_on(
+        "postback-service",
+        env(&nats, &dir.path().join("p")),
+        dir.path(),
+        addr,
+    );
+    p.ready(&reqwest::Client::new()).await;
+    assert_ne!(p.addr, addr, "moved off the taken port");
+    let log = p.log_text();
+    assert!(
+        log.contains(&format!("binding {addr}")) && log.contains("Address already in use"),
+        "the error names the address and the cause: {log}"
+    );
+    drop(taken);
 }
 
 #[tokio::test]

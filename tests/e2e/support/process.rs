@@ -20,20 +20,18 @@ fn bin_dir() -> PathBuf {
 
 /// The path of a service binary, (re)built once per test run so a stale binary
 /// from an older build is never tested.
+///
+/// It builds with the feature resolution `cargo test --workspace` used
+/// (`--workspace --tests`): with `-p click-service -p postback-service` cargo
+/// resolves the dependencies' features differently and recompiled async-nats,
+/// common and both services in the middle of the test run, on the 2 cores the
+/// tests were using. This way it only links the binaries cargo test did not.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "click-service",
-            "-p",
-            "postback-service",
-            "--bins",
-        ]);
+        build.args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
         if !cfg!(debug_assertions) {
             build.arg("--release");
         }
@@ -52,6 +50,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// How long a service may take to answer `/readyz` with 200. Generous: on a
+/// loaded 2-core machine a fresh JetStream server's stream creation and the
+/// first fsyncs can take seconds; a service that exits fails at once instead.
+pub const READY_WITHIN: Duration = Duration::from_secs(60);
+
 /// One service process.
 pub struct Process {
     name: &'static str,
@@ -65,6 +68,16 @@ impl Process {
     /// Starts `name` with these environment variables (plus LISTEN_ADDR).
     pub fn start(name: &'static str, env: Vec<(String, String)>, log_dir: &Path) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_on(name, env, log_dir, addr)
+    }
+
+    /// Starts `name` listening on `addr`.
+    pub fn start_on(
+        name: &'static str,
+        env: Vec<(String, String)>,
+        log_dir: &Path,
+        addr: SocketAddr,
+    ) -> Self {
         let mut p = Self {
             name,
             child: None,
@@ -86,6 +99,9 @@ impl Process {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("LISTEN_ADDR", self.addr.to_string())
             .env("RUST_LOG", "info")
+            // An error at start ends in its message, not 30 lines of backtrace
+            // (the log's tail is what a failing test shows); panics keep theirs.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -93,25 +109,58 @@ impl Process {
         self.child = Some(child);
     }
 
-    /// Waits until `/readyz` answers 200; panics with the log's tail if not.
-    pub async fn ready(&self, http: &reqwest::Client) {
-        let url = format!("http://{}/readyz", self.addr);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut last = String::new();
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(r) = http.get(&url).send().await {
-                if r.status() == reqwest::StatusCode::OK {
-                    return;
+    /// Waits until `/readyz` answers 200; panics with the log's tail if the
+    /// process exits or is not ready within [`READY_WITHIN`].
+    pub async fn ready(&mut self, http: &reqwest::Client) {
+        let started = tokio::time::Instant::now();
+        let mut last = String::from("(no answer)");
+        let mut moved = false;
+        while started.elapsed() < READY_WITHIN {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                // free_port() releases its port before the service binds it:
+                // another process may take it in between. Then move, once.
+                if !moved && self.log_text().contains("Address already in use") {
+                    moved = true;
+                    self.addr.set_port(free_port());
+                    self.spawn();
+                    continue;
                 }
-                last = r.text().await.unwrap_or_default();
+                self.fail(&format!("exited with {status} before it was ready"));
+            }
+            // Bounded: whatever else holds the port may accept and never answer.
+            let url = format!("http://{}/readyz", self.addr);
+            match http.get(&url).timeout(Duration::from_secs(2)).send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::OK => return,
+                Ok(r) => {
+                    let status = r.status();
+                    last = format!("{status}: {}", r.text().await.unwrap_or_default());
+                }
+                Err(e) => last = format!("(no answer: {e})"),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        self.fail(&format!(
+            "not ready in {READY_WITHIN:?}; last /readyz: {last}"
+        ));
+    }
+
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let log = self.log_text();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
         panic!(
-            "{} not ready in 30 s; last /readyz: {last}\nlog tail (newest first):\n{}",
+            "{} on {}: {what}\nlog tail (newest first):\n{}",
             self.name,
+            self.addr,
             tail.join("\n")
         );
     }
