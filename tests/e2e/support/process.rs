@@ -50,6 +50,30 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Every thread's stack of a live process that hangs, by gdb when it is there
+/// (evidence for a hang that does not reproduce: a lock inside sled, a stuck
+/// JetStream request); a note when it is not.
+fn stacks(pid: u32) -> String {
+    let out = Command::new("timeout")
+        .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+        .args(["-ex", "set pagination off", "-ex", "thread apply all bt 20"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let frames: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("Thread ") || l.starts_with('#'))
+                .map(|l| l.chars().take(200).collect::<String>())
+                .collect();
+            let dump: String = frames.join("\n").chars().take(60_000).collect();
+            format!("thread stacks (gdb):\n{dump}")
+        }
+        Err(e) => format!("(no thread stacks: gdb did not run: {e})"),
+    }
+}
+
 /// How long a service may take to answer `/readyz` with 200. Generous: on a
 /// loaded 2-core machine a fresh JetStream server's stream creation and the
 /// first fsyncs can take seconds; a service that exits fails at once instead.
@@ -144,8 +168,13 @@ impl Process {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let threads = self
+            .child
+            .as_ref()
+            .map(|c| stacks(c.id()))
+            .unwrap_or_default();
         self.fail(&format!(
-            "not ready in {READY_WITHIN:?}; last /readyz: {last}"
+            "not ready in {READY_WITHIN:?}; last /readyz: {last}\n{threads}"
         ));
     }
 
