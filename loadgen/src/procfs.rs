@@ -82,10 +82,21 @@ pub fn memory(pid: u32) -> Option<Memory> {
     })
 }
 
-/// Busy CPU ticks of the whole machine so far (user, nice, system, irq,
-/// softirq; not idle, iowait or steal), from `/proc/stat`.
-pub fn machine_busy_ticks() -> Option<u64> {
+/// CPU ticks of the whole machine so far, from `/proc/stat`.
+#[derive(Clone, Copy)]
+struct MachineTicks {
+    /// user, nice, system, irq and softirq (not idle, iowait or steal).
+    busy: u64,
+    /// Time the hypervisor ran something else while this VM wanted a core.
+    steal: u64,
+}
+
+fn machine_ticks() -> Option<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_ticks(&stat)
+}
+
+fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line
         .split_whitespace()
@@ -93,7 +104,10 @@ pub fn machine_busy_ticks() -> Option<u64> {
         .filter_map(|v| v.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal ...
-    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?)
+    Some(MachineTicks {
+        busy: f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?,
+        steal: *f.get(7)?,
+    })
 }
 
 /// Name of the pseudo-process that stands for every process not watched (the
@@ -101,11 +115,16 @@ pub fn machine_busy_ticks() -> Option<u64> {
 /// else was using the cores during a measurement.
 pub const OTHER: &str = "other (not ours)";
 
+/// Name of the pseudo-process that stands for the cores the hypervisor gave to
+/// other guests while this machine wanted them (`steal` in `/proc/stat`): a
+/// slow host shows here, not in any process. Not part of the machine's busy time.
+pub const STEAL: &str = "steal (host)";
+
 /// CPU use of the watched processes (and this one) over a measured window.
 pub struct CpuWatch {
     started: Instant,
     start: Vec<(String, u32, Option<u64>)>,
-    machine: Option<u64>,
+    machine: Option<MachineTicks>,
 }
 
 impl CpuWatch {
@@ -120,12 +139,12 @@ impl CpuWatch {
         Self {
             started: Instant::now(),
             start,
-            machine: machine_busy_ticks(),
+            machine: machine_ticks(),
         }
     }
 
     /// Cores used by each process since the start (1.0 = one core busy all
-    /// along), plus [`OTHER`]; processes that went away are left out.
+    /// along), plus [`OTHER`] and [`STEAL`]; processes that went away are left out.
     pub fn stop(&self) -> BTreeMap<String, f64> {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
         let cores = |ticks: u64| ticks as f64 / CLK_TCK / seconds;
@@ -138,12 +157,14 @@ impl CpuWatch {
                 Some((name.clone(), cores(used)))
             })
             .collect();
-        let machine = machine_busy_ticks()
-            .zip(self.machine)
-            .and_then(|(now, before)| now.checked_sub(before));
-        if let Some(machine) = machine {
-            let ours: f64 = out.values().sum();
-            out.insert(OTHER.to_owned(), (cores(machine) - ours).max(0.0));
+        if let Some((now, before)) = machine_ticks().zip(self.machine) {
+            if let Some(busy) = now.busy.checked_sub(before.busy) {
+                let ours: f64 = out.values().sum();
+                out.insert(OTHER.to_owned(), (cores(busy) - ours).max(0.0));
+            }
+            if let Some(steal) = now.steal.checked_sub(before.steal) {
+                out.insert(STEAL.to_owned(), cores(steal));
+            }
         }
         out.into_iter().map(|(k, v)| (k, round(v))).collect()
     }
@@ -187,6 +208,15 @@ mod tests {
             }
         );
         assert!(parse_watched("click").is_err());
+    }
+
+    #[test]
+    fn machine_ticks_split_busy_from_steal() {
+        let stat = "cpu  100 2 30 400 5 6 7 80 0 0\ncpu0 50 1 15 200 2 3 3 40 0 0\n";
+        let t = parse_machine_ticks(stat).unwrap();
+        assert_eq!((t.busy, t.steal), (100 + 2 + 30 + 6 + 7, 80));
+        assert!(parse_machine_ticks("cpu  1 2 3\n").is_none(), "short line");
+        assert!(machine_ticks().is_some(), "this machine's /proc/stat");
     }
 
     #[test]

@@ -543,48 +543,76 @@ fn cpu_table(md: &mut String, all: &[Measurement]) {
         .flat_map(|m| m.cpu.keys().map(String::as_str))
         .collect();
     // Ours in name order, then everyone else's.
+    use crate::procfs::{OTHER, STEAL};
     let mut names: Vec<&str> = set
         .iter()
         .copied()
-        .filter(|n| *n != crate::procfs::OTHER)
+        .filter(|n| *n != OTHER && *n != STEAL)
         .collect();
-    if set.contains(crate::procfs::OTHER) {
-        names.push(crate::procfs::OTHER);
+    if set.contains(OTHER) {
+        names.push(OTHER);
     }
     if names.is_empty() {
         return;
     }
+    let steal = set.contains(STEAL);
     let _ = writeln!(
         md,
         "\n## Where the CPU went\n\nCores used by each process during each measured window \
-         (1.00 = one core busy throughout; the machine has {} in all). `{}` is the machine's \
-         busy time minus ours: other work on the machine during the measurement.\n",
+         (1.00 = one core busy throughout; the machine has {} in all). `{OTHER}` is the machine's \
+         busy time minus ours: other work on the machine during the measurement.{}\n",
         std::thread::available_parallelism().map_or(0, usize::from),
-        crate::procfs::OTHER
+        if steal {
+            format!(
+                " `{STEAL}` is the time the hypervisor gave this machine's cores to other \
+                 guests while it wanted them (`steal` in /proc/stat): a slow host, not in \
+                 the busy sum."
+            )
+        } else {
+            String::new()
+        }
     );
     let _ = write!(md, "| measurement |");
     for n in &names {
         let _ = write!(md, " {n} |");
     }
-    let _ = writeln!(md, " machine busy |");
+    let _ = write!(md, " machine busy |");
+    let _ = writeln!(
+        md,
+        "{}",
+        if steal {
+            format!(" {STEAL} |")
+        } else {
+            String::new()
+        }
+    );
     let _ = write!(md, "|---|");
     for _ in &names {
         let _ = write!(md, "---|");
     }
-    let _ = writeln!(md, "---|");
+    let _ = writeln!(md, "---|{}", if steal { "---|" } else { "" });
+    let cell = |c: Option<&f64>| c.map_or_else(|| " |".to_owned(), |c| format!(" {c:.2} |"));
     for m in all.iter().filter(|m| !m.cpu.is_empty()) {
         let _ = write!(md, "| {} |", m.id);
         for n in &names {
-            match m.cpu.get(*n) {
-                Some(c) => {
-                    let _ = write!(md, " {c:.2} |");
-                }
-                None => {
-                    let _ = write!(md, " |");
-                }
-            }
+            let _ = write!(md, "{}", cell(m.cpu.get(*n)));
         }
-        let _ = writeln!(md, " {:.2} |", m.cpu.values().sum::<f64>());
+        let busy: f64 = m
+            .cpu
+            .iter()
+            .filter(|(n, _)| n.as_str() != STEAL)
+            .map(|(_, c)| c)
+            .sum();
+        let _ = write!(md, " {busy:.2} |");
+        let _ = writeln!(
+            md,
+            "{}",
+            if steal {
+                cell(m.cpu.get(STEAL))
+            } else {
+                String::new()
+            }
+        );
     }
 }
 
@@ -759,6 +787,35 @@ mod tests {
             samples: 1000,
         });
         m
+    }
+
+    #[test]
+    fn the_cpu_table_shows_steal_beside_the_busy_sum_not_in_it() {
+        let mut m = throughput("clicks_closed", 1.0);
+        m.cpu = [
+            ("click", 0.5),
+            (crate::procfs::OTHER, 0.25),
+            (crate::procfs::STEAL, 0.4),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n.to_owned(), c))
+        .collect();
+        let mut md = String::new();
+        cpu_table(&mut md, &[m]);
+        assert!(
+            md.contains("| measurement | click | other (not ours) | machine busy | steal (host) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| clicks_closed | 0.50 | 0.25 | 0.75 | 0.40 |"),
+            "{md}"
+        );
+
+        let mut no_steal = throughput("clicks_closed", 1.0);
+        no_steal.cpu = [("click".to_owned(), 0.5)].into_iter().collect();
+        let mut md = String::new();
+        cpu_table(&mut md, &[no_steal]);
+        assert!(md.contains("| clicks_closed | 0.50 | 0.50 |\n"), "{md}");
     }
 
     #[test]
