@@ -572,25 +572,21 @@ fn cpu_table(md: &mut String, all: &[Measurement]) {
             String::new()
         }
     );
+    // Steal comes after the busy sum, which it is not part of.
+    let after: &[&str] = if steal { &[STEAL] } else { &[] };
     let _ = write!(md, "| measurement |");
     for n in &names {
         let _ = write!(md, " {n} |");
     }
     let _ = write!(md, " machine busy |");
+    for n in after {
+        let _ = write!(md, " {n} |");
+    }
     let _ = writeln!(
         md,
-        "{}",
-        if steal {
-            format!(" {STEAL} |")
-        } else {
-            String::new()
-        }
+        "\n|---|{}",
+        "---|".repeat(names.len() + 1 + after.len())
     );
-    let _ = write!(md, "|---|");
-    for _ in &names {
-        let _ = write!(md, "---|");
-    }
-    let _ = writeln!(md, "---|{}", if steal { "---|" } else { "" });
     let cell = |c: Option<&f64>| c.map_or_else(|| " |".to_owned(), |c| format!(" {c:.2} |"));
     for m in all.iter().filter(|m| !m.cpu.is_empty()) {
         let _ = write!(md, "| {} |", m.id);
@@ -604,15 +600,10 @@ fn cpu_table(md: &mut String, all: &[Measurement]) {
             .map(|(_, c)| c)
             .sum();
         let _ = write!(md, " {busy:.2} |");
-        let _ = writeln!(
-            md,
-            "{}",
-            if steal {
-                cell(m.cpu.get(STEAL))
-            } else {
-                String::new()
-            }
-        );
+        for n in after {
+            let _ = write!(md, "{}", cell(m.cpu.get(*n)));
+        }
+        let _ = writeln!(md);
     }
 }
 

@@ -22,7 +22,10 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::support::{
-    app::url_params, eventually, process::Process, NatsServer, Receiver, Reply, OFFER_URL,
+    app::{projection, url_params},
+    eventually,
+    process::Process,
+    NatsServer, Receiver, Reply, OFFER_URL,
 };
 
 struct Cluster {
@@ -100,21 +103,9 @@ impl Cluster {
             "postback-service has the catalog",
             Duration::from_secs(10),
             || async {
-                let v: Value = self
-                    .http
-                    .get(self.postback.url("/readyz"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                let seq = v["projections"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["stream"] == "CATALOG")?["applied_seq"]
-                    .as_u64()?;
-                (seq >= 2).then_some(())
+                let url = self.postback.url("/readyz");
+                let catalog = projection(&self.http, &url, "CATALOG").await?;
+                (catalog["applied_seq"].as_u64()? >= 2).then_some(())
             },
         )
         .await;

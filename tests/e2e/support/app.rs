@@ -323,9 +323,7 @@ impl System {
 
     /// The status of a service's fold of `stream`, from its `/readyz` at `url`.
     pub async fn projection(&self, url: &str, stream: &str) -> Option<Value> {
-        let v: Value = self.http.get(url).send().await.ok()?.json().await.ok()?;
-        let folds = v["projections"].as_array()?;
-        folds.iter().find(|p| p["stream"] == stream).cloned()
+        projection(&self.http, url, stream).await
     }
 
     /// `GET /c/{offer}?{query}`.
@@ -431,4 +429,12 @@ pub fn url_params(location: &str) -> Vec<(String, String)> {
     url.query_pairs()
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
+}
+
+/// The status of a service's fold of `stream`, from its `/readyz` at `url`
+/// (`None` while it does not answer or has no such fold).
+pub async fn projection(http: &reqwest::Client, url: &str, stream: &str) -> Option<Value> {
+    let v: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+    let folds = v["projections"].as_array()?;
+    folds.iter().find(|p| p["stream"] == stream).cloned()
 }
