@@ -37,6 +37,33 @@ pub enum StartupError {
     },
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
+    #[error("writing the bound address to {}", path.display())]
+    AddrFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes `addr` and a newline to `path` (ADDR_FILE), replacing the file whole
+/// (a temporary file renamed over it), so whoever waits for it never reads half
+/// an address. With port 0 in LISTEN_ADDR this is how a supervisor or a test
+/// learns the port the OS chose, with no window in which another process can
+/// take it (as picking a free port first and passing it in leaves open).
+///
+/// # Errors
+/// The file could not be written.
+pub fn write_addr_file(path: &Path, addr: SocketAddr) -> Result<(), StartupError> {
+    let error = |source| StartupError::AddrFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{addr}\n")).map_err(error)?;
+    std::fs::rename(&tmp, path).map_err(error)?;
+    tracing::info!(%addr, path = %path.display(), "bound address written");
+    Ok(())
 }
 
 /// The running parts every service has.
@@ -256,5 +283,35 @@ impl Server {
     pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr(), service = self.name, "listening");
         self.base.serve(self.listener, self.router, stop).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_addr_file_holds_the_address_alone_and_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("click.addr");
+        std::fs::write(&path, "127.0.0.1:1\n").unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 40_123));
+        write_addr_file(&path, addr).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "127.0.0.1:40123\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["click.addr"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn an_unwritable_addr_file_is_an_error_naming_it() {
+        let path = Path::new("/nonexistent-dir/click.addr");
+        let error = write_addr_file(path, SocketAddr::from(([127, 0, 0, 1], 1))).unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent-dir/click.addr"),
+            "{error}"
+        );
     }
 }

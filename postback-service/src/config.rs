@@ -19,6 +19,11 @@ pub struct Config {
     /// Address to serve HTTP on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    /// Once listening, write the address bound (IP:port and a newline) to this
+    /// file, replaced whole. With port 0 in LISTEN_ADDR, this is how a
+    /// supervisor or a test learns the port the OS chose.
+    #[arg(long, env = "ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
     /// Directory of the local sled projection (disposable: rebuilt from the log).
     #[arg(long, env = "DATA_DIR", default_value = "data/postback-service")]
     pub data_dir: PathBuf,
@@ -80,6 +85,7 @@ impl Config {
             command: None,
             nats_url: nats_url.to_owned(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr_file: None,
             data_dir,
             admin_token: "admin".to_owned(),
             log_filter: "info".to_owned(),

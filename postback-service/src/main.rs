@@ -27,9 +27,13 @@ async fn main() -> anyhow::Result<()> {
         .context("running the operator command");
     }
     let stop = common::shutdown::cancel_on_signal();
+    let addr_file = config.addr_file.clone();
     let app = postback_service::Application::build(config)
         .await
         .context("starting postback-service")?;
+    if let Some(path) = &addr_file {
+        common::service::write_addr_file(path, app.local_addr())?;
+    }
     app.run_until_stopped(stop)
         .await
         .context("running postback-service")

@@ -459,12 +459,12 @@ async fn postback_service_sigkilled_while_deciding_and_restarted() {
     .await;
 }
 
-/// A listen address already in use: the service exits with an error naming
-/// it, and the harness's `ready` moves the service to a free port (the race
-/// `free_port` leaves open).
+/// A listen address already in use: the service exits non-zero at once, and
+/// its error names the address and the cause (what a supervisor's log shows).
+/// The harness itself never meets this: it starts services on port 0 and reads
+/// the port they bound from ADDR_FILE.
 #[tokio::test]
-async fn a_taken_listen_address_is_named_and_the_harness_moves_off_it() {
-    postback_service::deliveries::attempt::install_tls_provider();
+async fn a_taken_listen_address_is_named_and_the_service_exits_non_zero() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -475,8 +475,18 @@ async fn a_taken_listen_address_is_named_and_the_harness_moves_off_it() {
         dir.path(),
         addr,
     );
-    p.ready(&reqwest::Client::new()).await;
-    assert_ne!(p.addr, addr, "moved off the taken port");
+    let deadline = tokio::time::Instant::now() + crate::support::process::READY_WITHIN;
+    let status = loop {
+        if let Some(status) = p.exited() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still running on a taken address"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "exit status {status}");
     let log = p.log_text();
     assert!(
         log.contains(&format!("binding {addr}")) && log.contains("Address already in use"),

@@ -5,7 +5,10 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        OnceLock,
+    },
     time::Duration,
 };
 
@@ -41,15 +44,6 @@ pub fn binary(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Every thread's stack of a live process that hangs, by gdb when it is there
 /// (evidence for a hang that does not reproduce: a lock inside sled, a stuck
 /// JetStream request); a note when it is not.
@@ -83,16 +77,24 @@ pub const READY_WITHIN: Duration = Duration::from_secs(60);
 pub struct Process {
     name: &'static str,
     child: Option<Child>,
+    /// Where it serves HTTP: known once [`Process::ready`] has returned.
     pub addr: SocketAddr,
+    /// What it is told to bind (LISTEN_ADDR): port 0 at first, then the
+    /// address it bound, so a restart comes back where clients expect it.
+    listen: SocketAddr,
     env: Vec<(String, String)>,
     log: PathBuf,
+    /// Where it writes the address it bound (ADDR_FILE).
+    addr_file: PathBuf,
 }
 
 impl Process {
-    /// Starts `name` with these environment variables (plus LISTEN_ADDR).
+    /// Starts `name` with these environment variables on a port the OS picks:
+    /// LISTEN_ADDR has port 0 and the service writes the port it bound to
+    /// ADDR_FILE, so no other process can take the port in between (as one
+    /// could when the harness picked a free port and released it first).
     pub fn start(name: &'static str, env: Vec<(String, String)>, log_dir: &Path) -> Self {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::start_on(name, env, log_dir, addr)
+        Self::start_on(name, env, log_dir, SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// Starts `name` listening on `addr`.
@@ -102,12 +104,16 @@ impl Process {
         log_dir: &Path,
         addr: SocketAddr,
     ) -> Self {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let mut p = Self {
             name,
             child: None,
             addr,
+            listen: addr,
             env,
-            log: log_dir.join(format!("{name}-{}.log", addr.port())),
+            log: log_dir.join(format!("{name}-{n}.log")),
+            addr_file: log_dir.join(format!("{name}-{n}.addr")),
         };
         p.spawn();
         p
@@ -119,9 +125,11 @@ impl Process {
             .append(true)
             .open(&self.log)
             .expect("log file");
+        let _ = std::fs::remove_file(&self.addr_file);
         let child = Command::new(binary(self.name))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("LISTEN_ADDR", self.addr.to_string())
+            .env("LISTEN_ADDR", self.listen.to_string())
+            .env("ADDR_FILE", &self.addr_file)
             .env("RUST_LOG", "info")
             // An error at start ends in its message, not 30 lines of backtrace
             // (the log's tail is what a failing test shows); panics keep theirs.
@@ -133,31 +141,31 @@ impl Process {
         self.child = Some(child);
     }
 
+    /// The address the process wrote to ADDR_FILE, once it has.
+    fn bound(&self) -> Option<SocketAddr> {
+        std::fs::read_to_string(&self.addr_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Waits until `/readyz` answers 200; panics with the log's tail if the
     /// process exits or is not ready within [`READY_WITHIN`].
     pub async fn ready(&mut self, http: &reqwest::Client) {
         let started = tokio::time::Instant::now();
-        let mut last = String::from("(no answer)");
-        let mut moved = false;
+        let mut last = String::from("(no address yet: ADDR_FILE not written)");
         while started.elapsed() < READY_WITHIN {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                // free_port() releases its port before the service binds it:
-                // another process may take it in between. Then move, once.
-                if !moved && self.log_text().contains("Address already in use") {
-                    moved = true;
-                    self.addr.set_port(free_port());
-                    self.spawn();
-                    continue;
-                }
+            if let Some(status) = self.exited() {
                 self.fail(&format!("exited with {status} before it was ready"));
             }
-            // Bounded: whatever else holds the port may accept and never answer.
-            let url = format!("http://{}/readyz", self.addr);
+            let Some(addr) = self.bound() else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            (self.addr, self.listen) = (addr, addr);
+            // Bounded: a process that accepts and never answers must not hang us.
+            let url = format!("http://{addr}/readyz");
             match http.get(&url).timeout(Duration::from_secs(2)).send().await {
                 Ok(r) if r.status() == reqwest::StatusCode::OK => return,
                 Ok(r) => {
@@ -176,6 +184,13 @@ impl Process {
         self.fail(&format!(
             "not ready in {READY_WITHIN:?}; last /readyz: {last}\n{threads}"
         ));
+    }
+
+    /// The exit status of a process that has exited (then it is gone).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
     }
 
     /// What the process has logged so far.
@@ -211,7 +226,7 @@ impl Process {
         child.wait().ok()
     }
 
-    /// Starts it again on the same address with the same environment.
+    /// Starts it again on the address it bound, with the same environment.
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
