@@ -205,7 +205,7 @@ pub async fn publish(
     .extra("payload_bytes", click_payload_len() as u64);
     m.errors = pipeline.errors - errors_before;
     m.latency = Latency::of(&pipeline.ack_latency);
-    m.cpu = cpu.stop();
+    m.set_cpu(cpu.stop());
     Ok(m)
 }
 
@@ -283,7 +283,7 @@ pub async fn sled(
     .extra("batch", batch as u64)
     .extra("row_bytes", click_payload_len() as u64);
     m.latency = Latency::of(&flushes);
-    m.cpu = cpu.stop();
+    m.set_cpu(cpu.stop());
     m.extra
         .insert("latency_is".to_owned(), "per batch (apply + flush)".into());
     drop(tree);

@@ -289,7 +289,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
         )
         .extra("disk_mib", procfs::mib(procfs::dir_size(dir)))
         .extra("written_bytes_per_event", written_per_event);
-    m.cpu = cpu;
+    m.set_cpu(cpu);
     drop(tree);
     drop(db);
     let _ = std::fs::remove_dir_all(dir);

@@ -31,6 +31,7 @@ pub mod results;
 pub mod scenarios;
 pub mod service;
 pub mod stats;
+pub mod threads;
 
 pub use cli::{Cli, Command};
 pub use error::BenchError;

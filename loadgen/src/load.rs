@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     http::{Conn, Req, Target},
-    procfs::{CpuWatch, Watched},
+    procfs::{CpuUse, CpuWatch, Watched},
     stats::{histogram, Progress, Recorder},
 };
 
@@ -93,8 +93,8 @@ pub struct LoadOutcome {
     pub issued: u64,
     /// With `keep_ok`: the numbers of the requests answered as expected.
     pub ok_requests: Vec<u64>,
-    /// Cores each watched process used in the measured window.
-    pub cpu: BTreeMap<String, f64>,
+    /// Where the CPU went in the measured window.
+    pub cpu: CpuUse,
 }
 
 impl LoadOutcome {
@@ -370,7 +370,7 @@ fn outcome<P>(
     seconds: f64,
     start_wall: SystemTime,
     (first_measured, issued): (u64, u64),
-    cpu: BTreeMap<String, f64>,
+    cpu: CpuUse,
 ) -> LoadOutcome {
     let mut ok_requests = shared
         .ok_requests

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
+use crate::threads::{Snapshot, ThreadUse};
+
 /// Kernel clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on
 /// every mainstream Linux architecture).
 const CLK_TCK: f64 = 100.0;
@@ -125,6 +127,17 @@ pub struct CpuWatch {
     started: Instant,
     start: Vec<(String, u32, Option<u64>)>,
     machine: Option<MachineTicks>,
+    /// The watched processes' threads at the start.
+    threads: Vec<(String, u32, Snapshot)>,
+}
+
+/// What [`CpuWatch::stop`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuUse {
+    /// Cores used by each process (see [`CpuWatch::stop`]).
+    pub cores: BTreeMap<String, f64>,
+    /// Per watched process, per group of its threads: running and waiting.
+    pub threads: BTreeMap<String, BTreeMap<String, ThreadUse>>,
 }
 
 impl CpuWatch {
@@ -136,17 +149,29 @@ impl CpuWatch {
             .map(|w| (w.name.clone(), w.pid, cpu_ticks(w.pid)))
             .collect();
         start.push(("loadgen".to_owned(), me, cpu_ticks(me)));
+        let threads = watched
+            .iter()
+            .map(|w| (w.name.clone(), w.pid, Snapshot::take(w.pid)))
+            .collect();
         Self {
             started: Instant::now(),
             start,
             machine: machine_ticks(),
+            threads,
         }
     }
 
     /// Cores used by each process since the start (1.0 = one core busy all
-    /// along), plus [`OTHER`] and [`STEAL`]; processes that went away are left out.
-    pub fn stop(&self) -> BTreeMap<String, f64> {
+    /// along), plus [`OTHER`] and [`STEAL`]; processes that went away are left
+    /// out. And where the watched processes' threads went.
+    pub fn stop(&self) -> CpuUse {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
+        let threads = self
+            .threads
+            .iter()
+            .map(|(name, pid, before)| (name.clone(), Snapshot::take(*pid).since(before, seconds)))
+            .filter(|(_, groups)| !groups.is_empty())
+            .collect();
         let cores = |ticks: u64| ticks as f64 / CLK_TCK / seconds;
         let round = |x: f64| (x * 100.0).round() / 100.0;
         let mut out: BTreeMap<String, f64> = self
@@ -166,7 +191,10 @@ impl CpuWatch {
                 out.insert(STEAL.to_owned(), cores(steal));
             }
         }
-        out.into_iter().map(|(k, v)| (k, round(v))).collect()
+        CpuUse {
+            cores: out.into_iter().map(|(k, v)| (k, round(v))).collect(),
+            threads,
+        }
     }
 }
 

@@ -487,6 +487,7 @@ pub fn markdown(
     );
 
     cpu_table(&mut md, all);
+    thread_table(&mut md, all);
     memory_section(&mut md, all);
     every_measurement(&mut md, all);
 
@@ -604,6 +605,37 @@ fn cpu_table(md: &mut String, all: &[Measurement]) {
             let _ = write!(md, "{}", cell(m.cpu.get(*n)));
         }
         let _ = writeln!(md);
+    }
+}
+
+/// Where each watched process's threads went: per group of threads, cores
+/// running and, in parentheses, cores runnable but waiting for one.
+fn thread_table(md: &mut String, all: &[Measurement]) {
+    use crate::threads::{describe, SHOWN_FROM};
+    let rows: Vec<(&str, &str, String)> = all
+        .iter()
+        .flat_map(|m| {
+            m.threads.iter().filter_map(|(process, groups)| {
+                Some((m.id.as_str(), process.as_str(), describe(groups)?))
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Where the threads went\n\nFor each watched process, each group of its threads \
+         (a pool's numbered threads count as one) during each measured window: cores running, \
+         and in parentheses cores it was runnable but waiting for a core in the kernel's run \
+         queue (`/proc/<pid>/task/<tid>/schedstat`). A thread that waits more than it runs is \
+         held back by the others on these cores, not by its own work. Groups under \
+         {SHOWN_FROM} cores are left out, and so are threads that ended inside the window.\n"
+    );
+    let _ = writeln!(md, "| measurement | process | threads: running (waiting) |");
+    let _ = writeln!(md, "|---|---|---|");
+    for (id, process, cell) in rows {
+        let _ = writeln!(md, "| {id} | {process} | {cell} |");
     }
 }
 
@@ -807,6 +839,37 @@ mod tests {
         let mut md = String::new();
         cpu_table(&mut md, &[no_steal]);
         assert!(md.contains("| clicks_closed | 0.50 | 0.50 |\n"), "{md}");
+    }
+
+    #[test]
+    fn the_thread_table_lists_groups_by_running_time_and_leaves_out_idle_ones() {
+        use crate::threads::ThreadUse;
+        let mut m = throughput("decisions", 1.0);
+        let groups = [
+            ("tokio-rt-worker", 0.3, 0.05),
+            ("fold-conversion", 0.55, 0.25),
+            ("fold-catalog", 0.0, 0.01),
+        ]
+        .into_iter()
+        .map(|(g, running, waiting)| (g.to_owned(), ThreadUse { running, waiting }))
+        .collect();
+        m.threads.insert("postback".to_owned(), groups);
+        let mut md = String::new();
+        thread_table(&mut md, &[m, throughput("clicks_closed", 1.0)]);
+        assert!(
+            md.contains(
+                "| decisions | postback | fold-conversion 0.55 (0.25) · tokio-rt-worker 0.30 (0.05) |\n"
+            ),
+            "{md}"
+        );
+        assert!(
+            !md.contains("fold-catalog") && !md.contains("clicks_closed"),
+            "{md}"
+        );
+
+        let mut md = String::new();
+        thread_table(&mut md, &[throughput("clicks_closed", 1.0)]);
+        assert!(md.is_empty(), "no threads recorded, no section: {md}");
     }
 
     #[test]

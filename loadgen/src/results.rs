@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{io, BenchError},
+    procfs::CpuUse,
     stats::Latency,
+    threads::ThreadUse,
 };
 
 /// What one measurement found.
@@ -32,6 +34,10 @@ pub struct Measurement {
     pub unexpected: BTreeMap<u16, u64>,
     /// Cores each process used during the window (1.0 = one core all along).
     pub cpu: BTreeMap<String, f64>,
+    /// Per watched process, per group of its threads: cores running and cores
+    /// waiting for one during the window.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub threads: BTreeMap<String, BTreeMap<String, ThreadUse>>,
     /// Scenario-specific figures (rate offered, memory, disk, ...).
     pub extra: BTreeMap<String, serde_json::Value>,
     /// Set when the measurement could not be completed: why.
@@ -66,6 +72,12 @@ impl Measurement {
     pub fn extra(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
         self.extra.insert(key.to_owned(), value.into());
         self
+    }
+
+    /// Sets where the CPU went during the window.
+    pub fn set_cpu(&mut self, cpu: CpuUse) {
+        self.cpu = cpu.cores;
+        self.threads = cpu.threads;
     }
 
     /// A measurement that could not be completed.
@@ -110,6 +122,14 @@ impl Measurement {
 /// The file cannot be written.
 pub fn append(path: &Path, m: &Measurement) -> Result<(), BenchError> {
     println!("{}", m.summary());
+    for (process, groups) in &m.threads {
+        if let Some(threads) = crate::threads::describe(groups) {
+            println!(
+                "{}: {process} threads, cores running (waiting): {threads}",
+                m.id
+            );
+        }
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }

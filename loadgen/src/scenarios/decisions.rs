@@ -125,6 +125,6 @@ pub async fn run(args: DecisionsArgs, id: &str) -> Result<(), BenchError> {
         "reports_published_per_s",
         (count as f64 / publish_time.as_secs_f64().max(1e-3)).round(),
     );
-    m.cpu = cpu;
+    m.set_cpu(cpu);
     results::append(&args.out.results, &m)
 }

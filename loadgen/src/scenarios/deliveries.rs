@@ -167,7 +167,7 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
     .extra("receiver_requests", seen.requests - base_requests)
     .extra("duplicate_deliveries", seen.duplicates);
     m.errors = failed;
-    m.cpu = cpu;
+    m.set_cpu(cpu);
     results::append(&args.out.results, &pipeline)?;
     results::append(&args.out.results, &m)
 }

@@ -81,7 +81,7 @@ pub fn measurement(
     m.latency = Latency::of(&outcome.histogram);
     m.errors = outcome.errors;
     m.unexpected = outcome.unexpected.clone();
-    m.cpu = outcome.cpu.clone();
+    m.set_cpu(outcome.cpu.clone());
     let m = m.extra("connections", connections as u64);
     match mode {
         Mode::Closed => m.extra("loop", "closed"),

@@ -249,7 +249,7 @@ async fn decision_latency(
     .extra("postback_errors", outcome.errors);
     m.latency = Latency::of(&h);
     m.errors = expected - h.len();
-    m.cpu = outcome.cpu.clone();
+    m.set_cpu(outcome.cpu.clone());
     if m.errors > 0 {
         eprintln!(
             "[{id}] {} accepted postbacks without a decision found",

@@ -114,6 +114,6 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
             .extra("peak_rss_mib", (mem.peak_rss_mib * 10.0).round() / 10.0)
             .extra("rss_mib_after", (mem.rss_mib * 10.0).round() / 10.0);
     }
-    m.cpu = cpu;
+    m.set_cpu(cpu);
     results::append(&args.out.results, &m)
 }
