@@ -772,7 +772,9 @@ mod group_flush_tests {
             "every ticket covered"
         );
         drop((group, tree, db));
-        let db = sled::open(dir.path().join("db")).unwrap();
+        // sled lets go of its file lock a moment after the last handle drops
+        // (CI once reopened too soon: "could not acquire lock").
+        let db = super::open_waiting(&sled::Config::new().path(dir.path().join("db"))).unwrap();
         assert_eq!(db.open_tree("t").unwrap().len(), 64);
     }
 }
