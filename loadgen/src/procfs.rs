@@ -173,7 +173,6 @@ impl CpuWatch {
             .filter(|(_, groups)| !groups.is_empty())
             .collect();
         let cores = |ticks: u64| ticks as f64 / CLK_TCK / seconds;
-        let round = |x: f64| (x * 100.0).round() / 100.0;
         let mut out: BTreeMap<String, f64> = self
             .start
             .iter()
@@ -192,10 +191,15 @@ impl CpuWatch {
             }
         }
         CpuUse {
-            cores: out.into_iter().map(|(k, v)| (k, round(v))).collect(),
+            cores: out.into_iter().map(|(k, v)| (k, hundredths(v))).collect(),
             threads,
         }
     }
+}
+
+/// `x` rounded to two decimals, as the report prints cores.
+pub fn hundredths(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// Bytes as MiB, one decimal.

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::procfs::hundredths;
+
 /// One group of a process's threads over a window, in cores (1.0 = one core
 /// all along).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -60,16 +62,11 @@ impl Snapshot {
             used.running += cores(run.saturating_sub(run0));
             used.waiting += cores(wait.saturating_sub(wait0));
         }
-        let round = |x: f64| (x * 100.0).round() / 100.0;
-        out.into_iter()
-            .map(|(group, u)| {
-                let rounded = ThreadUse {
-                    running: round(u.running),
-                    waiting: round(u.waiting),
-                };
-                (group, rounded)
-            })
-            .collect()
+        for used in out.values_mut() {
+            used.running = hundredths(used.running);
+            used.waiting = hundredths(used.waiting);
+        }
+        out
     }
 }
 

@@ -77,11 +77,10 @@ pub const READY_WITHIN: Duration = Duration::from_secs(60);
 pub struct Process {
     name: &'static str,
     child: Option<Child>,
-    /// Where it serves HTTP: known once [`Process::ready`] has returned.
+    /// What it is told to bind (LISTEN_ADDR), and where it serves HTTP once
+    /// [`Process::ready`] has read the address it bound (port 0 until then),
+    /// so a restart comes back where clients expect it.
     pub addr: SocketAddr,
-    /// What it is told to bind (LISTEN_ADDR): port 0 at first, then the
-    /// address it bound, so a restart comes back where clients expect it.
-    listen: SocketAddr,
     env: Vec<(String, String)>,
     log: PathBuf,
     /// Where it writes the address it bound (ADDR_FILE).
@@ -110,7 +109,6 @@ impl Process {
             name,
             child: None,
             addr,
-            listen: addr,
             env,
             log: log_dir.join(format!("{name}-{n}.log")),
             addr_file: log_dir.join(format!("{name}-{n}.addr")),
@@ -128,7 +126,7 @@ impl Process {
         let _ = std::fs::remove_file(&self.addr_file);
         let child = Command::new(binary(self.name))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("LISTEN_ADDR", self.listen.to_string())
+            .env("LISTEN_ADDR", self.addr.to_string())
             .env("ADDR_FILE", &self.addr_file)
             .env("RUST_LOG", "info")
             // An error at start ends in its message, not 30 lines of backtrace
@@ -163,7 +161,7 @@ impl Process {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            (self.addr, self.listen) = (addr, addr);
+            self.addr = addr;
             // Bounded: a process that accepts and never answers must not hang us.
             let url = format!("http://{addr}/readyz");
             match http.get(&url).timeout(Duration::from_secs(2)).send().await {
