@@ -260,6 +260,9 @@ pub struct FoldAloneArgs {
     /// Tree holding that many pending conversions.
     #[arg(long, default_value_t = 0)]
     pub lag: usize,
+    /// sled's page cache, in MiB, as the services' `SLED_CACHE_MB`.
+    #[arg(long, env = "SLED_CACHE_MB", default_value_t = 1024)]
+    pub cache_mb: u64,
     #[command(flatten)]
     pub out: Output,
 }

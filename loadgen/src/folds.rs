@@ -78,6 +78,8 @@ pub struct Plan {
     /// Conversions: groups of reports folded between a report and its
     /// attribution (0: the next group).
     pub lag: usize,
+    /// sled's page cache.
+    pub cache_bytes: u64,
 }
 
 /// One group's events, encoded before the clock runs: (subject, payload).
@@ -244,7 +246,7 @@ pub async fn run(plan: Plan, watched: &[Watched]) -> Result<Measurement, BenchEr
 fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> {
     let dir = &plan.run.dir;
     let _ = std::fs::remove_dir_all(dir);
-    let db = common::store::open_db(dir)?;
+    let db = common::store::open_db_with_cache(dir, plan.cache_bytes)?;
     let tree = common::FoldTree::open(&db, "fold")?;
     let mut source = Source::new(plan.shape, plan.group, plan.lag);
     let (label, unit) = (plan.shape.id(), plan.shape.unit());
@@ -383,6 +385,7 @@ mod tests {
             },
             group: 16,
             lag: 0,
+            cache_bytes: common::store::DEFAULT_CACHE_BYTES,
         };
         let m = measure(&plan, &[]).unwrap();
         assert!(m.count >= 16 && m.count.is_multiple_of(16), "{m:?}");

@@ -97,6 +97,7 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
                 run: args.run,
                 group: args.group,
                 lag: args.lag,
+                cache_bytes: args.cache_mb.max(1).saturating_mul(1024 * 1024),
             };
             let mut m = folds::run(plan, &args.out.watch).await?;
             m.id = id.to_owned();
