@@ -319,15 +319,30 @@ async fn run_consumer<F: Fold>(
             ..Default::default()
         })
         .await?;
+    // Nothing left to deliver after the checkpoint: at the tail, even when the
+    // log's last sequence is further on. That happens when the events after
+    // the checkpoint are gone from the stream (a max age or message limit an
+    // operator set, every click older than it): waiting for them to be
+    // delivered would keep the fold, its service's readiness and the decider
+    // waiting forever.
+    let nothing_pending = consumer.cached_info().num_pending == 0;
     let mut messages = consumer.messages().await?.ready_chunks(MAX_GROUP);
     let started = std::time::Instant::now();
     status.send_modify(|s| {
         s.applied_seq = applied;
-        if applied >= last {
+        if applied >= last || nothing_pending {
             s.caught_up = true;
             s.at_tail = true;
         }
     });
+    if applied < last && nothing_pending {
+        tracing::info!(
+            stream = spec.stream,
+            checkpoint = applied,
+            last,
+            "the log's events after the checkpoint are gone (expired or deleted); at the tail"
+        );
+    }
     if status.borrow().caught_up {
         worker.lower_priority();
     }

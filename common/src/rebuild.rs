@@ -173,19 +173,26 @@ pub async fn rebuild(
     let conn = crate::nats::connect(nats_url, name, Duration::from_secs(10)).await?;
     crate::nats::ensure_streams(&conn.js).await?;
 
+    // Per stream, the sequences it holds now: (before the first, the last).
+    // A stream whose oldest events expired starts after 1, and one whose every
+    // event expired holds none.
     let mut total = 0u64;
     let mut targets = Vec::new();
     for job in &jobs {
-        let last = conn
+        let state = conn
             .js
             .get_stream(job.spec.stream)
             .await?
             .info()
             .await?
             .state
-            .last_sequence;
-        total += last;
-        targets.push(last);
+            .clone();
+        let before = state
+            .first_sequence
+            .saturating_sub(1)
+            .min(state.last_sequence);
+        total += state.last_sequence - before;
+        targets.push((before, state.last_sequence));
     }
     let parts = checksum_parts(&jobs);
     let token = CancellationToken::new();
@@ -217,7 +224,7 @@ pub async fn rebuild(
         let done: u64 = statuses
             .iter()
             .zip(&targets)
-            .map(|(s, t)| s.borrow().applied_seq.min(*t))
+            .map(|(s, &(before, last))| s.borrow().applied_seq.clamp(before, last) - before)
             .sum();
         let all = statuses.iter().all(|s| s.borrow().caught_up);
         let secs = started.elapsed().as_secs_f64().max(0.001);

@@ -13,5 +13,6 @@ mod deliveries;
 mod faults;
 mod outage;
 mod rebuild;
+mod retention;
 mod rules;
 mod support;

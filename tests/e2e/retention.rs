@@ -1,0 +1,85 @@
+//! A log with a retention limit: an operator may give `CLICKS` a max age above
+//! the longest attribution window, and then every click it held can expire.
+
+use std::time::Duration;
+
+use crate::support::{eventually, System};
+
+/// Sets `CLICKS`' max age, as an operator would on the running stream.
+async fn expire_clicks_after(sys: &System, max_age: Duration) {
+    let js = sys.jetstream().await;
+    let mut stream = js.get_stream("CLICKS").await.expect("CLICKS exists");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    config.max_age = max_age;
+    // JetStream keeps the dedup window within the max age.
+    config.duplicate_window = config.duplicate_window.min(max_age);
+    js.update_stream(config).await.expect("max age set");
+}
+
+/// Waits until `CLICKS` holds no message, though its sequence has moved on.
+async fn clicks_expired(sys: &System) -> u64 {
+    let js = sys.jetstream().await;
+    eventually("every click expired", Duration::from_secs(15), || async {
+        let mut stream = js.get_stream("CLICKS").await.ok()?;
+        let state = stream.info().await.ok()?.state.clone();
+        (state.messages == 0 && state.last_sequence > 0).then_some(state.last_sequence)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_projection_behind_a_log_whose_events_expired_is_ready_and_decides() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    expire_clicks_after(&sys, Duration::from_secs(1)).await;
+    let (folded, _) = sys.click_ok("o1", "aff=a1").await;
+    eventually("the click folded", Duration::from_secs(10), || async {
+        let (status, _) = sys.api(&format!("/api/clicks/{folded}")).await;
+        status.is_success().then_some(())
+    })
+    .await;
+
+    // Down while clicks come and expire: its checkpoint is behind the log's
+    // last sequence, and nothing after it is left to deliver.
+    sys.stop_postback().await;
+    let (missed, _) = sys.click_ok("o1", "aff=a1").await;
+    let last = clicks_expired(&sys).await;
+    assert!(
+        last >= 2,
+        "both clicks were in the log: last sequence {last}"
+    );
+    sys.start_postback().await; // waits for /readyz 200
+    let id = sys.postback_ok(&format!("click_id={missed}")).await;
+    let decision = sys.decided(&id).await;
+    assert_eq!(decision["state"], "rejected", "{decision}");
+    assert_eq!(decision["reason"], "unknown_click", "{decision}");
+
+    // The operator's rebuild finishes too (it waits for every fold's tail).
+    sys.stop_postback().await;
+    let data_dir = sys.postback_data_dir();
+    let rebuild = common::rebuild::rebuild(
+        &sys.nats.url,
+        "retention-rebuild",
+        &data_dir,
+        postback_service::startup::fold_jobs(),
+        &["dispatch"],
+    );
+    tokio::time::timeout(Duration::from_secs(20), rebuild)
+        .await
+        .expect("the rebuild finishes")
+        .expect("the rebuild succeeds");
+    sys.start_postback().await;
+    assert_eq!(sys.decided(&id).await["reason"], "unknown_click");
+
+    // And from an empty data dir: nothing to fold, yet at the tail.
+    sys.wipe_postback().await;
+    let url = sys.postback_url("/readyz");
+    let clicks_fold = sys.projection(&url, "CLICKS").await.expect("a CLICKS fold");
+    assert_eq!(clicks_fold["caught_up"], true, "{clicks_fold}");
+    assert_eq!(
+        clicks_fold["applied_seq"], 0,
+        "nothing applied: {clicks_fold}"
+    );
+    let id = sys.postback_ok(&format!("click_id={folded}&txid=2")).await;
+    assert_eq!(sys.decided(&id).await["reason"], "unknown_click");
+}
