@@ -83,3 +83,26 @@ async fn a_projection_behind_a_log_whose_events_expired_is_ready_and_decides() {
     let id = sys.postback_ok(&format!("click_id={folded}&txid=2")).await;
     assert_eq!(sys.decided(&id).await["reason"], "unknown_click");
 }
+
+#[tokio::test]
+async fn events_deleted_after_the_checkpoint_are_skipped_and_the_next_ones_folded() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.stop_postback().await;
+    let mut clicks = Vec::new();
+    for i in 0..3 {
+        clicks.push(sys.click_ok("o1", &format!("aff=a1&sub1={i}")).await.0);
+    }
+    // The first two of them leave the log (as a message limit or an
+    // operator's delete would take them) while postback-service is down.
+    let js = sys.jetstream().await;
+    let stream = js.get_stream("CLICKS").await.expect("CLICKS exists");
+    for seq in 1..=2 {
+        stream.delete_message(seq).await.expect("deleted");
+    }
+    sys.start_postback().await;
+    let kept = sys.postback_ok(&format!("click_id={}", clicks[2])).await;
+    assert_eq!(sys.decided(&kept).await["state"], "attributed");
+    let gone = sys.postback_ok(&format!("click_id={}", clicks[0])).await;
+    assert_eq!(sys.decided(&gone).await["reason"], "unknown_click");
+}
