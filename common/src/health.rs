@@ -13,6 +13,7 @@ pub struct Readiness {
     client: async_nats::Client,
     folds: Vec<watch::Receiver<FoldStatus>>,
     outbox: Option<crate::outbox::Outbox>,
+    lease: Option<watch::Receiver<crate::lease::LeaseStatus>>,
 }
 
 #[derive(Serialize)]
@@ -22,6 +23,10 @@ struct ReadyReport {
     projections: Vec<FoldStatus>,
     /// Events accepted while JetStream did not ack, waiting to be published.
     outbox: Option<crate::outbox::OutboxStatus>,
+    /// Whether this instance leads the work that runs once per log, or stands
+    /// by (either is ready: a standby serves HTTP all the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<crate::lease::LeaseStatus>,
 }
 
 impl Readiness {
@@ -35,7 +40,15 @@ impl Readiness {
             client,
             folds,
             outbox,
+            lease: None,
         }
+    }
+
+    /// The same, also showing this instance's part in a lease.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Option<watch::Receiver<crate::lease::LeaseStatus>>) -> Self {
+        self.lease = lease;
+        self
     }
 
     fn report(&self) -> ReadyReport {
@@ -47,11 +60,13 @@ impl Readiness {
         let projections: Vec<FoldStatus> = self.folds.iter().map(|f| f.borrow().clone()).collect();
         let ready = nats == "connected" && projections.iter().all(|p| p.caught_up);
         let outbox = self.outbox.as_ref().map(crate::outbox::Outbox::status);
+        let lease = self.lease.as_ref().map(|l| l.borrow().clone());
         ReadyReport {
             ready,
             nats,
             projections,
             outbox,
+            lease,
         }
     }
 

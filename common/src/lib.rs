@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod fold;
 pub mod health;
+pub mod lease;
 pub mod money;
 pub mod nats;
 pub mod outbox;

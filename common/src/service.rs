@@ -81,6 +81,7 @@ pub struct Base {
     data_dir: std::path::PathBuf,
     outbox: Option<crate::outbox::Outbox>,
     fold_nice: i32,
+    lease: Option<watch::Receiver<crate::lease::LeaseStatus>>,
 }
 
 impl Base {
@@ -126,6 +127,7 @@ impl Base {
             data_dir: data_dir.to_path_buf(),
             outbox: None,
             fold_nice: ingest.fold_nice,
+            lease: None,
         })
     }
 
@@ -161,6 +163,55 @@ impl Base {
         self.tracker.spawn(task(self.token.clone()));
     }
 
+    /// Runs `led` only while this process holds the lease `key` (see
+    /// [`crate::lease`]), as `<service>-<instance id>`: the instance id is kept
+    /// in the data dir, so a restart of this instance is the same holder.
+    ///
+    /// # Errors
+    /// The instance id cannot be read or written.
+    pub fn spawn_led<F, Fut>(
+        &mut self,
+        service: &str,
+        ttl: Duration,
+        led: F,
+    ) -> Result<(), std::io::Error>
+    where
+        F: FnMut(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let config = crate::lease::LeaseConfig {
+            key: service.to_owned(),
+            holder: format!("{service}-{}", self.instance_id()?),
+            ttl,
+        };
+        let (tx, rx) = crate::lease::status_channel(&config);
+        let js = self.js.clone();
+        self.spawn(|token| crate::lease::run_led(js, config, tx, token, led));
+        self.lease = Some(rx);
+        Ok(())
+    }
+
+    /// This instance's part in the lease of [`Self::spawn_led`], once spawned.
+    pub fn lease_status(&self) -> Option<watch::Receiver<crate::lease::LeaseStatus>> {
+        self.lease.clone()
+    }
+
+    /// This instance's id: made once, kept in the data dir's `instance-id`.
+    fn instance_id(&self) -> Result<String, std::io::Error> {
+        let path = self.data_dir.join("instance-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let tmp = self.data_dir.join("instance-id.tmp");
+        std::fs::write(&tmp, format!("{id}\n"))?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(id)
+    }
+
     /// Opens the durable outbox under the data dir and starts its drainer.
     ///
     /// # Errors
@@ -181,6 +232,7 @@ impl Base {
     /// Readiness over every fold spawned so far, and the outbox.
     pub fn readiness(&self) -> crate::health::Readiness {
         crate::health::Readiness::new(self.client.clone(), self.folds.clone(), self.outbox.clone())
+            .with_lease(self.lease.clone())
     }
 
     /// Serves `router` (plus health routes) on `listener` until `stop` is cancelled,

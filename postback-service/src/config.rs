@@ -49,6 +49,14 @@ pub struct Config {
     /// the TCP peer. Set it only behind a proxy that sets it.
     #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "")]
     pub trusted_proxy_header: String,
+    /// The decider and the dispatcher run in one instance per log: the one
+    /// holding a lease in NATS (key-value bucket `leases`, key
+    /// `postback-service`), renewed every quarter of this. Other instances
+    /// stand by and take over when it stops (at once) or crashes (after this
+    /// long). Used when the bucket is first created; an existing bucket keeps
+    /// its own.
+    #[arg(long, env = "LEADER_LEASE_MS", default_value_t = 10_000)]
+    pub leader_lease_ms: u64,
     /// Affiliate postbacks: timeout of one attempt, the response body included.
     #[arg(long, env = "POSTBACK_TIMEOUT_MS", default_value_t = 5000)]
     pub postback_timeout_ms: u64,
@@ -91,6 +99,7 @@ impl Config {
             log_filter: "info".to_owned(),
             ingest: common::config::IngestArgs::for_tests(),
             unknown_click_grace_ms: 1000,
+            leader_lease_ms: 2000,
             postback_timeout_ms: 1000,
             postback_first_retry_ms: 50,
             postback_max_attempts: 10,
@@ -109,6 +118,10 @@ impl Config {
 
     pub(crate) fn publish_timeout(&self) -> Duration {
         self.ingest.publish_timeout()
+    }
+
+    pub(crate) fn leader_lease(&self) -> Duration {
+        Duration::from_millis(self.leader_lease_ms.max(100))
     }
 
     pub(crate) fn grace(&self) -> Duration {

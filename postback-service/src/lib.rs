@@ -12,6 +12,7 @@ pub mod clicks;
 pub mod config;
 pub mod conversions;
 pub mod deliveries;
+pub mod leader;
 pub mod postback;
 pub mod routes;
 pub mod security;

@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     clicks::{Clicks, ClicksFold},
-    conversions::{self, Conversions, ConversionsFold, DeciderConfig, DeciderInputs},
-    deliveries::{
-        self, dispatcher::DispatchStores, Dispatcher, Outcomes, PostbacksFold, ScheduleStore,
-    },
+    conversions::{Conversions, ConversionsFold, DeciderConfig, DeciderInputs},
+    deliveries::{dispatcher::DispatchStores, Dispatcher, Outcomes, PostbacksFold, ScheduleStore},
+    leader::{Led, LEASE_KEY},
     routes, Config,
 };
 
@@ -116,15 +115,13 @@ impl Application {
             grace: config.grace(),
             publish_timeout: config.publish_timeout(),
         };
-        let js = base.js.clone();
-        base.spawn(|token| conversions::run_decider(js, inputs, decider, token));
 
         let stores = DispatchStores {
             conversions: conversions.clone(),
             clicks: clicks.clone(),
             outcomes: Outcomes::new(base.db.open_tree("postbacks")?),
             schedules: ScheduleStore::new(base.db.open_tree("dispatch")?, base.durable.clone()),
-            postbacks_status,
+            postbacks_status: postbacks_status.clone(),
         };
         let dispatcher =
             Dispatcher::new(base.js.clone(), stores, config.dispatch()).map_err(|e| {
@@ -133,8 +130,21 @@ impl Application {
                     source: e.into(),
                 }
             })?;
-        let running = dispatcher.clone();
-        base.spawn(|token| deliveries::run_dispatcher(running, conversions_status, token));
+        // Once per log: in the instance holding the lease, the others stand by.
+        let led = Led {
+            js: base.js.clone(),
+            decider_inputs: inputs,
+            decider,
+            dispatcher: dispatcher.clone(),
+            postbacks_status,
+        };
+        base.spawn_led(LEASE_KEY, config.leader_lease(), move |token| {
+            led.clone().run(token)
+        })
+        .map_err(|e| StartupError::Component {
+            what: "the instance id in the data dir",
+            source: e.into(),
+        })?;
 
         let state = routes::AppState {
             js: base.js.clone(),
@@ -154,6 +164,7 @@ impl Application {
             outbox: base
                 .start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
             ack_deadline: config.ack_deadline(),
+            lease: base.lease_status(),
         };
         let router = routes::router(state);
         Ok(Self(

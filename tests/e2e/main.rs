@@ -11,6 +11,7 @@ mod compose;
 mod conversions;
 mod deliveries;
 mod faults;
+mod leader;
 mod outage;
 mod rebuild;
 mod retention;

@@ -56,6 +56,7 @@ pub struct DeciderConfig {
 }
 
 /// The projections and fold statuses the decider reads.
+#[derive(Clone)]
 pub struct DeciderInputs {
     pub conversions: Conversions,
     pub clicks: Clicks,

@@ -148,6 +148,27 @@ impl System {
         self.wait_ready(addr).await;
     }
 
+    /// Starts one more postback-service on this system's NATS, with a data
+    /// dir of its own (`dir`), as a second replica of a deployment; waits
+    /// until it is ready.
+    pub async fn start_another_postback(&self, dir: &std::path::Path) -> Service {
+        let mut config = self.postback_config();
+        config.data_dir = dir.to_path_buf();
+        let app = postback_service::Application::build(config)
+            .await
+            .expect("another postback-service starts");
+        let addr = app.local_addr();
+        let service = run(addr, |stop| {
+            tokio::spawn(async move {
+                app.run_until_stopped(stop)
+                    .await
+                    .expect("another postback-service runs")
+            })
+        });
+        self.wait_ready(addr).await;
+        service
+    }
+
     async fn wait_ready(&self, addr: SocketAddr) {
         let url = format!("http://{addr}/readyz");
         eventually("service ready", Duration::from_secs(10), || async {

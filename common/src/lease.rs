@@ -1,0 +1,271 @@
+//! A lease on a role that must run once per log, however many processes of a
+//! service run: postback-service's decider and dispatcher. Two of them would
+//! each send every affiliate postback, which is what an overlap of old and new
+//! instances in a rolling deploy, or a second replica started by mistake, did.
+//!
+//! The lease is one key in a JetStream key-value bucket ([`BUCKET`]) whose
+//! entries expire `ttl` after they were written (the bucket's max age). The
+//! holder rewrites its entry every `ttl / 4`, each time expecting the revision
+//! it wrote last, so a write of anyone else's makes its next renewal fail. A
+//! holder that cannot renew for `ttl / 2` (NATS unreachable, say) stops its
+//! work then, half a `ttl` before the entry can expire and another process
+//! can take it. A holder that stops releases the lease (deletes its entry), so
+//! a standby takes over at once; one that crashed is replaced once its entry
+//! expires, or at once by a restart with the same holder name (the same data
+//! dir), which recognises its own entry.
+//!
+//! While it holds the lease, a process runs its led work ([`run_led`]); while
+//! it does not, it waits as a standby and serves everything else.
+
+use std::{future::Future, time::Duration};
+
+use async_nats::jetstream::{self, kv, Context};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The key-value bucket of the leases.
+pub const BUCKET: &str = "leases";
+
+/// What the lease is, and who asks for it.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// The role's key in [`BUCKET`], e.g. `postback-service`.
+    pub key: String,
+    /// This process's name for itself: stable across its restarts (one per
+    /// data dir), distinct from every other process's.
+    pub holder: String,
+    /// How long an entry lives without renewal, when this process creates the
+    /// bucket; an existing bucket's own max age wins.
+    pub ttl: Duration,
+}
+
+/// This process's part, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseStatus {
+    /// The role's key.
+    pub key: String,
+    /// `leader` (runs the led work), `standby` (waits for the lease), or
+    /// `starting` (has not asked yet).
+    pub role: &'static str,
+    /// This process's holder name.
+    pub holder: String,
+    /// Who held the lease when this process last looked (empty: nobody).
+    pub leader: String,
+}
+
+/// A new status channel for `config`, `starting`.
+pub fn status_channel(
+    config: &LeaseConfig,
+) -> (watch::Sender<LeaseStatus>, watch::Receiver<LeaseStatus>) {
+    watch::channel(LeaseStatus {
+        key: config.key.clone(),
+        role: "starting",
+        holder: config.holder.clone(),
+        leader: String::new(),
+    })
+}
+
+/// Runs `led` whenever this process holds the lease, until `token` is
+/// cancelled: acquires it (waiting as a standby while another process holds
+/// it), starts `led` with a child token, renews the lease, and cancels the
+/// child and waits for `led` to end when the lease is lost or `token` is
+/// cancelled. On cancellation it then releases the lease.
+pub async fn run_led<F, Fut>(
+    js: Context,
+    config: LeaseConfig,
+    status: watch::Sender<LeaseStatus>,
+    token: CancellationToken,
+    mut led: F,
+) where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let Some((store, ttl, revision)) = acquire(&js, &config, &status, &token).await else {
+            return;
+        };
+        status.send_modify(|s| {
+            s.role = "leader";
+            s.leader = config.holder.clone();
+        });
+        tracing::info!(
+            key = config.key,
+            holder = config.holder,
+            "holding the lease: leading"
+        );
+        let child = token.child_token();
+        let work = tokio::spawn(led(child.clone()));
+        let held = hold(&store, &config, ttl, revision, &token).await;
+        child.cancel();
+        if let Err(error) = work.await {
+            tracing::error!(%error, "the led work panicked");
+        }
+        status.send_modify(|s| s.role = "standby");
+        match held {
+            Held::Cancelled(revision) => {
+                // Only our own entry: a lease taken over meanwhile stays.
+                if let Err(error) = store
+                    .delete_expect_revision(&config.key, Some(revision))
+                    .await
+                {
+                    tracing::warn!(%error, key = config.key, "lease not released; it expires");
+                }
+                return;
+            }
+            Held::Lost(why) => {
+                tracing::warn!(
+                    key = config.key,
+                    why,
+                    "lease lost: led work stopped; standing by"
+                );
+            }
+        }
+    }
+}
+
+/// How holding the lease ended.
+enum Held {
+    /// The token was cancelled; the revision last written, to release.
+    Cancelled(u64),
+    /// Another process wrote the entry, or renewal failed for half the ttl.
+    Lost(&'static str),
+}
+
+/// The bucket, created with `ttl` if it does not exist yet. Created as the
+/// stream a key-value bucket is (what async-nats's `create_key_value` would
+/// make), because that call first asks for the account's info, whose answer
+/// from nats-server 2.9 async-nats 0.51 cannot read.
+async fn bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Error> {
+    if let Ok(store) = js.get_key_value(BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_stream(jetstream::stream::Config {
+            name: format!("KV_{BUCKET}"),
+            description: Some("Leases of roles that run once per log".to_owned()),
+            subjects: vec![format!("$KV.{BUCKET}.>")],
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            storage: jetstream::stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await;
+    match js.get_key_value(BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(error) => Err(match created {
+            Err(created) => created.into(),
+            Ok(_) => error.into(),
+        }),
+    }
+}
+
+/// Waits until this process holds the lease: (the bucket, its ttl, the
+/// revision written). `None`: `token` was cancelled first.
+async fn acquire(
+    js: &Context,
+    config: &LeaseConfig,
+    status: &watch::Sender<LeaseStatus>,
+    token: &CancellationToken,
+) -> Option<(kv::Store, Duration, u64)> {
+    let mut retry = config.ttl / 4;
+    loop {
+        match try_acquire(js, config).await {
+            Ok(Attempt::Acquired(store, ttl, revision)) => return Some((*store, ttl, revision)),
+            Ok(Attempt::HeldBy(leader, ttl)) => {
+                retry = (ttl / 4).max(Duration::from_millis(10));
+                if status.borrow().leader != leader || status.borrow().role != "standby" {
+                    tracing::info!(key = config.key, leader, "the lease is held: standing by");
+                }
+                status.send_modify(|s| {
+                    s.role = "standby";
+                    s.leader = leader;
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, key = config.key, "lease: NATS did not answer; retrying");
+                status.send_modify(|s| s.role = "standby");
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return None,
+            () = tokio::time::sleep(retry) => {}
+        }
+    }
+}
+
+enum Attempt {
+    Acquired(Box<kv::Store>, Duration, u64),
+    /// Someone else holds it: their name, and the bucket's ttl.
+    HeldBy(String, Duration),
+}
+
+async fn try_acquire(js: &Context, config: &LeaseConfig) -> Result<Attempt, async_nats::Error> {
+    let store = bucket(js, config.ttl).await?;
+    let ttl = ttl_of(&store).await.unwrap_or(config.ttl);
+    let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
+    match store.create(&config.key, holder.clone()).await {
+        Ok(revision) => return Ok(Attempt::Acquired(Box::new(store), ttl, revision)),
+        Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error.into()),
+    }
+    let Some(entry) = store.entry(&config.key).await? else {
+        // Expired or released between the two calls: try again soon.
+        return Ok(Attempt::HeldBy(String::new(), ttl));
+    };
+    let leader = String::from_utf8_lossy(&entry.value).into_owned();
+    let live = entry.operation == kv::Operation::Put;
+    if live && leader == config.holder {
+        // Our own entry, left by this holder's previous process (a crash or a
+        // kill): take it back at once, expecting its revision.
+        if let Ok(revision) = store.update(&config.key, holder, entry.revision).await {
+            return Ok(Attempt::Acquired(Box::new(store), ttl, revision));
+        }
+    }
+    Ok(Attempt::HeldBy(
+        if live { leader } else { String::new() },
+        ttl,
+    ))
+}
+
+/// The bucket's max age (zero, were it created without one, means ours).
+async fn ttl_of(store: &kv::Store) -> Option<Duration> {
+    let ttl = store.status().await.ok()?.max_age();
+    (!ttl.is_zero()).then_some(ttl)
+}
+
+/// Renews the lease every `ttl / 4` until it is lost or `token` is cancelled.
+async fn hold(
+    store: &kv::Store,
+    config: &LeaseConfig,
+    ttl: Duration,
+    mut revision: u64,
+    token: &CancellationToken,
+) -> Held {
+    let every = (ttl / 4).max(Duration::from_millis(10));
+    let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return Held::Cancelled(revision),
+            () = tokio::time::sleep(every) => {}
+        }
+        let update = store.update(&config.key, holder.clone(), revision);
+        match tokio::time::timeout(every, update).await {
+            Ok(Ok(next)) => (revision, renewed) = (next, tokio::time::Instant::now()),
+            Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                return Held::Lost("another process wrote the lease");
+            }
+            Ok(Err(error)) => tracing::warn!(%error, key = config.key, "lease not renewed"),
+            Err(_) => tracing::warn!(key = config.key, "lease renewal timed out"),
+        }
+        if renewed.elapsed() >= ttl / 2 {
+            return Held::Lost("not renewed for half its ttl");
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! What runs once per log, in the one instance holding the lease
+//! ([`common::lease`]): the decider and the affiliate postback dispatcher.
+//! Every other instance is a standby: it folds, serves the API and accepts
+//! postbacks, and takes over when the leader stops or its lease expires.
+
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use common::FoldStatus;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    conversions::{self, DeciderConfig, DeciderInputs},
+    deliveries::{self, Dispatcher},
+};
+
+/// The lease's key.
+pub const LEASE_KEY: &str = "postback-service";
+
+/// The led work and what it needs; cloned for each term of leadership.
+#[derive(Clone)]
+pub struct Led {
+    pub js: Context,
+    pub decider_inputs: DeciderInputs,
+    pub decider: DeciderConfig,
+    pub dispatcher: Dispatcher,
+    pub postbacks_status: watch::Receiver<FoldStatus>,
+}
+
+impl Led {
+    /// One term: first folds everything the log holds now of CONVERSIONS and
+    /// POSTBACKS, so whatever the previous leader decided and delivered is
+    /// known here before this instance decides or sends anything; then runs
+    /// the decider and the dispatcher until `token` is cancelled.
+    pub async fn run(self, token: CancellationToken) {
+        let folds = [
+            (
+                proto::stream::CONVERSIONS,
+                self.decider_inputs.conversions_status.clone(),
+            ),
+            (proto::stream::POSTBACKS, self.postbacks_status.clone()),
+        ];
+        for (stream, status) in folds {
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = caught_up_with(&self.js, stream, status) => {}
+            }
+        }
+        let conversions_status = self.decider_inputs.conversions_status.clone();
+        tokio::join!(
+            conversions::run_decider(
+                self.js.clone(),
+                self.decider_inputs,
+                self.decider,
+                token.clone()
+            ),
+            deliveries::run_dispatcher(self.dispatcher, conversions_status, token),
+        );
+    }
+}
+
+/// Waits until the fold behind `status` has applied the stream's last
+/// sequence as it is now. Gives up after 30 s with a warning: a fold whose
+/// next events expired from the stream never applies that sequence, and the
+/// decider checks the projection, not the log, anyway.
+async fn caught_up_with(js: &Context, stream: &str, mut status: watch::Receiver<FoldStatus>) {
+    for _ in 0..6 {
+        let last = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).ok(),
+            Err(_) => None,
+        };
+        let Some(last) = last else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let reached = |s: &FoldStatus| s.caught_up && s.applied_seq >= last;
+        if tokio::time::timeout(Duration::from_secs(5), status.wait_for(reached))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return;
+        }
+        tracing::info!(
+            stream,
+            last,
+            "taking the lease: waiting for the fold to reach the log's end"
+        );
+    }
+    tracing::warn!(stream, "taking the lease without the fold at the log's end");
+}

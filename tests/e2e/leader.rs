@@ -1,0 +1,212 @@
+//! Several postback-service instances on one log: one leads (decides and
+//! sends affiliate postbacks), the others stand by and take over.
+
+use std::{collections::HashMap, time::Duration};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::{app::url_params, eventually, Receiver, Reply, System, OFFER_URL};
+
+/// `/readyz`'s lease part of the postback-service at `addr`.
+async fn lease(sys: &System, addr: std::net::SocketAddr) -> Value {
+    let url = format!("http://{addr}/readyz");
+    let r = sys.http.get(&url).send().await.expect("GET /readyz");
+    let v: Value = r.json().await.expect("readyz JSON");
+    v["lease"].clone()
+}
+
+/// Waits until the instance at `addr` has `role`; returns its lease part.
+async fn role(sys: &System, addr: std::net::SocketAddr, role: &str) -> Value {
+    eventually(
+        &format!("{addr} is {role}"),
+        Duration::from_secs(10),
+        || async {
+            let l = lease(sys, addr).await;
+            (l["role"] == role).then_some(l)
+        },
+    )
+    .await
+}
+
+/// Offer o1 and affiliate a1 posting back to `receiver`.
+async fn catalog(sys: &System, receiver: &Receiver) {
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
+    )
+    .await;
+    let url = receiver.url("/pb?conversion_id={conversion_id}&d={delivery_id}");
+    sys.put_affiliate("a1", json!({"postback_url": url})).await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+}
+
+/// A postback through the instance at `addr`; returns the conversion id.
+async fn postback_via(sys: &System, addr: std::net::SocketAddr, click_id: &str) -> String {
+    let url = format!("http://{addr}/postback?click_id={click_id}");
+    let r = sys.http.get(&url).send().await.expect("GET /postback");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("JSON");
+    v["conversion_id"]
+        .as_str()
+        .expect("conversion id")
+        .to_owned()
+}
+
+/// The affiliate postbacks `receiver` got, per conversion id.
+fn sent_per_conversion(receiver: &Receiver) -> HashMap<String, usize> {
+    let mut sent = HashMap::new();
+    for seen in receiver.seen() {
+        let params = url_params(&format!("http://x{}", seen.uri));
+        if let Some((_, id)) = params.iter().find(|(k, _)| k == "conversion_id") {
+            *sent.entry(id.clone()).or_default() += 1;
+        }
+    }
+    sent
+}
+
+#[tokio::test]
+async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_over() {
+    let mut sys = System::start().await;
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    catalog(&sys, &receiver).await;
+    let first = sys.postback.as_ref().expect("running").addr;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let second = sys.start_another_postback(dir.path()).await;
+
+    let leader = role(&sys, first, "leader").await;
+    let standby = role(&sys, second.addr, "standby").await;
+    assert_eq!(standby["leader"], leader["holder"], "{standby} {leader}");
+    assert_ne!(standby["holder"], leader["holder"]);
+
+    // Postbacks through both instances: each decided and sent once.
+    let mut conversions = Vec::new();
+    for i in 0..12 {
+        let (click_id, _) = sys.click_ok("o1", &format!("aff=a1&sub1={i}")).await;
+        let via = if i % 2 == 0 { first } else { second.addr };
+        conversions.push(postback_via(&sys, via, &click_id).await);
+    }
+    for id in &conversions {
+        assert_eq!(sys.decided(id).await["state"], "attributed");
+    }
+    eventually("every postback sent", Duration::from_secs(10), || async {
+        (sent_per_conversion(&receiver).len() == conversions.len()).then_some(())
+    })
+    .await;
+    // Long enough for a second dispatcher, were there one, to send too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = sent_per_conversion(&receiver);
+    assert_eq!(sent.len(), conversions.len(), "{sent:?}");
+    assert!(sent.values().all(|&n| n == 1), "each sent once: {sent:?}");
+
+    // A retry by hand on the standby is refused with the leader's name.
+    let r = sys
+        .http
+        .post(format!("http://{}/api/postbacks/any/retry", second.addr))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .expect("POST retry");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: Value = r.json().await.expect("JSON");
+    let message = body["error"].as_str().unwrap_or_default();
+    let holder = leader["holder"].as_str().expect("holder");
+    assert!(message.contains(holder), "{body}");
+
+    // The leader stops: it releases the lease and the standby leads at once
+    // (well within the 2 s the lease would take to expire).
+    let stopped_at = std::time::Instant::now();
+    sys.stop_postback().await;
+    let now_leader = role(&sys, second.addr, "leader").await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(2),
+        "took over in {:?}",
+        stopped_at.elapsed()
+    );
+    assert_eq!(now_leader["holder"], standby["holder"]);
+    let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=after").await;
+    let id = postback_via(&sys, second.addr, &click_id).await;
+    eventually("the new leader sends", Duration::from_secs(10), || async {
+        (sent_per_conversion(&receiver).get(&id) == Some(&1)).then_some(())
+    })
+    .await;
+    assert!(sent_per_conversion(&receiver).values().all(|&n| n == 1));
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_left_by_a_crashed_holder_is_taken_once_it_expires() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.stop_postback().await;
+
+    // Another holder that crashed: its entry stays until the bucket's max age
+    // (the test configuration's 2 s) ends it.
+    let js = sys.jetstream().await;
+    let kv = js.get_key_value("leases").await.expect("the leases bucket");
+    kv.create("postback-service", "crashed-instance".into())
+        .await
+        .expect("a foreign lease");
+    let written = std::time::Instant::now();
+    sys.start_postback().await;
+    let addr = sys.postback.as_ref().expect("running").addr;
+    let standby = role(&sys, addr, "standby").await;
+    assert_eq!(standby["leader"], "crashed-instance", "{standby}");
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    role(&sys, addr, "leader").await;
+    assert!(
+        written.elapsed() >= Duration::from_millis(1500),
+        "led only once the entry expired: {:?}",
+        written.elapsed()
+    );
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+}
+
+#[tokio::test]
+async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down() {
+    // 8 s: renewed every 2 s, and long enough that leading again within 4 s
+    // of the restart is taking the entry back, not its expiry.
+    let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 8_000).await;
+    sys.demo_catalog().await;
+    let addr = sys.postback.as_ref().expect("running").addr;
+    let mine = role(&sys, addr, "leader").await["holder"]
+        .as_str()
+        .expect("holder")
+        .to_owned();
+    sys.stop_postback().await;
+
+    // This instance's own entry, as a crash of it leaves it: a restart on the
+    // same data dir leads at once.
+    let js = sys.jetstream().await;
+    let kv = js.get_key_value("leases").await.expect("the leases bucket");
+    kv.create("postback-service", mine.clone().into())
+        .await
+        .expect("our own lease, as a crash leaves it");
+    let restarted = std::time::Instant::now();
+    sys.start_postback().await;
+    let addr = sys.postback.as_ref().expect("running").addr;
+    assert_eq!(role(&sys, addr, "leader").await["holder"], mine.as_str());
+    assert!(
+        restarted.elapsed() < Duration::from_secs(4),
+        "its own entry taken back, not waited out: {:?}",
+        restarted.elapsed()
+    );
+
+    // Another process writes the entry (a leader it could not see, say): the
+    // next renewal fails and this one steps down; it leads again once the
+    // entry is gone, and decides what came meanwhile.
+    kv.put("postback-service", "intruder".into())
+        .await
+        .expect("written over");
+    let standby = role(&sys, addr, "standby").await;
+    assert_eq!(standby["leader"], "intruder", "{standby}");
+    let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=meanwhile").await;
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, pending) = sys.api(&format!("/api/conversions/{id}")).await;
+    assert_eq!(pending["state"], "pending", "nobody decides: {pending}");
+    kv.delete("postback-service").await.expect("entry gone");
+    role(&sys, addr, "leader").await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+}
