@@ -54,8 +54,10 @@ pub struct Config {
     /// `postback-service`), renewed every quarter of this. Other instances
     /// stand by and take over when it stops (at once) or crashes (after this
     /// long). Used when the bucket is first created; an existing bucket keeps
-    /// its own.
-    #[arg(long, env = "LEADER_LEASE_MS", default_value_t = 10_000)]
+    /// its own. Keep it above twice POSTBACK_TIMEOUT_MS: a leader that cannot
+    /// renew stops at half of it and then lets its attempts in flight finish,
+    /// all before another instance can take over.
+    #[arg(long, env = "LEADER_LEASE_MS", default_value_t = 20_000)]
     pub leader_lease_ms: u64,
     /// Affiliate postbacks: timeout of one attempt, the response body included.
     #[arg(long, env = "POSTBACK_TIMEOUT_MS", default_value_t = 5000)]
