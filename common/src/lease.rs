@@ -40,14 +40,24 @@ pub struct LeaseConfig {
     pub ttl: Duration,
 }
 
+/// What this process does about the lease (`/readyz` shows it in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Has not asked for the lease yet.
+    Starting,
+    /// Waits for the lease while another process holds it (or NATS is away).
+    Standby,
+    /// Holds the lease and runs the led work.
+    Leader,
+}
+
 /// This process's part, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LeaseStatus {
     /// The role's key.
     pub key: String,
-    /// `leader` (runs the led work), `standby` (waits for the lease), or
-    /// `starting` (has not asked yet).
-    pub role: &'static str,
+    pub role: Role,
     /// This process's holder name.
     pub holder: String,
     /// Who held the lease when this process last looked (empty: nobody).
@@ -60,7 +70,7 @@ pub fn status_channel(
 ) -> (watch::Sender<LeaseStatus>, watch::Receiver<LeaseStatus>) {
     watch::channel(LeaseStatus {
         key: config.key.clone(),
-        role: "starting",
+        role: Role::Starting,
         holder: config.holder.clone(),
         leader: String::new(),
     })
@@ -86,7 +96,7 @@ pub async fn run_led<F, Fut>(
             return;
         };
         status.send_modify(|s| {
-            s.role = "leader";
+            s.role = Role::Leader;
             s.leader = config.holder.clone();
         });
         tracing::info!(
@@ -101,7 +111,7 @@ pub async fn run_led<F, Fut>(
         if let Err(error) = work.await {
             tracing::error!(%error, "the led work panicked");
         }
-        status.send_modify(|s| s.role = "standby");
+        status.send_modify(|s| s.role = Role::Standby);
         match held {
             Held::Cancelled(revision) => {
                 // Only our own entry: a lease taken over meanwhile stays.
@@ -179,17 +189,17 @@ async fn acquire(
             Ok(Attempt::Acquired(store, ttl, revision)) => return Some((*store, ttl, revision)),
             Ok(Attempt::HeldBy(leader, ttl)) => {
                 retry = (ttl / 4).max(Duration::from_millis(10));
-                if status.borrow().leader != leader || status.borrow().role != "standby" {
+                if status.borrow().leader != leader || status.borrow().role != Role::Standby {
                     tracing::info!(key = config.key, leader, "the lease is held: standing by");
                 }
                 status.send_modify(|s| {
-                    s.role = "standby";
+                    s.role = Role::Standby;
                     s.leader = leader;
                 });
             }
             Err(error) => {
                 tracing::warn!(%error, key = config.key, "lease: NATS did not answer; retrying");
-                status.send_modify(|s| s.role = "standby");
+                status.send_modify(|s| s.role = Role::Standby);
             }
         }
         tokio::select! {

@@ -58,12 +58,18 @@ pub fn write_addr_file(path: &Path, addr: SocketAddr) -> Result<(), StartupError
         path: path.to_owned(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, format!("{addr}\n")).map_err(error)?;
-    std::fs::rename(&tmp, path).map_err(error)?;
+    replace_file(path, &format!("{addr}\n")).map_err(error)?;
     tracing::info!(%addr, path = %path.display(), "bound address written");
     Ok(())
+}
+
+/// Writes `contents` to `path` through a temporary file renamed over it, so a
+/// reader (or a crash) never sees half of it.
+fn replace_file(path: &Path, contents: &str) -> Result<(), std::io::Error> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The running parts every service has.
@@ -206,9 +212,7 @@ impl Base {
             Err(e) => return Err(e),
         }
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let tmp = self.data_dir.join("instance-id.tmp");
-        std::fs::write(&tmp, format!("{id}\n"))?;
-        std::fs::rename(&tmp, &path)?;
+        replace_file(&path, &format!("{id}\n"))?;
         Ok(id)
     }
 

@@ -74,11 +74,7 @@ async fn caught_up_with(js: &Context, stream: &str, mut status: watch::Receiver<
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let reached = |s: &FoldStatus| s.caught_up && s.applied_seq >= last;
-        if tokio::time::timeout(Duration::from_secs(5), status.wait_for(reached))
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
+        if common::fold::wait_applied(&mut status, last, Duration::from_secs(5)).await {
             return;
         }
         tracing::info!(

@@ -248,7 +248,7 @@ pub(super) async fn retry_postback(
     // wait for it to lead.
     if let Some(lease) = &state.lease {
         let lease = lease.borrow().clone();
-        if lease.role != "leader" {
+        if lease.role != common::lease::Role::Leader {
             return Err(ApiError::Conflict {
                 field: "delivery_id".into(),
                 message: format!(
