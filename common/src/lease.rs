@@ -16,8 +16,20 @@
 //!
 //! While it holds the lease, a process runs its led work ([`run_led`]); while
 //! it does not, it waits as a standby and serves everything else.
+//!
+//! A process frozen for longer than the lease (a stopped VM, a long pause of
+//! the whole process) wakes with every timer overdue and runs them in any
+//! order: its led work could act before the renewal that would tell it the
+//! lease is gone. So the led work also gets a [`Tenure`], which says by this
+//! process's own clock whether it still holds the lease, and checks it right
+//! before anything a successor could also do (an affiliate postback, a round
+//! of decisions).
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, kv, Context};
 use serde::Serialize;
@@ -64,6 +76,35 @@ pub struct LeaseStatus {
     pub leader: String,
 }
 
+/// Whether this process still holds the lease, by its own clock: until half
+/// the lease's ttl after it last asked NATS to write its entry (a write the
+/// server made later expires later). The lease task stops the led work at the
+/// same moment, unless the process was frozen past it; then this says so
+/// before any overdue timer acts. Cheap to clone and to ask.
+#[derive(Debug, Clone, Default)]
+pub struct Tenure(Arc<Mutex<Option<tokio::time::Instant>>>);
+
+impl Tenure {
+    /// True until the tenure's end.
+    pub fn held(&self) -> bool {
+        let until = *self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        until.is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    /// A tenure held until `until` (tests, and work run without a lease).
+    pub fn until(until: tokio::time::Instant) -> Self {
+        Self(Arc::new(Mutex::new(Some(until))))
+    }
+
+    fn extend(&self, until: tokio::time::Instant) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(until);
+    }
+
+    fn end(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
 /// A new status channel for `config`, `starting`.
 pub fn status_channel(
     config: &LeaseConfig,
@@ -78,9 +119,10 @@ pub fn status_channel(
 
 /// Runs `led` whenever this process holds the lease, until `token` is
 /// cancelled: acquires it (waiting as a standby while another process holds
-/// it), starts `led` with a child token, renews the lease, and cancels the
-/// child and waits for `led` to end when the lease is lost or `token` is
-/// cancelled. On cancellation it then releases the lease.
+/// it), starts `led` with a child token and the term's [`Tenure`], renews the
+/// lease, and ends the tenure, cancels the child and waits for `led` to end
+/// when the lease is lost or `token` is cancelled. On cancellation it then
+/// releases the lease.
 pub async fn run_led<F, Fut>(
     js: Context,
     config: LeaseConfig,
@@ -88,13 +130,14 @@ pub async fn run_led<F, Fut>(
     token: CancellationToken,
     mut led: F,
 ) where
-    F: FnMut(CancellationToken) -> Fut,
+    F: FnMut(CancellationToken, Tenure) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        let Some((store, ttl, revision)) = acquire(&js, &config, &status, &token).await else {
+        let Some((store, ttl, written)) = acquire(&js, &config, &status, &token).await else {
             return;
         };
+        let tenure = Tenure::until(written.asked + ttl / 2);
         status.send_modify(|s| {
             s.role = Role::Leader;
             s.leader = config.holder.clone();
@@ -105,13 +148,18 @@ pub async fn run_led<F, Fut>(
             "holding the lease: leading"
         );
         let child = token.child_token();
-        let work = tokio::spawn(led(child.clone()));
-        let held = hold(&store, &config, ttl, revision, &token).await;
+        let work = tokio::spawn(led(child.clone(), tenure.clone()));
+        let held = hold(&store, &config, ttl, written, &tenure, &token).await;
+        tenure.end();
         child.cancel();
         if let Err(error) = work.await {
             tracing::error!(%error, "the led work panicked");
         }
-        status.send_modify(|s| s.role = Role::Standby);
+        // Who leads now is known once `acquire` has looked; not this process.
+        status.send_modify(|s| {
+            s.role = Role::Standby;
+            s.leader.clear();
+        });
         match held {
             Held::Cancelled(revision) => {
                 // Only our own entry: a lease taken over meanwhile stays.
@@ -175,18 +223,30 @@ async fn bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Er
     }
 }
 
+/// A write of this process's entry.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    revision: u64,
+    /// When this process asked for it: the server wrote it later, so the
+    /// entry expires a ttl after this at the earliest.
+    asked: tokio::time::Instant,
+}
+
 /// Waits until this process holds the lease: (the bucket, its ttl, the
-/// revision written). `None`: `token` was cancelled first.
+/// write). `None`: `token` was cancelled first.
 async fn acquire(
     js: &Context,
     config: &LeaseConfig,
     status: &watch::Sender<LeaseStatus>,
     token: &CancellationToken,
-) -> Option<(kv::Store, Duration, u64)> {
+) -> Option<(kv::Store, Duration, Written)> {
     let mut retry = config.ttl / 4;
     loop {
+        let asked = tokio::time::Instant::now();
         match try_acquire(js, config).await {
-            Ok(Attempt::Acquired(store, ttl, revision)) => return Some((*store, ttl, revision)),
+            Ok(Attempt::Acquired(store, ttl, revision)) => {
+                return Some((*store, ttl, Written { revision, asked }))
+            }
             Ok(Attempt::HeldBy(leader, ttl)) => {
                 retry = (ttl / 4).max(Duration::from_millis(10));
                 if status.borrow().leader != leader || status.borrow().role != Role::Standby {
@@ -249,25 +309,34 @@ async fn ttl_of(store: &kv::Store) -> Option<Duration> {
     (!ttl.is_zero()).then_some(ttl)
 }
 
-/// Renews the lease every `ttl / 4` until it is lost or `token` is cancelled.
+/// Renews the lease every `ttl / 4`, extending `tenure` with each renewal,
+/// until it is lost or `token` is cancelled.
 async fn hold(
     store: &kv::Store,
     config: &LeaseConfig,
     ttl: Duration,
-    mut revision: u64,
+    written: Written,
+    tenure: &Tenure,
     token: &CancellationToken,
 ) -> Held {
     let every = (ttl / 4).max(Duration::from_millis(10));
     let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
-    let mut renewed = tokio::time::Instant::now();
+    let Written {
+        mut revision,
+        asked: mut renewed,
+    } = written;
     loop {
         tokio::select! {
             () = token.cancelled() => return Held::Cancelled(revision),
             () = tokio::time::sleep(every) => {}
         }
+        let asked = tokio::time::Instant::now();
         let update = store.update(&config.key, holder.clone(), revision);
         match tokio::time::timeout(every, update).await {
-            Ok(Ok(next)) => (revision, renewed) = (next, tokio::time::Instant::now()),
+            Ok(Ok(next)) => {
+                (revision, renewed) = (next, asked);
+                tenure.extend(asked + ttl / 2);
+            }
             Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 return Held::Lost("another process wrote the lease");
             }
@@ -277,5 +346,28 @@ async fn hold(
         if renewed.elapsed() >= ttl / 2 {
             return Held::Lost("not renewed for half its ttl");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_tenure_is_held_until_its_end_and_not_once_ended() {
+        let tenure = Tenure::until(Instant::now() + Duration::from_secs(60));
+        let seen_elsewhere = tenure.clone();
+        assert!(seen_elsewhere.held());
+        tenure.end();
+        assert!(!seen_elsewhere.held(), "ended for every clone");
+        tenure.extend(Instant::now() + Duration::from_secs(60));
+        assert!(seen_elsewhere.held(), "a renewal extends it again");
+        let past = Instant::now()
+            .checked_sub(Duration::from_millis(1))
+            .unwrap();
+        tenure.extend(past);
+        assert!(!seen_elsewhere.held(), "past its end, by the clock alone");
+        assert!(!Tenure::default().held(), "none without a lease");
     }
 }

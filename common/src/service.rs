@@ -182,7 +182,7 @@ impl Base {
         led: F,
     ) -> Result<(), std::io::Error>
     where
-        F: FnMut(CancellationToken) -> Fut + Send + 'static,
+        F: FnMut(CancellationToken, crate::lease::Tenure) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let config = crate::lease::LeaseConfig {

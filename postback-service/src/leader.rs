@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
-use common::FoldStatus;
+use common::{lease::Tenure, FoldStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +32,10 @@ impl Led {
     /// One term: first folds everything the log holds now of CONVERSIONS and
     /// POSTBACKS, so whatever the previous leader decided and delivered is
     /// known here before this instance decides or sends anything; then runs
-    /// the decider and the dispatcher until `token` is cancelled.
-    pub async fn run(self, token: CancellationToken) {
+    /// the decider and the dispatcher until `token` is cancelled. Both check
+    /// `tenure` before they act (a round of decisions, an affiliate
+    /// postback), in case this process was frozen past its lease.
+    pub async fn run(self, token: CancellationToken, tenure: Tenure) {
         let folds = [
             (
                 proto::stream::CONVERSIONS,
@@ -53,9 +55,10 @@ impl Led {
                 self.js.clone(),
                 self.decider_inputs,
                 self.decider,
+                tenure.clone(),
                 token.clone()
             ),
-            deliveries::run_dispatcher(self.dispatcher, conversions_status, token),
+            deliveries::run_dispatcher(self.dispatcher, conversions_status, tenure, token),
         );
     }
 }

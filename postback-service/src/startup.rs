@@ -138,8 +138,8 @@ impl Application {
             dispatcher: dispatcher.clone(),
             postbacks_status,
         };
-        base.spawn_led(LEASE_KEY, config.leader_lease(), move |token| {
-            led.clone().run(token)
+        base.spawn_led(LEASE_KEY, config.leader_lease(), move |token, tenure| {
+            led.clone().run(token, tenure)
         })
         .map_err(|e| StartupError::Component {
             what: "the instance id in the data dir",

@@ -53,8 +53,27 @@ fn env(nats: &NatsServer, data_dir: &std::path::Path) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `env` with some variables set otherwise.
+fn env_with(
+    nats: &NatsServer,
+    data_dir: &std::path::Path,
+    set: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env = env(nats, data_dir);
+    for (key, value) in set {
+        env.retain(|(k, _)| k != key);
+        env.push(((*key).to_owned(), (*value).to_owned()));
+    }
+    env
+}
+
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A cluster whose services have these variables set otherwise.
+    async fn start_with(set: &[(&str, &str)]) -> Self {
         postback_service::deliveries::attempt::install_tls_provider();
         let nats = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
@@ -65,12 +84,12 @@ impl Cluster {
             .unwrap();
         let mut click = Process::start(
             "click-service",
-            env(&nats, &dir.path().join("click")),
+            env_with(&nats, &dir.path().join("click"), set),
             dir.path(),
         );
         let mut postback = Process::start(
             "postback-service",
-            env(&nats, &dir.path().join("postback")),
+            env_with(&nats, &dir.path().join("postback"), set),
             dir.path(),
         );
         click.ready(&http).await;
@@ -604,4 +623,97 @@ async fn the_rebuild_command_reproduces_the_projection_checksum() {
         20,
         "the rebuilt projection re-sends nothing"
     );
+}
+
+/// `/readyz`'s lease role of a postback-service process (empty: no answer).
+async fn lease_role(c: &Cluster, p: &Process) -> String {
+    let Ok(r) = c.http.get(p.url("/readyz")).send().await else {
+        return String::new();
+    };
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    v["lease"]["role"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
+    // A 2 s lease (its holder stops at 1 s without renewal) and a retry due
+    // 1.5 s after a failed attempt.
+    let set = [
+        ("LEADER_LEASE_MS", "2000"),
+        ("POSTBACK_FIRST_RETRY_MS", "1500"),
+    ];
+    let c = Cluster::start_with(&set).await;
+    let mut standby = Process::start(
+        "postback-service",
+        env_with(&c.nats, &c.dir.path().join("postback-2"), &set),
+        c.dir.path(),
+    );
+    standby.ready(&c.http).await;
+    assert_eq!(lease_role(&c, &c.postback).await, "leader");
+    assert_eq!(lease_role(&c, &standby).await, "standby");
+
+    // The affiliate's first answer fails: the leader schedules a retry.
+    c.receiver.answer_from_now(Reply::Status(500, "down"));
+    let r = c
+        .http
+        .get(c.click.url("/c/o1?aff=a1"))
+        .send()
+        .await
+        .unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let click_id = url_params(&location)
+        .into_iter()
+        .find(|(k, _)| k == "cid")
+        .unwrap()
+        .1;
+    let r = c
+        .http
+        .get(c.postback.url(&format!("/postback?click_id={click_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually("the first attempt", Duration::from_secs(10), || async {
+        (!c.receiver.seen().is_empty()).then_some(())
+    })
+    .await;
+    // Long enough to have scheduled the retry, well before it is due.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.receiver.answer_from_now(Reply::Status(200, "ok"));
+
+    // Frozen (a stopped VM, a long pause): its lease expires, the standby
+    // leads and delivers the postback.
+    c.postback.pause();
+    eventually("the standby leads", Duration::from_secs(10), || async {
+        (lease_role(&c, &standby).await == "leader").then_some(())
+    })
+    .await;
+    eventually(
+        "delivered by the new leader",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = c.api(&standby, "/api/postbacks?state=delivered").await;
+            (v["total"] == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(c.receiver.seen().len(), 2, "{:?}", c.receiver.seen());
+
+    // The old leader runs again with its retry long overdue: it knows by its
+    // own clock that its lease ran out, so it sends nothing, and stands by.
+    c.postback.resume();
+    eventually(
+        "the old leader stands by",
+        Duration::from_secs(10),
+        || async { (lease_role(&c, &c.postback).await == "standby").then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let seen = c.receiver.seen();
+    assert_eq!(
+        seen.len(),
+        2,
+        "sent once after the failure, not twice: {seen:?}"
+    );
+    assert_eq!(lease_role(&c, &standby).await, "leader");
 }

@@ -199,8 +199,15 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
     kv.put("postback-service", "intruder".into())
         .await
         .expect("written over");
-    let standby = role(&sys, addr, "standby").await;
-    assert_eq!(standby["leader"], "intruder", "{standby}");
+    eventually(
+        "standing by for the intruder",
+        Duration::from_secs(10),
+        || async {
+            let l = lease(&sys, addr).await;
+            (l["role"] == "standby" && l["leader"] == "intruder").then_some(())
+        },
+    )
+    .await;
     let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=meanwhile").await;
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
     tokio::time::sleep(Duration::from_millis(700)).await;

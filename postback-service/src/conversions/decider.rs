@@ -21,7 +21,7 @@ use std::{
 use async_nats::jetstream::Context;
 use catalog::Catalog;
 use catalog::ConversionStatus;
-use common::FoldStatus;
+use common::{lease::Tenure, FoldStatus};
 use proto::clicks::v1::ClickRecorded;
 use proto::conversions::v1::{ConversionAttributed, ConversionRejected, ConversionStatusUpdated};
 use tokio::sync::watch;
@@ -71,6 +71,7 @@ pub async fn run_decider(
     js: Context,
     mut inputs: DeciderInputs,
     config: DeciderConfig,
+    tenure: Tenure,
     token: CancellationToken,
 ) {
     let tick = (config.grace / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
@@ -99,7 +100,7 @@ pub async fn run_decider(
             (resume_from, walked_all_at) = (0, std::time::Instant::now());
         }
         let walk = (&mut waiting, &in_flight, resume_from);
-        match round(&js, &inputs, &config, walk).await {
+        match round(&js, &inputs, &config, &tenure, walk).await {
             Ok(outcome) => {
                 resume_from = outcome.resume_from;
                 if let Some(top) = outcome.top {
@@ -129,6 +130,8 @@ enum RoundError {
     Store(#[from] sled::Error),
     #[error(transparent)]
     Publish(#[from] common::nats::PublishError),
+    #[error("the lease's tenure ended (was this process frozen?): nothing published")]
+    TenureEnded,
 }
 
 /// Conversions whose last verdict was to wait for their click: conversion id →
@@ -173,6 +176,7 @@ async fn round(
     js: &Context,
     inputs: &DeciderInputs,
     config: &DeciderConfig,
+    tenure: &Tenure,
     (waiting, in_flight, from): (&mut Waiting, &InFlight, u64),
 ) -> Result<RoundOutcome, RoundError> {
     let now = common::time::now_ms();
@@ -309,6 +313,11 @@ async fn round(
             update_seq: seq,
             detail,
         }));
+    }
+    // A process frozen past its lease may wake mid-round, while another
+    // instance decides the same conversions from a projection that knows more.
+    if !decisions.is_empty() && !tenure.held() {
+        return Err(RoundError::TenureEnded);
     }
     let top = publish_all(js, &decisions, config.publish_timeout).await?;
     Ok(RoundOutcome {

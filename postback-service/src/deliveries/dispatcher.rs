@@ -15,7 +15,7 @@ use std::{
 };
 
 use async_nats::jetstream::Context;
-use common::FoldStatus;
+use common::{lease::Tenure, FoldStatus};
 use prost::Message;
 use proto::postbacks::v1::{PostbackDelivered, PostbackFailed, PostbackRetryRequested};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -270,6 +270,7 @@ impl Dispatcher {
         &self,
         tracker: &TaskTracker,
         token: &CancellationToken,
+        tenure: &Tenure,
     ) -> Result<(), sled::Error> {
         let inner = &self.inner;
         let now = common::time::now_ms();
@@ -307,9 +308,10 @@ impl Dispatcher {
                 }
             };
             let this = self.clone();
-            let token = token.clone();
+            let (token, tenure) = (token.clone(), tenure.clone());
             tracker.spawn(async move {
-                let still_due_at = match this.run_attempt(schedule, &host, &token).await {
+                let attempt = this.run_attempt(schedule, &host, &token, &tenure);
+                let still_due_at = match attempt.await {
                     Ok(left) => left,
                     Err(error) => {
                         tracing::error!(%error, delivery_id = %id, "delivery bookkeeping failed; will retry");
@@ -344,6 +346,7 @@ impl Dispatcher {
         mut s: Schedule,
         host: &str,
         token: &CancellationToken,
+        tenure: &Tenure,
     ) -> Result<Option<i64>, sled::Error> {
         let inner = &self.inner;
         if let Some(record) = s.unpublished.clone() {
@@ -381,6 +384,13 @@ impl Dispatcher {
             generation: s.generation,
             attempt: s.attempts,
         };
+        // Last thing before the request: a process frozen past its lease
+        // wakes with this attempt overdue while another instance may lead and
+        // send it. The schedule stays for whoever leads.
+        if !tenure.held() {
+            tracing::warn!(delivery_id = %s.delivery_id, "the lease's tenure ended: not sent");
+            return Ok(Some(s.next_at_ms));
+        }
         let result = attempt::send(
             &inner.client,
             &s.url,
@@ -575,6 +585,7 @@ fn failed_event(s: &Schedule, r: &AttemptResult, now: i64, prefix: &str) -> Unpu
 pub async fn run_dispatcher(
     dispatcher: Dispatcher,
     mut conversions_status: watch::Receiver<FoldStatus>,
+    tenure: Tenure,
     token: CancellationToken,
 ) {
     let config = &dispatcher.inner.config;
@@ -592,7 +603,9 @@ pub async fn run_dispatcher(
             () = common::fold::changed(&mut postbacks_status) => {}
             () = tokio::time::sleep(tick) => {}
         }
-        if !(conversions_status.borrow().caught_up && postbacks_status.borrow().caught_up) {
+        let folded = conversions_status.borrow().caught_up && postbacks_status.borrow().caught_up;
+        // Not while frozen past the lease: its attempts would only be put back.
+        if !(folded && tenure.held()) {
             continue;
         }
         let result = async {
@@ -607,7 +620,7 @@ pub async fn run_dispatcher(
                 rescan_at += FULL_SCAN_EVERY;
                 lock(&dispatcher.inner.ready).rescan();
             }
-            dispatcher.start_due(&tracker, &token)
+            dispatcher.start_due(&tracker, &token, &tenure)
         }
         .await;
         if let Err(error) = result {

@@ -249,6 +249,27 @@ impl Process {
         child.wait().ok()
     }
 
+    /// SIGSTOP: the process is frozen, as a stopped VM or a long pause
+    /// freezes it, until [`Process::resume`]. It holds its sockets and locks
+    /// meanwhile and runs nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: a paused process runs again, its timers long overdue.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the process is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {}", child.id());
+    }
+
     /// Starts it again on the address it bound, with the same environment.
     pub fn restart(&mut self) {
         self.kill9();
