@@ -84,7 +84,7 @@ pub fn format_micros(micros: i64) -> String {
     format!("{sign}{units}.{shown}")
 }
 
-/// Active ISO 4217 currency codes.
+/// Active ISO 4217 currency codes, in order, each 3 letters and a space.
 const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND \
 BOB BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN \
 ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD \
@@ -96,12 +96,51 @@ TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER 
 /// Normalises a currency code to upper case and checks it is an active ISO 4217 code.
 pub fn parse_currency(text: &str) -> Option<String> {
     let upper = text.trim().to_ascii_uppercase();
-    (upper.len() == 3 && ISO_4217.split_ascii_whitespace().any(|c| c == upper)).then_some(upper)
+    (upper.len() == 3 && is_iso_4217(upper.as_bytes())).then_some(upper)
+}
+
+/// Whether `code` is in [`ISO_4217`]: a binary search of its fixed-width
+/// entries. Every report with a currency asks, and a walk of the list was
+/// 0.8 % of postback-service's CPU in the decisions benchmark.
+fn is_iso_4217(code: &[u8]) -> bool {
+    let codes = ISO_4217.as_bytes();
+    let (mut low, mut high) = (0, codes.len().div_ceil(4));
+    while low < high {
+        let mid = (low + high) / 2;
+        match codes[mid * 4..mid * 4 + 3].cmp(code) {
+            std::cmp::Ordering::Less => low = mid + 1,
+            std::cmp::Ordering::Greater => high = mid,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_currency_is_found_and_nothing_else() {
+        let codes: Vec<&str> = ISO_4217.split(' ').collect();
+        assert!(
+            codes.windows(2).all(|w| w[0] < w[1]),
+            "in order, no repeats"
+        );
+        assert!(codes
+            .iter()
+            .all(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase())));
+        for code in &codes {
+            assert_eq!(parse_currency(code).as_deref(), Some(*code));
+            assert_eq!(
+                parse_currency(&format!(" {} ", code.to_lowercase())).as_deref(),
+                Some(*code)
+            );
+        }
+        for bad in ["", "US", "USDX", "XXX", "AAA", "ZZZ", "EU R", "usd1", "€"] {
+            assert_eq!(parse_currency(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_decimals_exactly() {
