@@ -91,8 +91,8 @@ impl Tenure {
         until.is_some_and(|until| tokio::time::Instant::now() < until)
     }
 
-    /// A tenure held until `until` (tests, and work run without a lease).
-    pub fn until(until: tokio::time::Instant) -> Self {
+    /// A tenure held until `until`.
+    fn until(until: tokio::time::Instant) -> Self {
         Self(Arc::new(Mutex::new(Some(until))))
     }
 
