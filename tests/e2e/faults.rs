@@ -130,6 +130,20 @@ impl Cluster {
         .await;
     }
 
+    /// A click on o1 with `query`, then a postback of it accepted.
+    async fn click_and_postback(&self, query: &str) {
+        let click = self.click.url(&format!("/c/o1?{query}"));
+        let r = self.http.get(click).send().await.unwrap();
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let (_, id) = url_params(&location)
+            .into_iter()
+            .find(|(k, _)| k == "cid")
+            .unwrap();
+        let postback = self.postback.url(&format!("/postback?click_id={id}"));
+        let r = self.http.get(postback).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
     async fn api(&self, p: &Process, path: &str) -> (StatusCode, Value) {
         match self.http.get(p.url(path)).bearer_auth("admin").send().await {
             Ok(r) => {
@@ -574,25 +588,7 @@ fn operator_of(c: &Cluster, service: &str, dir: &str, args: &[&str]) -> String {
 async fn the_rebuild_command_reproduces_the_projection_checksum() {
     let mut c = Cluster::start().await;
     for i in 0..20 {
-        let r = c
-            .http
-            .get(c.click.url(&format!("/c/o1?aff=a1&sub1={i}")))
-            .send()
-            .await
-            .unwrap();
-        let location = r.headers()["location"].to_str().unwrap().to_owned();
-        let id = url_params(&location)
-            .into_iter()
-            .find(|(k, _)| k == "cid")
-            .unwrap()
-            .1;
-        let r = c
-            .http
-            .get(c.postback.url(&format!("/postback?click_id={id}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
+        c.click_and_postback(&format!("aff=a1&sub1={i}")).await;
     }
     eventually("deliveries done", Duration::from_secs(20), || async {
         let (_, v) = c.api(&c.postback, "/api/postbacks?state=delivered").await;
@@ -654,25 +650,7 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
 
     // The affiliate's first answer fails: the leader schedules a retry.
     c.receiver.answer_from_now(Reply::Status(500, "down"));
-    let r = c
-        .http
-        .get(c.click.url("/c/o1?aff=a1"))
-        .send()
-        .await
-        .unwrap();
-    let location = r.headers()["location"].to_str().unwrap().to_owned();
-    let click_id = url_params(&location)
-        .into_iter()
-        .find(|(k, _)| k == "cid")
-        .unwrap()
-        .1;
-    let r = c
-        .http
-        .get(c.postback.url(&format!("/postback?click_id={click_id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    c.click_and_postback("aff=a1").await;
     eventually("the first attempt", Duration::from_secs(10), || async {
         (!c.receiver.seen().is_empty()).then_some(())
     })
