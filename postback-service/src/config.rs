@@ -54,9 +54,10 @@ pub struct Config {
     /// `postback-service`), renewed every quarter of this. Other instances
     /// stand by and take over when it stops (at once) or crashes (after this
     /// long). Used when the bucket is first created; an existing bucket keeps
-    /// its own. Keep it above twice POSTBACK_TIMEOUT_MS: a leader that cannot
-    /// renew stops at half of it and then lets its attempts in flight finish,
-    /// all before another instance can take over.
+    /// its own. At least twice POSTBACK_TIMEOUT_MS, or the service refuses to
+    /// start: a leader starts no affiliate postback later than half a lease
+    /// after its last renewal, and the ones it started must end before
+    /// another instance can take over.
     #[arg(long, env = "LEADER_LEASE_MS", default_value_t = 20_000)]
     pub leader_lease_ms: u64,
     /// Affiliate postbacks: timeout of one attempt, the response body included.
@@ -86,7 +87,33 @@ pub struct Config {
     pub postback_follow_redirects: bool,
 }
 
+/// A configuration the service refuses to run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "LEADER_LEASE_MS ({lease_ms}) must be at least twice POSTBACK_TIMEOUT_MS ({timeout_ms}): \
+         a leader starts no affiliate postback later than half a lease after its last renewal, \
+         and one it started must end before another instance can lead and send it again"
+    )]
+    LeaseShorterThanTwoTimeouts { lease_ms: u64, timeout_ms: u64 },
+}
+
 impl Config {
+    /// Refuses what cannot run safely.
+    ///
+    /// # Errors
+    /// See [`ConfigError`].
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let lease_ms = duration_ms(self.leader_lease());
+        if lease_ms < self.postback_timeout_ms.saturating_mul(2) {
+            return Err(ConfigError::LeaseShorterThanTwoTimeouts {
+                lease_ms,
+                timeout_ms: self.postback_timeout_ms,
+            });
+        }
+        Ok(())
+    }
+
     /// A configuration for tests and embedding: loopback port 0, the given NATS and
     /// data dir, admin token `admin`, a one-second grace, affiliate postbacks to
     /// loopback allowed with a 1 s timeout and retries from 50 ms.
@@ -145,5 +172,29 @@ impl Config {
             ack_deadline: self.ack_deadline(),
             publish_timeout: self.publish_timeout(),
         }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_shorter_than_two_postback_timeouts_is_refused_by_name() {
+        let mut config = Config::for_tests("nats://127.0.0.1:1", PathBuf::from("/tmp/unused"));
+        config.check().expect("the test configuration runs");
+        (config.leader_lease_ms, config.postback_timeout_ms) = (20_000, 10_000);
+        config.check().expect("exactly twice runs");
+        config.postback_timeout_ms = 10_001;
+        let error = config.check().unwrap_err().to_string();
+        assert!(
+            error.contains("LEADER_LEASE_MS (20000)")
+                && error.contains("POSTBACK_TIMEOUT_MS (10001)"),
+            "{error}"
+        );
     }
 }

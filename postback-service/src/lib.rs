@@ -18,5 +18,5 @@ pub mod routes;
 pub mod security;
 pub mod startup;
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
 pub use startup::Application;

@@ -80,6 +80,10 @@ impl Application {
     /// # Errors
     /// See [`StartupError`].
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        config.check().map_err(|e| StartupError::Component {
+            what: "the configuration",
+            source: e.into(),
+        })?;
         let mut base = Base::open(
             &config.nats_url,
             "postback-service",

@@ -213,7 +213,11 @@ async fn a_rebuilt_projection_does_not_send_delivered_postbacks_again() {
 async fn a_slow_receiver_does_not_delay_a_fast_one() {
     let slow = Receiver::start(vec![], Reply::Hang(Duration::from_secs(20))).await;
     let fast = Receiver::start(vec![], Reply::Status(200, "ok")).await;
-    let sys = System::start_configured(500, |c| c.postback_timeout_ms = 8000).await;
+    // A lease of at least two timeouts, as the service requires.
+    let sys = System::start_configured(500, |c| {
+        (c.postback_timeout_ms, c.leader_lease_ms) = (8000, 16_000);
+    })
+    .await;
     catalog(&sys, "slow", &slow.url("/pb?c={click_id}")).await;
     sys.put_affiliate(
         "fast",

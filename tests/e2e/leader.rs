@@ -217,3 +217,19 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
     role(&sys, addr, "leader").await;
     assert_eq!(sys.decided(&id).await["state"], "attributed");
 }
+
+#[tokio::test]
+async fn a_lease_shorter_than_two_postback_timeouts_stops_the_start_by_name() {
+    let sys = System::start().await;
+    let mut config = sys.postback_config();
+    (config.leader_lease_ms, config.postback_timeout_ms) = (3_000, 2_000);
+    let Err(error) = postback_service::Application::build(config).await else {
+        panic!("started with a lease shorter than two postback timeouts");
+    };
+    let message = common::fold::error_chain(&error);
+    assert!(
+        message.contains("LEADER_LEASE_MS (3000)")
+            && message.contains("POSTBACK_TIMEOUT_MS (2000)"),
+        "{message}"
+    );
+}
