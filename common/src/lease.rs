@@ -47,8 +47,9 @@ pub struct LeaseConfig {
     /// This process's name for itself: stable across its restarts (one per
     /// data dir), distinct from every other process's.
     pub holder: String,
-    /// How long an entry lives without renewal, when this process creates the
-    /// bucket; an existing bucket's own max age wins.
+    /// How long an entry lives without renewal, at least: the bucket is
+    /// created with it, and an existing bucket's shorter max age is raised to
+    /// it (a longer one stays).
     pub ttl: Duration,
 }
 
@@ -190,14 +191,36 @@ enum Held {
     Lost(&'static str),
 }
 
-/// The bucket, created with `ttl` if it does not exist yet. Created as the
+/// The bucket, created with `ttl` if it does not exist yet, and how long its
+/// entries live. Created as the
 /// stream a key-value bucket is (what async-nats's `create_key_value` would
 /// make), because that call first asks for the account's info, whose answer
 /// from nats-server 2.9 async-nats 0.51 cannot read.
-async fn bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Error> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        return Ok(store);
+///
+/// An existing bucket whose entries live shorter than `ttl` is raised to it:
+/// the service checks its configured lease against the longest affiliate
+/// postback, and a bucket created by an older configuration must not undo
+/// that. A longer one stays: a holder that assumed a shorter lease only
+/// renews more often than it needs to, while a lease shortened under a
+/// holder could expire before that holder stops.
+async fn bucket(js: &Context, ttl: Duration) -> Result<(kv::Store, Duration), async_nats::Error> {
+    let store = match js.get_key_value(BUCKET).await {
+        Ok(store) => store,
+        Err(_) => create_bucket(js, ttl).await?,
+    };
+    match ttl_of(&store).await {
+        Some(current) if current < ttl => {
+            raise_ttl(js, ttl).await?;
+            Ok((store, ttl))
+        }
+        Some(current) => Ok((store, current)),
+        None => Ok((store, ttl)),
     }
+}
+
+/// Creates the bucket with entries that live `ttl`; or opens it, when another
+/// process created it meanwhile.
+async fn create_bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Error> {
     let created = js
         .create_stream(jetstream::stream::Config {
             name: format!("KV_{BUCKET}"),
@@ -221,6 +244,16 @@ async fn bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Er
             Ok(_) => error.into(),
         }),
     }
+}
+
+/// Raises the bucket's max age to `ttl`.
+async fn raise_ttl(js: &Context, ttl: Duration) -> Result<(), async_nats::Error> {
+    let mut stream = js.get_stream(format!("KV_{BUCKET}")).await?;
+    let mut config = stream.info().await?.config.clone();
+    tracing::info!(from = ?config.max_age, to = ?ttl, "raising the lease bucket's max age");
+    config.max_age = ttl;
+    js.update_stream(config).await?;
+    Ok(())
 }
 
 /// A write of this process's entry.
@@ -276,8 +309,7 @@ enum Attempt {
 }
 
 async fn try_acquire(js: &Context, config: &LeaseConfig) -> Result<Attempt, async_nats::Error> {
-    let store = bucket(js, config.ttl).await?;
-    let ttl = ttl_of(&store).await.unwrap_or(config.ttl);
+    let (store, ttl) = bucket(js, config.ttl).await?;
     let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
     match store.create(&config.key, holder.clone()).await {
         Ok(revision) => return Ok(Attempt::Acquired(Box::new(store), ttl, revision)),

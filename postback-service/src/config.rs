@@ -53,11 +53,12 @@ pub struct Config {
     /// holding a lease in NATS (key-value bucket `leases`, key
     /// `postback-service`), renewed every quarter of this. Other instances
     /// stand by and take over when it stops (at once) or crashes (after this
-    /// long). Used when the bucket is first created; an existing bucket keeps
-    /// its own. At least twice POSTBACK_TIMEOUT_MS, or the service refuses to
-    /// start: a leader starts no affiliate postback later than half a lease
-    /// after its last renewal, and the ones it started must end before
-    /// another instance can take over.
+    /// long). The bucket's entries live this long: set when it is created,
+    /// raised (never lowered) by an instance configured longer. At least
+    /// twice POSTBACK_TIMEOUT_MS, or the service refuses to start: a leader
+    /// starts no affiliate postback later than half a lease after its last
+    /// renewal, and the ones it started must end before another instance can
+    /// take over.
     #[arg(long, env = "LEADER_LEASE_MS", default_value_t = 20_000)]
     pub leader_lease_ms: u64,
     /// Affiliate postbacks: timeout of one attempt, the response body included.

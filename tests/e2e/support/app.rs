@@ -154,6 +154,12 @@ impl System {
     pub async fn start_another_postback(&self, dir: &std::path::Path) -> Service {
         let mut config = self.postback_config();
         config.data_dir = dir.to_path_buf();
+        self.start_another_postback_with(config).await
+    }
+
+    /// [`Self::start_another_postback`] with a configuration of its own (its
+    /// data dir included).
+    pub async fn start_another_postback_with(&self, config: postback_service::Config) -> Service {
         let app = postback_service::Application::build(config)
             .await
             .expect("another postback-service starts");
