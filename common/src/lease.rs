@@ -150,7 +150,7 @@ pub async fn run_led<F, Fut>(
         );
         let child = token.child_token();
         let work = tokio::spawn(led(child.clone(), tenure.clone()));
-        let held = hold(&store, &config, ttl, written, &tenure, &token).await;
+        let held = hold(&store, &config, ttl, written.revision, &tenure, &token).await;
         tenure.end();
         child.cancel();
         if let Err(error) = work.await {
@@ -191,11 +191,8 @@ enum Held {
     Lost(&'static str),
 }
 
-/// The bucket, created with `ttl` if it does not exist yet, and how long its
-/// entries live. Created as the
-/// stream a key-value bucket is (what async-nats's `create_key_value` would
-/// make), because that call first asks for the account's info, whose answer
-/// from nats-server 2.9 async-nats 0.51 cannot read.
+/// The bucket, created with `ttl` if it does not exist yet ([`create_bucket`]),
+/// and how long its entries live.
 ///
 /// An existing bucket whose entries live shorter than `ttl` is raised to it:
 /// the service checks its configured lease against the longest affiliate
@@ -219,7 +216,10 @@ async fn bucket(js: &Context, ttl: Duration) -> Result<(kv::Store, Duration), as
 }
 
 /// Creates the bucket with entries that live `ttl`; or opens it, when another
-/// process created it meanwhile.
+/// process created it meanwhile. Created as the stream a key-value bucket is
+/// (what async-nats's `create_key_value` would make), because that call first
+/// asks for the account's info, whose answer from nats-server 2.9 async-nats
+/// 0.51 cannot read.
 async fn create_bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Error> {
     let created = js
         .create_stream(jetstream::stream::Config {
@@ -342,21 +342,18 @@ async fn ttl_of(store: &kv::Store) -> Option<Duration> {
 }
 
 /// Renews the lease every `ttl / 4`, extending `tenure` with each renewal,
-/// until it is lost or `token` is cancelled.
+/// until it is lost (another process wrote it, or `tenure` ran out: half the
+/// ttl without a renewal) or `token` is cancelled.
 async fn hold(
     store: &kv::Store,
     config: &LeaseConfig,
     ttl: Duration,
-    written: Written,
+    mut revision: u64,
     tenure: &Tenure,
     token: &CancellationToken,
 ) -> Held {
     let every = (ttl / 4).max(Duration::from_millis(10));
     let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
-    let Written {
-        mut revision,
-        asked: mut renewed,
-    } = written;
     loop {
         tokio::select! {
             () = token.cancelled() => return Held::Cancelled(revision),
@@ -366,7 +363,7 @@ async fn hold(
         let update = store.update(&config.key, holder.clone(), revision);
         match tokio::time::timeout(every, update).await {
             Ok(Ok(next)) => {
-                (revision, renewed) = (next, asked);
+                revision = next;
                 tenure.extend(asked + ttl / 2);
             }
             Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -375,7 +372,7 @@ async fn hold(
             Ok(Err(error)) => tracing::warn!(%error, key = config.key, "lease not renewed"),
             Err(_) => tracing::warn!(key = config.key, "lease renewal timed out"),
         }
-        if renewed.elapsed() >= ttl / 2 {
+        if !tenure.held() {
             return Held::Lost("not renewed for half its ttl");
         }
     }

@@ -96,7 +96,7 @@ pub enum ConfigError {
          a leader starts no affiliate postback later than half a lease after its last renewal, \
          and one it started must end before another instance can lead and send it again"
     )]
-    LeaseShorterThanTwoTimeouts { lease_ms: u64, timeout_ms: u64 },
+    LeaseShorterThanTwoTimeouts { lease_ms: u128, timeout_ms: u64 },
 }
 
 impl Config {
@@ -105,8 +105,8 @@ impl Config {
     /// # Errors
     /// See [`ConfigError`].
     pub fn check(&self) -> Result<(), ConfigError> {
-        let lease_ms = duration_ms(self.leader_lease());
-        if lease_ms < self.postback_timeout_ms.saturating_mul(2) {
+        let lease_ms = self.leader_lease().as_millis();
+        if lease_ms < u128::from(self.postback_timeout_ms) * 2 {
             return Err(ConfigError::LeaseShorterThanTwoTimeouts {
                 lease_ms,
                 timeout_ms: self.postback_timeout_ms,
@@ -174,10 +174,6 @@ impl Config {
             publish_timeout: self.publish_timeout(),
         }
     }
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -234,6 +234,17 @@ async fn a_lease_shorter_than_two_postback_timeouts_stops_the_start_by_name() {
     );
 }
 
+/// Starts another instance configured with a lease of `lease_ms`, waits
+/// until it has asked for the lease (it stands by), and stops it.
+async fn standby_with_lease(sys: &System, lease_ms: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = sys.postback_config();
+    (config.data_dir, config.leader_lease_ms) = (dir.path().to_path_buf(), lease_ms);
+    let other = sys.start_another_postback_with(config).await;
+    role(sys, other.addr, "standby").await;
+    other.stop().await;
+}
+
 #[tokio::test]
 async fn a_longer_configured_lease_raises_the_bucket_and_a_shorter_one_leaves_it() {
     let sys = System::start().await;
@@ -250,23 +261,13 @@ async fn a_longer_configured_lease_raises_the_bucket_and_a_shorter_one_leaves_it
 
     // An instance configured with a longer lease (after its postback timeout
     // was raised, say) raises the bucket's max age when it asks for the lease.
-    let longer_dir = tempfile::tempdir().expect("temp dir");
-    let mut longer = sys.postback_config();
-    (longer.data_dir, longer.leader_lease_ms) = (longer_dir.path().to_path_buf(), 6_000);
-    let longer = sys.start_another_postback_with(longer).await;
-    role(&sys, longer.addr, "standby").await;
+    standby_with_lease(&sys, 6_000).await;
     assert_eq!(max_age().await, Duration::from_secs(6));
-    longer.stop().await;
 
     // A shorter one leaves it: a lease shortened under its holder could end
     // before that holder stops.
-    let shorter_dir = tempfile::tempdir().expect("temp dir");
-    let mut shorter = sys.postback_config();
-    (shorter.data_dir, shorter.leader_lease_ms) = (shorter_dir.path().to_path_buf(), 3_000);
-    let shorter = sys.start_another_postback_with(shorter).await;
-    role(&sys, shorter.addr, "standby").await;
+    standby_with_lease(&sys, 3_000).await;
     assert_eq!(max_age().await, Duration::from_secs(6));
-    shorter.stop().await;
     let leader = sys.postback.as_ref().expect("running").addr;
     assert_eq!(
         lease(&sys, leader).await["role"],

@@ -242,32 +242,28 @@ impl Process {
 
     /// SIGTERM, and waits for the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        child.wait().ok()
+        self.signal("-TERM")?;
+        self.child.take()?.wait().ok()
     }
 
     /// SIGSTOP: the process is frozen, as a stopped VM or a long pause
     /// freezes it, until [`Process::resume`]. It holds its sockets and locks
     /// meanwhile and runs nothing.
     pub fn pause(&self) {
-        self.signal("-STOP");
+        assert_eq!(self.signal("-STOP"), Some(true), "SIGSTOP {}", self.name);
     }
 
     /// SIGCONT: a paused process runs again, its timers long overdue.
     pub fn resume(&self) {
-        self.signal("-CONT");
+        assert_eq!(self.signal("-CONT"), Some(true), "SIGCONT {}", self.name);
     }
 
-    fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("the process is running");
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} {}", child.id());
+    /// Sends `signal` (`kill`'s spelling) to the process: whether `kill`
+    /// succeeded, `None` when it is not running.
+    fn signal(&self, signal: &str) -> Option<bool> {
+        let pid = self.child.as_ref()?.id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status();
+        Some(status.is_ok_and(|s| s.success()))
     }
 
     /// Starts it again on the address it bound, with the same environment.
