@@ -695,3 +695,101 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
     );
     assert_eq!(lease_role(&c, &standby).await, "leader");
 }
+
+#[tokio::test]
+async fn a_leader_frozen_past_its_lease_decides_nothing_once_it_runs_again() {
+    // A 2 s lease; a conversion of a click never seen waits 3 s for it.
+    let set = [
+        ("LEADER_LEASE_MS", "2000"),
+        ("UNKNOWN_CLICK_GRACE_MS", "3000"),
+    ];
+    let c = Cluster::start_with(&set).await;
+    // JetStream drops a repeated `Nats-Msg-Id` only within the stream's
+    // duplicate window (2 min as created; an operator may shorten it). A
+    // short one here lets through whatever a stale leader publishes late.
+    let js = async_nats::jetstream::new(async_nats::connect(&c.nats.url).await.unwrap());
+    let mut config = js
+        .get_stream("CONVERSIONS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.duplicate_window = Duration::from_millis(500);
+    js.update_stream(config).await.unwrap();
+    let mut standby = Process::start(
+        "postback-service",
+        env_with(&c.nats, &c.dir.path().join("postback-2"), &set),
+        c.dir.path(),
+    );
+    standby.ready(&c.http).await;
+    assert_eq!(lease_role(&c, &c.postback).await, "leader");
+
+    // The leader folds the report and waits for its click.
+    let ghost = uuid::Uuid::now_v7();
+    let r = c
+        .http
+        .get(c.postback.url(&format!("/postback?click_id={ghost}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["conversion_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/conversions/{id}");
+    eventually(
+        "the leader has it pending",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) = c.api(&c.postback, &path).await;
+            (s == StatusCode::OK && v["state"] == "pending").then_some(())
+        },
+    )
+    .await;
+
+    // Frozen past its lease and the grace: the standby leads and rejects it.
+    c.postback.pause();
+    eventually("the standby decides", Duration::from_secs(15), || async {
+        let (s, v) = c.api(&standby, &path).await;
+        (s == StatusCode::OK && v["state"] == "rejected").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // The old leader runs again with the grace long over and its decider's
+    // next round overdue: by its own clock its lease ran out, so it
+    // publishes nothing, and it folds the standby's decision.
+    c.postback.resume();
+    eventually(
+        "the old leader folds the decision",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) = c.api(&c.postback, &path).await;
+            (s == StatusCode::OK && v["state"] == "rejected").then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let decisions: Vec<String> = read_stream(&js, "CONVERSIONS")
+        .await
+        .into_iter()
+        .map(|(subject, _, _)| subject)
+        .filter(|s| s != "conversions.v1.reported")
+        .collect();
+    assert_eq!(
+        decisions,
+        ["conversions.v1.rejected"],
+        "one decision, the new leader's"
+    );
+    eventually(
+        "the old leader stands by",
+        Duration::from_secs(10),
+        || async { (lease_role(&c, &c.postback).await == "standby").then_some(()) },
+    )
+    .await;
+    assert_eq!(lease_role(&c, &standby).await, "leader");
+}

@@ -118,7 +118,12 @@ pub async fn run_decider(
             }
             Err(error) => {
                 tracing::warn!(%error, "decider round failed; retrying");
-                tokio::time::sleep(tick).await;
+                // The lease's end (a tenure that ran out) cancels `token`
+                // meanwhile: stop at once, not a tick later.
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep(tick) => {}
+                }
             }
         }
     }
