@@ -44,6 +44,9 @@ pub enum PublishError {
     Timeout { subject: String, timeout: Duration },
 }
 
+/// How long a service waits for its first connection to NATS at start.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A NATS connection that reconnects forever by itself.
 #[derive(Clone)]
 pub struct Connection {

@@ -111,7 +111,7 @@ impl Base {
             client,
             js,
             connections,
-        } = crate::nats::connect(nats_url, name, Duration::from_secs(10)).await?;
+        } = crate::nats::connect(nats_url, name, crate::nats::CONNECT_TIMEOUT).await?;
         tracing::info!(
             url = nats_url,
             ms = started.elapsed().as_millis(),

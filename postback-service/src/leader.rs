@@ -21,6 +21,7 @@ pub const LEASE_KEY: &str = "postback-service";
 /// The led work and what it needs; cloned for each term of leadership.
 #[derive(Clone)]
 pub struct Led {
+    /// The decider's own connection ([`crate::startup`]).
     pub js: Context,
     pub decider_inputs: DeciderInputs,
     pub decider: DeciderConfig,

@@ -135,8 +135,18 @@ impl Application {
                 }
             })?;
         // Once per log: in the instance holding the lease, the others stand by.
+        // The decider publishes on a connection of its own: its publishes and
+        // their acks do not queue behind the folds' deliveries on one socket,
+        // and the two connections' tasks run on both cores (+6 % decisions/s,
+        // bench/notes.md, seventeenth round).
+        let decider_nats = common::nats::connect(
+            &config.nats_url,
+            "postback-service-decider",
+            common::nats::CONNECT_TIMEOUT,
+        )
+        .await?;
         let led = Led {
-            js: base.js.clone(),
+            js: decider_nats.js,
             decider_inputs: inputs,
             decider,
             dispatcher: dispatcher.clone(),
