@@ -144,6 +144,17 @@ impl Cluster {
         assert_eq!(r.status(), StatusCode::OK);
     }
 
+    /// Waits until `p`'s API shows conversion `id` in `state`.
+    async fn await_state(&self, p: &Process, id: &str, state: &str) {
+        let path = format!("/api/conversions/{id}");
+        let what = format!("conversion {id} {state} at {}", p.url(""));
+        eventually(&what, Duration::from_secs(15), || async {
+            let (s, v) = self.api(p, &path).await;
+            (s == StatusCode::OK && v["state"] == state).then_some(())
+        })
+        .await;
+    }
+
     async fn api(&self, p: &Process, path: &str) -> (StatusCode, Value) {
         match self.http.get(p.url(path)).bearer_auth("admin").send().await {
             Ok(r) => {
@@ -740,39 +751,18 @@ async fn a_leader_frozen_past_its_lease_decides_nothing_once_it_runs_again() {
         .as_str()
         .unwrap()
         .to_owned();
-    let path = format!("/api/conversions/{id}");
-    eventually(
-        "the leader has it pending",
-        Duration::from_secs(10),
-        || async {
-            let (s, v) = c.api(&c.postback, &path).await;
-            (s == StatusCode::OK && v["state"] == "pending").then_some(())
-        },
-    )
-    .await;
+    c.await_state(&c.postback, &id, "pending").await;
 
     // Frozen past its lease and the grace: the standby leads and rejects it.
     c.postback.pause();
-    eventually("the standby decides", Duration::from_secs(15), || async {
-        let (s, v) = c.api(&standby, &path).await;
-        (s == StatusCode::OK && v["state"] == "rejected").then_some(())
-    })
-    .await;
+    c.await_state(&standby, &id, "rejected").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     // The old leader runs again with the grace long over and its decider's
     // next round overdue: by its own clock its lease ran out, so it
     // publishes nothing, and it folds the standby's decision.
     c.postback.resume();
-    eventually(
-        "the old leader folds the decision",
-        Duration::from_secs(10),
-        || async {
-            let (s, v) = c.api(&c.postback, &path).await;
-            (s == StatusCode::OK && v["state"] == "rejected").then_some(())
-        },
-    )
-    .await;
+    c.await_state(&c.postback, &id, "rejected").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let decisions: Vec<String> = read_stream(&js, "CONVERSIONS")
         .await
