@@ -641,6 +641,21 @@ async fn lease_role(c: &Cluster, p: &Process) -> String {
     v["lease"]["role"].as_str().unwrap_or_default().to_owned()
 }
 
+/// A cluster whose postback-service leads, and a second postback-service
+/// standing by, both with these variables set otherwise.
+async fn leader_and_standby(set: &[(&str, &str)]) -> (Cluster, Process) {
+    let c = Cluster::start_with(set).await;
+    let mut standby = Process::start(
+        "postback-service",
+        env_with(&c.nats, &c.dir.path().join("postback-2"), set),
+        c.dir.path(),
+    );
+    standby.ready(&c.http).await;
+    assert_eq!(lease_role(&c, &c.postback).await, "leader");
+    assert_eq!(lease_role(&c, &standby).await, "standby");
+    (c, standby)
+}
+
 #[tokio::test]
 async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
     // A 2 s lease (its holder stops at 1 s without renewal) and a retry due
@@ -649,15 +664,7 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
         ("LEADER_LEASE_MS", "2000"),
         ("POSTBACK_FIRST_RETRY_MS", "1500"),
     ];
-    let c = Cluster::start_with(&set).await;
-    let mut standby = Process::start(
-        "postback-service",
-        env_with(&c.nats, &c.dir.path().join("postback-2"), &set),
-        c.dir.path(),
-    );
-    standby.ready(&c.http).await;
-    assert_eq!(lease_role(&c, &c.postback).await, "leader");
-    assert_eq!(lease_role(&c, &standby).await, "standby");
+    let (c, standby) = leader_and_standby(&set).await;
 
     // The affiliate's first answer fails: the leader schedules a retry.
     c.receiver.answer_from_now(Reply::Status(500, "down"));
@@ -714,7 +721,7 @@ async fn a_leader_frozen_past_its_lease_decides_nothing_once_it_runs_again() {
         ("LEADER_LEASE_MS", "2000"),
         ("UNKNOWN_CLICK_GRACE_MS", "3000"),
     ];
-    let c = Cluster::start_with(&set).await;
+    let (c, standby) = leader_and_standby(&set).await;
     // JetStream drops a repeated `Nats-Msg-Id` only within the stream's
     // duplicate window (2 min as created; an operator may shorten it). A
     // short one here lets through whatever a stale leader publishes late.
@@ -730,13 +737,6 @@ async fn a_leader_frozen_past_its_lease_decides_nothing_once_it_runs_again() {
         .clone();
     config.duplicate_window = Duration::from_millis(500);
     js.update_stream(config).await.unwrap();
-    let mut standby = Process::start(
-        "postback-service",
-        env_with(&c.nats, &c.dir.path().join("postback-2"), &set),
-        c.dir.path(),
-    );
-    standby.ready(&c.http).await;
-    assert_eq!(lease_role(&c, &c.postback).await, "leader");
 
     // The leader folds the report and waits for its click.
     let ghost = uuid::Uuid::now_v7();
