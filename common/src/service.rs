@@ -172,6 +172,7 @@ impl Base {
     /// Runs `led` only while this process holds the lease `key` (see
     /// [`crate::lease`]), as `<service>-<instance id>`: the instance id is kept
     /// in the data dir, so a restart of this instance is the same holder.
+    /// Returns this instance's part in the lease, which `/readyz` shows too.
     ///
     /// # Errors
     /// The instance id cannot be read or written.
@@ -180,7 +181,7 @@ impl Base {
         service: &str,
         ttl: Duration,
         led: F,
-    ) -> Result<(), std::io::Error>
+    ) -> Result<watch::Receiver<crate::lease::LeaseStatus>, std::io::Error>
     where
         F: FnMut(CancellationToken, crate::lease::Tenure) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -193,13 +194,8 @@ impl Base {
         let (tx, rx) = crate::lease::status_channel(&config);
         let js = self.js.clone();
         self.spawn(|token| crate::lease::run_led(js, config, tx, token, led));
-        self.lease = Some(rx);
-        Ok(())
-    }
-
-    /// This instance's part in the lease of [`Self::spawn_led`], once spawned.
-    pub fn lease_status(&self) -> Option<watch::Receiver<crate::lease::LeaseStatus>> {
-        self.lease.clone()
+        self.lease = Some(rx.clone());
+        Ok(rx)
     }
 
     /// This instance's id: made once, kept in the data dir's `instance-id`.

@@ -152,13 +152,14 @@ impl Application {
             dispatcher: dispatcher.clone(),
             postbacks_status,
         };
-        base.spawn_led(LEASE_KEY, config.leader_lease(), move |token, tenure| {
-            led.clone().run(token, tenure)
-        })
-        .map_err(|e| StartupError::Component {
-            what: "the instance id in the data dir",
-            source: e.into(),
-        })?;
+        let lease = base
+            .spawn_led(LEASE_KEY, config.leader_lease(), move |token, tenure| {
+                led.clone().run(token, tenure)
+            })
+            .map_err(|e| StartupError::Component {
+                what: "the instance id in the data dir",
+                source: e.into(),
+            })?;
 
         let state = routes::AppState {
             js: base.js.clone(),
@@ -178,7 +179,7 @@ impl Application {
             outbox: base
                 .start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
             ack_deadline: config.ack_deadline(),
-            lease: base.lease_status(),
+            lease,
         };
         let router = routes::router(state);
         Ok(Self(

@@ -641,6 +641,15 @@ async fn lease_role(c: &Cluster, p: &Process) -> String {
     v["lease"]["role"].as_str().unwrap_or_default().to_owned()
 }
 
+/// Waits until `/readyz` of postback-service process `p` shows `role`.
+async fn await_role(c: &Cluster, p: &Process, role: &str) {
+    let what = format!("{} at {}", role, p.url(""));
+    eventually(&what, Duration::from_secs(10), || async {
+        (lease_role(c, p).await == role).then_some(())
+    })
+    .await;
+}
+
 /// A cluster whose postback-service leads, and a second postback-service
 /// standing by, both with these variables set otherwise.
 async fn leader_and_standby(set: &[(&str, &str)]) -> (Cluster, Process) {
@@ -680,10 +689,7 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
     // Frozen (a stopped VM, a long pause): its lease expires, the standby
     // leads and delivers the postback.
     c.postback.pause();
-    eventually("the standby leads", Duration::from_secs(10), || async {
-        (lease_role(&c, &standby).await == "leader").then_some(())
-    })
-    .await;
+    await_role(&c, &standby, "leader").await;
     eventually(
         "delivered by the new leader",
         Duration::from_secs(10),
@@ -698,12 +704,7 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_once_it_runs_again() {
     // The old leader runs again with its retry long overdue: it knows by its
     // own clock that its lease ran out, so it sends nothing, and stands by.
     c.postback.resume();
-    eventually(
-        "the old leader stands by",
-        Duration::from_secs(10),
-        || async { (lease_role(&c, &c.postback).await == "standby").then_some(()) },
-    )
-    .await;
+    await_role(&c, &c.postback, "standby").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let seen = c.receiver.seen();
     assert_eq!(
@@ -775,11 +776,6 @@ async fn a_leader_frozen_past_its_lease_decides_nothing_once_it_runs_again() {
         ["conversions.v1.rejected"],
         "one decision, the new leader's"
     );
-    eventually(
-        "the old leader stands by",
-        Duration::from_secs(10),
-        || async { (lease_role(&c, &c.postback).await == "standby").then_some(()) },
-    )
-    .await;
+    await_role(&c, &c.postback, "standby").await;
     assert_eq!(lease_role(&c, &standby).await, "leader");
 }

@@ -39,7 +39,7 @@ pub struct AppState {
     pub outbox: common::outbox::Outbox,
     pub ack_deadline: Duration,
     /// Whether this instance leads (runs the dispatcher) or stands by.
-    pub lease: Option<tokio::sync::watch::Receiver<common::lease::LeaseStatus>>,
+    pub lease: tokio::sync::watch::Receiver<common::lease::LeaseStatus>,
 }
 
 /// The service's routes (health routes are merged in by startup). The state

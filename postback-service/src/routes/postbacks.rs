@@ -246,22 +246,20 @@ pub(super) async fn retry_postback(
     common::auth::require_bearer(&headers, &state.admin_token)?;
     // Only the leader's dispatcher sends: a retry scheduled on a standby would
     // wait for it to lead.
-    if let Some(lease) = &state.lease {
-        let lease = lease.borrow().clone();
-        if lease.role != common::lease::Role::Leader {
-            return Err(ApiError::Conflict {
-                field: "delivery_id".into(),
-                message: format!(
-                    "this instance ({}) is a standby; ask the leader ({})",
-                    lease.holder,
-                    if lease.leader.is_empty() {
-                        "none yet"
-                    } else {
-                        &lease.leader
-                    }
-                ),
-            });
-        }
+    let lease = state.lease.borrow().clone();
+    if lease.role != common::lease::Role::Leader {
+        return Err(ApiError::Conflict {
+            field: "delivery_id".into(),
+            message: format!(
+                "this instance ({}) is a standby; ask the leader ({})",
+                lease.holder,
+                if lease.leader.is_empty() {
+                    "none yet"
+                } else {
+                    &lease.leader
+                }
+            ),
+        });
     }
     match state.dispatcher.request_retry(&delivery_id).await {
         Ok(generation) => Ok((
