@@ -46,6 +46,15 @@ pub fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
 /// # Errors
 /// 400 naming `field`.
 pub fn check_url_template(field: &str, template: &str) -> Result<(), ApiError> {
+    // `Url::parse` would drop or encode them, but the template is used as
+    // written: a landing URL goes into the redirect's `Location` header, where
+    // a control character fails every click after it is recorded.
+    if template.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
     let filled = common::template::fill(template, |_| Some("x"));
     match url::Url::parse(&filled) {
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
@@ -535,6 +544,13 @@ mod tests {
             (
                 br#"{"url":"http://a.test/","postback_url":"a.test"}"#,
                 "postback_url",
+            ),
+            // Url::parse drops a line break and encodes a BEL; the redirect's
+            // header would take neither.
+            (br#"{"url":"http://a.test/l\n?x=1"}"#, "url"),
+            (
+                br#"{"url":"http://a.test/","fallback_url":"http://a.test/\u0007"}"#,
+                "fallback_url",
             ),
         ];
         for (body, field) in cases {
