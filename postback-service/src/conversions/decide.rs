@@ -10,7 +10,8 @@
 //!    for this offer at the door: `unauthenticated`;
 //! 5. the offer lists goals and this goal is not one: `unknown_goal`;
 //! 6. the advertiser's status word is unknown to the offer: `malformed`;
-//! 7. faster than the offer's `min_ctit_seconds` after the click: `too_fast`;
+//! 7. faster than the offer's `min_ctit_seconds` after the click, or dated
+//!    more than [`CLOCK_SKEW_MS`] before it: `too_fast`;
 //! 8. after click time + the offer's attribution window: `expired`;
 //! 9. a duplicate under the goal's dedup policy: `duplicate`;
 //! 10. a daily conversion cap of the offer (overall or for this affiliate) is
@@ -24,6 +25,12 @@ use catalog::{Affiliate, ConversionStatus, DedupPolicy, Offer};
 use proto::clicks::v1::ClickRecorded;
 
 use super::view::{ConversionState, ConversionView, Reason};
+
+/// How far before its click a conversion may be dated and still count: the
+/// click is timed by click-service's clock, the conversion by postback-service's
+/// or a partner's. Further back, it is a conversion that did not follow the
+/// click (or a date set to land on another cap day): `too_fast`.
+pub(crate) const CLOCK_SKEW_MS: i64 = 5_000;
 
 /// Everything `decide` looks at.
 #[derive(Debug, Clone, Copy)]
@@ -141,7 +148,17 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
             format!("unknown status word {:?}", c.advertiser_status),
         );
     };
-    let age_ms = c.converted_at_ms - click.occurred_at_ms;
+    let age_ms = c.converted_at_ms.saturating_sub(click.occurred_at_ms);
+    if age_ms < -CLOCK_SKEW_MS {
+        return reject(
+            Reason::TooFast,
+            format!(
+                "dated {} ms before the click (more than the {CLOCK_SKEW_MS} ms allowed for \
+                 clock skew)",
+                age_ms.saturating_neg()
+            ),
+        );
+    }
     if offer.min_ctit_seconds > 0 && age_ms < i64::from(offer.min_ctit_seconds) * 1000 {
         return reject(
             Reason::TooFast,
@@ -525,6 +542,25 @@ mod tests {
         );
         let ok = conversion(1000 + 10_000, "", None, "");
         attributed(decide(input(&ok, Some(&k), Some(&o))));
+        // Before its click: within the clocks' skew it counts, beyond it not,
+        // whatever the offer's minimum.
+        let skewed = conversion(1000 - CLOCK_SKEW_MS, "", None, "");
+        attributed(decide(input(&skewed, Some(&k), Some(&offer()))));
+        let before = conversion(1000 - CLOCK_SKEW_MS - 1, "", None, "");
+        let verdict = decide(input(&before, Some(&k), Some(&offer())));
+        assert!(
+            matches!(&verdict, Verdict::Reject { reason: Reason::TooFast, detail }
+                if detail.contains("before the click")),
+            "{verdict:?}"
+        );
+        let mut far = k.clone();
+        far.occurred_at_ms = i64::MIN;
+        let late = conversion(i64::MAX, "", None, "");
+        assert_eq!(
+            reason(decide(input(&late, Some(&far), Some(&offer())))),
+            Reason::Expired,
+            "no overflow"
+        );
         let mut held = conversion(2000, "", None, "");
         held.advertiser_status = "hold".into();
         assert_eq!(
