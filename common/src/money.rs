@@ -19,9 +19,12 @@ pub enum AmountError {
     TooLarge,
 }
 
-/// Largest accepted amount: one trillion units, far above any real payout and far
-/// below `i64::MAX` micros, so sums in reports cannot overflow in practice.
+/// Largest accepted amount: one trillion units, far above any real payout.
+/// `i64::MAX` micros is only 9.2 of them, so report totals add up in `i128`.
 const MAX_UNITS: i64 = 1_000_000_000_000;
+
+/// [`MAX_UNITS`] in micros: the largest amount an event may carry.
+pub const MAX_MICROS: i64 = MAX_UNITS * MICROS;
 
 /// Parses a non-negative decimal (`"12"`, `"12.5"`, `"0.000001"`) into micros.
 ///
@@ -70,11 +73,12 @@ pub fn parse_micros(text: &str) -> Result<i64, AmountError> {
 
 /// Formats micros as a decimal string with at least two decimals: `1500000` → `"1.50"`,
 /// `1234567` → `"1.234567"`.
-pub fn format_micros(micros: i64) -> String {
+pub fn format_micros(micros: impl Into<i128>) -> String {
+    let micros: i128 = micros.into();
     let sign = if micros < 0 { "-" } else { "" };
     let abs = micros.unsigned_abs();
-    let units = abs / MICROS as u64;
-    let frac = format!("{:06}", abs % MICROS as u64);
+    let units = abs / MICROS as u128;
+    let frac = format!("{:06}", abs % MICROS as u128);
     let trimmed = frac.trim_end_matches('0');
     let shown = if trimmed.len() < 2 {
         &frac[..2]

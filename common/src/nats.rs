@@ -165,11 +165,24 @@ pub async fn send(
     js.send_publish(
         subject.clone(),
         jetstream::message::PublishMessage::build()
-            .message_id(msg_id)
+            .message_id(header_safe(msg_id).as_ref())
             .payload(payload),
     )
     .await
     .map_err(|source| PublishError::Send { subject, source })
+}
+
+/// `msg_id` as a header value can carry it. async-nats panics on a header value
+/// holding a CR or LF; every id we build is checked where it comes in, so this
+/// is a second line: such an id is replaced by a UUID v5 of it, still one per
+/// id (a retry of it is still dropped), and nothing panics.
+fn header_safe(msg_id: &str) -> std::borrow::Cow<'_, str> {
+    if msg_id.contains(['\r', '\n']) {
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, msg_id.as_bytes());
+        std::borrow::Cow::Owned(format!("msg-id-v5-{id}"))
+    } else {
+        std::borrow::Cow::Borrowed(msg_id)
+    }
 }
 
 /// Publishes one event and waits for its JetStream ack; returns the stream sequence.
@@ -195,5 +208,28 @@ pub async fn publish(
         Ok(Ok(ack)) => Ok(ack.sequence),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(PublishError::Timeout { subject, timeout }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_msg_id_with_a_line_break_becomes_a_header_async_nats_accepts() {
+        assert_eq!(header_safe("decision-abc"), "decision-abc");
+        let (a, b) = (header_safe("decision-a\nb"), header_safe("decision-a\r\nb"));
+        assert!(
+            a.starts_with("msg-id-v5-") && !a.contains(['\r', '\n']),
+            "{a}"
+        );
+        assert_ne!(a, b, "still one header per id");
+        assert_eq!(a, header_safe("decision-a\nb"), "and the same on a retry");
+        // async-nats asserts on CR and LF in a header value.
+        let raw = std::panic::catch_unwind(|| {
+            jetstream::message::PublishMessage::build().message_id("decision-a\nb")
+        });
+        assert!(raw.is_err(), "async-nats took a line break in a header");
+        let _ = jetstream::message::PublishMessage::build().message_id(a.as_ref());
     }
 }

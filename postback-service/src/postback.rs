@@ -15,6 +15,21 @@ const CONVERSION_NS: Uuid = Uuid::from_u128(0x6f1c_2a4e_8b3d_4c59_9e27_d0a1_5b6c
 pub const MAX_GOAL_LEN: usize = 64;
 /// Longest advertiser transaction id.
 pub const MAX_TXID_LEN: usize = 256;
+/// Longest conversion id a partner may give.
+pub const MAX_CONVERSION_ID_LEN: usize = 128;
+
+/// Why a partner's conversion id cannot name a conversion: it becomes part of
+/// `Nats-Msg-Id` headers (decisions, deliveries) and of the affiliate
+/// postback's `X-Delivery-Id`, where a line break cannot go.
+pub fn conversion_id_problem(id: &str) -> Option<&'static str> {
+    if id.len() > MAX_CONVERSION_ID_LEN {
+        Some("conversion_id longer than 128 bytes")
+    } else if id.chars().any(char::is_control) {
+        Some("conversion_id holds a control character")
+    } else {
+        None
+    }
+}
 
 /// The stable id of a conversion: the same postback, retried, gets the same id.
 pub fn conversion_id(click_id: &str, goal: &str, txid: &str) -> String {
@@ -83,6 +98,13 @@ impl PostbackInput {
         let status = status.unwrap_or_default().to_ascii_lowercase();
         if status.len() > 32 {
             return Err(ApiError::invalid("status", "is longer than 32 bytes"));
+        }
+        // The status word goes into the report's `Nats-Msg-Id`.
+        if status.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "status",
+                "must not contain control characters",
+            ));
         }
         let (field, raw_click) = [cid0, cid1, cid2, cid3]
             .into_iter()
@@ -186,6 +208,9 @@ pub fn normalize_reported(
     if e.amount_micros.is_some_and(|a| a < 0) {
         return Err("negative amount".to_owned());
     }
+    if e.amount_micros.is_some_and(|a| a > money::MAX_MICROS) {
+        return Err("amount above 10^12 units".to_owned());
+    }
     if !e.currency.is_empty() {
         e.currency = money::parse_currency(&e.currency)
             .ok_or_else(|| format!("unknown currency {:?}", truncate(&e.currency)))?;
@@ -193,8 +218,8 @@ pub fn normalize_reported(
     let derived = conversion_id(&e.click_id, &e.goal, &e.txid);
     if e.conversion_id.is_empty() {
         e.conversion_id = derived;
-    } else if e.conversion_id.len() > 128 {
-        return Err("conversion_id longer than 128 bytes".to_owned());
+    } else if let Some(problem) = conversion_id_problem(&e.conversion_id) {
+        return Err(problem.to_owned());
     }
     if e.occurred_at_ms <= 0 {
         e.occurred_at_ms = log_time_ms;
@@ -317,6 +342,16 @@ mod tests {
             ConversionReported {
                 click_id: CID.into(),
                 currency: "ZZZ".into(),
+                ..Default::default()
+            },
+            ConversionReported {
+                click_id: CID.into(),
+                amount_micros: Some(money::MAX_MICROS + 1),
+                ..Default::default()
+            },
+            ConversionReported {
+                click_id: CID.into(),
+                conversion_id: "partner\n7".into(),
                 ..Default::default()
             },
         ];

@@ -238,6 +238,28 @@ async fn malformed_nats_messages_are_decided_and_do_not_block_the_next() {
         bad_currency.encode_to_vec(),
     )
     .await;
+    // An id with a line break would go into the decision's `Nats-Msg-Id`
+    // header, where async-nats panics on it (the decider, then every round).
+    let header_breaker = ConversionReported {
+        conversion_id: "partner\r\n7".into(),
+        click_id: click_id.clone(),
+        txid: "d".into(),
+        ..Default::default()
+    };
+    publish(
+        &sys,
+        "conversions.v1.reported",
+        header_breaker.encode_to_vec(),
+    )
+    .await;
+    // Ten of these would pass i64::MAX in the offer's revenue total.
+    let too_much = ConversionReported {
+        click_id: click_id.clone(),
+        amount_micros: Some(i64::MAX),
+        txid: "e".into(),
+        ..Default::default()
+    };
+    publish(&sys, "conversions.v1.reported", too_much.encode_to_vec()).await;
     let good = ConversionReported {
         click_id: click_id.clone(),
         ..Default::default()
@@ -261,8 +283,21 @@ async fn malformed_nats_messages_are_decided_and_do_not_block_the_next() {
         bad["detail"].as_str().unwrap().contains("currency"),
         "{bad}"
     );
+    let breaker_id = postback_service::postback::conversion_id(&click_id, "", "d");
+    let breaker = sys.decided(&breaker_id).await;
+    assert_eq!(breaker["reason"], "malformed", "{breaker}");
+    assert!(
+        breaker["detail"]
+            .as_str()
+            .unwrap()
+            .contains("control character"),
+        "{breaker}"
+    );
+    let too_much_id = postback_service::postback::conversion_id(&click_id, "", "e");
+    let too_much = sys.decided(&too_much_id).await;
+    assert_eq!(too_much["reason"], "malformed", "{too_much}");
     let report = eventually(
-        "three malformed decisions",
+        "five malformed decisions",
         Duration::from_secs(5),
         || async {
             let r = sys.report("offer").await;
@@ -271,7 +306,7 @@ async fn malformed_nats_messages_are_decided_and_do_not_block_the_next() {
                 .iter()
                 .filter_map(|row| row["rejected_by_reason"]["malformed"].as_u64())
                 .sum();
-            (malformed == 3).then_some(r)
+            (malformed == 5).then_some(r)
         },
     )
     .await;
@@ -293,6 +328,9 @@ async fn postback_errors_name_the_field() {
         (format!("click_id={cid}&amount=1.1234567"), "amount"),
         (format!("click_id={cid}&currency=XYZ"), "currency"),
         (format!("click_id={cid}&txid=a&txid=b"), "txid"),
+        // The status word goes into the report's `Nats-Msg-Id` header.
+        (format!("click_id={cid}&status=a%0Ab"), "status"),
+        (format!("click_id={cid}&status=a%0Db"), "status"),
     ];
     for (query, field) in cases {
         let (status, body) = sys.postback(&query).await;

@@ -32,7 +32,7 @@ use proto::conversions::v1::{
 
 use super::report::{Money, ReportRow};
 use super::view::{ConversionState, ConversionView, Reason};
-use crate::postback::{conversion_id, normalize_reported};
+use crate::postback::{conversion_id, conversion_id_problem, normalize_reported};
 
 /// Tag of an id [`push_id`] wrote as a UUID's 16 bytes.
 const ID_UUID: u8 = 0;
@@ -311,11 +311,13 @@ fn skip(entry: &LogEntry<'_>) -> Result<(), sled::Error> {
 }
 
 fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
-    let view = match ConversionReported::decode(entry.payload) {
+    let mut view = match ConversionReported::decode(entry.payload) {
         Ok(e) => match normalize_reported(e.clone(), entry.log_time_ms) {
             Ok(e) => ConversionView::reported(&e, entry.seq, entry.log_time_ms),
             Err(why) => {
-                let id = if !e.conversion_id.is_empty() && e.conversion_id.len() <= 128 {
+                let id = if !e.conversion_id.is_empty()
+                    && conversion_id_problem(&e.conversion_id).is_none()
+                {
                     e.conversion_id.clone()
                 } else if !e.click_id.is_empty() && e.click_id.len() <= 128 {
                     conversion_id(&e.click_id, &e.goal, &e.txid)
@@ -343,22 +345,90 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
     };
     let key = view_key(&view.conversion_id);
     if let Some(mut known) = staged.get_packed::<ConversionView>(&key)? {
-        // The same conversion reported again: a retry (nothing to do), or a new
-        // status word, which waits for the decider in the status queue.
-        if view.malformed.is_none() && view.advertiser_status != known.advertiser_status {
-            let update = StatusUpdate {
-                conversion_id: known.conversion_id.clone(),
-                advertiser_status: view.advertiser_status.clone(),
-            };
-            staged.put_json(status_queue_key(entry.seq), &update);
-            known.advertiser_status = view.advertiser_status;
-            staged.put_packed(key, &known);
+        match ReReport::of(&known, &view) {
+            // The same conversion reported again: a retry (nothing to do), or
+            // a new status word, which waits for the decider in the status
+            // queue.
+            ReReport::Same => {
+                if view.advertiser_status != known.advertiser_status {
+                    let update = StatusUpdate {
+                        conversion_id: known.conversion_id.clone(),
+                        advertiser_status: view.advertiser_status.clone(),
+                    };
+                    staged.put_json(status_queue_key(entry.seq), &update);
+                    known.advertiser_status = view.advertiser_status;
+                    staged.put_packed(key, &known);
+                }
+                return Ok(());
+            }
+            ReReport::Retry => return Ok(()),
+            // Another report under a taken id: it cannot touch the conversion
+            // that id names, nor be dropped unseen. It is decided `malformed`
+            // under an id of its own, saying why.
+            ReReport::Conflict(why) => {
+                let id = conflict_id(entry.payload);
+                if staged.contains(&view_key(&id))? {
+                    return Ok(()); // the same bytes again
+                }
+                let partial = ConversionReported::decode(entry.payload).ok();
+                view = ConversionView::malformed(
+                    id,
+                    partial.as_ref(),
+                    why,
+                    entry.payload,
+                    entry.seq,
+                    entry.log_time_ms,
+                );
+            }
         }
-        return Ok(());
     }
     super::pending::add(staged, entry.seq, &view.conversion_id, &view.click_id)?;
-    staged.put_packed(key, &view);
+    staged.put_packed(view_key(&view.conversion_id), &view);
     Ok(())
+}
+
+/// A report of a conversion id already in the projection.
+#[derive(Debug, PartialEq, Eq)]
+enum ReReport {
+    /// The same conversion (click, goal and txid), perhaps with a new status.
+    Same,
+    /// The same malformed bytes again (re-published past the duplicate window).
+    Retry,
+    /// Anything else, and why it is refused.
+    Conflict(String),
+}
+
+impl ReReport {
+    fn of(known: &ConversionView, new: &ConversionView) -> Self {
+        let id = &known.conversion_id;
+        match (&known.malformed, &new.malformed) {
+            (None, None)
+                if (&known.click_id, &known.goal, &known.txid)
+                    == (&new.click_id, &new.goal, &new.txid) =>
+            {
+                Self::Same
+            }
+            (None, None) => Self::Conflict(format!(
+                "conversion_id {id:?} already names a conversion of another click, goal or txid"
+            )),
+            (Some(_), Some(_)) if known.raw_hex == new.raw_hex => Self::Retry,
+            (_, Some(why)) => Self::Conflict(format!(
+                "{why} (and its conversion_id {id:?} already names an earlier report)"
+            )),
+            (Some(_), None) => Self::Conflict(format!(
+                "conversion {id:?} was already reported malformed; a corrected report needs \
+                 another conversion_id or txid"
+            )),
+        }
+    }
+}
+
+/// The id of a report refused because its conversion id was taken: one per
+/// payload, so the same bytes re-published (past the duplicate window) are
+/// found again and not decided twice.
+fn conflict_id(payload: &[u8]) -> String {
+    let name = [&b"conflicting-report/"[..], payload].concat();
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name).to_string()
 }
 
 /// The id of a report too broken to name its conversion: stable per log position.
@@ -834,6 +904,73 @@ mod tests {
         assert_eq!(h.reads().get(&id).unwrap(), before);
         assert!(h.reads().pending().next().is_none(), "not pending again");
         assert_eq!(h.reads().of_click(CLICK).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_taken_id_reported_again_as_something_else_is_decided_malformed_on_its_own() {
+        let mut h = Harness::new();
+        let partner = |click: &str, amount: i64| ConversionReported {
+            conversion_id: "partner-7".into(),
+            click_id: click.into(),
+            amount_micros: Some(amount),
+            status: "chargeback".into(),
+            ..Default::default()
+        };
+        let first = ConversionReported {
+            status: String::new(),
+            ..partner(CLICK, 5)
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, first.encode_to_vec());
+        h.attribute("partner-7", 1);
+        let before = h.reads().get("partner-7").unwrap().unwrap();
+
+        // Another click's report under the same id: not a status change of
+        // this one.
+        let other = partner(OTHER_CLICK, 5).encode_to_vec();
+        h.apply(proto::subject::CONVERSION_REPORTED, other.clone());
+        // A broken report under the id, then the same bytes again.
+        let broken = partner(CLICK, -1).encode_to_vec();
+        h.apply(proto::subject::CONVERSION_REPORTED, broken.clone());
+        h.apply(proto::subject::CONVERSION_REPORTED, broken.clone());
+
+        assert_eq!(h.reads().get("partner-7").unwrap().unwrap(), before);
+        assert!(
+            h.reads().status_queue().next().is_none(),
+            "no status change"
+        );
+        let pending: Vec<_> = h.reads().pending().collect::<Result<_, _>>().unwrap();
+        let whys: Vec<&str> = pending
+            .iter()
+            .map(|v| v.malformed.as_deref().unwrap())
+            .collect();
+        assert_eq!(whys.len(), 2, "each conflict once, its retry not: {whys:?}");
+        assert!(whys[0].contains("another click, goal or txid"), "{whys:?}");
+        assert!(whys[1].starts_with("negative amount"), "{whys:?}");
+        assert_eq!(pending[0].conversion_id, conflict_id(&other));
+        assert_eq!(pending[0].raw_hex, Some(hex(&other)));
+        assert_eq!(pending[1].raw_hex, Some(hex(&broken)));
+
+        // A broken first report, then its corrected form under the same
+        // (derived) id.
+        let mut h = Harness::new();
+        let bad = ConversionReported {
+            click_id: CLICK.into(),
+            amount_micros: Some(-1),
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, bad.encode_to_vec());
+        h.report("");
+        let pending: Vec<_> = h.reads().pending().collect::<Result<_, _>>().unwrap();
+        assert_eq!(pending.len(), 2, "the correction is not dropped unseen");
+        assert!(pending[1]
+            .malformed
+            .as_deref()
+            .unwrap()
+            .contains("already reported malformed"));
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]

@@ -27,9 +27,12 @@ pub struct ReportRow {
     #[serde(default)]
     pub by_status: BTreeMap<ConversionStatus, u64>,
     /// Micros per currency of approved conversions: amounts in different
-    /// currencies are never added up.
-    pub payout: BTreeMap<String, i64>,
-    pub revenue: BTreeMap<String, i64>,
+    /// currencies are never added up. `i128`: an event's amount may be up to
+    /// 10^18 micros ([`common::money::MAX_MICROS`]), so ten of them pass
+    /// `i64::MAX`. postcard writes both as the same zigzag varint, so rows
+    /// written with `i64` read back unchanged.
+    pub payout: BTreeMap<String, i128>,
+    pub revenue: BTreeMap<String, i128>,
 }
 
 impl ReportRow {
@@ -65,9 +68,14 @@ impl ReportRow {
         self
     }
 
-    fn add(&mut self, money: Money<'_>, sign: i64) {
-        *self.payout.entry(money.payout.0.to_owned()).or_default() += sign * money.payout.1;
-        *self.revenue.entry(money.revenue.0.to_owned()).or_default() += sign * money.revenue.1;
+    fn add(&mut self, money: Money<'_>, sign: i128) {
+        for (sums, (currency, micros)) in [
+            (&mut self.payout, money.payout),
+            (&mut self.revenue, money.revenue),
+        ] {
+            let sum = sums.entry(currency.to_owned()).or_default();
+            *sum = sum.saturating_add(sign * i128::from(micros));
+        }
     }
 }
 
@@ -104,6 +112,45 @@ mod tests {
         assert_eq!(
             (row.rejected, row.rejected_by_reason[&Reason::Duplicate]),
             (2, 2)
+        );
+    }
+
+    #[test]
+    fn totals_past_i64_add_up_and_rows_written_with_i64_read_back() {
+        let max = usd(common::money::MAX_MICROS, common::money::MAX_MICROS);
+        let row = (0..20).fold(ReportRow::default(), |r, _| r.attributed(Approved, max));
+        let twenty = 20 * i128::from(common::money::MAX_MICROS);
+        assert_eq!((row.payout["USD"], row.revenue["USD"]), (twenty, twenty));
+        assert_eq!(
+            common::money::format_micros(row.revenue["USD"]),
+            "20000000000000.00"
+        );
+
+        // The row as the fold wrote it before the totals were widened.
+        #[derive(Serialize)]
+        struct Before {
+            attributed: u64,
+            rejected: u64,
+            rejected_by_reason: BTreeMap<Reason, u64>,
+            by_status: BTreeMap<ConversionStatus, u64>,
+            payout: BTreeMap<String, i64>,
+            revenue: BTreeMap<String, i64>,
+        }
+        let before = Before {
+            attributed: 2,
+            rejected: 1,
+            rejected_by_reason: [(Reason::Duplicate, 1)].into(),
+            by_status: [(Approved, 2)].into(),
+            payout: [("USD".to_owned(), -7), ("EUR".to_owned(), i64::MAX)].into(),
+            revenue: [("USD".to_owned(), 9)].into(),
+        };
+        let read: ReportRow = common::store::unpack(&common::store::pack(&before)).unwrap();
+        assert_eq!(read.attributed, 2);
+        assert_eq!(read.rejected_by_reason[&Reason::Duplicate], 1);
+        assert_eq!(read.by_status[&Approved], 2);
+        assert_eq!(
+            (read.payout["USD"], read.payout["EUR"], read.revenue["USD"]),
+            (-7, i128::from(i64::MAX), 9)
         );
     }
 

@@ -39,7 +39,7 @@ pub(super) struct Report {
     rows: Vec<Row>,
 }
 
-fn decimals(m: BTreeMap<String, i64>) -> BTreeMap<String, String> {
+fn decimals(m: BTreeMap<String, i128>) -> BTreeMap<String, String> {
     m.into_iter().map(|(c, v)| (c, format_micros(v))).collect()
 }
 
