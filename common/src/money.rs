@@ -30,16 +30,22 @@ pub const MAX_MICROS: i64 = MAX_UNITS * MICROS;
 ///
 /// # Errors
 /// Anything but ASCII digits with at most one `.` (signs, exponents, `NaN`, `inf`,
-/// spaces), more than 6 decimals, or more than 10^12 units.
+/// inner spaces; whitespace around it is ignored), more than 6 decimals, or more
+/// than 10^12 units.
 pub fn parse_micros(text: &str) -> Result<i64, AmountError> {
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('-') {
-        return match parse_micros(rest) {
+        return match parse_unsigned(rest) {
             Ok(0) => Ok(0),
             Ok(_) => Err(AmountError::Negative),
             Err(e) => Err(e),
         };
     }
+    parse_unsigned(text)
+}
+
+/// [`parse_micros`] after its one optional minus sign.
+fn parse_unsigned(text: &str) -> Result<i64, AmountError> {
     let (int, frac) = text.split_once('.').unwrap_or((text, ""));
     let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     if (int.is_empty() && frac.is_empty()) || !all_digits(int) || !all_digits(frac) {
@@ -160,7 +166,7 @@ mod tests {
     #[test]
     fn refuses_what_is_not_a_plain_non_negative_decimal() {
         for bad in [
-            "", ".", "abc", "NaN", "inf", "1e3", "+1", "1.2.3", " 1 2", "0x10",
+            "", ".", "abc", "NaN", "inf", "1e3", "+1", "1.2.3", " 1 2", "0x10", "--0", "- 0", "-+1",
         ] {
             assert_eq!(parse_micros(bad), Err(AmountError::NotDecimal), "{bad}");
         }
