@@ -2,8 +2,11 @@
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-/// Everything but RFC 3986 unreserved characters is encoded, so a value can never
-/// break out of its query parameter or path segment.
+/// Everything but RFC 3986 unreserved characters is encoded, so a value placed
+/// after the host can never break out of its query parameter or path segment,
+/// nor change the host. One limit: a value that is exactly `.` or `..` and fills
+/// a whole path segment is still a dot segment to URL parsers (which decode
+/// `%2E` for this too), so it can move the request up the path, on that host.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
