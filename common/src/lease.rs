@@ -123,7 +123,9 @@ pub fn status_channel(
 /// it), starts `led` with a child token and the term's [`Tenure`], renews the
 /// lease, and ends the tenure, cancels the child and waits for `led` to end
 /// when the lease is lost or `token` is cancelled. On cancellation it then
-/// releases the lease.
+/// releases the lease. Should `led` end by itself (a panic), the lease is
+/// released too, and asked for again a ttl later: a holder with nothing led
+/// would stop the led work everywhere.
 pub async fn run_led<F, Fut>(
     js: Context,
     config: LeaseConfig,
@@ -149,12 +151,15 @@ pub async fn run_led<F, Fut>(
             "holding the lease: leading"
         );
         let child = token.child_token();
-        let work = tokio::spawn(led(child.clone(), tenure.clone()));
-        let held = hold(&store, &config, ttl, written.revision, &tenure, &token).await;
+        let mut work = tokio::spawn(led(child.clone(), tenure.clone()));
+        let term = (&store, &config, ttl, &tenure, &token);
+        let held = hold(term, written.revision, &mut work).await;
         tenure.end();
         child.cancel();
-        if let Err(error) = work.await {
-            tracing::error!(%error, "the led work panicked");
+        if !matches!(held, Held::WorkEnded(_)) {
+            if let Err(error) = work.await {
+                tracing::error!(%error, "the led work panicked");
+            }
         }
         // Who leads now is known once `acquire` has looked; not this process.
         status.send_modify(|s| {
@@ -163,14 +168,18 @@ pub async fn run_led<F, Fut>(
         });
         match held {
             Held::Cancelled(revision) => {
-                // Only our own entry: a lease taken over meanwhile stays.
-                if let Err(error) = store
-                    .delete_expect_revision(&config.key, Some(revision))
-                    .await
-                {
-                    tracing::warn!(%error, key = config.key, "lease not released; it expires");
-                }
+                release(&store, &config, revision).await;
                 return;
+            }
+            Held::WorkEnded(revision) => {
+                // Holding the lease with nothing led would stop the work of
+                // every instance: give it up, and ask again only after a ttl,
+                // so a standby can take it first.
+                release(&store, &config, revision).await;
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep(ttl) => {}
+                }
             }
             Held::Lost(why) => {
                 tracing::warn!(
@@ -183,10 +192,23 @@ pub async fn run_led<F, Fut>(
     }
 }
 
+/// Deletes our own entry, at `revision`: a lease taken over meanwhile stays.
+async fn release(store: &kv::Store, config: &LeaseConfig, revision: u64) {
+    if let Err(error) = store
+        .delete_expect_revision(&config.key, Some(revision))
+        .await
+    {
+        tracing::warn!(%error, key = config.key, "lease not released; it expires");
+    }
+}
+
 /// How holding the lease ended.
 enum Held {
     /// The token was cancelled; the revision last written, to release.
     Cancelled(u64),
+    /// The led work ended (returned or panicked) with the token not
+    /// cancelled; the revision last written, to release.
+    WorkEnded(u64),
     /// Another process wrote the entry, or renewal failed for half the ttl.
     Lost(&'static str),
 }
@@ -345,18 +367,32 @@ async fn ttl_of(store: &kv::Store) -> Option<Duration> {
 /// until it is lost (another process wrote it, or `tenure` ran out: half the
 /// ttl without a renewal) or `token` is cancelled.
 async fn hold(
-    store: &kv::Store,
-    config: &LeaseConfig,
-    ttl: Duration,
+    (store, config, ttl, tenure, token): (
+        &kv::Store,
+        &LeaseConfig,
+        Duration,
+        &Tenure,
+        &CancellationToken,
+    ),
     mut revision: u64,
-    tenure: &Tenure,
-    token: &CancellationToken,
+    work: &mut tokio::task::JoinHandle<()>,
 ) -> Held {
     let every = (ttl / 4).max(Duration::from_millis(10));
     let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
     loop {
         tokio::select! {
             () = token.cancelled() => return Held::Cancelled(revision),
+            ended = &mut *work => {
+                match ended {
+                    Err(error) => tracing::error!(
+                        %error, key = config.key, "the led work panicked; giving up the lease"
+                    ),
+                    Ok(()) => tracing::error!(
+                        key = config.key, "the led work ended on its own; giving up the lease"
+                    ),
+                }
+                return Held::WorkEnded(revision);
+            }
             () = tokio::time::sleep(every) => {}
         }
         let asked = tokio::time::Instant::now();

@@ -275,3 +275,57 @@ async fn a_longer_configured_lease_raises_the_bucket_and_a_shorter_one_leaves_it
         "it leads throughout"
     );
 }
+
+#[tokio::test]
+async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
+    use common::lease::{run_led, status_channel, LeaseConfig, Role};
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    let nats = crate::support::NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let config = LeaseConfig {
+        key: "led-work".into(),
+        holder: "only-instance".into(),
+        ttl: Duration::from_millis(600),
+    };
+    let (tx, rx) = status_channel(&config);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let token = tokio_util::sync::CancellationToken::new();
+    let counted = runs.clone();
+    let led = move |child: tokio_util::sync::CancellationToken, _| {
+        let run = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            assert!(run > 0, "the first term's work breaks");
+            child.cancelled().await;
+        }
+    };
+    let task = tokio::spawn(run_led(js.clone(), config, tx, token.clone(), led));
+
+    let role = |want: Role| {
+        let rx = rx.clone();
+        async move { (rx.borrow().role == want).then_some(()) }
+    };
+    eventually("the first term", Duration::from_secs(5), || async {
+        (runs.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    eventually("standing by", Duration::from_secs(5), || {
+        role(Role::Standby)
+    })
+    .await;
+    // Released, not left to expire: it was renewed at most a quarter ttl
+    // (150 ms) before the work died, so it would live 450 ms more.
+    let kv = js.get_key_value("leases").await.unwrap();
+    eventually("the lease given up", Duration::from_millis(300), || async {
+        kv.get("led-work").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    eventually("a second term", Duration::from_secs(5), || async {
+        (runs.load(Ordering::SeqCst) == 2 && rx.borrow().role == Role::Leader).then_some(())
+    })
+    .await;
+    token.cancel();
+    task.await.unwrap();
+}
