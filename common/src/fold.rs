@@ -289,7 +289,21 @@ async fn run_consumer<F: Fold>(
     }
     let mut applied = store::checkpoint(tree)?;
     let mut stream = source.js.get_stream(spec.stream).await?;
-    let last = stream.info().await?.state.last_sequence;
+    let info = stream.info().await?;
+    let last = info.state.last_sequence;
+    let log = store::log_identity(info.created.unix_timestamp_nanos());
+    if store::log_of(tree)?.is_some_and(|known| known != log[..]) {
+        tracing::warn!(
+            stream = spec.stream,
+            checkpoint = applied,
+            last,
+            "the stream was created again since this projection was folded; \
+             folding the new log from its start"
+        );
+        store::start_format(tree, format)?;
+        source.durable.flush().await?;
+        applied = 0;
+    }
     if applied > last {
         tracing::warn!(
             stream = spec.stream,
@@ -300,6 +314,10 @@ async fn run_consumer<F: Fold>(
         store::start_format(tree, format)?;
         source.durable.flush().await?;
         applied = 0;
+    }
+    if store::log_of(tree)?.is_none() {
+        tree.insert(store::LOG_KEY, log)?;
+        source.durable.flush().await?;
     }
     let deliver_policy = if applied == 0 {
         consumer::DeliverPolicy::All

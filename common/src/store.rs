@@ -166,6 +166,27 @@ pub fn format(tree: &sled::Tree) -> Result<u32, sled::Error> {
     }))
 }
 
+/// Key of the row naming the log a fold's Tree was folded from: its stream's
+/// creation time ([`log_identity`]).
+pub const LOG_KEY: &[u8] = b"~meta/log";
+
+/// A stream's identity across its lifetimes: its creation time (nanoseconds
+/// since the epoch, 16 bytes BE). A stream deleted and created again (NATS's
+/// data lost, an operator's mistake) restarts its sequences at 1, and a
+/// checkpoint alone cannot tell its events from the old stream's.
+pub fn log_identity(created_unix_nanos: i128) -> Vec<u8> {
+    created_unix_nanos.to_be_bytes().to_vec()
+}
+
+/// The log a fold's Tree was folded from ([`LOG_KEY`]); `None` for a Tree
+/// written before the row existed, or not started.
+///
+/// # Errors
+/// sled read failure.
+pub fn log_of(tree: &sled::Tree) -> Result<Option<sled::IVec>, sled::Error> {
+    tree.get(LOG_KEY)
+}
+
 /// Empties a fold's Tree and marks it as written in `format`: the fold then
 /// starts again from the log's first event.
 ///

@@ -354,3 +354,57 @@ async fn an_offer_postback_url_overrides_the_affiliates() {
         format!("/offer?c={click_id}&p=3.00")
     );
 }
+
+/// `before` conversions delivered; then NATS loses CONVERSIONS while
+/// postback-service is down, and `after` reports reach the new stream before
+/// the service is back. Each of those is decided and delivered, once.
+async fn conversions_stream_created_again(before: usize, after: usize) {
+    use prost::Message;
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    for _ in 0..before {
+        let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+        sys.delivery_in(&delivery_id, "delivered").await;
+    }
+
+    sys.stop_postback().await;
+    let js = sys.jetstream().await;
+    js.delete_stream("CONVERSIONS").await.expect("deleted");
+    common::nats::ensure_streams(&js)
+        .await
+        .expect("created again");
+    let mut ids = Vec::new();
+    for _ in 0..after {
+        let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+        let report = proto::conversions::v1::ConversionReported {
+            click_id: click_id.clone(),
+            ..Default::default()
+        };
+        sys.publish("conversions.v1.reported", report.encode_to_vec())
+            .await;
+        ids.push(postback_service::postback::conversion_id(&click_id, "", ""));
+    }
+    sys.start_postback().await;
+
+    for id in &ids {
+        assert_eq!(sys.decided(id).await["state"], "attributed", "{id}");
+        let delivery = postback_service::deliveries::delivery_id(id, "a1");
+        sys.delivery_in(&delivery, "delivered").await;
+    }
+    assert_eq!(receiver.seen().len(), before + after, "each once");
+}
+
+/// The new stream is longer than the projection's checkpoint (2): only the
+/// stream's creation time tells its events from the old ones.
+#[tokio::test]
+async fn a_conversions_stream_created_again_and_longer_is_folded_from_its_start() {
+    conversions_stream_created_again(1, 3).await;
+}
+
+/// The new stream is shorter: the fold starts again on its own, and the new
+/// decisions (sequence 2) come before the dispatcher's old cursor (6).
+#[tokio::test]
+async fn a_conversions_stream_created_again_and_shorter_is_delivered_from_its_start() {
+    conversions_stream_created_again(3, 1).await;
+}

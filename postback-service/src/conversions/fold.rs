@@ -567,6 +567,14 @@ impl Conversions {
         Self { tree }
     }
 
+    /// The log these rows were folded from ([`common::store::log_of`]).
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn log(&self) -> Result<Option<sled::IVec>, sled::Error> {
+        common::store::log_of(&self.tree)
+    }
+
     /// One conversion.
     ///
     /// # Errors

@@ -198,8 +198,10 @@ impl Dispatcher {
     /// updated, and the cursor must not pass it.
     async fn enqueue_new(&self, applied: u64) -> Result<(), sled::Error> {
         let inner = &self.inner;
+        let log = inner.conversions.log()?;
+        let log = log.as_deref();
         loop {
-            let cursor = inner.schedules.cursor()?;
+            let cursor = inner.schedules.cursor(log)?;
             let batch = inner.conversions.delivery_queue(cursor, applied, 512)?;
             let Some(&(last, _)) = batch.last() else {
                 return Ok(());
@@ -210,7 +212,7 @@ impl Dispatcher {
                     new.push(s);
                 }
             }
-            inner.schedules.enqueue(&new, last).await?;
+            inner.schedules.enqueue(&new, last, log).await?;
         }
     }
 

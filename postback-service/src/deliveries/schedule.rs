@@ -8,6 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 const CURSOR_KEY: &[u8] = b"~cursor";
+/// The log the cursor walked ([`common::store::log_of`] of the conversions
+/// Tree): a cursor of another log is no cursor.
+const CURSOR_LOG_KEY: &[u8] = b"~cursor-log";
 
 /// An outcome event waiting to be published (the attempt is done; only the
 /// record is missing).
@@ -316,27 +319,46 @@ impl ScheduleStore {
         writes.apply(&self.tree)
     }
 
-    /// How far the queue of attributed conversions has been walked.
+    /// How far the queue of attributed conversions of `log` has been walked:
+    /// 0 when the cursor is of another log. The conversions stream was created
+    /// again meanwhile and its sequences started at 1; the new log's queue is
+    /// walked from its start (what is already scheduled or delivered under the
+    /// same delivery id is skipped as ever). `None` (a cursor or a Tree written
+    /// before logs were told apart) matches any log.
     ///
     /// # Errors
     /// sled failure.
-    pub fn cursor(&self) -> Result<u64, sled::Error> {
+    pub fn cursor(&self, log: Option<&[u8]>) -> Result<u64, sled::Error> {
+        if let (Some(walked), Some(log)) = (self.tree.get(CURSOR_LOG_KEY)?, log) {
+            if walked != log {
+                return Ok(0);
+            }
+        }
         Ok(self
             .tree
             .get(CURSOR_KEY)?
             .map_or(0, |v| common::store::decode_u64(&v)))
     }
 
-    /// Adds new schedules and moves the cursor, atomically, and flushes.
+    /// Adds new schedules and moves the cursor of `log`, atomically, and
+    /// flushes.
     ///
     /// # Errors
     /// sled failure.
-    pub async fn enqueue(&self, new: &[Schedule], cursor: u64) -> Result<(), sled::Error> {
+    pub async fn enqueue(
+        &self,
+        new: &[Schedule],
+        cursor: u64,
+        log: Option<&[u8]>,
+    ) -> Result<(), sled::Error> {
         let mut writes = common::store::Writes::default();
         for s in new {
             stage(&mut writes, s);
         }
         writes.insert(CURSOR_KEY, cursor.to_be_bytes().to_vec());
+        if let Some(log) = log {
+            writes.insert(CURSOR_LOG_KEY, log.to_vec());
+        }
         writes.apply(&self.tree)?;
         self.durable.flush().await
     }
@@ -388,7 +410,7 @@ mod tests {
         let tree = db.open_tree("dispatch").unwrap();
         let store = ScheduleStore::new(tree.clone(), common::store::GroupFlush::new(tree));
         store
-            .enqueue(&[schedule("a", 0), schedule("b", 0)], 7)
+            .enqueue(&[schedule("a", 0), schedule("b", 0)], 7, Some(b"log-1"))
             .await
             .unwrap();
         store.put(&schedule("c", 500)).await.unwrap();
@@ -408,8 +430,17 @@ mod tests {
         store.remove("b").unwrap();
         assert_eq!(due(0, 1000), ["c", "a"]);
         assert_eq!(
-            (store.all().unwrap().len(), store.cursor().unwrap()),
+            (
+                store.all().unwrap().len(),
+                store.cursor(Some(b"log-1")).unwrap()
+            ),
             (2, 7)
+        );
+        assert_eq!(store.cursor(None).unwrap(), 7, "a log not told");
+        assert_eq!(
+            store.cursor(Some(b"log-2")).unwrap(),
+            0,
+            "the stream was created again: its queue from the start"
         );
         store.tree.remove(due_key(500, "c")).unwrap();
         store.reindex().unwrap();
