@@ -28,7 +28,8 @@ pub fn install_tls_provider() {
 }
 
 /// The HTTP client deliveries use: no redirects unless allowed (then at most 5,
-/// each hop checked like the first), the guarded resolver, a user agent.
+/// each hop checked like the first), the guarded resolver, no proxy, a user
+/// agent.
 ///
 /// # Errors
 /// The TLS backend could not be set up.
@@ -52,6 +53,9 @@ pub fn client(
     };
     reqwest::Client::builder()
         .redirect(redirect)
+        // A proxy from the environment (HTTP_PROXY, ALL_PROXY...) would
+        // resolve the postback's host itself, past the guarded resolver.
+        .no_proxy()
         .dns_resolver(GuardedResolver::shared(allow_private))
         .user_agent(concat!("s2s-tracker-postback/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(8)

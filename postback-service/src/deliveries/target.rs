@@ -13,11 +13,15 @@ use std::{
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Whether `ip` is on the public internet: not loopback, private, link-local,
-/// unique-local, shared (CGNAT), documentation, multicast, broadcast or unspecified.
+/// unique-local or site-local, shared (CGNAT), documentation, benchmarking,
+/// IETF-reserved or future-use (240/4), multicast, broadcast or unspecified;
+/// and an IPv6 address that carries an IPv4 one (mapped, compatible, NAT64,
+/// 6to4) only as public as that IPv4 address. Teredo (which hides its IPv4
+/// address) and local-use NAT64 are refused outright.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -26,20 +30,42 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_broadcast()
                 || v4.is_documentation()
                 || a == 0
+                || a >= 240
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
                 || (a == 198 && (b == 18 || b == 19)))
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                let [h1, h2] = hi.to_be_bytes();
+                let [l1, l2] = lo.to_be_bytes();
+                is_public(IpAddr::V4([h1, h2, l1, l2].into()))
+            };
+            // ::ffff:a.b.c.d and the deprecated ::a.b.c.d (with :: and ::1
+            // among them, which read as 0.0.0.0 and 0.0.0.1: not public).
+            if let Some(v4) = v6.to_ipv4() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            // NAT64's well-known prefix 64:ff9b::/96 reaches the IPv4 address
+            // in its last 32 bits; 6to4 2002::/16 the one after its prefix.
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return embedded(seg[6], seg[7]);
+            }
+            if seg[0] == 0x2002 {
+                return embedded(seg[1], seg[2]);
+            }
+            let first = seg[0];
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+                || (first & 0xffc0) == 0xfec0
+                || (first == 0x2001 && seg[1] == 0x0db8)
+                || (first == 0x2001 && seg[1] == 0)
+                || (first == 0x64 && seg[1] == 0xff9b && seg[2] == 1)
+                || seg[..4] == [0x100, 0, 0, 0])
         }
     }
 }
@@ -136,6 +162,18 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "198.18.0.1",
+            "240.0.0.1",
+            "192.0.0.8",
+            // IPv6 that carries an IPv4 address: only as public as that one.
+            "::10.0.0.5",
+            "64:ff9b::a00:5",
+            "64:ff9b::127.0.0.1",
+            "2002:a00:5::1",
+            "2002:7f00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "64:ff9b:1::a00:5",
+            "fec0::1",
+            "100::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -144,6 +182,9 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "93.184.216.34",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "::ffff:8.8.8.8",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
