@@ -195,3 +195,27 @@ async fn catalog_changes_reach_both_services_live() {
     );
     assert_eq!(conversion["revenue"], "0.00");
 }
+
+#[tokio::test]
+async fn a_head_request_is_checked_like_a_click_and_records_nothing() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let head = |query: &'static str| {
+        let url = sys.click_url(&format!("/c/o1?{query}"));
+        let http = sys.http.clone();
+        async move { http.head(url).send().await.expect("HEAD /c") }
+    };
+    let probe = head("aff=a1").await;
+    assert_eq!(probe.status(), StatusCode::OK);
+    assert!(probe.headers().get("location").is_none(), "no redirect");
+    assert_eq!(head("aff=nobody").await.status(), StatusCode::NOT_FOUND);
+
+    let js = sys.jetstream().await;
+    let clicks = || async {
+        let mut stream = js.get_stream("CLICKS").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+    assert_eq!(clicks().await, 0, "a HEAD is no click");
+    sys.click_ok("o1", "aff=a1").await;
+    assert_eq!(clicks().await, 1, "a GET is");
+}

@@ -1,5 +1,9 @@
 //! `GET /c/{offer_id}?aff=..`: record the click, then 302 to the offer.
 //!
+//! `HEAD` (link checkers, chat unfurlers, mail scanners) gets the same checks
+//! and a 200 without a redirect, and records nothing: no click id, nothing
+//! counted against a cap.
+//!
 //! The 302 goes out only once `ClickRecorded` is durable: acked by JetStream
 //! within the ack deadline, or else flushed to the local outbox, which publishes
 //! it later with the same `Nats-Msg-Id`. If neither, 503 and no redirect.
@@ -8,7 +12,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     extract::{ConnectInfo, Path, RawQuery, State},
-    http::{header, HeaderMap, HeaderValue, StatusCode},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
 };
 use common::ApiError;
@@ -24,6 +28,7 @@ pub(super) async fn record_click(
     Path(offer_id): Path<String>,
     RawQuery(query): RawQuery,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let unknown_offer = || ApiError::not_found("offer_id", "unknown offer");
@@ -53,6 +58,10 @@ pub(super) async fn record_click(
         };
         ApiError::not_found("offer_id", why)
     })?;
+    if method == Method::HEAD {
+        let no_store = HeaderValue::from_static("no-store");
+        return Ok((StatusCode::OK, [(header::CACHE_CONTROL, no_store)]).into_response());
+    }
 
     let click_id = uuid::Uuid::now_v7().to_string();
     let location = click::landing_url(template, &click_id, &offer_id, &params);
