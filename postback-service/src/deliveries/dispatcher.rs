@@ -296,7 +296,8 @@ impl Dispatcher {
             }
             ready.take_startable(host_most)
         };
-        for (id, host) in startable {
+        let mut startable = startable.into_iter();
+        while let Some((id, host)) = startable.next() {
             // The index may be stale: re-read the schedule now that we hold it.
             let schedule = match inner.schedules.get(&id) {
                 Ok(Some(s)) if s.next_at_ms <= now => s,
@@ -305,7 +306,11 @@ impl Dispatcher {
                     continue;
                 }
                 Err(error) => {
-                    self.finish(&id, &host, Some(i64::MIN));
+                    // Hand back every one taken, or the rest would count as
+                    // started (their host's slots too) until a restart.
+                    for (id, host) in std::iter::once((id, host)).chain(startable) {
+                        self.finish(&id, &host, Some(i64::MIN));
+                    }
                     return Err(error);
                 }
             };
