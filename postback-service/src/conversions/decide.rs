@@ -24,6 +24,7 @@
 use catalog::{Affiliate, ConversionStatus, DedupPolicy, Offer};
 use proto::clicks::v1::ClickRecorded;
 
+use super::fold::StatusUpdate;
 use super::view::{ConversionState, ConversionView, Reason};
 
 /// How far before its click a conversion may be dated and still count: the
@@ -258,7 +259,12 @@ pub enum StatusVerdict {
 
 /// Decides a later status report: pending → approved | rejected and approved →
 /// rejected (a reversal) move the conversion; anything else changes nothing.
-pub fn decide_status(view: &ConversionView, offer: Option<&Offer>, word: &str) -> StatusVerdict {
+pub fn decide_status(
+    view: &ConversionView,
+    offer: Option<&Offer>,
+    update: &StatusUpdate,
+) -> StatusVerdict {
+    let word = update.advertiser_status.as_str();
     match view.state {
         ConversionState::Pending => return StatusVerdict::Wait,
         ConversionState::Rejected => {
@@ -268,6 +274,18 @@ pub fn decide_status(view: &ConversionView, offer: Option<&Offer>, word: &str) -
             ))
         }
         ConversionState::Attributed => {}
+    }
+    // Rule 4 holds for a status report as for the first: an HTTP report the
+    // door could not check (its click not folded there yet) moves nothing on
+    // an offer that requires postback security.
+    if let Some(o) = offer.filter(|o| o.security.is_required()) {
+        if update.origin == "http" && update.verified_offer_id != o.offer_id {
+            return StatusVerdict::Ignore(format!(
+                "unauthenticated: offer {} requires postback security; this status report \
+                 was not verified for it",
+                o.offer_id
+            ));
+        }
     }
     let mapped = match offer {
         Some(o) => o.map_status(word),
@@ -668,29 +686,86 @@ mod tests {
         assert_eq!(url(&own).0, "https://own.test/{click_id}");
     }
 
+    /// A status report as a partner sends it.
+    fn word(w: &str) -> StatusUpdate {
+        StatusUpdate {
+            advertiser_status: w.into(),
+            origin: "nats".into(),
+            ..StatusUpdate::default()
+        }
+    }
+
+    #[test]
+    fn a_status_report_on_a_secured_offer_counts_only_verified() {
+        let o = Offer {
+            security: Security {
+                token: "t".into(),
+                ..Security::default()
+            },
+            ..offer()
+        };
+        let approved = conversion(2000, "", None, "").attributed(&ConversionAttributed::default());
+        let http = |verified: &str| StatusUpdate {
+            advertiser_status: "chargeback".into(),
+            origin: "http".into(),
+            verified_offer_id: verified.into(),
+            ..StatusUpdate::default()
+        };
+        let verdict = decide_status(&approved, Some(&o), &http(""));
+        assert!(
+            matches!(&verdict, StatusVerdict::Ignore(why) if why.starts_with("unauthenticated")),
+            "{verdict:?}"
+        );
+        assert!(matches!(
+            decide_status(&approved, Some(&o), &http("other-offer")),
+            StatusVerdict::Ignore(_)
+        ));
+        assert!(matches!(
+            decide_status(&approved, Some(&o), &http("o1")),
+            StatusVerdict::Change { .. }
+        ));
+        assert!(
+            matches!(
+                decide_status(&approved, Some(&o), &word("chargeback")),
+                StatusVerdict::Change { .. }
+            ),
+            "a partner's, as for a first report"
+        );
+        assert!(
+            matches!(
+                decide_status(&approved, Some(&offer()), &http("")),
+                StatusVerdict::Change { .. }
+            ),
+            "an offer without security"
+        );
+    }
+
     #[test]
     fn status_moves() {
         let base = conversion(2000, "", None, "");
-        assert_eq!(decide_status(&base, None, "approved"), StatusVerdict::Wait);
+        assert_eq!(
+            decide_status(&base, None, &word("approved")),
+            StatusVerdict::Wait
+        );
         let e = ConversionAttributed {
             status: 1,
             ..Default::default()
         }; // pending
         let pending = base.clone().attributed(&e);
         assert_eq!(
-            decide_status(&pending, Some(&offer()), "sale"),
+            decide_status(&pending, Some(&offer()), &word("sale")),
             StatusVerdict::Change {
                 from: ConversionStatus::Pending,
                 to: ConversionStatus::Approved
             }
         );
         assert!(matches!(
-            decide_status(&pending, Some(&offer()), "hold"),
+            decide_status(&pending, Some(&offer()), &word("hold")),
             StatusVerdict::Ignore(_)
         ));
         let approved = base.attributed(&ConversionAttributed::default());
         assert_eq!(
-            decide_status(&approved, Some(&offer()), "chargeback"),
+            decide_status(&approved, Some(&offer()), &word("chargeback")),
             StatusVerdict::Change {
                 from: ConversionStatus::Approved,
                 to: ConversionStatus::Rejected
@@ -698,7 +773,7 @@ mod tests {
         );
         assert!(
             matches!(
-                decide_status(&approved, Some(&offer()), "hold"),
+                decide_status(&approved, Some(&offer()), &word("hold")),
                 StatusVerdict::Ignore(_)
             ),
             "no way back"
@@ -708,7 +783,7 @@ mod tests {
             ..offer()
         };
         assert!(matches!(
-            decide_status(&approved, Some(&custom), "TRASH"),
+            decide_status(&approved, Some(&custom), &word("TRASH")),
             StatusVerdict::Change { .. }
         ));
     }

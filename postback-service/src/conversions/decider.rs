@@ -297,7 +297,7 @@ async fn round(
             continue;
         };
         let offer = inputs.catalog.offer(&view.offer_id)?;
-        let verdict = decide_status(&view, offer.as_deref(), &update.advertiser_status);
+        let verdict = decide_status(&view, offer.as_deref(), &update);
         let (from, to, changed, detail) = match verdict {
             StatusVerdict::Wait => continue,
             StatusVerdict::Ignore(why) => {

@@ -202,10 +202,18 @@ pub struct QueueEntry {
 }
 
 /// A later report of a known conversion with a new status word.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatusUpdate {
     pub conversion_id: String,
     pub advertiser_status: String,
+    /// Where this report came from, `http` or `nats` (empty: queued before
+    /// it was recorded).
+    #[serde(default)]
+    pub origin: String,
+    /// The offer whose postback security this HTTP report passed at the door
+    /// (empty: none).
+    #[serde(default)]
+    pub verified_offer_id: String,
 }
 
 pub(crate) fn report_key(kind: char, id: &str) -> Vec<u8> {
@@ -354,6 +362,8 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                     let update = StatusUpdate {
                         conversion_id: known.conversion_id.clone(),
                         advertiser_status: view.advertiser_status.clone(),
+                        origin: view.origin.clone(),
+                        verified_offer_id: view.verified_offer_id.clone(),
                     };
                     staged.put_json(status_queue_key(entry.seq), &update);
                     known.advertiser_status = view.advertiser_status;
@@ -733,7 +743,7 @@ impl Conversions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::conversions::v1::RejectReason;
+    use proto::conversions::v1::{ConversionOrigin, RejectReason};
 
     const CLICK: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7d";
     const OTHER_CLICK: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7e";
@@ -975,6 +985,42 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("already reported malformed"));
+    }
+
+    #[test]
+    fn a_status_report_queues_where_it_came_from_and_what_it_passed() {
+        let mut h = Harness::new();
+        let report = |status: &str, verified: &str| ConversionReported {
+            click_id: CLICK.into(),
+            origin: ConversionOrigin::Http as i32,
+            status: status.into(),
+            verified_offer_id: verified.into(),
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("", "o1").encode_to_vec(),
+        );
+        let id = conversion_id(CLICK, "", "");
+        h.attribute(&id, 1);
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("chargeback", "").encode_to_vec(),
+        );
+        let queued: Vec<_> = h.reads().status_queue().map(|r| r.unwrap().1).collect();
+        assert_eq!(
+            queued,
+            [StatusUpdate {
+                conversion_id: id,
+                advertiser_status: "chargeback".into(),
+                origin: "http".into(),
+                verified_offer_id: String::new(),
+            }]
+        );
+        // A row queued before these fields existed still reads.
+        let old: StatusUpdate =
+            serde_json::from_str(r#"{"conversion_id":"c","advertiser_status":"x"}"#).unwrap();
+        assert_eq!(old.origin, "");
     }
 
     fn hex(bytes: &[u8]) -> String {
