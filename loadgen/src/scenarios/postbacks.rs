@@ -248,12 +248,20 @@ async fn decision_latency(
     .extra("postbacks_accepted", outcome.ok)
     .extra("postback_errors", outcome.errors);
     m.latency = Latency::of(&h);
-    m.errors = expected - h.len();
+    // The latencies are of the postbacks that were accepted: one that was not
+    // (no answer, another status) is a failure of the row too, or a service
+    // dropping postbacks would pass on its survivors' latency.
+    let undecided = expected - h.len();
+    m.errors = undecided + outcome.errors;
+    m.unexpected.clone_from(&outcome.unexpected);
     m.set_cpu(outcome.cpu.clone());
-    if m.errors > 0 {
+    if undecided > 0 {
+        eprintln!("[{id}] {undecided} accepted postbacks without a decision found");
+    }
+    if outcome.errors > 0 || !outcome.unexpected.is_empty() {
         eprintln!(
-            "[{id}] {} accepted postbacks without a decision found",
-            m.errors
+            "[{id}] postbacks not accepted: {} without an answer, {:?} by status",
+            outcome.errors, outcome.unexpected
         );
     }
     Ok(m)
