@@ -9,6 +9,7 @@ use axum::{
     http::HeaderMap,
     Json,
 };
+use catalog::ConversionStatus;
 use common::{time::rfc3339, ApiError};
 use proto::clicks::v1::{ClickDisposition, ClickRecorded};
 use serde::Serialize;
@@ -90,10 +91,19 @@ pub(super) async fn get_click(
     if click.is_none() && conversions.is_empty() {
         return Err(ApiError::not_found("click_id", "unknown click"));
     }
+    // Each status event of a conversion has its own delivery (an approval, a
+    // pending attribution, a reversal), in the order of the lifecycle.
     let mut deliveries = Vec::new();
     for c in conversions.iter().filter(|c| !c.postback_url.is_empty()) {
-        let id = crate::deliveries::delivery_id(&c.conversion_id, &c.affiliate_id);
-        deliveries.extend(super::postbacks::lookup(&state, &id)?);
+        for status in [
+            ConversionStatus::Pending,
+            ConversionStatus::Approved,
+            ConversionStatus::Rejected,
+        ] {
+            let id =
+                crate::deliveries::status_delivery_id(&c.conversion_id, &c.affiliate_id, status);
+            deliveries.extend(super::postbacks::lookup(&state, &id)?);
+        }
     }
     Ok(Json(ClickWithConversions {
         click: click.map(|(c, unique)| ClickJson { unique, ..c.into() }),
