@@ -14,6 +14,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+/// Most deliveries queued for one host. A dead or slow host's backlog would
+/// otherwise fill the dispatcher's whole room ([`Ready::len`] is bounded), and
+/// then no other host's due delivery would be read. Those left in the index
+/// are read again by a later scan (at the latest the periodic full rescan).
+pub const MAX_WAITING_PER_HOST: usize = 4096;
+
 /// Due deliveries by host, and the ones started.
 #[derive(Debug, Default)]
 pub struct Ready {
@@ -46,14 +52,15 @@ impl Ready {
         self.scanned_ms = 0;
     }
 
-    /// Queues a due delivery for `host`, unless it is already queued or started.
+    /// Queues a due delivery for `host`, unless it is already queued or
+    /// started, or `host` already has [`MAX_WAITING_PER_HOST`] waiting.
     pub fn offer(&mut self, delivery_id: &str, host: &str) {
+        let queue = self.hosts.entry(host.to_owned()).or_default();
+        if queue.waiting.len() >= MAX_WAITING_PER_HOST {
+            return;
+        }
         if self.known.insert(delivery_id.to_owned()) {
-            self.hosts
-                .entry(host.to_owned())
-                .or_default()
-                .waiting
-                .push_back(delivery_id.to_owned());
+            queue.waiting.push_back(delivery_id.to_owned());
         }
     }
 
@@ -133,6 +140,23 @@ mod tests {
         r.finish("slow0", "slow:80", None);
         assert_eq!(ids(&r.take_startable(2)), ["slow2"], "oldest first");
         assert_eq!(r.len(), 5);
+    }
+
+    #[test]
+    fn a_hosts_backlog_leaves_room_for_the_others() {
+        let mut r = Ready::default();
+        for i in 0..MAX_WAITING_PER_HOST + 10 {
+            r.offer(&format!("dead{i}"), "dead:80");
+        }
+        r.offer("live0", "live:80");
+        assert_eq!(r.len(), MAX_WAITING_PER_HOST + 1, "ten left in the index");
+        let started = r.take_startable(1);
+        assert_eq!(ids(&started), ["dead0", "live0"]);
+        r.offer("dead-late", "dead:80");
+        assert!(
+            r.take_startable(2).iter().any(|(id, _)| id == "dead1"),
+            "a freed place is taken by the oldest queued"
+        );
     }
 
     #[test]
