@@ -77,28 +77,56 @@ pub struct LeaseStatus {
     pub leader: String,
 }
 
-/// Whether this process still holds the lease, by its own clock: until half
+/// Whether this process still holds the lease, by its own clocks: until half
 /// the lease's ttl after it last asked NATS to write its entry (a write the
 /// server made later expires later). The lease task stops the led work at the
 /// same moment, unless the process was frozen past it; then this says so
 /// before any overdue timer acts. Cheap to clone and to ask.
+///
+/// Both clocks must agree: the monotonic one (immune to the wall clock being
+/// set back) and the wall clock, which keeps counting while the host is
+/// suspended, where the monotonic clock stops (a suspended VM or laptop wakes
+/// believing no time passed). The wall deadline is taken when the tenure is
+/// set, a renewal's round trip after the write was asked, so at most a
+/// quarter ttl later: still inside the lease.
 #[derive(Debug, Clone, Default)]
-pub struct Tenure(Arc<Mutex<Option<tokio::time::Instant>>>);
+pub struct Tenure(Arc<Mutex<Option<Deadline>>>);
+
+/// The end of a tenure on both clocks.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    monotonic: tokio::time::Instant,
+    wall: std::time::SystemTime,
+}
+
+impl Deadline {
+    fn at(monotonic: tokio::time::Instant) -> Self {
+        let left = monotonic.saturating_duration_since(tokio::time::Instant::now());
+        Self {
+            monotonic,
+            wall: std::time::SystemTime::now() + left,
+        }
+    }
+
+    fn before(self, monotonic: tokio::time::Instant, wall: std::time::SystemTime) -> bool {
+        monotonic < self.monotonic && wall < self.wall
+    }
+}
 
 impl Tenure {
     /// True until the tenure's end.
     pub fn held(&self) -> bool {
         let until = *self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        until.is_some_and(|until| tokio::time::Instant::now() < until)
+        until.is_some_and(|d| d.before(tokio::time::Instant::now(), std::time::SystemTime::now()))
     }
 
     /// A tenure held until `until`.
     fn until(until: tokio::time::Instant) -> Self {
-        Self(Arc::new(Mutex::new(Some(until))))
+        Self(Arc::new(Mutex::new(Some(Deadline::at(until)))))
     }
 
     fn extend(&self, until: tokio::time::Instant) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(until);
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(Deadline::at(until));
     }
 
     fn end(&self) {
@@ -434,5 +462,21 @@ mod tests {
         tenure.extend(past);
         assert!(!seen_elsewhere.held(), "past its end, by the clock alone");
         assert!(!Tenure::default().held(), "none without a lease");
+    }
+
+    #[test]
+    fn a_tenure_ends_by_either_clock() {
+        let deadline = Deadline::at(Instant::now() + Duration::from_secs(60));
+        let (mono, wall) = (Instant::now(), std::time::SystemTime::now());
+        assert!(deadline.before(mono, wall));
+        let hour = Duration::from_secs(3600);
+        assert!(
+            !deadline.before(mono, wall + hour),
+            "suspended an hour: the monotonic clock stood still, the wall clock did not"
+        );
+        assert!(
+            !deadline.before(mono + hour, wall - hour),
+            "the wall clock set back: the monotonic clock still ends it"
+        );
     }
 }
