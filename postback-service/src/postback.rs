@@ -177,13 +177,18 @@ impl PostbackInput {
 }
 
 /// The `Nats-Msg-Id` of a report: the conversion id, plus the status word when
-/// one is given, so a later status report is not dropped as a retry.
+/// one is given, so a later status report is not dropped as a retry, plus the
+/// offer it was verified for, so a verified report is not dropped as a retry
+/// of an unverified one (see [`crate::conversions::ConversionView::reopens_with`]).
 pub fn report_msg_id(e: &ConversionReported) -> String {
-    if e.status.is_empty() {
-        e.conversion_id.clone()
-    } else {
-        format!("{}/{}", e.conversion_id, e.status)
+    let mut id = e.conversion_id.clone();
+    if !e.status.is_empty() {
+        id = format!("{id}/{}", e.status);
     }
+    if !e.verified_offer_id.is_empty() {
+        id = format!("{id}@{}", e.verified_offer_id);
+    }
+    id
 }
 
 /// Brings a `ConversionReported` from the log to canonical form: derived
@@ -324,6 +329,21 @@ mod tests {
         assert_eq!(n.occurred_at_ms, 42);
         assert_eq!(n.currency, "USD");
         assert_eq!(n.origin(), ConversionOrigin::Nats);
+    }
+
+    #[test]
+    fn a_reports_msg_id_tells_status_words_and_verified_reports_apart() {
+        let e = |status: &str, verified: &str| ConversionReported {
+            conversion_id: "c1".into(),
+            status: status.into(),
+            verified_offer_id: verified.into(),
+            ..Default::default()
+        };
+        let ids: Vec<String> = [e("", ""), e("hold", ""), e("", "o1"), e("hold", "o1")]
+            .iter()
+            .map(report_msg_id)
+            .collect();
+        assert_eq!(ids, ["c1", "c1/hold", "c1@o1", "c1/hold@o1"]);
     }
 
     #[test]

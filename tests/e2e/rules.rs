@@ -624,7 +624,7 @@ async fn a_postback_right_behind_its_click_is_still_checked_at_the_door() {
 }
 
 #[tokio::test]
-async fn a_postback_that_skipped_the_door_checks_is_rejected_once_its_offer_is_known() {
+async fn a_postback_that_skipped_the_door_checks_is_rejected_and_the_verified_one_still_counts() {
     let sys = System::start_with_grace(60_000).await;
     offer(&sys, json!({"security": {"token": "s3cret"}})).await;
     let click_id = uuid::Uuid::now_v7().to_string();
@@ -641,6 +641,25 @@ async fn a_postback_that_skipped_the_door_checks_is_rejected_once_its_offer_is_k
     sys.publish("clicks.v1.recorded", click.encode_to_vec())
         .await;
     assert_eq!(rejected_for(&sys, &id).await, "unauthenticated");
+    // Anyone who saw the click id could have sent that one. The advertiser's
+    // own postback of the same conversion, checked at the door now, is not
+    // answered as its retry: the conversion is decided again.
+    let (status, body) = sys
+        .postback(&format!("click_id={click_id}&token=s3cret"))
+        .await;
+    assert_eq!(
+        (status, body["conversion_id"].as_str()),
+        (StatusCode::OK, Some(id.as_str()))
+    );
+    eventually(
+        "decided again, attributed",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+            (v["state"] == "attributed").then_some(())
+        },
+    )
+    .await;
     // Naming the offer lets the door check it up front.
     let (status, body) = sys
         .postback(&format!("click_id={}&offer_id=o1", uuid::Uuid::now_v7()))

@@ -9,9 +9,9 @@
 //! together with what its unfolded rounds claimed ([`InFlight`]), and waits only
 //! where that cannot be exact (cap counts; see there) or when
 //! [`MAX_ROUNDS_IN_FLIGHT`] rounds are unfolded. Decisions are published with
-//! `Nats-Msg-Id = decision-<conversion_id>`, and the fold keeps only the first
-//! decision per conversion, so even a publish whose ack was lost cannot give a
-//! conversion two outcomes.
+//! `Nats-Msg-Id = decision-<conversion_id>-<report sequence>`, and the fold
+//! keeps only the first decision per report, so even a publish whose ack was
+//! lost cannot give a conversion two outcomes.
 
 use std::{
     collections::{HashMap, HashSet},

@@ -238,11 +238,23 @@ impl Decision {
         }
     }
 
-    /// The `Nats-Msg-Id`: one decision per report.
+    /// The `Nats-Msg-Id`: one decision per report (a conversion opened again
+    /// has a second report, whose decision must not be dropped as a retry of
+    /// the first's).
     pub fn msg_id(&self) -> String {
         match self {
             Self::StatusUpdated(e) => format!("status-{}-{}", e.conversion_id, e.update_seq),
-            _ => format!("decision-{}", self.conversion_id()),
+            Self::Attributed(e) => format!("decision-{}-{}", e.conversion_id, e.reported_seq),
+            Self::Rejected(e) => format!("decision-{}-{}", e.conversion_id, e.reported_seq),
+        }
+    }
+
+    /// The stream sequence of the report a first decision answers.
+    pub fn reported_seq(&self) -> Option<u64> {
+        match self {
+            Self::Attributed(e) => Some(e.reported_seq),
+            Self::Rejected(e) => Some(e.reported_seq),
+            Self::StatusUpdated(_) => None,
         }
     }
 
@@ -357,6 +369,10 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             // The same conversion reported again: a retry (nothing to do), or
             // a new status word, which waits for the decider in the status
             // queue.
+            ReReport::Same if known.reopens_with(&view.verified_offer_id) => {
+                // Pending again, as this report: decided afresh (decisions of
+                // the earlier report no longer apply, see `apply_decision`).
+            }
             ReReport::Same => {
                 if view.advertiser_status != known.advertiser_status {
                     let update = StatusUpdate {
@@ -464,6 +480,14 @@ fn apply_decision(
         return Ok(());
     };
     if view.state != ConversionState::Pending {
+        return Ok(());
+    }
+    // A decision of an earlier report of a conversion opened again (a late
+    // re-publish of its rejection) is not this report's.
+    if decision
+        .reported_seq()
+        .is_some_and(|s| s != 0 && s != view.reported_seq)
+    {
         return Ok(());
     }
     let reported_seq = view.reported_seq;
@@ -1021,6 +1045,79 @@ mod tests {
         let old: StatusUpdate =
             serde_json::from_str(r#"{"conversion_id":"c","advertiser_status":"x"}"#).unwrap();
         assert_eq!(old.origin, "");
+    }
+
+    #[test]
+    fn a_verified_report_opens_an_unauthenticated_rejection_again() {
+        let mut h = Harness::new();
+        let report = |verified: &str| ConversionReported {
+            click_id: CLICK.into(),
+            origin: ConversionOrigin::Http as i32,
+            verified_offer_id: verified.into(),
+            ..Default::default()
+        };
+        let rejection = |reported_seq| ConversionRejected {
+            conversion_id: conversion_id(CLICK, "", ""),
+            reason: RejectReason::Unauthenticated as i32,
+            reported_seq,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("").encode_to_vec(),
+        );
+        let id = conversion_id(CLICK, "", "");
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            rejection(1).encode_to_vec(),
+        );
+        // Another unverified report changes nothing; a verified one reopens.
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("").encode_to_vec(),
+        );
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().state,
+            ConversionState::Rejected
+        );
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("o1").encode_to_vec(),
+        );
+        let reopened = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (
+                reopened.state,
+                reopened.reported_seq,
+                reopened.verified_offer_id.as_str()
+            ),
+            (ConversionState::Pending, 4, "o1")
+        );
+        assert_eq!(h.reads().pending_ids().count(), 1);
+        // The first report's rejection, re-published late, is not this one's.
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            rejection(1).encode_to_vec(),
+        );
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().state,
+            ConversionState::Pending
+        );
+        let attributed = ConversionAttributed {
+            conversion_id: id.clone(),
+            offer_id: "o1".into(),
+            reported_seq: 4,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_ATTRIBUTED,
+            attributed.encode_to_vec(),
+        );
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().state,
+            ConversionState::Attributed
+        );
+        assert_eq!(h.reads().pending_ids().count(), 0);
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -268,6 +268,16 @@ impl ConversionView {
         self
     }
 
+    /// Whether a report verified for `verified_offer_id` (empty: none) opens
+    /// this conversion again: one rejected `unauthenticated`, which a report
+    /// nobody verified (sent while the door could not see its click, by anyone
+    /// who knew the click id) must not keep from the advertiser's verified one.
+    pub fn reopens_with(&self, verified_offer_id: &str) -> bool {
+        self.state == ConversionState::Rejected
+            && self.reason == Some(Reason::Unauthenticated)
+            && !verified_offer_id.is_empty()
+    }
+
     /// The view after a rejection; like [`Self::attributed`], first decision wins.
     pub fn rejected(mut self, e: &ConversionRejected) -> Self {
         if self.state != ConversionState::Pending {

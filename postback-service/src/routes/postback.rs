@@ -66,7 +66,8 @@ pub(super) async fn postback(
     let event = input.into_event(ip.to_string(), now, verified);
     let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
     if let Some(known) = state.conversions.get(&event.conversion_id)? {
-        if known.advertiser_status == event.status {
+        if known.advertiser_status == event.status && !known.reopens_with(&event.verified_offer_id)
+        {
             return Ok(Json(accepted)); // a retry of a postback already in the log
         }
     }
