@@ -213,6 +213,9 @@ impl Dispatcher {
                 }
             }
             inner.schedules.enqueue(&new, last, log).await?;
+            if let Some(due) = new.iter().map(|s| s.next_at_ms).min() {
+                lock(&inner.ready).rewind_to(due);
+            }
         }
     }
 
@@ -289,7 +292,7 @@ impl Dispatcher {
                     .take(room)
                 {
                     let due = due?;
-                    ready.offer(&due.delivery_id, &due.host);
+                    ready.offer(&due.delivery_id, &due.host, due.at_ms);
                     (read, last) = (read + 1, due.at_ms);
                 }
                 ready.scanned(if read == room { last } else { now });
