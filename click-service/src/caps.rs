@@ -17,39 +17,17 @@ fn cap_key(offer_id: &str, affiliate_id: Option<&str>, day: &str) -> Vec<u8> {
     }
 }
 
-/// The row of a counted click. A click the outbox re-published past the
-/// duplicate window (its first publish landed, its ack was lost) is in the log
-/// twice and must count once. Only clicks on capped offers have one.
-fn counted_key(click_id: &str) -> Vec<u8> {
-    [b"counted/", click_id.as_bytes()].concat()
-}
-
-/// The rows' format ([`Fold::format`]). 2: a counted click has a row
-/// ([`counted_key`]); format 1 counted a click each time it was in the log.
-const FORMAT: u32 = 2;
-
-/// Counts landing clicks per cap day, each click once.
+/// Counts landing clicks per cap day.
 #[derive(Debug, Default)]
 pub struct ClickCapsFold;
 
 impl Fold for ClickCapsFold {
-    fn format(&self) -> u32 {
-        FORMAT
-    }
-
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
         let Ok(click) = ClickRecorded::decode(entry.payload) else {
             return Ok(());
         };
         if click.cap_day.is_empty() || click.disposition() != ClickDisposition::Landing {
             return Ok(());
-        }
-        if !click.click_id.is_empty() {
-            let counted = counted_key(&click.click_id);
-            if staged.contains(&counted)? {
-                return Ok(());
-            }
-            staged.insert(counted, Vec::new());
         }
         staged.add_u64(cap_key(&click.offer_id, None, &click.cap_day), 1)?;
         staged.add_u64(
@@ -180,9 +158,8 @@ mod tests {
         let db = common::store::open_db(dir.path()).unwrap();
         let tree = common::FoldTree::open(&db, "clicks").unwrap();
         let mut staged = Staged::new(&tree);
-        let click = |id: &str, day: &str, aff: &str, d: ClickDisposition| {
+        let click = |day: &str, aff: &str, d: ClickDisposition| {
             ClickRecorded {
-                click_id: id.into(),
                 offer_id: "o1".into(),
                 affiliate_id: aff.into(),
                 cap_day: day.into(),
@@ -192,12 +169,10 @@ mod tests {
             .encode_to_vec()
         };
         let events = [
-            click("k1", "2026-01-01", "a1", ClickDisposition::Landing),
-            click("k2", "2026-01-01", "a2", ClickDisposition::Landing),
-            click("k3", "2026-01-01", "a1", ClickDisposition::FallbackCapped),
-            click("k4", "2026-01-02", "a1", ClickDisposition::Landing),
-            // k1 re-published by the outbox past the duplicate window.
-            click("k1", "2026-01-01", "a1", ClickDisposition::Landing),
+            click("2026-01-01", "a1", ClickDisposition::Landing),
+            click("2026-01-01", "a2", ClickDisposition::Landing),
+            click("2026-01-01", "a1", ClickDisposition::FallbackCapped),
+            click("2026-01-02", "a1", ClickDisposition::Landing),
         ];
         for (i, payload) in events.iter().enumerate() {
             let entry = LogEntry {
@@ -208,7 +183,7 @@ mod tests {
             };
             ClickCapsFold.apply(&mut staged, &entry).unwrap();
         }
-        staged.commit(5).unwrap();
+        staged.commit(4).unwrap();
         let counts = ClickCounts::new(tree.rows().clone());
         assert_eq!(counts.used("o1", "a1", "2026-01-01").unwrap(), (2, 1));
         assert_eq!(counts.used("o1", "a1", "2026-01-02").unwrap(), (1, 1));
