@@ -284,8 +284,7 @@ async fn run_consumer<F: Fold>(
             format,
             "projection rows are of another format; folding the log again"
         );
-        store::start_format(tree, format)?;
-        source.durable.flush().await?;
+        start_over(tree, format, source, status).await?;
     }
     let mut applied = store::checkpoint(tree)?;
     let mut stream = source.js.get_stream(spec.stream).await?;
@@ -300,8 +299,7 @@ async fn run_consumer<F: Fold>(
             "the stream was created again since this projection was folded; \
              folding the new log from its start"
         );
-        store::start_format(tree, format)?;
-        source.durable.flush().await?;
+        start_over(tree, format, source, status).await?;
         applied = 0;
     }
     if applied > last {
@@ -311,8 +309,7 @@ async fn run_consumer<F: Fold>(
             last,
             "projection is ahead of the log (the stream was recreated); rebuilding"
         );
-        store::start_format(tree, format)?;
-        source.durable.flush().await?;
+        start_over(tree, format, source, status).await?;
         applied = 0;
     }
     if store::log_of(tree)?.is_none() {
@@ -425,6 +422,28 @@ async fn run_consumer<F: Fold>(
             );
         }
     }
+}
+
+/// Empties `tree` to fold the log again from its start. The status says so
+/// at once: a fold that started over after a reconnection (a stream created
+/// again under a running service) is no longer caught up, and what waits for
+/// `caught_up` (the decider, the dispatcher, the door) must not act on a
+/// half-rebuilt projection as if it were whole.
+async fn start_over(
+    tree: &FoldTree,
+    format: u32,
+    source: &Source,
+    status: &watch::Sender<FoldStatus>,
+) -> Result<(), FoldError> {
+    store::start_format(tree, format)?;
+    source.durable.flush().await?;
+    status.send_modify(|s| {
+        s.applied_seq = 0;
+        s.caught_up = false;
+        s.at_tail = false;
+        s.applied_log_time_ms = 0;
+    });
+    Ok(())
 }
 
 /// A short random suffix (the random tail of a UUID v7).
