@@ -372,6 +372,10 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             ReReport::Same if known.reopens_with(&view.verified_offer_id) => {
                 // Pending again, as this report: decided afresh (decisions of
                 // the earlier report no longer apply, see `apply_decision`).
+                // Its rejection leaves the reports: they count outcomes.
+                update_reports(staged, &known, |row| {
+                    row.unrejected(Reason::Unauthenticated)
+                })?;
             }
             ReReport::Same => {
                 if view.advertiser_status != known.advertiser_status {
@@ -1058,6 +1062,7 @@ mod tests {
         };
         let rejection = |reported_seq| ConversionRejected {
             conversion_id: conversion_id(CLICK, "", ""),
+            offer_id: "o1".into(),
             reason: RejectReason::Unauthenticated as i32,
             reported_seq,
             ..Default::default()
@@ -1118,6 +1123,13 @@ mod tests {
             ConversionState::Attributed
         );
         assert_eq!(h.reads().pending_ids().count(), 0);
+        let rows = h.reads().reports('o').unwrap();
+        let row = &rows.iter().find(|(id, _)| id == "o1").unwrap().1;
+        assert_eq!(
+            (row.attributed, row.rejected, row.rejected_by_reason.len()),
+            (1, 0, 0),
+            "counted once, as attributed: {rows:?}"
+        );
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -68,6 +68,18 @@ impl ReportRow {
         self
     }
 
+    /// The row without one rejection for `reason` (a conversion opened again).
+    pub fn unrejected(mut self, reason: Reason) -> Self {
+        self.rejected = self.rejected.saturating_sub(1);
+        if let Some(n) = self.rejected_by_reason.get_mut(&reason) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.rejected_by_reason.remove(&reason);
+            }
+        }
+        self
+    }
+
     fn add(&mut self, money: Money<'_>, sign: i128) {
         for (sums, (currency, micros)) in [
             (&mut self.payout, money.payout),
@@ -151,6 +163,20 @@ mod tests {
         assert_eq!(
             (read.payout["USD"], read.payout["EUR"], read.revenue["USD"]),
             (-7, i128::from(i64::MAX), 9)
+        );
+    }
+
+    #[test]
+    fn a_rejection_taken_back_leaves_no_trace() {
+        let row = ReportRow::default()
+            .rejected(Reason::Duplicate)
+            .rejected(Reason::Unauthenticated);
+        let back = row.unrejected(Reason::Unauthenticated);
+        assert_eq!(back, ReportRow::default().rejected(Reason::Duplicate));
+        assert_eq!(
+            ReportRow::default().unrejected(Reason::Duplicate),
+            ReportRow::default(),
+            "never below zero"
         );
     }
 
