@@ -24,9 +24,19 @@ impl ClickParams {
     /// 400 naming `aff` when it is missing, any parameter longer than 1024 bytes
     /// or not UTF-8, or `query` when the query string is over 8 KiB.
     pub fn parse(query: &str) -> Result<Self, ApiError> {
+        const KNOWN: [&str; 8] = [
+            "aff",
+            "sub1",
+            "sub2",
+            "sub3",
+            "sub4",
+            "sub5",
+            "source",
+            "aff_click_id",
+        ];
         let mut p = Self::default();
         let mut seen = [false; 8];
-        for (key, value) in common::params::parse(query.as_bytes(), "query")? {
+        for (key, value) in common::params::parse_only(query.as_bytes(), "query", &KNOWN)? {
             let slot = match key.as_str() {
                 "aff" => 0,
                 "sub1" => 1,

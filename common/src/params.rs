@@ -15,6 +15,28 @@ pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 /// 400 naming `what` (`query` or `body`) when longer than [`MAX_QUERY_BYTES`] for
 /// a query, or naming the parameter whose name or value is not UTF-8.
 pub fn parse(raw: &[u8], what: &str) -> Result<Vec<(String, String)>, ApiError> {
+    parse_with(raw, what, None)
+}
+
+/// [`parse`], keeping only the parameters named in `wanted`: the others are
+/// skipped unread, so one that is not UTF-8 (an ad network's Latin-1 keyword)
+/// does not refuse the request.
+///
+/// # Errors
+/// As [`parse`], for the wanted parameters only.
+pub fn parse_only(
+    raw: &[u8],
+    what: &str,
+    wanted: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
+    parse_with(raw, what, Some(wanted))
+}
+
+fn parse_with(
+    raw: &[u8],
+    what: &str,
+    wanted: Option<&[&str]>,
+) -> Result<Vec<(String, String)>, ApiError> {
     if what == "query" && raw.len() > MAX_QUERY_BYTES {
         return Err(ApiError::invalid(
             "query",
@@ -27,8 +49,17 @@ pub fn parse(raw: &[u8], what: &str) -> Result<Vec<(String, String)>, ApiError> 
             Some(i) => (&part[..i], &part[i + 1..]),
             None => (part, &b""[..]),
         };
-        let key = decode(k)
-            .map_err(|_| ApiError::invalid(what, "has a parameter name that is not UTF-8"))?;
+        let key = match (decode(k), wanted) {
+            (Ok(key), Some(wanted)) if !wanted.contains(&key.as_str()) => continue,
+            (Ok(key), _) => key,
+            (Err(_), Some(_)) => continue, // not one of the wanted names
+            (Err(_), None) => {
+                return Err(ApiError::invalid(
+                    what,
+                    "has a parameter name that is not UTF-8",
+                ))
+            }
+        };
         let value = decode(v).map_err(|_| ApiError::invalid(key.clone(), "is not valid UTF-8"))?;
         pairs.push((key, value));
     }
@@ -76,6 +107,33 @@ mod tests {
         assert!(
             parse(&vec![b'a'; MAX_QUERY_BYTES + 1], "body").is_ok(),
             "bodies are bounded elsewhere"
+        );
+    }
+
+    #[test]
+    fn only_the_wanted_parameters_are_read() {
+        let wanted = ["aff", "sub1"];
+        let pairs = parse_only(b"kw=caf%E9&%FF=1&aff=a1&sub1=%C3%A9", "query", &wanted).unwrap();
+        let expected: Vec<(String, String)> = [("aff", "a1"), ("sub1", "é")]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        assert_eq!(
+            pairs, expected,
+            "a Latin-1 value of another parameter is skipped"
+        );
+        assert_eq!(
+            field(parse_only(b"sub1=caf%E9", "query", &wanted)),
+            "sub1",
+            "a wanted one is still refused, by name"
+        );
+        assert_eq!(
+            field(parse_only(
+                &vec![b'a'; MAX_QUERY_BYTES + 1],
+                "query",
+                &wanted
+            )),
+            "query"
         );
     }
 }

@@ -169,6 +169,12 @@ async fn click_errors_name_the_parameter() {
         assert_eq!(body["field"], field, "/c/{offer}?{query}: {body}");
         assert!(body["error"].is_string());
     }
+    // An ad network's own parameter in Latin-1 is not ours to refuse; one of
+    // ours is, by name.
+    let r = sys.click("o1", "aff=a1&kw=caf%E9").await;
+    assert_eq!(r.status(), StatusCode::FOUND, "the click is not lost");
+    let r = sys.click("o1", "aff=a1&sub1=caf%E9").await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
