@@ -41,6 +41,41 @@ pub fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// What `GET` shows in place of a secret.
+pub const MASK: &str = "********";
+
+/// A secret sent back as `GET` shows it ([`MASK`]) keeps the one `current`
+/// holds, so an offer read, edited and put back keeps its postback security.
+///
+/// # Errors
+/// 400 naming the field when there is no secret to keep.
+pub fn keep_masked_secrets(
+    event: &mut OfferUpserted,
+    current: Option<&catalog::Security>,
+) -> Result<(), ApiError> {
+    let Some(security) = event.security.as_mut() else {
+        return Ok(());
+    };
+    let kept = |f: fn(&catalog::Security) -> &str| current.map(f).filter(|s| !s.is_empty());
+    for (field, value, stored) in [
+        ("security.token", &mut security.token, kept(|s| &s.token)),
+        (
+            "security.hmac_secret",
+            &mut security.hmac_secret,
+            kept(|s| &s.hmac_secret),
+        ),
+    ] {
+        if value == MASK {
+            *value = stored
+                .ok_or_else(|| {
+                    ApiError::invalid(field, "is the mask GET shows; send the secret itself")
+                })?
+                .to_owned();
+        }
+    }
+    Ok(())
+}
+
 /// Checks a URL template: absolute http(s) once its macros are filled.
 ///
 /// # Errors
@@ -514,6 +549,31 @@ mod tests {
         assert_eq!((o.name.as_str(), o.currency.as_str()), ("o1", "USD"));
         assert_eq!(o.attribution_window_hours, DEFAULT_WINDOW_HOURS);
         assert_eq!(o.status(), OfferStatus::Active);
+    }
+
+    #[test]
+    fn a_masked_secret_put_back_keeps_the_stored_one() {
+        let body =
+            br#"{"url":"http://a.test/","security":{"token":"********","hmac_secret":"new"}}"#;
+        let stored = catalog::Security {
+            token: "s3cret".into(),
+            hmac_secret: "old".into(),
+            ..catalog::Security::default()
+        };
+        let mut event = offer_from_json("o1", body).unwrap();
+        keep_masked_secrets(&mut event, Some(&stored)).unwrap();
+        let security = event.security.unwrap();
+        assert_eq!(
+            (security.token.as_str(), security.hmac_secret.as_str()),
+            ("s3cret", "new"),
+            "the mask keeps, a new value replaces"
+        );
+        let mut event = offer_from_json("o1", body).unwrap();
+        assert_eq!(
+            field_of(keep_masked_secrets(&mut event, None).unwrap_err()),
+            "security.token",
+            "nothing stored to keep"
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub(super) struct OfferJson {
 }
 
 fn mask(secret: &str) -> Option<&'static str> {
-    (!secret.is_empty()).then_some("********")
+    (!secret.is_empty()).then_some(crate::catalog_input::MASK)
 }
 
 impl From<Offer> for OfferJson {
@@ -165,7 +165,9 @@ pub(super) async fn put_offer(
     authorize(&state, &headers)?;
     check_id("offer_id", &offer_id)?;
     let mut event = offer_from_json(&offer_id, &body)?;
-    let existed = state.catalog.offer(&offer_id)?.is_some();
+    let current = state.catalog.offer(&offer_id)?;
+    crate::catalog_input::keep_masked_secrets(&mut event, current.as_ref().map(|o| &o.security))?;
+    let existed = current.is_some();
     event.event_id = uuid::Uuid::now_v7().to_string();
     event.occurred_at_ms = common::time::now_ms();
     let subject = proto::subject::offer(&offer_id);
