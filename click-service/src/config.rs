@@ -37,6 +37,11 @@ pub struct Config {
     /// Bearer token of the admin API; empty disables the admin API (401).
     #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
     pub admin_token: String,
+    /// Take the visitor's IP from this header (the right-most address, as
+    /// appended by our own reverse proxy) for the click's IP and unique-click
+    /// counting; empty: the TCP peer. Set it only behind a proxy that sets it.
+    #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "")]
+    pub trusted_proxy_header: String,
     #[command(flatten)]
     pub ingest: common::config::IngestArgs,
 }
@@ -52,6 +57,7 @@ impl Config {
             addr_file: None,
             data_dir,
             admin_token: "admin".to_owned(),
+            trusted_proxy_header: String::new(),
             log_filter: "info".to_owned(),
             ingest: common::config::IngestArgs::for_tests(),
         }

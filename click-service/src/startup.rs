@@ -89,6 +89,9 @@ impl Application {
             catalog,
             catalog_status,
             admin_token: Arc::from(config.admin_token.as_str()),
+            trusted_proxy_header: Arc::from(
+                config.trusted_proxy_header.to_ascii_lowercase().as_str(),
+            ),
             publish_timeout: config.publish_timeout(),
             outbox: base
                 .start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,

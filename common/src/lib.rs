@@ -5,6 +5,7 @@
 
 pub mod api_error;
 pub mod auth;
+pub mod client_ip;
 pub mod config;
 pub mod fold;
 pub mod health;

@@ -10,7 +10,6 @@ use std::{
     sync::Mutex,
 };
 
-use axum::http::HeaderMap;
 use catalog::Security;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -53,31 +52,6 @@ impl Refusal {
             401
         }
     }
-}
-
-/// The caller's IP: the right-most address in `trusted_header` (the one our own
-/// proxy appended) when that header is configured and present, else the peer.
-/// Only the header's last line counts (a proxy may add a line of its own after
-/// the client's), and only its right-most entry, as an IP or `IP:port`: an
-/// entry there that does not read as one (`unknown`) gives the peer, never an
-/// entry further left, which the client wrote.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_header: &str) -> IpAddr {
-    if trusted_header.is_empty() {
-        return peer;
-    }
-    headers
-        .get_all(trusted_header)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .map(str::trim)
-        .and_then(|s| {
-            s.parse::<IpAddr>()
-                .ok()
-                .or_else(|| s.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
-        })
-        .unwrap_or(peer)
 }
 
 /// The signed text: every parameter but `sig`, sorted by name then value, as
@@ -343,38 +317,6 @@ mod tests {
         assert_eq!(
             check(&s, &pairs(&old_signed), IP, now, &g),
             Err(Refusal::Expired)
-        );
-    }
-
-    #[test]
-    fn client_ip_honours_only_the_configured_header() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "1.1.1.1, 203.0.113.7".parse().unwrap());
-        let peer: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(client_ip(peer, &h, ""), peer);
-        assert_eq!(client_ip(peer, &h, "x-forwarded-for"), IP);
-
-        let forwarded = |lines: &[&str]| {
-            let mut h = HeaderMap::new();
-            for line in lines {
-                h.append("x-forwarded-for", line.parse().unwrap());
-            }
-            client_ip(peer, &h, "x-forwarded-for")
-        };
-        assert_eq!(
-            forwarded(&["203.0.113.99", "203.0.113.7"]),
-            IP,
-            "the proxy's own line, after the client's"
-        );
-        assert_eq!(
-            forwarded(&["203.0.113.99, unknown"]),
-            peer,
-            "an unreadable last entry is not skipped for the client's"
-        );
-        assert_eq!(forwarded(&["1.1.1.1, 203.0.113.7:443"]), IP);
-        assert_eq!(
-            forwarded(&["[2001:db8::1]:443"]),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
         );
     }
 

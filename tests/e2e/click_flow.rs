@@ -225,3 +225,38 @@ async fn a_head_request_is_checked_like_a_click_and_records_nothing() {
     sys.click_ok("o1", "aff=a1").await;
     assert_eq!(clicks().await, 1, "a GET is");
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_visitor_ip_is_the_one_it_appended() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.click
+        .take()
+        .expect("click-service running")
+        .stop()
+        .await;
+    let mut config = sys.click_config();
+    config.trusted_proxy_header = "X-Forwarded-For".into();
+    sys.start_click_with(config).await;
+
+    let r = sys
+        .http
+        .get(sys.click_url("/c/o1?aff=a1"))
+        .header("x-forwarded-for", "10.9.9.9, 198.51.100.9")
+        .send()
+        .await
+        .expect("GET /c");
+    assert_eq!(r.status(), StatusCode::FOUND);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let click_id = url_params(&location)
+        .into_iter()
+        .find(|(k, _)| k == "cid")
+        .unwrap()
+        .1;
+    let click = eventually("the click folded", Duration::from_secs(5), || async {
+        let (status, v) = sys.api(&format!("/api/clicks/{click_id}")).await;
+        (status == StatusCode::OK && v["click"].is_object()).then_some(v)
+    })
+    .await;
+    assert_eq!(click["click"]["ip"], "198.51.100.9", "{click}");
+}

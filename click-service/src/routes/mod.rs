@@ -20,6 +20,8 @@ pub struct AppState {
     pub click_counts: crate::caps::ClickCounts,
     pub clicks_status: watch::Receiver<common::FoldStatus>,
     pub admin_token: Arc<str>,
+    /// Header naming the visitor's IP behind our proxy (lower case; empty: the peer).
+    pub trusted_proxy_header: Arc<str>,
     pub publish_timeout: Duration,
     pub outbox: common::outbox::Outbox,
     pub ack_deadline: Duration,

@@ -75,7 +75,8 @@ pub(super) async fn record_click(
             .collect()
     };
     let visitor = Visitor {
-        ip: peer.ip().to_string(),
+        ip: common::client_ip::client_ip(peer.ip(), &headers, &state.trusted_proxy_header)
+            .to_string(),
         user_agent: header_text(header::USER_AGENT),
         referer: header_text(header::REFERER),
     };

@@ -57,7 +57,7 @@ pub(super) async fn postback(
         pairs.extend(common::params::parse(&body, "body")?);
     }
     let now = common::time::now_ms();
-    let ip = crate::security::client_ip(peer.ip(), &headers, &state.trusted_proxy_header);
+    let ip = common::client_ip::client_ip(peer.ip(), &headers, &state.trusted_proxy_header);
     if state.refusals.over_rate(ip, now) {
         return Err(too_many());
     }
