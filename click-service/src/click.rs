@@ -35,18 +35,10 @@ impl ClickParams {
             "aff_click_id",
         ];
         let mut p = Self::default();
-        let mut seen = [false; 8];
+        let mut seen = [false; KNOWN.len()];
         for (key, value) in common::params::parse_only(query.as_bytes(), "query", &KNOWN)? {
-            let slot = match key.as_str() {
-                "aff" => 0,
-                "sub1" => 1,
-                "sub2" => 2,
-                "sub3" => 3,
-                "sub4" => 4,
-                "sub5" => 5,
-                "source" => 6,
-                "aff_click_id" => 7,
-                _ => continue,
+            let Some(slot) = KNOWN.iter().position(|k| *k == key) else {
+                continue;
             };
             if seen[slot] {
                 continue;
