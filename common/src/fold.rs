@@ -291,23 +291,16 @@ async fn run_consumer<F: Fold>(
     let info = stream.info().await?;
     let last = info.state.last_sequence;
     let log = store::log_identity(info.created.unix_timestamp_nanos());
-    if store::log_of(tree)?.is_some_and(|known| known != log[..]) {
+    // The stream was created again since this projection was folded: its
+    // creation time says so, and for a projection folded before that was
+    // recorded, a checkpoint past the log's end.
+    if store::log_of(tree)?.is_some_and(|known| known != log[..]) || applied > last {
         tracing::warn!(
             stream = spec.stream,
             checkpoint = applied,
             last,
             "the stream was created again since this projection was folded; \
              folding the new log from its start"
-        );
-        start_over(tree, format, source, status).await?;
-        applied = 0;
-    }
-    if applied > last {
-        tracing::warn!(
-            stream = spec.stream,
-            checkpoint = applied,
-            last,
-            "projection is ahead of the log (the stream was recreated); rebuilding"
         );
         start_over(tree, format, source, status).await?;
         applied = 0;

@@ -107,6 +107,13 @@ pub fn is_duplicate(
     }
 }
 
+/// Rule 4: an HTTP report (`origin`) that the door did not verify for
+/// `offer` (`verified_offer_id`), on an offer that requires postback security.
+/// Partner events on NATS are trusted.
+fn unverified(offer: &Offer, origin: &str, verified_offer_id: &str) -> bool {
+    offer.security.is_required() && origin == "http" && verified_offer_id != offer.offer_id
+}
+
 /// Decides one reported conversion.
 pub fn decide(input: DecideInput<'_>) -> Verdict {
     let c = input.conversion;
@@ -126,7 +133,7 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
             format!("offer {:?} is not in the catalog", click.offer_id),
         );
     };
-    if offer.security.is_required() && c.origin == "http" && c.verified_offer_id != offer.offer_id {
+    if unverified(offer, &c.origin, &c.verified_offer_id) {
         return reject(
             Reason::Unauthenticated,
             "the offer requires postback security; this postback was not verified for it",
@@ -278,14 +285,12 @@ pub fn decide_status(
     // Rule 4 holds for a status report as for the first: an HTTP report the
     // door could not check (its click not folded there yet) moves nothing on
     // an offer that requires postback security.
-    if let Some(o) = offer.filter(|o| o.security.is_required()) {
-        if update.origin == "http" && update.verified_offer_id != o.offer_id {
-            return StatusVerdict::Ignore(format!(
-                "unauthenticated: offer {} requires postback security; this status report \
-                 was not verified for it",
-                o.offer_id
-            ));
-        }
+    if let Some(o) = offer.filter(|o| unverified(o, &update.origin, &update.verified_offer_id)) {
+        return StatusVerdict::Ignore(format!(
+            "unauthenticated: offer {} requires postback security; this status report \
+             was not verified for it",
+            o.offer_id
+        ));
     }
     let mapped = match offer {
         Some(o) => o.map_status(word),

@@ -331,7 +331,19 @@ fn skip(entry: &LogEntry<'_>) -> Result<(), sled::Error> {
 }
 
 fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
-    let mut view = match ConversionReported::decode(entry.payload) {
+    let reported = ConversionReported::decode(entry.payload);
+    let malformed = |id, why| {
+        let partial = reported.as_ref().ok();
+        ConversionView::malformed(
+            id,
+            partial,
+            why,
+            entry.payload,
+            entry.seq,
+            entry.log_time_ms,
+        )
+    };
+    let mut view = match &reported {
         Ok(e) => match normalize_reported(e.clone(), entry.log_time_ms) {
             Ok(e) => ConversionView::reported(&e, entry.seq, entry.log_time_ms),
             Err(why) => {
@@ -344,23 +356,12 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                 } else {
                     malformed_id(entry.seq)
                 };
-                ConversionView::malformed(
-                    id,
-                    Some(&e),
-                    why,
-                    entry.payload,
-                    entry.seq,
-                    entry.log_time_ms,
-                )
+                malformed(id, why)
             }
         },
-        Err(error) => ConversionView::malformed(
+        Err(error) => malformed(
             malformed_id(entry.seq),
-            None,
             format!("undecodable ConversionReported: {error}"),
-            entry.payload,
-            entry.seq,
-            entry.log_time_ms,
         ),
     };
     let key = view_key(&view.conversion_id);
@@ -400,15 +401,7 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                 if staged.contains(&view_key(&id))? {
                     return Ok(()); // the same bytes again
                 }
-                let partial = ConversionReported::decode(entry.payload).ok();
-                view = ConversionView::malformed(
-                    id,
-                    partial.as_ref(),
-                    why,
-                    entry.payload,
-                    entry.seq,
-                    entry.log_time_ms,
-                );
+                view = malformed(id, why);
             }
         }
     }
