@@ -660,8 +660,10 @@ async fn leader_and_standby(set: &[(&str, &str)]) -> (Cluster, Process) {
         c.dir.path(),
     );
     standby.ready(&c.http).await;
-    assert_eq!(lease_role(&c, &c.postback).await, "leader");
-    assert_eq!(lease_role(&c, &standby).await, "standby");
+    // Ready means caught up with the log; the lease task may not have asked
+    // for the lease yet (`starting`), so the roles are awaited.
+    await_role(&c, &c.postback, "leader").await;
+    await_role(&c, &standby, "standby").await;
     (c, standby)
 }
 
