@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{app::url_params, Receiver, Reply, System, OFFER_URL};
+use crate::support::{app::url_params, eventually, Receiver, Reply, System, OFFER_URL};
 
 const ALL_MACROS: &str =
     "/pb?click_id={click_id}&conversion_id={conversion_id}&offer_id={offer_id}\
@@ -407,4 +407,101 @@ async fn a_conversions_stream_created_again_and_longer_is_folded_from_its_start(
 #[tokio::test]
 async fn a_conversions_stream_created_again_and_shorter_is_delivered_from_its_start() {
     conversions_stream_created_again(3, 1).await;
+}
+
+#[tokio::test]
+async fn the_delivery_log_lists_filters_and_pages_newest_first() {
+    // a1's receiver takes every postback, a2's refuses for good, a3's fails
+    // and its retry is a minute away: delivered, failed and pending at once.
+    let ok = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let gone = Receiver::start(vec![], Reply::Status(404, "gone")).await;
+    let down = Receiver::start(vec![], Reply::Status(500, "down")).await;
+    let sys = System::start_configured(500, |c| c.postback_first_retry_ms = 60_000).await;
+    catalog(&sys, "a1", &ok.url("/pb?c={click_id}")).await;
+    sys.put_affiliate("a2", json!({"postback_url": gone.url("/pb?c={click_id}")}))
+        .await;
+    sys.put_affiliate("a3", json!({"postback_url": down.url("/pb?c={click_id}")}))
+        .await;
+    let mut expected = Vec::new();
+    for (aff, state) in [
+        ("a1", "delivered"),
+        ("a2", "failed"),
+        ("a3", "pending"),
+        ("a1", "delivered"),
+        ("a3", "pending"),
+        ("a2", "failed"),
+        ("a1", "delivered"),
+    ] {
+        let (_, _, id) = convert(&sys, aff, "").await;
+        let d = sys.delivery_in(&id, state).await;
+        if state == "pending" {
+            eventually("the first attempt", Duration::from_secs(10), || async {
+                let (_, d) = sys.api(&format!("/api/postbacks/{id}")).await;
+                (d["attempts"] == 1).then_some(())
+            })
+            .await;
+        }
+        expected.push((id, aff, d["state"].as_str().unwrap_or_default().to_owned()));
+    }
+
+    let (status, all) = sys.api("/api/postbacks?limit=500").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(all["total"], 7, "{all}");
+    assert_eq!(all["next_offset"], serde_json::Value::Null);
+    let listed = all["postbacks"].as_array().unwrap();
+    let times: Vec<&str> = listed
+        .iter()
+        .map(|d| d["updated_at"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    let mut ids: Vec<&str> = listed
+        .iter()
+        .map(|d| d["delivery_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = expected.iter().map(|(id, _, _)| id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "each delivery once");
+
+    // Filters count what they list.
+    for (query, total) in [
+        ("state=delivered", 3),
+        ("state=failed", 2),
+        ("state=pending", 2),
+        ("affiliate=a3", 2),
+        ("affiliate=a1&state=delivered", 3),
+        ("affiliate=a1&state=failed", 0),
+        ("affiliate=nobody", 0),
+    ] {
+        let (_, v) = sys.api(&format!("/api/postbacks?{query}")).await;
+        assert_eq!(v["total"], total, "{query}: {v}");
+        let shown = v["postbacks"].as_array().unwrap();
+        assert_eq!(shown.len(), total, "{query}");
+        for d in shown {
+            let (_, aff, state) = expected
+                .iter()
+                .find(|(id, _, _)| d["delivery_id"] == id.as_str())
+                .unwrap();
+            assert!(
+                query.contains(&format!("={state}")) || query.contains(&format!("={aff}")),
+                "{query}: {d}"
+            );
+        }
+    }
+
+    // Pages of 3 walk the same list.
+    let mut paged = Vec::new();
+    let mut offset = Some(0);
+    while let Some(at) = offset {
+        let (_, v) = sys
+            .api(&format!("/api/postbacks?limit=3&offset={at}"))
+            .await;
+        assert_eq!(v["total"], 7);
+        paged.extend(v["postbacks"].as_array().unwrap().iter().cloned());
+        offset = v["next_offset"].as_u64();
+    }
+    assert_eq!(&paged, listed);
 }

@@ -257,9 +257,20 @@ impl Dispatcher {
     /// the request and its schedule).
     async fn recover_retries(&self) -> Result<(), sled::Error> {
         let inner = &self.inner;
-        for outcome in inner.outcomes.newest_first()? {
-            if outcome.state == OutcomeState::RetryRequested
-                && inner.schedules.get(&outcome.delivery_id)?.is_none()
+        let requested: Vec<String> = inner
+            .outcomes
+            .newest_first()
+            .filter_map(|l| match l {
+                Ok(l) if l.state == OutcomeState::RetryRequested => Some(Ok(l.delivery_id)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?;
+        for id in requested {
+            let Some(outcome) = inner.outcomes.get(&id)? else {
+                continue;
+            };
+            if outcome.state == OutcomeState::RetryRequested && inner.schedules.get(&id)?.is_none()
             {
                 let generation = outcome.generation;
                 let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);

@@ -1,8 +1,9 @@
 //! The POSTBACKS fold: what became of each delivery, as the log records it.
 //!
 //! Rows: `o/<delivery_id>` the [`Outcome`], packed ([`common::store::pack`]; the
-//! API answers it as JSON); `t/<updated ms BE>/<delivery_id>` an index for
-//! newest-first listing.
+//! API answers it as JSON); `t/<updated ms BE><delivery_id>` an index for
+//! newest-first listing, whose value is the outcome's state (one byte) and
+//! affiliate id: a listing filters and counts on the index alone.
 
 use common::{fold::Fold, LogEntry, Staged};
 use prost::Message;
@@ -157,6 +158,25 @@ fn time_key(at_ms: i64, delivery_id: &str) -> Vec<u8> {
     .concat()
 }
 
+/// What the time index keeps of an outcome.
+fn listed_value(o: &Outcome) -> Vec<u8> {
+    let state = match o.state {
+        OutcomeState::Delivered => b'd',
+        OutcomeState::Failed => b'f',
+        OutcomeState::RetryRequested => b'r',
+    };
+    [&[state][..], o.affiliate_id.as_bytes()].concat()
+}
+
+/// An outcome as the time index lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub delivery_id: String,
+    pub affiliate_id: String,
+    pub state: OutcomeState,
+    pub updated_at_ms: i64,
+}
+
 /// One decoded `postbacks.v1.*` event.
 enum PostbackEvent {
     Delivered(PostbackDelivered),
@@ -227,7 +247,7 @@ impl Fold for PostbacksFold {
             if let Some(old) = old_time {
                 staged.remove(old);
             }
-            staged.insert(time_key(next.updated_at_ms, id), Vec::new());
+            staged.insert(time_key(next.updated_at_ms, id), listed_value(&next));
             staged.put_packed(key, &next);
         }
         Ok(())
@@ -263,18 +283,47 @@ impl Outcomes {
         common::store::get_packed(&self.tree, &outcome_key(delivery_id))
     }
 
-    /// Every outcome, most recently changed first.
-    ///
-    /// # Errors
-    /// sled read failure.
-    pub fn newest_first(&self) -> Result<Vec<Outcome>, sled::Error> {
-        let mut out = Vec::new();
-        for row in self.tree.scan_prefix(b"t/").rev() {
-            let (k, _) = row?;
-            let id = String::from_utf8_lossy(&k[10..]).into_owned();
-            out.extend(self.get(&id)?);
-        }
-        Ok(out)
+    /// Every outcome as the time index lists it, most recently changed first
+    /// (ties: the greater delivery id first), lazily; no outcome is decoded
+    /// but those indexed before the index kept state and affiliate.
+    pub fn newest_first(&self) -> impl Iterator<Item = Result<Listed, sled::Error>> + '_ {
+        self.tree
+            .scan_prefix(b"t/")
+            .rev()
+            .filter_map(move |row| self.listed(row).transpose())
+    }
+
+    fn listed(
+        &self,
+        row: Result<(sled::IVec, sled::IVec), sled::Error>,
+    ) -> Result<Option<Listed>, sled::Error> {
+        let (k, v) = row?;
+        let (Some(at), Some(id)) = (k.get(2..10), k.get(10..)) else {
+            return Ok(None);
+        };
+        let mut ms = [0u8; 8];
+        ms.copy_from_slice(at);
+        let delivery_id = String::from_utf8_lossy(id).into_owned();
+        let state = match v.first() {
+            Some(b'd') => OutcomeState::Delivered,
+            Some(b'f') => OutcomeState::Failed,
+            Some(b'r') => OutcomeState::RetryRequested,
+            _ => {
+                // An index row of an older projection: the outcome says.
+                return Ok(self.get(&delivery_id)?.map(|o| Listed {
+                    delivery_id,
+                    affiliate_id: o.affiliate_id,
+                    state: o.state,
+                    updated_at_ms: o.updated_at_ms,
+                }));
+            }
+        };
+        Ok(Some(Listed {
+            delivery_id,
+            affiliate_id: String::from_utf8_lossy(&v[1..]).into_owned(),
+            state,
+            updated_at_ms: i64::try_from(u64::from_be_bytes(ms)).unwrap_or(i64::MAX),
+        }))
     }
 }
 

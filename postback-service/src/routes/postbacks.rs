@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use axum::{
     extract::{Path, RawQuery, State},
@@ -42,8 +42,6 @@ pub(super) struct DeliveryJson {
     generation: u32,
     updated_at: String,
     history: Vec<HistoryJson>,
-    #[serde(skip)]
-    updated_at_ms: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +102,6 @@ pub(super) fn delivery_json(
             generation: o.generation,
             updated_at: rfc3339(o.updated_at_ms),
             history,
-            updated_at_ms: o.updated_at_ms,
         }),
         (_, Some(s)) => {
             let updated = s.first_attempt_ms.max(s.created_at_ms);
@@ -125,7 +122,6 @@ pub(super) fn delivery_json(
                 generation: s.generation,
                 updated_at: rfc3339(updated),
                 history,
-                updated_at_ms: updated,
             })
         }
         (Some(o), None) => Some(DeliveryJson {
@@ -145,7 +141,6 @@ pub(super) fn delivery_json(
             generation: o.generation,
             updated_at: rfc3339(o.updated_at_ms),
             history,
-            updated_at_ms: o.updated_at_ms,
         }),
         (None, None) => None,
     }
@@ -204,38 +199,116 @@ pub(super) async fn list_postbacks(
     let offset = number("offset", 0, usize::MAX)?;
     let affiliate = params.get("affiliate").filter(|a| !a.is_empty());
 
-    let mut schedules: HashMap<String, Schedule> = state
-        .dispatcher
-        .schedules()
-        .all()?
-        .into_iter()
-        .map(|s| (s.delivery_id.clone(), s))
-        .collect();
-    let mut all: Vec<DeliveryJson> = Vec::new();
-    for outcome in state.dispatcher.outcomes().newest_first()? {
-        let schedule = schedules.remove(&outcome.delivery_id);
-        all.extend(delivery_json(Some(outcome), schedule));
-    }
-    all.extend(
-        schedules
-            .into_values()
-            .filter_map(|s| delivery_json(None, Some(s))),
-    );
-    all.retain(|d| {
-        affiliate.is_none_or(|a| &d.affiliate_id == a)
-            && wanted_state.as_deref().is_none_or(|s| d.state == s)
-    });
-    all.sort_by(|a, b| {
-        b.updated_at_ms
-            .cmp(&a.updated_at_ms)
-            .then_with(|| a.delivery_id.cmp(&b.delivery_id))
-    });
-    let total = all.len();
-    let page: Vec<DeliveryJson> = all.into_iter().skip(offset).take(limit).collect();
+    let affiliate = affiliate.cloned();
+    let (total, page) = tokio::task::spawn_blocking(move || {
+        let wanted = |e: &Listed| {
+            affiliate.as_ref().is_none_or(|a| &e.affiliate_id == a)
+                && wanted_state.as_deref().is_none_or(|s| e.state == s)
+        };
+        let mut total = 0;
+        let mut ids = Vec::new();
+        for e in listing(&state)? {
+            let e = e?;
+            if wanted(&e) {
+                if total >= offset && ids.len() < limit {
+                    ids.push(e.delivery_id);
+                }
+                total += 1;
+            }
+        }
+        let page = ids
+            .iter()
+            .map(|id| lookup(&state, id))
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, ApiError>((total, page))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
     let next = (offset + page.len() < total).then_some(offset + page.len());
     Ok(Json(
         json!({"total": total, "offset": offset, "next_offset": next, "postbacks": page}),
     ))
+}
+
+/// A delivery as the listing orders and filters it, before its page is read.
+struct Listed {
+    at_ms: i64,
+    delivery_id: String,
+    affiliate_id: String,
+    /// As [`DeliveryJson::state`].
+    state: &'static str,
+}
+
+impl Listed {
+    /// Newest first; at the same millisecond, the greater delivery id first
+    /// (the time index's own order, walked backwards).
+    fn order(&self) -> (i64, &str) {
+        (self.at_ms, &self.delivery_id)
+    }
+}
+
+/// Every delivery, newest first, as [`delivery_json`] would show it, without
+/// decoding an outcome: outcomes come from their time index (state and
+/// affiliate are in it), merged with the schedules still pending. Costs a walk
+/// of the index plus one read per pending schedule, and memory for the
+/// pending ones only.
+fn listing(
+    state: &AppState,
+) -> Result<impl Iterator<Item = Result<Listed, ApiError>> + '_, ApiError> {
+    let outcomes = state.dispatcher.outcomes();
+    let mut pending: Vec<Listed> = Vec::new();
+    for s in state.dispatcher.schedules().all()? {
+        // A delivered or failed outcome is shown over its schedule (a
+        // schedule outlives its outcome's event only until it is removed).
+        let shadowed = outcomes
+            .get(&s.delivery_id)?
+            .is_some_and(|o| o.state != OutcomeState::RetryRequested);
+        if !shadowed {
+            pending.push(Listed {
+                at_ms: s.first_attempt_ms.max(s.created_at_ms),
+                delivery_id: s.delivery_id,
+                affiliate_id: s.affiliate_id,
+                state: "pending",
+            });
+        }
+    }
+    pending.sort_unstable_by(|a, b| b.order().cmp(&a.order()));
+    let scheduled: HashSet<String> = pending.iter().map(|p| p.delivery_id.clone()).collect();
+    let logged = outcomes.newest_first().filter_map(move |l| {
+        let l = match l {
+            Ok(l) => l,
+            Err(e) => return Some(Err(ApiError::from(e))),
+        };
+        let state = match l.state {
+            OutcomeState::Delivered => "delivered",
+            OutcomeState::Failed => "failed",
+            // Shown by its schedule, when it has one.
+            OutcomeState::RetryRequested if scheduled.contains(&l.delivery_id) => return None,
+            OutcomeState::RetryRequested => "pending",
+        };
+        Some(Ok(Listed {
+            at_ms: l.updated_at_ms,
+            delivery_id: l.delivery_id,
+            affiliate_id: l.affiliate_id,
+            state,
+        }))
+    });
+    Ok(merge_newest_first(pending.into_iter().map(Ok), logged))
+}
+
+/// Two newest-first sequences as one; an error as soon as either meets one.
+fn merge_newest_first<E>(
+    a: impl Iterator<Item = Result<Listed, E>>,
+    b: impl Iterator<Item = Result<Listed, E>>,
+) -> impl Iterator<Item = Result<Listed, E>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (_, Some(Err(_))) => b.next(),
+        (Some(Ok(x)), Some(Ok(y))) if x.order() < y.order() => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 pub(super) async fn retry_postback(
