@@ -44,6 +44,11 @@ pub struct Config {
     /// rejected `unknown_click`.
     #[arg(long, env = "UNKNOWN_CLICK_GRACE_MS", default_value_t = 600_000)]
     pub unknown_click_grace_ms: u64,
+    /// The decider looks at most this many pending conversions (and as many
+    /// queued status reports) per round; a walk stopped by it goes on from
+    /// there in the next round. Tuning only.
+    #[arg(long, env = "DECIDER_SCAN_LIMIT", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub decider_scan_limit: u64,
     /// Take the advertiser's IP from this header (the right-most address, as
     /// appended by our own reverse proxy) for postback IP allowlists; empty:
     /// the TCP peer. Set it only behind a proxy that sets it.
@@ -129,6 +134,7 @@ impl Config {
             log_filter: "info".to_owned(),
             ingest: common::config::IngestArgs::for_tests(),
             unknown_click_grace_ms: 1000,
+            decider_scan_limit: 100_000,
             leader_lease_ms: 2000,
             postback_timeout_ms: 1000,
             postback_first_retry_ms: 50,

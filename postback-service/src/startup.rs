@@ -118,6 +118,7 @@ impl Application {
         let decider = DeciderConfig {
             grace: config.grace(),
             publish_timeout: config.publish_timeout(),
+            scan_limit: usize::try_from(config.decider_scan_limit).unwrap_or(usize::MAX),
         };
 
         let stores = DispatchStores {

@@ -380,3 +380,27 @@ async fn postback_errors_name_the_field() {
         "the read API needs the token"
     );
 }
+
+#[tokio::test]
+async fn conversions_waiting_past_the_decider_scan_limit_do_not_hold_up_the_ones_behind() {
+    // Each round looks at 5 pending conversions and 5 queued status reports;
+    // 12 of each wait ahead (clicks never seen, a minute's grace).
+    let sys = System::start_configured(60_000, |c| c.decider_scan_limit = 5).await;
+    sys.demo_catalog().await;
+    for _ in 0..12 {
+        let ghost = uuid::Uuid::now_v7();
+        sys.postback_ok(&format!("click_id={ghost}")).await;
+        sys.postback_ok(&format!("click_id={ghost}&status=rejected"))
+            .await;
+    }
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    sys.postback_ok(&format!("click_id={click_id}&status=rejected"))
+        .await;
+    eventually("reversed", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+        (v["status"] == "rejected").then_some(())
+    })
+    .await;
+}

@@ -671,6 +671,38 @@ async fn a_postback_that_skipped_the_door_checks_is_rejected_and_the_verified_on
 }
 
 #[tokio::test]
+async fn a_verified_postback_is_not_kept_out_by_an_unverified_one_still_waiting() {
+    let sys = System::start_with_grace(60_000).await;
+    offer(&sys, json!({"security": {"token": "s3cret"}})).await;
+    let click_id = uuid::Uuid::now_v7().to_string();
+    // Sent by anyone who saw the click id before the click reached the
+    // projection: the door cannot check it, and it waits for its click.
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    // The advertiser's own postback, naming the offer, passes the door while
+    // the first still waits: it is not answered as that one's retry.
+    let verified = sys
+        .postback_ok(&format!("click_id={click_id}&offer_id=o1&token=s3cret"))
+        .await;
+    assert_eq!(verified, id, "the same conversion");
+    let click = ClickRecorded {
+        event_id: click_id.clone(),
+        click_id: click_id.clone(),
+        offer_id: "o1".into(),
+        affiliate_id: "a1".into(),
+        occurred_at_ms: common::time::now_ms() - 1000,
+        ..Default::default()
+    };
+    sys.publish("clicks.v1.recorded", click.encode_to_vec())
+        .await;
+    let v = sys.decided(&id).await;
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("attributed"), None),
+        "{v}"
+    );
+}
+
+#[tokio::test]
 async fn a_rebuild_reproduces_every_rule_decision_and_report_figure() {
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
     let mut sys = System::start().await;

@@ -35,8 +35,6 @@ use super::{
 };
 use crate::clicks::Clicks;
 
-/// Most pending conversions looked at per round.
-const SCAN_LIMIT: usize = 100_000;
 /// Most decisions published per round.
 const ROUND_LIMIT: usize = 4096;
 /// Most rounds published and not yet folded back; past it the decider waits
@@ -53,6 +51,9 @@ pub struct DeciderConfig {
     pub grace: Duration,
     /// How long a decision publish waits for its ack.
     pub publish_timeout: Duration,
+    /// Most pending conversions, and most queued status reports, looked at
+    /// per round.
+    pub scan_limit: usize,
 }
 
 /// The projections and fold statuses the decider reads.
@@ -78,10 +79,17 @@ pub async fn run_decider(
     let mut waiting = Waiting::default();
     let mut in_flight = InFlight::default();
     // Where the next round resumes its walk of the pending conversions: the
-    // rows before it are decided and in flight, or waiting for their click. A
-    // round walks from the start when nothing is in flight, and at least every
-    // `tick` while conversions wait (so they are looked at again).
+    // rows before it are decided and in flight, or waiting for their click.
+    // Once a walk has reached the last pending conversion, the next starts
+    // from the start when nothing is in flight, and at least every `tick`
+    // while conversions wait (so they are looked at again). A walk stopped
+    // short (by the scan limit, behind a flood of conversions waiting for
+    // clicks) goes on where it stopped: starting again would look at the same
+    // waiting ones forever and never reach those reported after them. The
+    // status queue's walk likewise goes on past updates that wait, and starts
+    // again once it has seen the whole queue.
     let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
+    let (mut pending_ended, mut status_from) = (true, Walk::default());
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -94,15 +102,19 @@ pub async fn run_decider(
             continue;
         }
         in_flight.settle(inputs.conversions_status.borrow().applied_seq);
-        let from_start =
-            in_flight.rounds() == 0 || (!waiting.0.is_empty() && walked_all_at.elapsed() >= tick);
-        if from_start {
+        let rewalk = !waiting.0.is_empty() && walked_all_at.elapsed() >= tick;
+        if pending_ended && (in_flight.rounds() == 0 || rewalk) {
             (resume_from, walked_all_at) = (0, std::time::Instant::now());
         }
-        let walk = (&mut waiting, &in_flight, resume_from);
+        if status_from.ended {
+            status_from = Walk::default();
+        }
+        let walk = (&mut waiting, &in_flight, resume_from, status_from.next);
         match round(&js, &inputs, &config, &tenure, walk).await {
             Ok(outcome) => {
                 resume_from = outcome.resume_from;
+                pending_ended = outcome.pending_ended;
+                status_from = outcome.status;
                 if let Some(top) = outcome.top {
                     in_flight.push(top, outcome.claims);
                 }
@@ -174,6 +186,19 @@ struct RoundOutcome {
     wait: bool,
     /// The report sequence of the first pending conversion not looked at.
     resume_from: u64,
+    /// The pending walk reached the last pending conversion.
+    pending_ended: bool,
+    /// Where the status queue's walk stopped.
+    status: Walk,
+}
+
+/// Where a walk of the status queue stopped.
+#[derive(Debug, Clone, Copy, Default)]
+struct Walk {
+    /// The first sequence not looked at.
+    next: u64,
+    /// It looked at everything (the next walk starts from the start).
+    ended: bool,
 }
 
 /// Decides what can be decided now and publishes it.
@@ -182,7 +207,7 @@ async fn round(
     inputs: &DeciderInputs,
     config: &DeciderConfig,
     tenure: &Tenure,
-    (waiting, in_flight, from): (&mut Waiting, &InFlight, u64),
+    (waiting, in_flight, from, status_from): (&mut Waiting, &InFlight, u64, u64),
 ) -> Result<RoundOutcome, RoundError> {
     let now = common::time::now_ms();
     let clicks = inputs.clicks_status.borrow().clone();
@@ -192,12 +217,18 @@ async fn round(
     let mut claims = Claims::default();
     let (mut wait, mut resume_from) = (false, from);
     let mut decisions = Vec::new();
-    for row in inputs.conversions.pending_from(from).take(SCAN_LIMIT) {
+    let (mut scanned, mut stopped) = (0, false);
+    for row in inputs
+        .conversions
+        .pending_from(from)
+        .take(config.scan_limit)
+    {
         if decisions.len() >= ROUND_LIMIT {
+            stopped = true;
             break;
         }
         let (seq, id) = row?;
-        resume_from = seq + 1;
+        (resume_from, scanned) = (seq + 1, scanned + 1);
         if in_flight.decided(&id) || waiting.still(&id, &inputs.clicks, now, grace_ms)? {
             continue;
         }
@@ -220,7 +251,7 @@ async fn round(
             .filter(|o| o.caps.daily_conversions > 0 || o.caps.daily_conversions_per_affiliate > 0);
         if capped.is_some_and(|o| in_flight.attributed_to(&o.offer_id)) {
             // Its cap counts are being folded: decide it once they are in.
-            (wait, resume_from) = (true, seq);
+            (wait, resume_from, stopped) = (true, seq, true);
             break;
         }
         let gk = goal_claim(&conversion.click_id, &conversion.goal);
@@ -280,13 +311,25 @@ async fn round(
             decisions.push(decision);
         }
     }
+    let pending_ended = !stopped && scanned < config.scan_limit;
     // Later status reports, in log order; one per conversion per round.
     let mut touched: HashSet<String> = HashSet::new();
-    for row in inputs.conversions.status_queue().take(SCAN_LIMIT) {
+    let mut status = Walk {
+        next: status_from,
+        ended: false,
+    };
+    let (mut scanned, mut stopped) = (0, false);
+    for row in inputs
+        .conversions
+        .status_queue_from(status_from)
+        .take(config.scan_limit)
+    {
         if decisions.len() >= ROUND_LIMIT {
+            stopped = true;
             break;
         }
         let (seq, update) = row?;
+        (status.next, scanned) = (seq + 1, scanned + 1);
         // A later status of a conversion with a decision in flight waits for it:
         // it is decided against the view that decision leaves.
         if in_flight.decided(&update.conversion_id) || !touched.insert(update.conversion_id.clone())
@@ -319,6 +362,7 @@ async fn round(
             detail,
         }));
     }
+    status.ended = !stopped && scanned < config.scan_limit;
     // A process frozen past its lease may wake mid-round, while another
     // instance decides the same conversions from a projection that knows more.
     if !decisions.is_empty() && !tenure.held() {
@@ -330,6 +374,8 @@ async fn round(
         claims,
         wait,
         resume_from,
+        pending_ended,
+        status,
     })
 }
 

@@ -373,13 +373,22 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             ReReport::Same if known.reopens_with(&view.verified_offer_id) => {
                 // Pending again, as this report: decided afresh (decisions of
                 // the earlier report no longer apply, see `apply_decision`).
-                // Its rejection leaves the reports: they count outcomes.
-                update_reports(staged, &known, |row| {
-                    row.unrejected(Reason::Unauthenticated)
-                })?;
+                if known.state == ConversionState::Pending {
+                    super::pending::remove(staged, known.reported_seq)?;
+                } else {
+                    // Its rejection leaves the reports: they count outcomes.
+                    update_reports(staged, &known, |row| {
+                        row.unrejected(Reason::Unauthenticated)
+                    })?;
+                }
             }
             ReReport::Same => {
-                if view.advertiser_status != known.advertiser_status {
+                // A new status word waits for the decider in the status queue;
+                // so does a verified report (its word may be one an unverified
+                // report already told, which moved nothing on a secured offer).
+                if view.advertiser_status != known.advertiser_status
+                    || !view.verified_offer_id.is_empty()
+                {
                     let update = StatusUpdate {
                         conversion_id: known.conversion_id.clone(),
                         advertiser_status: view.advertiser_status.clone(),
@@ -387,8 +396,15 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                         verified_offer_id: view.verified_offer_id.clone(),
                     };
                     staged.put_json(status_queue_key(entry.seq), &update);
-                    known.advertiser_status = view.advertiser_status;
-                    staged.put_packed(key, &known);
+                    // An undecided conversion is decided with its report's
+                    // word: a later one goes through the status rules once it
+                    // is decided, never in place of the first.
+                    if known.state != ConversionState::Pending
+                        && known.advertiser_status != view.advertiser_status
+                    {
+                        known.advertiser_status = view.advertiser_status;
+                        staged.put_packed(key, &known);
+                    }
                 }
                 return Ok(());
             }
@@ -698,12 +714,23 @@ impl Conversions {
     pub fn status_queue(
         &self,
     ) -> impl Iterator<Item = Result<(u64, StatusUpdate), sled::Error>> + '_ {
-        self.tree.scan_prefix(b"u/").filter_map(|row| match row {
-            Ok((k, v)) => serde_json::from_slice(&v)
-                .ok()
-                .map(|update| Ok((common::store::decode_u64(&k[2..]), update))),
-            Err(e) => Some(Err(e)),
-        })
+        self.status_queue_from(0)
+    }
+
+    /// The status queue from the update reported at `seq` on.
+    pub fn status_queue_from(
+        &self,
+        seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, StatusUpdate), sled::Error>> + '_ {
+        let end = b"u0".to_vec(); // '0' follows '/'
+        self.tree
+            .range(status_queue_key(seq)..end)
+            .filter_map(|row| match row {
+                Ok((k, v)) => serde_json::from_slice(&v)
+                    .ok()
+                    .map(|update| Ok((common::store::decode_u64(&k[2..]), update))),
+                Err(e) => Some(Err(e)),
+            })
     }
 
     /// A counter row (such as a [`cap_key`]); 0 when absent.
@@ -1122,6 +1149,92 @@ mod tests {
             (row.attributed, row.rejected, row.rejected_by_reason.len()),
             (1, 0, 0),
             "counted once, as attributed: {rows:?}"
+        );
+    }
+
+    #[test]
+    fn a_verified_report_takes_the_place_of_an_unverified_one_still_pending() {
+        let mut h = Harness::new();
+        let report = |verified: &str| ConversionReported {
+            click_id: CLICK.into(),
+            origin: ConversionOrigin::Http as i32,
+            verified_offer_id: verified.into(),
+            ..Default::default()
+        };
+        let id = conversion_id(CLICK, "", "");
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("").encode_to_vec(),
+        );
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("o1").encode_to_vec(),
+        );
+        let view = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (
+                view.state,
+                view.reported_seq,
+                view.verified_offer_id.as_str()
+            ),
+            (ConversionState::Pending, 2, "o1")
+        );
+        let pending: Vec<u64> = h.reads().pending_from(0).map(|r| r.unwrap().0).collect();
+        assert_eq!(pending, [2], "waiting once, as the verified report");
+        // A decision of the unverified report, published before, is not this
+        // one's.
+        let rejected = ConversionRejected {
+            conversion_id: id.clone(),
+            reason: RejectReason::Unauthenticated as i32,
+            reported_seq: 1,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            rejected.encode_to_vec(),
+        );
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().state,
+            ConversionState::Pending
+        );
+        // A verified report is not replaced by another.
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("o1").encode_to_vec(),
+        );
+        assert_eq!(h.reads().get(&id).unwrap().unwrap().reported_seq, 2);
+    }
+
+    #[test]
+    fn a_later_word_of_an_undecided_conversion_waits_for_its_decision() {
+        let mut h = Harness::new();
+        let id = h.report("");
+        // Reported again with a misspelt word before it is decided: decided
+        // with its report's word, the later one queued for the status rules.
+        let again = ConversionReported {
+            click_id: CLICK.into(),
+            status: "aproved".into(),
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, again.encode_to_vec());
+        let view = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(view.advertiser_status, "");
+        let queued: Vec<String> = h
+            .reads()
+            .status_queue()
+            .map(|r| r.unwrap().1.advertiser_status)
+            .collect();
+        assert_eq!(queued, ["aproved"]);
+        // Once decided, a later word is the latest one.
+        h.attribute(&id, 1);
+        let later = ConversionReported {
+            status: "chargeback".into(),
+            ..again
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, later.encode_to_vec());
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().advertiser_status,
+            "chargeback"
         );
     }
 

@@ -269,13 +269,19 @@ impl ConversionView {
     }
 
     /// Whether a report verified for `verified_offer_id` (empty: none) opens
-    /// this conversion again: one rejected `unauthenticated`, which a report
-    /// nobody verified (sent while the door could not see its click, by anyone
-    /// who knew the click id) must not keep from the advertiser's verified one.
+    /// this conversion again, to be decided as that report: one rejected
+    /// `unauthenticated`, or an HTTP report nobody verified still waiting for
+    /// its decision. A report nobody verified (sent while the door could not
+    /// see its click, by anyone who knew the click id) must not keep the
+    /// advertiser's verified one out.
     pub fn reopens_with(&self, verified_offer_id: &str) -> bool {
-        self.state == ConversionState::Rejected
-            && self.reason == Some(Reason::Unauthenticated)
-            && !verified_offer_id.is_empty()
+        let unverified_report = self.state == ConversionState::Pending
+            && self.malformed.is_none()
+            && self.origin == "http"
+            && self.verified_offer_id.is_empty();
+        let rejected_as_such =
+            self.state == ConversionState::Rejected && self.reason == Some(Reason::Unauthenticated);
+        !verified_offer_id.is_empty() && (unverified_report || rejected_as_such)
     }
 
     /// The view after a rejection; like [`Self::attributed`], first decision wins.

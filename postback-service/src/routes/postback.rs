@@ -66,8 +66,10 @@ pub(super) async fn postback(
     let event = input.into_event(ip.to_string(), now, verified);
     let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
     if let Some(known) = state.conversions.get(&event.conversion_id)? {
-        if known.advertiser_status == event.status && !known.reopens_with(&event.verified_offer_id)
-        {
+        // A verified report always goes to the log (JetStream drops a repeat
+        // within its duplicate window): the word it repeats may be one only an
+        // unverified report told, which moved nothing on a secured offer.
+        if known.advertiser_status == event.status && event.verified_offer_id.is_empty() {
             return Ok(Json(accepted)); // a retry of a postback already in the log
         }
     }
