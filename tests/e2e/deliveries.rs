@@ -148,7 +148,12 @@ async fn a_hanging_receiver_times_out_and_is_retried() {
         Reply::Status(200, "ok"),
     )
     .await;
-    let sys = System::start_configured(500, |c| c.postback_timeout_ms = 300).await;
+    // A timeout the second attempt's answer is well within, on a loaded
+    // machine too; a lease of at least two timeouts, as the service requires.
+    let sys = System::start_configured(500, |c| {
+        (c.postback_timeout_ms, c.leader_lease_ms) = (1500, 4000);
+    })
+    .await;
     catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
     let (_, _, delivery_id) = convert(&sys, "a1", "").await;
     let delivery = sys.delivery_in(&delivery_id, "delivered").await;
@@ -156,7 +161,7 @@ async fn a_hanging_receiver_times_out_and_is_retried() {
     let seen = receiver.seen();
     assert_eq!(seen.len(), 2);
     assert!(
-        seen[1].at - seen[0].at >= Duration::from_millis(300),
+        seen[1].at - seen[0].at >= Duration::from_millis(1500),
         "the second came after the timeout"
     );
 }
@@ -165,7 +170,8 @@ async fn a_hanging_receiver_times_out_and_is_retried() {
 async fn a_stopped_dispatcher_resumes_its_schedule_and_delivers_once() {
     let receiver =
         Receiver::start(vec![Reply::Status(500, "down")], Reply::Status(200, "ok")).await;
-    let mut sys = System::start_configured(500, |c| c.postback_first_retry_ms = 1500).await;
+    // The retry is due 5 s (±20 %) after the first attempt: after the restart.
+    let mut sys = System::start_configured(500, |c| c.postback_first_retry_ms = 5000).await;
     catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
     let (_, _, delivery_id) = convert(&sys, "a1", "").await;
     let pending =
@@ -211,11 +217,12 @@ async fn a_rebuilt_projection_does_not_send_delivered_postbacks_again() {
 
 #[tokio::test]
 async fn a_slow_receiver_does_not_delay_a_fast_one() {
-    let slow = Receiver::start(vec![], Reply::Hang(Duration::from_secs(20))).await;
+    let slow = Receiver::start(vec![], Reply::Hang(Duration::from_secs(60))).await;
     let fast = Receiver::start(vec![], Reply::Status(200, "ok")).await;
-    // A lease of at least two timeouts, as the service requires.
+    // No slow attempt ends (times out) within the test; a lease of at least
+    // two timeouts, as the service requires.
     let sys = System::start_configured(500, |c| {
-        (c.postback_timeout_ms, c.leader_lease_ms) = (8000, 16_000);
+        (c.postback_timeout_ms, c.leader_lease_ms) = (30_000, 60_000);
     })
     .await;
     catalog(&sys, "slow", &slow.url("/pb?c={click_id}")).await;

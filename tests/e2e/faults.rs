@@ -654,15 +654,16 @@ async fn await_role(c: &Cluster, p: &Process, role: &str) {
 /// standing by, both with these variables set otherwise.
 async fn leader_and_standby(set: &[(&str, &str)]) -> (Cluster, Process) {
     let c = Cluster::start_with(set).await;
+    // Ready means caught up with the log; the lease task may not have asked
+    // for the lease yet (`starting`), so the roles are awaited, the leader's
+    // before the standby starts.
+    await_role(&c, &c.postback, "leader").await;
     let mut standby = Process::start(
         "postback-service",
         env_with(&c.nats, &c.dir.path().join("postback-2"), set),
         c.dir.path(),
     );
     standby.ready(&c.http).await;
-    // Ready means caught up with the log; the lease task may not have asked
-    // for the lease yet (`starting`), so the roles are awaited.
-    await_role(&c, &c.postback, "leader").await;
     await_role(&c, &standby, "standby").await;
     (c, standby)
 }

@@ -29,6 +29,20 @@ async fn role(sys: &System, addr: std::net::SocketAddr, role: &str) -> Value {
     .await
 }
 
+/// Waits until the instance at `addr` stands by for a leader it names (a
+/// standby that could not read the entry names none); returns its lease part.
+async fn standby_of(sys: &System, addr: std::net::SocketAddr) -> Value {
+    eventually(
+        &format!("{addr} stands by"),
+        Duration::from_secs(10),
+        || async {
+            let l = lease(sys, addr).await;
+            (l["role"] == "standby" && l["leader"] != "").then_some(l)
+        },
+    )
+    .await
+}
+
 /// Offer o1 and affiliate a1 posting back to `receiver`.
 async fn catalog(sys: &System, receiver: &Receiver) {
     sys.put_offer(
@@ -67,15 +81,17 @@ fn sent_per_conversion(receiver: &Receiver) -> HashMap<String, usize> {
 
 #[tokio::test]
 async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_over() {
-    let mut sys = System::start().await;
+    // A 10 s lease: taking over within 6 s of the stop is the release, not
+    // the entry's expiry (the standby asks every quarter ttl).
+    let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 10_000).await;
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
     catalog(&sys, &receiver).await;
     let first = sys.postback.as_ref().expect("running").addr;
+    // Ready is caught up with the log; the lease may not be asked for yet.
+    let leader = role(&sys, first, "leader").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let second = sys.start_another_postback(dir.path()).await;
-
-    let leader = role(&sys, first, "leader").await;
-    let standby = role(&sys, second.addr, "standby").await;
+    let standby = standby_of(&sys, second.addr).await;
     assert_eq!(standby["leader"], leader["holder"], "{standby} {leader}");
     assert_ne!(standby["holder"], leader["holder"]);
 
@@ -113,13 +129,13 @@ async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_o
     let holder = leader["holder"].as_str().expect("holder");
     assert!(message.contains(holder), "{body}");
 
-    // The leader stops: it releases the lease and the standby leads at once
-    // (well within the 2 s the lease would take to expire).
+    // The leader stops: it releases the lease and the standby leads at its
+    // next ask (well within the 10 s the lease would take to expire).
     let stopped_at = std::time::Instant::now();
     sys.stop_postback().await;
     let now_leader = role(&sys, second.addr, "leader").await;
     assert!(
-        stopped_at.elapsed() < Duration::from_secs(2),
+        stopped_at.elapsed() < Duration::from_secs(6),
         "took over in {:?}",
         stopped_at.elapsed()
     );
@@ -136,12 +152,15 @@ async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_o
 
 #[tokio::test]
 async fn a_lease_left_by_a_crashed_holder_is_taken_once_it_expires() {
-    let mut sys = System::start().await;
+    // 6 s: long enough that the restart below is standing by before the
+    // foreign entry expires.
+    let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 6_000).await;
     sys.demo_catalog().await;
+    role(&sys, sys.postback.as_ref().expect("running").addr, "leader").await;
     sys.stop_postback().await;
 
     // Another holder that crashed: its entry stays until the bucket's max age
-    // (the test configuration's 2 s) ends it.
+    // (this test's 6 s) ends it.
     let js = sys.jetstream().await;
     let kv = js.get_key_value("leases").await.expect("the leases bucket");
     kv.create("postback-service", "crashed-instance".into())
@@ -150,13 +169,13 @@ async fn a_lease_left_by_a_crashed_holder_is_taken_once_it_expires() {
     let written = std::time::Instant::now();
     sys.start_postback().await;
     let addr = sys.postback.as_ref().expect("running").addr;
-    let standby = role(&sys, addr, "standby").await;
+    let standby = standby_of(&sys, addr).await;
     assert_eq!(standby["leader"], "crashed-instance", "{standby}");
     let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
     role(&sys, addr, "leader").await;
     assert!(
-        written.elapsed() >= Duration::from_millis(1500),
+        written.elapsed() >= Duration::from_millis(4500),
         "led only once the entry expired: {:?}",
         written.elapsed()
     );
@@ -210,6 +229,12 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
     .await;
     let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=meanwhile").await;
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    // Folded (in the projection), then given time a leader would decide in.
+    eventually("the report folded", Duration::from_secs(10), || async {
+        let (status, _) = sys.api(&format!("/api/conversions/{id}")).await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (_, pending) = sys.api(&format!("/api/conversions/{id}")).await;
     assert_eq!(pending["state"], "pending", "nobody decides: {pending}");
@@ -241,13 +266,15 @@ async fn standby_with_lease(sys: &System, lease_ms: u64) {
     let mut config = sys.postback_config();
     (config.data_dir, config.leader_lease_ms) = (dir.path().to_path_buf(), lease_ms);
     let other = sys.start_another_postback_with(config).await;
-    role(sys, other.addr, "standby").await;
+    standby_of(sys, other.addr).await;
     other.stop().await;
 }
 
 #[tokio::test]
 async fn a_longer_configured_lease_raises_the_bucket_and_a_shorter_one_leaves_it() {
     let sys = System::start().await;
+    // The bucket is made when the lease is first asked for.
+    role(&sys, sys.postback.as_ref().expect("running").addr, "leader").await;
     let js = sys.jetstream().await;
     let max_age = || async {
         let mut stream = js.get_stream("KV_leases").await.expect("the bucket");
@@ -288,7 +315,7 @@ async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
     let config = LeaseConfig {
         key: "led-work".into(),
         holder: "only-instance".into(),
-        ttl: Duration::from_millis(600),
+        ttl: Duration::from_millis(3_000),
     };
     let (tx, rx) = status_channel(&config);
     let runs = Arc::new(AtomicUsize::new(0));
@@ -316,13 +343,15 @@ async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
     })
     .await;
     // Released, not left to expire: it was renewed at most a quarter ttl
-    // (150 ms) before the work died, so it would live 450 ms more.
+    // (750 ms) before the work died, so it would live 2.25 s more.
     let kv = js.get_key_value("leases").await.unwrap();
-    eventually("the lease given up", Duration::from_millis(300), || async {
-        kv.get("led-work").await.unwrap().is_none().then_some(())
-    })
+    eventually(
+        "the lease given up",
+        Duration::from_millis(1_500),
+        || async { kv.get("led-work").await.unwrap().is_none().then_some(()) },
+    )
     .await;
-    eventually("a second term", Duration::from_secs(5), || async {
+    eventually("a second term", Duration::from_secs(10), || async {
         (runs.load(Ordering::SeqCst) == 2 && rx.borrow().role == Role::Leader).then_some(())
     })
     .await;

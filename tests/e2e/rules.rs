@@ -225,25 +225,26 @@ async fn pending_then_approved_then_reversed_moves_reports_and_affiliate_postbac
         seen[0].uri, seen[1].uri,
         "each status event has its own delivery id"
     );
-    let (_, click) = sys.api(&format!("/api/clicks/{k}")).await;
-    let shown: Vec<String> = click["deliveries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            let url = d["url"].as_str().unwrap();
-            url_params(url)
-                .into_iter()
-                .find(|(k, _)| k == "s")
-                .unwrap()
-                .1
-        })
-        .collect();
-    assert_eq!(
-        shown,
-        ["approved", "rejected"],
-        "the click shows the reversal's delivery too: {click}"
-    );
+    // The receiver saw it before its outcome is folded: wait for the fold.
+    let shown = eventually(
+        "the click shows the reversal's delivery too",
+        Duration::from_secs(10),
+        || async {
+            let (_, click) = sys.api(&format!("/api/clicks/{k}")).await;
+            let shown: Vec<String> = click["deliveries"]
+                .as_array()?
+                .iter()
+                .filter_map(|d| {
+                    let url = d["url"].as_str()?;
+                    let s = url_params(url).into_iter().find(|(k, _)| k == "s")?;
+                    Some(s.1)
+                })
+                .collect();
+            (shown.len() == 2).then_some(shown)
+        },
+    )
+    .await;
+    assert_eq!(shown, ["approved", "rejected"]);
 
     // No way back from a reversal; the report says why nothing changed.
     sys.postback_ok(&format!("{base}&status=approved")).await;
