@@ -90,9 +90,30 @@ pub fn check_url_template(field: &str, template: &str) -> Result<(), ApiError> {
             "must not contain control characters",
         ));
     }
-    let filled = common::template::fill(template, |_| Some("x"));
-    match url::Url::parse(&filled) {
-        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
+    // Filled twice with different values: where the two differ in scheme,
+    // host, port or user, a macro chose them, and whoever sends the value
+    // (an affiliate's `sub1`, say) would choose where we redirect or post.
+    let parse = |value| url::Url::parse(&common::template::fill(template, |_| Some(value)));
+    match (parse("x"), parse("y0")) {
+        (Ok(a), Ok(b)) if (a.scheme() == "http" || a.scheme() == "https") && a.host().is_some() => {
+            let authority = |u: &url::Url| {
+                (
+                    u.scheme().to_owned(),
+                    u.host_str().map(str::to_owned),
+                    u.port(),
+                    u.username().to_owned(),
+                    u.password().map(str::to_owned),
+                )
+            };
+            if authority(&a) == authority(&b) {
+                Ok(())
+            } else {
+                Err(ApiError::invalid(
+                    field,
+                    "must not have a macro in its scheme, host, port or user",
+                ))
+            }
+        }
         _ => Err(ApiError::invalid(field, "must be an absolute http(s) URL")),
     }
 }
@@ -493,6 +514,29 @@ mod tests {
         match e {
             ApiError::Invalid { field, .. } => field,
             other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_url_template_keeps_its_macros_out_of_scheme_host_port_and_user() {
+        for good in [
+            "https://adv.test/l?c={click_id}&s={sub1}",
+            "https://adv.test:8443/{sub1}/l#{sub2}",
+            "http://user:pw@adv.test/{source}",
+        ] {
+            assert!(check_url_template("url", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "https://{sub1}/l",
+            "https://{sub1}.adv.test/l",
+            "https://adv.test.{sub1}/",
+            "https://adv.test:{sub1}/",
+            "https://{sub1}@adv.test/",
+            "https://u:{sub1}@adv.test/",
+            "{sub1}://adv.test/",
+        ] {
+            let err = check_url_template("url", bad).expect_err(bad);
+            assert_eq!(field_of(err), "url", "{bad}");
         }
     }
 

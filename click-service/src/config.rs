@@ -40,7 +40,8 @@ pub struct Config {
     /// Take the visitor's IP from this header (the right-most address, as
     /// appended by our own reverse proxy) for the click's IP and unique-click
     /// counting; empty: the TCP peer. Set it only behind a proxy that sets it.
-    #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "")]
+    #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "",
+          value_parser = common::config::header_name)]
     pub trusted_proxy_header: String,
     #[command(flatten)]
     pub ingest: common::config::IngestArgs,
@@ -69,5 +70,32 @@ impl Config {
 
     pub(crate) fn publish_timeout(&self) -> Duration {
         self.ingest.publish_timeout()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Config;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from([&["click-service"], args].concat())
+    }
+
+    #[test]
+    fn values_that_would_misbehave_at_run_time_are_refused_at_start() {
+        let header = parse(&["--trusted-proxy-header", "X-Forwarded-For"]).unwrap();
+        assert_eq!(header.trusted_proxy_header, "x-forwarded-for");
+        assert_eq!(parse(&[]).unwrap().trusted_proxy_header, "");
+        for bad in [
+            &["--trusted-proxy-header", "X-Forwarded-For "][..],
+            &["--trusted-proxy-header", "X-Real-IP:"],
+            &["--ack-deadline-ms", "0"],
+            &["--ack-deadline-ms", "10000"],
+            &["--publish-timeout-ms", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -7,15 +7,18 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestArgs {
     /// How long a click or postback waits for its JetStream ack before it is
-    /// spooled to the durable local outbox instead (and answered all the same).
-    #[arg(long, env = "ACK_DEADLINE_MS", default_value_t = 50)]
+    /// spooled to the durable local outbox instead (and answered all the same):
+    /// 1 to 5000, well inside the 10 s a request may take.
+    #[arg(long, env = "ACK_DEADLINE_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=5000))]
     pub ack_deadline_ms: u64,
     /// Events the outbox may hold before new clicks/postbacks get 503.
     #[arg(long, env = "OUTBOX_MAX_ENTRIES", default_value_t = 1_000_000)]
     pub outbox_max_entries: u64,
     /// How long internal publishes (catalog changes, decisions, delivery outcomes,
     /// the outbox drain) wait for their JetStream ack.
-    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub publish_timeout_ms: u64,
     /// Memory sled may use to cache the projection, in MiB (most of the
     /// service's resident memory once the projection is large).
@@ -29,6 +32,21 @@ pub struct IngestArgs {
     #[arg(long, env = "FOLD_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub fold_nice: i32,
+}
+
+/// A `--trusted-proxy-header` value: empty, or a valid HTTP header name (in
+/// lower case, as looked up). A name that is not one would match no header,
+/// and every caller would silently be the proxy.
+///
+/// # Errors
+/// The value is not a header name.
+pub fn header_name(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    axum::http::HeaderName::from_bytes(value.as_bytes())
+        .map(|name| name.as_str().to_owned())
+        .map_err(|_| format!("{value:?} is not an HTTP header name"))
 }
 
 impl IngestArgs {

@@ -18,9 +18,10 @@ pub fn parse(raw: &[u8], what: &str) -> Result<Vec<(String, String)>, ApiError> 
     parse_with(raw, what, None)
 }
 
-/// [`parse`], keeping only the parameters named in `wanted`: the others are
-/// skipped unread, so one that is not UTF-8 (an ad network's Latin-1 keyword)
-/// does not refuse the request.
+/// [`parse`], keeping only the first of each parameter named in `wanted`: the
+/// others, and later copies of a wanted one, are skipped unread, so one that is
+/// not UTF-8 (an ad network's Latin-1 keyword, appended again) does not refuse
+/// the request.
 ///
 /// # Errors
 /// As [`parse`], for the wanted parameters only.
@@ -43,14 +44,18 @@ fn parse_with(
             format!("is longer than {MAX_QUERY_BYTES} bytes"),
         ));
     }
-    let mut pairs = Vec::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
     for part in raw.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (k, v) = match part.iter().position(|b| *b == b'=') {
             Some(i) => (&part[..i], &part[i + 1..]),
             None => (part, &b""[..]),
         };
         let key = match (decode(k), wanted) {
-            (Ok(key), Some(wanted)) if !wanted.contains(&key.as_str()) => continue,
+            (Ok(key), Some(wanted))
+                if !wanted.contains(&key.as_str()) || pairs.iter().any(|(k, _)| *k == key) =>
+            {
+                continue
+            }
             (Ok(key), _) => key,
             (Err(_), Some(_)) => continue, // not one of the wanted names
             (Err(_), None) => {
@@ -126,6 +131,14 @@ mod tests {
             field(parse_only(b"sub1=caf%E9", "query", &wanted)),
             "sub1",
             "a wanted one is still refused, by name"
+        );
+        assert_eq!(
+            parse_only(b"sub1=ok&aff=a1&sub1=caf%E9&aff=a2", "query", &wanted).unwrap(),
+            [
+                ("sub1".to_owned(), "ok".to_owned()),
+                ("aff".to_owned(), "a1".to_owned())
+            ],
+            "the first of each wins; later copies are not read"
         );
         assert_eq!(
             field(parse_only(

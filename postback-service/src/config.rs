@@ -52,7 +52,8 @@ pub struct Config {
     /// Take the advertiser's IP from this header (the right-most address, as
     /// appended by our own reverse proxy) for postback IP allowlists; empty:
     /// the TCP peer. Set it only behind a proxy that sets it.
-    #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "")]
+    #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "",
+          value_parser = common::config::header_name)]
     pub trusted_proxy_header: String,
     /// The decider and the dispatcher run in one instance per log: the one
     /// holding a lease in NATS (key-value bucket `leases`, key
@@ -67,13 +68,16 @@ pub struct Config {
     #[arg(long, env = "LEADER_LEASE_MS", default_value_t = 20_000)]
     pub leader_lease_ms: u64,
     /// Affiliate postbacks: timeout of one attempt, the response body included.
-    #[arg(long, env = "POSTBACK_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(long, env = "POSTBACK_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub postback_timeout_ms: u64,
     /// Affiliate postbacks: delay before the first retry; each later one doubles it.
-    #[arg(long, env = "POSTBACK_FIRST_RETRY_MS", default_value_t = 10_000)]
+    #[arg(long, env = "POSTBACK_FIRST_RETRY_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub postback_first_retry_ms: u64,
     /// Affiliate postbacks: attempts in all before giving up.
-    #[arg(long, env = "POSTBACK_MAX_ATTEMPTS", default_value_t = 10)]
+    #[arg(long, env = "POSTBACK_MAX_ATTEMPTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub postback_max_attempts: u32,
     /// Affiliate postbacks: no retry later than this after the first attempt.
     #[arg(long, env = "POSTBACK_MAX_AGE_SECS", default_value_t = 86_400)]
