@@ -67,8 +67,28 @@ pub async fn connect(
     name: &str,
     connect_timeout: Duration,
 ) -> Result<Connection, ConnectError> {
+    open(url, name, connect_timeout, false).await
+}
+
+/// Like [`connect`], but a NATS that cannot be reached is not an error: the
+/// client connects in the background, retrying forever, and
+/// [`Connection::connections`] moves from 0 once it has. A service started
+/// during a NATS outage serves from its projection and its outbox meanwhile.
+///
+/// # Errors
+/// The URL is invalid.
+pub async fn connect_lazily(url: &str, name: &str) -> Result<Connection, ConnectError> {
+    open(url, name, CONNECT_TIMEOUT, true).await
+}
+
+async fn open(
+    url: &str,
+    name: &str,
+    connect_timeout: Duration,
+    lazily: bool,
+) -> Result<Connection, ConnectError> {
     let (tx, connections) = watch::channel(0u64);
-    let client = async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(connect_timeout)
         .max_reconnects(None)
@@ -77,7 +97,11 @@ pub async fn connect(
                 tx.send_modify(|n| *n += 1);
             }
             async {}
-        })
+        });
+    if lazily {
+        options = options.retry_on_initial_connect();
+    }
+    let client = options
         .connect(url)
         .await
         .map_err(|source| ConnectError::Connect {

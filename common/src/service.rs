@@ -90,12 +90,49 @@ pub struct Base {
     lease: Option<watch::Receiver<crate::lease::LeaseStatus>>,
 }
 
+/// How long a start waits for NATS before it goes on without it.
+pub const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Ensures the streams once the client has connected, retrying until they
+/// are (a start during a NATS outage).
+async fn ensure_streams_once_connected(
+    js: async_nats::jetstream::Context,
+    mut connected: watch::Receiver<u64>,
+    token: CancellationToken,
+) {
+    tokio::select! {
+        () = token.cancelled() => return,
+        _ = connected.wait_for(|n| *n > 0) => {}
+    }
+    loop {
+        match crate::nats::ensure_streams(&js).await {
+            Ok(()) => {
+                tracing::info!("connected to NATS; streams ready");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(error = %crate::fold::error_chain(&error), "streams not ensured; retrying");
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 impl Base {
     /// Opens `data_dir`'s projection, connects to NATS as `name` and ensures
     /// streams. Folds will run at `ingest`'s nice ([`crate::worker`]).
     ///
+    /// A NATS that cannot be reached within [`FIRST_CONNECT_WAIT`] does not
+    /// stop the start: the service serves from its projection, and takes
+    /// clicks and postbacks into its outbox, while the client keeps trying;
+    /// the streams are ensured once it connects.
+    ///
     /// # Errors
-    /// The projection cannot open or NATS cannot be reached within 10 s.
+    /// The projection cannot open, the NATS URL is invalid, or NATS, once
+    /// reached, refuses a stream (JetStream off, say).
     pub async fn open(
         nats_url: &str,
         name: &str,
@@ -111,16 +148,9 @@ impl Base {
             client,
             js,
             connections,
-        } = crate::nats::connect(nats_url, name, crate::nats::CONNECT_TIMEOUT).await?;
-        tracing::info!(
-            url = nats_url,
-            ms = started.elapsed().as_millis(),
-            "connected to NATS"
-        );
-        crate::nats::ensure_streams(&js).await?;
-        tracing::info!(ms = started.elapsed().as_millis(), "streams ready");
+        } = crate::nats::connect_lazily(nats_url, name).await?;
         let token = CancellationToken::new();
-        Ok(Self {
+        let base = Self {
             client,
             js,
             connections,
@@ -134,7 +164,29 @@ impl Base {
             outbox: None,
             fold_nice: ingest.fold_nice,
             lease: None,
-        })
+        };
+        let mut connected = base.connections.clone();
+        let first = tokio::time::timeout(FIRST_CONNECT_WAIT, connected.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|seen| seen.is_ok());
+        if first {
+            tracing::info!(
+                url = nats_url,
+                ms = started.elapsed().as_millis(),
+                "connected to NATS"
+            );
+            crate::nats::ensure_streams(&base.js).await?;
+            tracing::info!(ms = started.elapsed().as_millis(), "streams ready");
+        } else {
+            tracing::warn!(
+                url = nats_url,
+                "NATS cannot be reached: serving from the projection, clicks and \
+                 postbacks go to the outbox; connecting in the background"
+            );
+            let js = base.js.clone();
+            base.spawn(|token| ensure_streams_once_connected(js, connected, token));
+        }
+        Ok(base)
     }
 
     /// Starts folding `spec.stream` into the Tree `tree`; returns the fold's status.

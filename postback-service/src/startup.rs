@@ -140,12 +140,8 @@ impl Application {
         // their acks do not queue behind the folds' deliveries on one socket,
         // and the two connections' tasks run on both cores (+6 % decisions/s,
         // bench/notes.md, seventeenth round).
-        let decider_nats = common::nats::connect(
-            &config.nats_url,
-            "postback-service-decider",
-            common::nats::CONNECT_TIMEOUT,
-        )
-        .await?;
+        let decider_nats =
+            common::nats::connect_lazily(&config.nats_url, "postback-service-decider").await?;
         let led = Led {
             js: decider_nats.js,
             decider_inputs: inputs,

@@ -98,6 +98,58 @@ async fn with_nats_down_clicks_and_postbacks_are_spooled_then_published() {
 }
 
 #[tokio::test]
+async fn services_started_while_nats_is_down_take_clicks_and_postbacks_into_the_outbox() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    let (before, _) = sys.click_ok("o1", "aff=a1").await;
+    eventually("the click folded", Duration::from_secs(10), || async {
+        let (status, _) = sys.api(&format!("/api/clicks/{before}")).await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+    sys.click.take().unwrap().stop().await;
+    sys.postback.take().unwrap().stop().await;
+    sys.nats.kill();
+
+    // Both start (a deploy, a reboot, an OOM kill during the outage) and
+    // serve from their projections: not ready, but nothing is turned away.
+    let config = sys.click_config();
+    sys.serve_click(config).await;
+    sys.serve_postback().await;
+    let (during, location) = sys.click_ok("o1", "aff=a1").await;
+    assert!(location.contains(&during), "{location}");
+    let (status, body) = sys.postback(&format!("click_id={before}&txid=T1")).await;
+    assert_eq!(
+        (status, body["durable"].as_str()),
+        (StatusCode::OK, Some("outbox")),
+        "{body}"
+    );
+    let spooled = body["conversion_id"].as_str().unwrap().to_owned();
+    let (status, _) = ready(&sys, &sys.click_url("/readyz")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    sys.nats.restart();
+    for url in [sys.click_url("/readyz"), sys.postback_url("/readyz")] {
+        eventually(
+            "connected, outbox drained and ready",
+            Duration::from_secs(30),
+            || async {
+                let (status, body) = ready(&sys, &url).await;
+                (status == StatusCode::OK && body["outbox"]["depth"] == 0).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(sys.decided(&spooled).await["state"], "attributed");
+    let id = sys.postback_ok(&format!("click_id={during}")).await;
+    assert_eq!(
+        sys.decided(&id).await["state"],
+        "attributed",
+        "the click taken during the outage reached the log"
+    );
+}
+
+#[tokio::test]
 async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
     let mut sys = System::start().await;
     sys.demo_catalog().await;

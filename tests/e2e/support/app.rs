@@ -119,6 +119,13 @@ impl System {
     }
 
     pub async fn start_click_with(&mut self, config: click_service::Config) {
+        let addr = self.serve_click(config).await;
+        self.wait_ready(addr).await;
+    }
+
+    /// Starts click-service and returns once it serves, ready or not (NATS
+    /// may be down).
+    pub async fn serve_click(&mut self, config: click_service::Config) -> SocketAddr {
         let app = click_service::Application::build(config)
             .await
             .expect("click-service starts");
@@ -130,10 +137,16 @@ impl System {
                     .expect("click-service runs")
             })
         }));
-        self.wait_ready(addr).await;
+        addr
     }
 
     pub async fn start_postback(&mut self) {
+        let addr = self.serve_postback().await;
+        self.wait_ready(addr).await;
+    }
+
+    /// Starts postback-service and returns once it serves, ready or not.
+    pub async fn serve_postback(&mut self) -> SocketAddr {
         let app = postback_service::Application::build(self.postback_config())
             .await
             .expect("postback-service starts");
@@ -145,7 +158,7 @@ impl System {
                     .expect("postback-service runs")
             })
         }));
-        self.wait_ready(addr).await;
+        addr
     }
 
     /// Starts one more postback-service on this system's NATS, with a data

@@ -38,13 +38,32 @@ impl NatsServer {
     }
 
     fn spawn(&mut self, port: &str) {
+        // A restart on the same port can find it taken for a moment: a client
+        // reconnecting to a port with no listener may be given that very port
+        // as its own (a TCP self-connect), until it gives the attempt up.
+        for _ in 0..50 {
+            let mut child = self.spawn_once(port);
+            match wait_for_ports_file(self.dir.path(), &mut child, Duration::from_secs(10)) {
+                Some(url) => {
+                    (self.child, self.url) = (Some(child), url);
+                    return;
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+        panic!("nats-server did not start; log tail:\n{tail}");
+    }
+
+    fn spawn_once(&self, port: &str) -> Child {
         let dir = self.dir.path();
         for entry in std::fs::read_dir(dir).expect("read temp dir").flatten() {
             if entry.path().extension().is_some_and(|e| e == "ports") {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        let child = Command::new(binary())
+        Command::new(binary())
             .args(["-a", "127.0.0.1", "-p", port, "-js"])
             .arg("-sd")
             .arg(dir.join("js"))
@@ -55,9 +74,7 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server on PATH (Debian package `nats-server`)");
-        self.child = Some(child);
-        self.url = wait_for_ports_file(dir, Duration::from_secs(10));
+            .expect("nats-server on PATH (Debian package `nats-server`)")
     }
 
     /// Kills the server (its data stays) to simulate an outage.
@@ -81,7 +98,9 @@ impl NatsServer {
     }
 }
 
-fn wait_for_ports_file(dir: &Path, timeout: Duration) -> String {
+/// The server's URL once it listens; `None` if it exited first (its port
+/// taken) or did not listen within `timeout`.
+fn wait_for_ports_file(dir: &Path, child: &mut Child, timeout: Duration) -> Option<String> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         let ports = std::fs::read_dir(dir)
@@ -92,16 +111,19 @@ fn wait_for_ports_file(dir: &Path, timeout: Duration) -> String {
             if let Ok(text) = std::fs::read_to_string(entry.path()) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     if let Some(url) = v["nats"][0].as_str() {
-                        return url.to_owned();
+                        return Some(url.to_owned());
                     }
                 }
             }
         }
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-    let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
-    panic!("nats-server did not start within {timeout:?}; log tail:\n{tail}");
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 impl Drop for NatsServer {
