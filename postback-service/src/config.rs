@@ -44,6 +44,12 @@ pub struct Config {
     /// rejected `unknown_click`.
     #[arg(long, env = "UNKNOWN_CLICK_GRACE_MS", default_value_t = 600_000)]
     pub unknown_click_grace_ms: u64,
+    /// How long the door waits, at most, for a click this service has not
+    /// folded yet (its postback security needs the click's offer), NATS's
+    /// answer of where the log ends included.
+    #[arg(long, env = "DOOR_WAIT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=5000))]
+    pub door_wait_ms: u64,
     /// The decider looks at most this many pending conversions (and as many
     /// queued status reports) per round; a walk stopped by it goes on from
     /// there in the next round. Tuning only.
@@ -139,6 +145,8 @@ impl Config {
             ingest: common::config::IngestArgs::for_tests(),
             unknown_click_grace_ms: 1000,
             decider_scan_limit: 100_000,
+            // A loaded test machine may take over a second to fold a click.
+            door_wait_ms: 3000,
             leader_lease_ms: 2000,
             postback_timeout_ms: 1000,
             postback_first_retry_ms: 50,

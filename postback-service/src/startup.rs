@@ -163,7 +163,7 @@ impl Application {
             conversions,
             clicks,
             clicks_status,
-            door_wait: Duration::from_secs(1),
+            door_wait: Duration::from_millis(config.door_wait_ms),
             dispatcher,
             catalog: catalog::Catalog::new(base.db.open_tree("catalog")?),
             refusals: Arc::default(),
