@@ -131,12 +131,38 @@ fn route(order: Order<'_>, depth: u64, acking: bool, waiting: &Waiting) -> Route
     }
 }
 
+type JsPublishError = async_nats::jetstream::context::PublishError;
+
+/// Whether JetStream will never take this event as it is: larger than the
+/// server's max payload or the stream's max message size. Anything else (no
+/// stream yet, a timeout, a full disk) may pass on a later try.
+fn refused_for_good(error: &JsPublishError) -> bool {
+    use async_nats::jetstream::{context::PublishErrorKind, ErrorCode};
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|e| {
+                [
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+                    ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
+                ]
+                .contains(&e.error_code())
+            }),
+        _ => false,
+    }
+}
+
 /// What `/readyz` shows of the outbox.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxStatus {
     pub depth: u64,
     pub oldest_age_ms: Option<i64>,
     pub max_entries: u64,
+    /// Events JetStream refused for good (larger than a stream or the server
+    /// allows), set aside so they do not hold up the rest; kept, and put back
+    /// in line at the next start (after the limit was raised, say).
+    pub refused: u64,
 }
 
 /// A spooled event.
@@ -190,6 +216,8 @@ pub struct Outbox {
 struct Inner {
     db: sled::Db,
     tree: sled::Tree,
+    /// Events set aside: JetStream refused them for good.
+    refused: sled::Tree,
     /// Spools that happen at once (an outage under load) share flushes.
     durable: crate::store::GroupFlush,
     depth: AtomicU64,
@@ -210,6 +238,15 @@ impl Outbox {
         std::fs::create_dir_all(dir)?;
         let db = crate::store::open_waiting(&sled::Config::new().path(dir.join("outbox")))?;
         let tree = db.open_tree("events")?;
+        // Refused events go back in line, in their places: whatever refused
+        // them may have been raised since.
+        let refused = db.open_tree("refused")?;
+        for row in refused.iter() {
+            let (key, value) = row?;
+            tree.insert(&key, value)?;
+            refused.remove(&key)?;
+        }
+        db.flush()?;
         let depth = tree.len() as u64;
         let mut waiting = Waiting::default();
         for key in tree.iter().keys() {
@@ -226,6 +263,7 @@ impl Outbox {
                 durable: crate::store::GroupFlush::new(tree.clone()),
                 db,
                 tree,
+                refused,
                 depth: AtomicU64::new(depth),
                 acking: AtomicBool::new(true),
                 waiting: Mutex::new(waiting),
@@ -255,6 +293,7 @@ impl Outbox {
             depth: self.depth(),
             oldest_age_ms: oldest,
             max_entries: self.inner.max_entries,
+            refused: self.inner.refused.len() as u64,
         }
     }
 
@@ -293,7 +332,12 @@ impl Outbox {
             return Err(error.into());
         }
         inner.depth.fetch_add(1, Ordering::Relaxed);
-        inner.durable.flush().await?;
+        if let Err(error) = inner.durable.flush().await {
+            // Not durable, so answered as not recorded: it must not be
+            // published later either, or a retry would record it twice.
+            self.take(&key);
+            return Err(error.into());
+        }
         inner.wake.notify_one();
         Ok(())
     }
@@ -365,6 +409,24 @@ impl Outbox {
         removed
     }
 
+    /// Moves a spooled event JetStream refused for good out of the line, so
+    /// the events behind it drain; it is kept (see [`OutboxStatus::refused`]).
+    fn set_aside(&self, key: &[u8], record: &Record, error: &JsPublishError) {
+        tracing::error!(
+            %error,
+            subject = record.subject,
+            msg_id = record.msg_id,
+            bytes = record.payload.len(),
+            "JetStream refuses this spooled event for good; set aside (kept in the \
+             outbox's `refused` tree, put back in line at the next start)"
+        );
+        if let Err(error) = self.inner.refused.insert(key, record.encode()) {
+            tracing::error!(%error, "cannot set the refused event aside; it stays in line");
+            return;
+        }
+        self.take(key);
+    }
+
     fn first(&self, n: usize) -> Vec<(sled::IVec, Record)> {
         self.inner
             .tree
@@ -397,6 +459,9 @@ impl Outbox {
             .await;
             match ack {
                 Ok(ack) => acks.push((key, record, ack)),
+                Err(PublishError::Send { source, .. }) if refused_for_good(&source) => {
+                    self.set_aside(key, record, &source);
+                }
                 Err(e) => {
                     if acks.is_empty() {
                         return Err(e);
@@ -411,6 +476,9 @@ impl Outbox {
                 Ok(Ok(_)) => {
                     self.take(key);
                     done += 1;
+                }
+                Ok(Err(source)) if refused_for_good(&source) => {
+                    self.set_aside(key, record, &source);
                 }
                 Ok(Err(source)) => {
                     return Err(PublishError::Send {
@@ -576,5 +644,45 @@ mod tests {
         assert!(reopened.take(&keys[0]));
         assert!(reopened.waiting().may_pass(Order::PerKey("c1")));
         assert_eq!(reopened.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_set_aside_kept_and_back_in_line_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), 10).unwrap();
+            for id in ["m1", "m2"] {
+                outbox
+                    .spool("s", id, id.as_bytes(), Order::Independent)
+                    .await
+                    .unwrap();
+            }
+            let (key, record) = outbox.first(1).remove(0);
+            let too_big = JsPublishError::new(
+                async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
+            );
+            assert!(refused_for_good(&too_big));
+            outbox.set_aside(&key, &record, &too_big);
+            let status = outbox.status();
+            assert_eq!((status.depth, status.refused), (1, 1));
+            let left: Vec<String> = outbox
+                .first(10)
+                .into_iter()
+                .map(|(_, r)| r.msg_id)
+                .collect();
+            assert_eq!(left, ["m2"], "the one behind it is next");
+            assert!(!refused_for_good(&JsPublishError::new(
+                async_nats::jetstream::context::PublishErrorKind::TimedOut
+            )));
+        }
+        let reopened = Outbox::open(dir.path(), 10).unwrap();
+        let status = reopened.status();
+        assert_eq!((status.depth, status.refused), (2, 0));
+        let ids: Vec<String> = reopened
+            .first(10)
+            .into_iter()
+            .map(|(_, r)| r.msg_id)
+            .collect();
+        assert_eq!(ids, ["m1", "m2"], "in its place again");
     }
 }

@@ -150,6 +150,43 @@ async fn services_started_while_nats_is_down_take_clicks_and_postbacks_into_the_
 }
 
 #[tokio::test]
+async fn an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_drain() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    // An operator lowered the CLICKS stream's largest message below what a
+    // click with long sub-ids takes.
+    let js = sys.jetstream().await;
+    let mut config = js
+        .get_stream("CLICKS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_message_size = 2048;
+    js.update_stream(config).await.unwrap();
+
+    let long = "x".repeat(1000);
+    let (big, _) = sys
+        .click_ok("o1", &format!("aff=a1&sub1={long}&sub2={long}&sub3={long}"))
+        .await;
+    // Clicks behind it are not held up by it.
+    let (small, _) = sys.click_ok("o1", "aff=a1").await;
+    let id = sys.postback_ok(&format!("click_id={small}")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    let status = eventually("set aside", Duration::from_secs(10), || async {
+        let (_, body) = ready(&sys, &sys.click_url("/readyz")).await;
+        (body["outbox"]["refused"] == 1).then_some(body)
+    })
+    .await;
+    assert_eq!(status["outbox"]["depth"], 0, "{status}");
+    let (_, refused) = sys.api(&format!("/api/clicks/{big}")).await;
+    assert_ne!(refused["click"]["click_id"], big.as_str(), "not in the log");
+}
+
+#[tokio::test]
 async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
     let mut sys = System::start().await;
     sys.demo_catalog().await;
