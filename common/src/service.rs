@@ -333,8 +333,13 @@ impl Base {
                 );
             }
         }
-        if let Err(error) = self.client.drain().await {
-            tracing::warn!(%error, "draining the NATS connection");
+        // Bounded: with NATS away (never reached since the start, say) the
+        // drain would wait for a connection that may not come; whatever it
+        // held is in the outbox or the log already.
+        match tokio::time::timeout(Duration::from_secs(5), self.client.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "draining the NATS connection"),
+            Err(_) => tracing::warn!("NATS connection not drained within 5 s; closing"),
         }
         served
     }

@@ -7,7 +7,8 @@
 //!    `unknown_click`;
 //! 3. the click's offer is not in the catalog: `unknown_offer`;
 //! 4. the offer requires postback security and this HTTP report did not pass it
-//!    for this offer at the door: `unauthenticated`;
+//!    for this offer at the door, or the door verified it for another offer:
+//!    `unauthenticated`;
 //! 5. the offer lists goals and this goal is not one: `unknown_goal`;
 //! 6. the advertiser's status word is unknown to the offer: `malformed`;
 //! 7. faster than the offer's `min_ctit_seconds` after the click, or dated
@@ -107,11 +108,24 @@ pub fn is_duplicate(
     }
 }
 
-/// Rule 4: an HTTP report (`origin`) that the door did not verify for
-/// `offer` (`verified_offer_id`), on an offer that requires postback security.
-/// Partner events on NATS are trusted.
-fn unverified(offer: &Offer, origin: &str, verified_offer_id: &str) -> bool {
-    offer.security.is_required() && origin == "http" && verified_offer_id != offer.offer_id
+/// Rule 4: why an HTTP report (`origin`) does not count for `offer`: the
+/// offer requires postback security and the door did not verify the report
+/// for it (`verified_offer_id`), or the door verified it for another offer
+/// (its `offer_id=` named one whose security the sender passes). Partner
+/// events on NATS are trusted.
+fn unverified(offer: &Offer, origin: &str, verified_offer_id: &str) -> Option<String> {
+    if origin != "http" || verified_offer_id == offer.offer_id {
+        return None;
+    }
+    if !verified_offer_id.is_empty() {
+        return Some(format!(
+            "this postback was verified for offer {verified_offer_id}, not for the click's offer {}",
+            offer.offer_id
+        ));
+    }
+    offer.security.is_required().then(|| {
+        "the offer requires postback security; this postback was not verified for it".to_owned()
+    })
 }
 
 /// Decides one reported conversion.
@@ -133,11 +147,8 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
             format!("offer {:?} is not in the catalog", click.offer_id),
         );
     };
-    if unverified(offer, &c.origin, &c.verified_offer_id) {
-        return reject(
-            Reason::Unauthenticated,
-            "the offer requires postback security; this postback was not verified for it",
-        );
+    if let Some(why) = unverified(offer, &c.origin, &c.verified_offer_id) {
+        return reject(Reason::Unauthenticated, why);
     }
     let goal = if c.goal.is_empty() {
         "default"
@@ -285,12 +296,9 @@ pub fn decide_status(
     // Rule 4 holds for a status report as for the first: an HTTP report the
     // door could not check (its click not folded there yet) moves nothing on
     // an offer that requires postback security.
-    if let Some(o) = offer.filter(|o| unverified(o, &update.origin, &update.verified_offer_id)) {
-        return StatusVerdict::Ignore(format!(
-            "unauthenticated: offer {} requires postback security; this status report \
-             was not verified for it",
-            o.offer_id
-        ));
+    if let Some(why) = offer.and_then(|o| unverified(o, &update.origin, &update.verified_offer_id))
+    {
+        return StatusVerdict::Ignore(format!("unauthenticated: {why}"));
     }
     let mapped = match offer {
         Some(o) => o.map_status(word),
@@ -653,6 +661,17 @@ mod tests {
         );
         c.origin = "nats".into();
         attributed(decide(input(&c, Some(&k), Some(&o))));
+
+        // Verified for another offer (its `offer_id=` named one whose security
+        // the sender passes): not for the click's, even one without security.
+        let mut c = conversion(2000, "", None, "");
+        attributed(decide(input(&c, Some(&k), Some(&offer()))));
+        c.verified_offer_id = "other".into();
+        let Verdict::Reject { reason, detail } = decide(input(&c, Some(&k), Some(&offer()))) else {
+            panic!("attributed a report verified for another offer");
+        };
+        assert_eq!(reason, Reason::Unauthenticated);
+        assert!(detail.contains("offer other"), "{detail}");
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub async fn run_decider(
     // status queue's walk likewise goes on past updates that wait, and starts
     // again once it has seen the whole queue.
     let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
-    let (mut pending_ended, mut status_from) = (true, Walk::default());
+    let (mut pending_ended, mut status_walk) = (true, Walk::default());
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -106,15 +106,14 @@ pub async fn run_decider(
         if pending_ended && (in_flight.rounds() == 0 || rewalk) {
             (resume_from, walked_all_at) = (0, std::time::Instant::now());
         }
-        if status_from.ended {
-            status_from = Walk::default();
+        if status_walk.ended {
+            status_walk = Walk::default();
         }
-        let walk = (&mut waiting, &in_flight, resume_from, status_from.next);
+        let walk = (&mut waiting, &in_flight, resume_from, &mut status_walk);
         match round(&js, &inputs, &config, &tenure, walk).await {
             Ok(outcome) => {
                 resume_from = outcome.resume_from;
                 pending_ended = outcome.pending_ended;
-                status_from = outcome.status;
                 if let Some(top) = outcome.top {
                     in_flight.push(top, outcome.claims);
                 }
@@ -130,6 +129,8 @@ pub async fn run_decider(
             }
             Err(error) => {
                 tracing::warn!(%error, "decider round failed; retrying");
+                // What it walked past was not published: walk it again.
+                status_walk = Walk::default();
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
                 tokio::select! {
@@ -188,17 +189,20 @@ struct RoundOutcome {
     resume_from: u64,
     /// The pending walk reached the last pending conversion.
     pending_ended: bool,
-    /// Where the status queue's walk stopped.
-    status: Walk,
 }
 
-/// Where a walk of the status queue stopped.
-#[derive(Debug, Clone, Copy, Default)]
+/// A walk of the status queue, over as many rounds as it takes.
+#[derive(Debug, Default)]
 struct Walk {
     /// The first sequence not looked at.
     next: u64,
     /// It looked at everything (the next walk starts from the start).
     ended: bool,
+    /// Conversions with an update this walk looked at: decided, waiting for
+    /// the decision in flight or for the conversion's own. Their later
+    /// updates wait for the next walk, so a conversion's updates are decided
+    /// in log order, one per walk.
+    held: HashSet<String>,
 }
 
 /// Decides what can be decided now and publishes it.
@@ -207,7 +211,7 @@ async fn round(
     inputs: &DeciderInputs,
     config: &DeciderConfig,
     tenure: &Tenure,
-    (waiting, in_flight, from, status_from): (&mut Waiting, &InFlight, u64, u64),
+    (waiting, in_flight, from, walk): (&mut Waiting, &InFlight, u64, &mut Walk),
 ) -> Result<RoundOutcome, RoundError> {
     let now = common::time::now_ms();
     let clicks = inputs.clicks_status.borrow().clone();
@@ -229,7 +233,12 @@ async fn round(
         }
         let (seq, id) = row?;
         (resume_from, scanned) = (seq + 1, scanned + 1);
-        if in_flight.decided(&id) || waiting.still(&id, &inputs.clicks, now, grace_ms)? {
+        // Decided and in flight, or in this round: a report opened again
+        // (a verified one in place of an unverified one) may be met twice.
+        if in_flight.decided(&id)
+            || claims.conversions.contains(&id)
+            || waiting.still(&id, &inputs.clicks, now, grace_ms)?
+        {
             continue;
         }
         let Some(conversion) = inputs.conversions.get(&id)? else {
@@ -312,16 +321,11 @@ async fn round(
         }
     }
     let pending_ended = !stopped && scanned < config.scan_limit;
-    // Later status reports, in log order; one per conversion per round.
-    let mut touched: HashSet<String> = HashSet::new();
-    let mut status = Walk {
-        next: status_from,
-        ended: false,
-    };
+    // Later status reports, in log order; one per conversion per walk.
     let (mut scanned, mut stopped) = (0, false);
     for row in inputs
         .conversions
-        .status_queue_from(status_from)
+        .status_queue_from(walk.next)
         .take(config.scan_limit)
     {
         if decisions.len() >= ROUND_LIMIT {
@@ -329,11 +333,11 @@ async fn round(
             break;
         }
         let (seq, update) = row?;
-        (status.next, scanned) = (seq + 1, scanned + 1);
+        (walk.next, scanned) = (seq + 1, scanned + 1);
         // A later status of a conversion with a decision in flight waits for it:
         // it is decided against the view that decision leaves.
-        if in_flight.decided(&update.conversion_id) || !touched.insert(update.conversion_id.clone())
-        {
+        let first = walk.held.insert(update.conversion_id.clone());
+        if !first || in_flight.decided(&update.conversion_id) {
             continue;
         }
         let Some(view) = inputs.conversions.get(&update.conversion_id)? else {
@@ -362,7 +366,7 @@ async fn round(
             detail,
         }));
     }
-    status.ended = !stopped && scanned < config.scan_limit;
+    walk.ended = !stopped && scanned < config.scan_limit;
     // A process frozen past its lease may wake mid-round, while another
     // instance decides the same conversions from a projection that knows more.
     if !decisions.is_empty() && !tenure.held() {
@@ -375,7 +379,6 @@ async fn round(
         wait,
         resume_from,
         pending_ended,
-        status,
     })
 }
 

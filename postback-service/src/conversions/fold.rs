@@ -99,6 +99,11 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 }
 
 /// The rows' format ([`Fold::format`]).
+/// - 8: the same rows, folded otherwise: a verified report takes the place of
+///   an unverified one still pending, a status word reported before the
+///   decision no longer replaces the report's, and the view's word is the one
+///   last decided. A projection of format 7 could hold what format 8 never
+///   folds, so it is folded again.
 /// - 7: report rows (`r/`) are packed, not JSON: each decision decodes and
 ///   encodes two of them.
 /// - 6: a click's conversions are listed by their pending, dedup or rejected
@@ -119,7 +124,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// [`ReportRow`]'s fields (or to the types inside them) needs a new format,
 /// which `tests::a_packed_view_keeps_its_shape` and
 /// `tests::a_packed_report_row_keeps_its_shape` enforce.
-const FORMAT: u32 = 7;
+const FORMAT: u32 = 8;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -365,7 +370,7 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
         ),
     };
     let key = view_key(&view.conversion_id);
-    if let Some(mut known) = staged.get_packed::<ConversionView>(&key)? {
+    if let Some(known) = staged.get_packed::<ConversionView>(&key)? {
         match ReReport::of(&known, &view) {
             // The same conversion reported again: a retry (nothing to do), or
             // a new status word, which waits for the decider in the status
@@ -386,6 +391,10 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                 // A new status word waits for the decider in the status queue;
                 // so does a verified report (its word may be one an unverified
                 // report already told, which moved nothing on a secured offer).
+                // The view keeps the word last decided: an undecided
+                // conversion is decided with its report's, and a later one
+                // goes through the status rules once it is, never in place of
+                // the first (see `apply_status_updated`).
                 if view.advertiser_status != known.advertiser_status
                     || !view.verified_offer_id.is_empty()
                 {
@@ -396,15 +405,6 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                         verified_offer_id: view.verified_offer_id.clone(),
                     };
                     staged.put_json(status_queue_key(entry.seq), &update);
-                    // An undecided conversion is decided with its report's
-                    // word: a later one goes through the status rules once it
-                    // is decided, never in place of the first.
-                    if known.state != ConversionState::Pending
-                        && known.advertiser_status != view.advertiser_status
-                    {
-                        known.advertiser_status = view.advertiser_status;
-                        staged.put_packed(key, &known);
-                    }
                 }
                 return Ok(());
             }
@@ -573,10 +573,18 @@ fn apply_status_updated(
 ) -> Result<(), sled::Error> {
     staged.remove(status_queue_key(e.update_seq));
     let key = view_key(&e.conversion_id);
-    let Some(view) = staged.get_packed::<ConversionView>(&key)? else {
+    let Some(mut view) = staged.get_packed::<ConversionView>(&key)? else {
         return Ok(());
     };
+    // The word last decided, whether it moved the conversion or not.
+    let new_word = view.advertiser_status != e.advertiser_status;
+    if new_word {
+        view.advertiser_status.clone_from(&e.advertiser_status);
+    }
     let (Some(from), ConversionState::Attributed) = (view.status, view.state) else {
+        if new_word {
+            staged.put_packed(key, &view);
+        }
         return Ok(());
     };
     let view = view.status_updated(e);
@@ -584,6 +592,8 @@ fn apply_status_updated(
     if to != from {
         queue_delivery(staged, &view, Some(from), to, seq);
         update_reports(staged, &view, |row| row.moved(from, to, money(&view)))?;
+    }
+    if to != from || new_word {
         staged.put_packed(key, &view);
     }
     Ok(())
@@ -1225,17 +1235,24 @@ mod tests {
             .map(|r| r.unwrap().1.advertiser_status)
             .collect();
         assert_eq!(queued, ["aproved"]);
-        // Once decided, a later word is the latest one.
+        // Once decided, the word decided last is the view's, moved or not.
         h.attribute(&id, 1);
-        let later = ConversionReported {
-            status: "chargeback".into(),
-            ..again
+        let ignored = ConversionStatusUpdated {
+            conversion_id: id.clone(),
+            advertiser_status: "aproved".into(),
+            update_seq: 2,
+            changed: false,
+            ..Default::default()
         };
-        h.apply(proto::subject::CONVERSION_REPORTED, later.encode_to_vec());
+        h.apply(
+            proto::subject::CONVERSION_STATUS_UPDATED,
+            ignored.encode_to_vec(),
+        );
         assert_eq!(
             h.reads().get(&id).unwrap().unwrap().advertiser_status,
-            "chargeback"
+            "aproved"
         );
+        assert!(h.reads().status_queue().next().is_none());
     }
 
     fn hex(bytes: &[u8]) -> String {
@@ -1366,7 +1383,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (7, PACKED_VIEW),
+            (8, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));
@@ -1389,7 +1406,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (7, PACKED_REPORT_ROW),
+            (8, PACKED_REPORT_ROW),
             "see FORMAT's doc"
         );
         assert_eq!(common::store::unpack::<ReportRow>(&packed), Some(row));

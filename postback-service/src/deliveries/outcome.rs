@@ -217,11 +217,13 @@ impl PostbackEvent {
     }
 }
 
-/// The rows' format ([`Fold::format`]). 2: outcomes are packed, not JSON.
+/// The rows' format ([`Fold::format`]). 3: the time index's value holds the
+/// outcome's state and affiliate (empty before). 2: outcomes are packed, not
+/// JSON.
 /// Packed rows are not self-describing: any change to [`Outcome`]'s fields
 /// (or to the types inside it) needs a new format, which
 /// `tests::a_packed_outcome_keeps_its_shape` enforces.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// Folds `postbacks.v1.*`.
 #[derive(Debug, Default)]
@@ -284,8 +286,7 @@ impl Outcomes {
     }
 
     /// Every outcome as the time index lists it, most recently changed first
-    /// (ties: the greater delivery id first), lazily; no outcome is decoded
-    /// but those indexed before the index kept state and affiliate.
+    /// (ties: the greater delivery id first), lazily; no outcome is decoded.
     pub fn newest_first(&self) -> impl Iterator<Item = Result<Listed, sled::Error>> + '_ {
         self.tree
             .scan_prefix(b"t/")
@@ -308,15 +309,8 @@ impl Outcomes {
             Some(b'd') => OutcomeState::Delivered,
             Some(b'f') => OutcomeState::Failed,
             Some(b'r') => OutcomeState::RetryRequested,
-            _ => {
-                // An index row of an older projection: the outcome says.
-                return Ok(self.get(&delivery_id)?.map(|o| Listed {
-                    delivery_id,
-                    affiliate_id: o.affiliate_id,
-                    state: o.state,
-                    updated_at_ms: o.updated_at_ms,
-                }));
-            }
+            // Not a row of this format (which folds again from the log).
+            _ => return Ok(None),
         };
         Ok(Some(Listed {
             delivery_id,
@@ -442,7 +436,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (2, PACKED_OUTCOME),
+            (3, PACKED_OUTCOME),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<Outcome>(&packed), Some(outcome));

@@ -280,11 +280,15 @@ fn listing(
             Ok(l) => l,
             Err(e) => return Some(Err(ApiError::from(e))),
         };
+        // Shown by its schedule, when it had one pending as the schedules
+        // were read (an outcome folded since is shown at the next listing,
+        // not twice in this one).
+        if scheduled.contains(&l.delivery_id) {
+            return None;
+        }
         let state = match l.state {
             OutcomeState::Delivered => "delivered",
             OutcomeState::Failed => "failed",
-            // Shown by its schedule, when it has one.
-            OutcomeState::RetryRequested if scheduled.contains(&l.delivery_id) => return None,
             OutcomeState::RetryRequested => "pending",
         };
         Some(Ok(Listed {
