@@ -1,4 +1,9 @@
 //! A scripted HTTP receiver on loopback, standing in for an affiliate's server.
+//!
+//! It runs on a thread and runtime of its own: a test's runtime has one thread,
+//! which a blocking call in the test (stopping a process, restarting NATS)
+//! holds, and a receiver on it would not answer meanwhile, so the service's
+//! attempt would time out and be sent again.
 
 use std::{
     collections::VecDeque,
@@ -41,7 +46,8 @@ struct Script {
 pub struct Receiver {
     pub addr: SocketAddr,
     script: Arc<Mutex<Script>>,
-    _server: tokio::task::JoinHandle<()>,
+    /// Dropped (or sent) to stop the server.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 async fn answer(
@@ -83,16 +89,28 @@ impl Receiver {
             then: Some(then),
             seen: Vec::new(),
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().fallback(answer).with_state(script.clone());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tokio::select! {
+                    served = std::future::IntoFuture::into_future(axum::serve(listener, app)) => served.unwrap(),
+                    _ = stopped => {}
+                }
+            });
         });
         Self {
             addr,
             script,
-            _server: server,
+            stop: Some(stop),
         }
     }
 
@@ -116,6 +134,8 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self._server.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
