@@ -251,9 +251,23 @@ async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
         stop.clone(),
         ledger.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 1.5 s of load on each side of the fault, and on a slow machine until it
+    // has acked 30 conversions more.
+    let load_for = async |ledger: &Mutex<Ledger>| {
+        let (started, before) = (
+            std::time::Instant::now(),
+            ledger.lock().unwrap().conversions.len(),
+        );
+        while started.elapsed() < Duration::from_millis(1500)
+            || (ledger.lock().unwrap().conversions.len() < before + 30
+                && started.elapsed() < Duration::from_secs(20))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    load_for(&ledger).await;
     inject(&mut c).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load_for(&ledger).await;
     stop.store(true, Ordering::Relaxed);
     load_task.await.unwrap();
     let (clicks, conversions, refused) = {
@@ -370,6 +384,17 @@ async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
         "{fault}: every report in the log decided"
     );
     let attributed = attributed_ids.len();
+    // A delivery is pending only once the dispatcher has read its decision:
+    // "none pending" above can precede the last ones, so wait for them all.
+    eventually(
+        &format!("{fault}: every attributed conversion delivered"),
+        Duration::from_secs(30),
+        || async {
+            let (_, v) = c.api(&c.postback, "/api/postbacks?state=delivered").await;
+            (v["total"].as_u64() == Some(attributed as u64)).then_some(())
+        },
+    )
+    .await;
 
     // No affiliate postback sent again after its recorded success: every request
     // the receiver saw is one of the attempts the success was recorded after

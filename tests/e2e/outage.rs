@@ -18,6 +18,12 @@ async fn with_nats_down_clicks_and_postbacks_are_spooled_then_published() {
     let mut sys = System::start().await;
     sys.demo_catalog().await;
     let (before, _) = sys.click_ok("o1", "aff=a1").await;
+    // Published (a click answered after the ack deadline is still spooled).
+    eventually("nothing spooled", Duration::from_secs(10), || async {
+        let (_, body) = ready(&sys, &sys.click_url("/readyz")).await;
+        (body["outbox"]["depth"] == 0).then_some(())
+    })
+    .await;
     sys.nats.kill();
 
     let (during, location) = sys.click_ok("o1", "aff=a1").await;

@@ -349,16 +349,22 @@ impl System {
             .expect("stream info")
             .state
             .last_sequence;
-        let url = self.postback_url("/readyz");
-        eventually(
-            &format!("postback-service folded catalog to {last} ({id} {payout})"),
-            Duration::from_secs(5),
-            || async {
-                let seq = self.projection(&url, "CATALOG").await?["applied_seq"].as_u64()?;
-                (seq >= last).then_some(())
-            },
-        )
-        .await;
+        // Both services: click-service answers a catalog PUT once it has
+        // folded it, but gives up waiting after 2 s (a loaded machine).
+        for (service, url) in [
+            ("postback-service", self.postback_url("/readyz")),
+            ("click-service", self.click_url("/readyz")),
+        ] {
+            eventually(
+                &format!("{service} folded catalog to {last} ({id} {payout})"),
+                Duration::from_secs(10),
+                || async {
+                    let seq = self.projection(&url, "CATALOG").await?["applied_seq"].as_u64()?;
+                    (seq >= last).then_some(())
+                },
+            )
+            .await;
+        }
     }
 
     /// The status of a service's fold of `stream`, from its `/readyz` at `url`.
