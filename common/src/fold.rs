@@ -338,10 +338,11 @@ async fn run_consumer<F: Fold>(
     let started = std::time::Instant::now();
     status.send_modify(|s| {
         s.applied_seq = applied;
-        if applied >= last || nothing_pending {
-            s.caught_up = true;
-            s.at_tail = true;
-        }
+        // Both ways: a consumer started again (a reconnect, an error) may
+        // find a backlog where the last one was at the tail, and "at the tail"
+        // lets the decider reject a conversion whose click is in it.
+        s.at_tail = applied >= last || nothing_pending;
+        s.caught_up |= s.at_tail;
     });
     if applied < last && nothing_pending {
         tracing::info!(

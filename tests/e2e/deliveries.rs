@@ -167,6 +167,30 @@ async fn a_hanging_receiver_times_out_and_is_retried() {
 }
 
 #[tokio::test]
+async fn a_2xx_whose_body_stalls_is_delivered_once_not_retried() {
+    // The affiliate records the postback and answers 200, then its body
+    // stalls past the attempt's timeout: the status stands.
+    let receiver = Receiver::start(vec![], Reply::StallBody(200, Duration::from_secs(10))).await;
+    let sys = System::start_configured(500, |c| {
+        (c.postback_timeout_ms, c.leader_lease_ms) = (1000, 4000);
+    })
+    .await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let (_, _, delivery_id) = convert(&sys, "a1", "").await;
+    let delivery = sys.delivery_in(&delivery_id, "delivered").await;
+    assert_eq!(
+        (
+            delivery["attempts"].as_u64(),
+            delivery["status_code"].as_u64()
+        ),
+        (Some(1), Some(200)),
+        "{delivery}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.seen().len(), 1, "not sent again");
+}
+
+#[tokio::test]
 async fn a_stopped_dispatcher_resumes_its_schedule_and_delivers_once() {
     let receiver =
         Receiver::start(vec![Reply::Status(500, "down")], Reply::Status(200, "ok")).await;

@@ -41,7 +41,7 @@ pub fn client(
     let redirect = if follow_redirects {
         reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= 5 {
-                attempt.error("too many redirects")
+                attempt.error("refused: too many redirects")
             } else if let Err(why) = check_url(attempt.url().as_str(), allow_private) {
                 attempt.error(why)
             } else {
@@ -92,29 +92,17 @@ pub async fn send(
         Ok(u) => u,
         Err(why) => return failed(Class::Permanent, why),
     };
-    let work = async {
-        let mut response = client
-            .get(url)
-            .header("x-delivery-id", tag.delivery_id)
-            .header(
-                "x-delivery-attempt",
-                format!("{}.{}", tag.generation, tag.attempt),
-            )
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        let mut body = Vec::new();
-        while body.len() < BODY_LIMIT {
-            match response.chunk().await? {
-                Some(chunk) => body.extend_from_slice(&chunk),
-                None => break,
-            }
-        }
-        body.truncate(BODY_LIMIT);
-        Ok::<_, reqwest::Error>((status, body))
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Err(_) => failed(Class::Retry, format!("timed out after {timeout:?}")),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let sent = client
+        .get(url)
+        .header("x-delivery-id", tag.delivery_id)
+        .header(
+            "x-delivery-attempt",
+            format!("{}.{}", tag.generation, tag.attempt),
+        )
+        .send();
+    let mut response = match tokio::time::timeout_at(deadline, sent).await {
+        Err(_) => return failed(Class::Retry, format!("timed out after {timeout:?}")),
         Ok(Err(error)) => {
             let text = common::fold::error_chain(&error);
             let class = if text.contains("refused:") {
@@ -122,18 +110,47 @@ pub async fn send(
             } else {
                 Class::Retry
             };
-            failed(class, text)
+            return failed(class, text);
         }
-        Ok(Ok((status, body))) => AttemptResult {
-            class: classify(status),
-            status: Some(status),
-            latency_ms: started.elapsed().as_millis() as u64,
-            error: if (200..300).contains(&status) {
-                String::new()
-            } else {
-                format!("HTTP {status}")
-            },
-            body,
-        },
+        Ok(Ok(response)) => response,
+    };
+    // The status decides. A body that stalls or breaks off after it (within
+    // the same timeout) is noted, never turned into a retry: the receiver has
+    // answered, and a 2xx sent again would be counted twice.
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    let read = tokio::time::timeout_at(deadline, async {
+        while body.len() < BODY_LIMIT {
+            match response.chunk().await? {
+                Some(chunk) => body.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        Ok::<_, reqwest::Error>(())
+    })
+    .await;
+    body.truncate(BODY_LIMIT);
+    let unread = match read {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(common::fold::error_chain(&error)),
+        Err(_) => Some(format!("timed out after {timeout:?}")),
+    };
+    let mut error = if (200..300).contains(&status) {
+        String::new()
+    } else {
+        format!("HTTP {status}")
+    };
+    if let Some(why) = unread {
+        if !error.is_empty() {
+            error.push_str("; ");
+        }
+        error.push_str(&format!("body not read whole: {why}"));
+    }
+    AttemptResult {
+        class: classify(status),
+        status: Some(status),
+        latency_ms: started.elapsed().as_millis() as u64,
+        error,
+        body,
     }
 }

@@ -270,7 +270,10 @@ impl Dispatcher {
             let Some(outcome) = inner.outcomes.get(&id)? else {
                 continue;
             };
-            if outcome.state == OutcomeState::RetryRequested && inner.schedules.get(&id)?.is_none()
+            // No schedule, or one of an older generation (see `run_attempt`).
+            let scheduled = inner.schedules.get(&id)?;
+            if outcome.state == OutcomeState::RetryRequested
+                && scheduled.is_none_or(|s| s.generation < outcome.generation)
             {
                 let generation = outcome.generation;
                 let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);
@@ -377,6 +380,16 @@ impl Dispatcher {
             // A schedule whose removal did not reach the disk before a crash:
             // the log already has its outcome, so it is finished, not sent.
             return inner.schedules.remove(&s.delivery_id).map(|()| None);
+        }
+        // A schedule of an older generation than a retry the log has
+        // requested since (left by an earlier term of this instance): never
+        // sent as it is; the retry runs as its own generation.
+        let newer = inner.outcomes.get(&s.delivery_id)?;
+        if let Some(o) = newer.filter(|o| o.generation > s.generation) {
+            let generation = o.generation;
+            let again = Schedule::again(o, generation).reserved_for(inner.run);
+            inner.schedules.put(&again).await?;
+            return Ok(Some(again.next_at_ms));
         }
         // Wait for a slot, unless stopping: the schedule then stays as it is.
         let host = self.host_limit(host);
@@ -573,7 +586,10 @@ fn delivered_event(s: &Schedule, r: &AttemptResult, now: i64) -> Unpublished {
     };
     Unpublished {
         subject: proto::subject::POSTBACK_DELIVERED.to_owned(),
-        msg_id: format!("postback-{}-{}", s.delivery_id, s.generation),
+        // Not the failure's: a late failure of this generation (a leader that
+        // lost its lease publishing what it had) must not keep a success out
+        // of the log as its duplicate.
+        msg_id: format!("postback-delivered-{}-{}", s.delivery_id, s.generation),
         payload: e.encode_to_vec(),
     }
 }
@@ -596,7 +612,7 @@ fn failed_event(s: &Schedule, r: &AttemptResult, now: i64, prefix: &str) -> Unpu
     };
     Unpublished {
         subject: proto::subject::POSTBACK_FAILED.to_owned(),
-        msg_id: format!("postback-{}-{}", s.delivery_id, s.generation),
+        msg_id: format!("postback-failed-{}-{}", s.delivery_id, s.generation),
         payload: e.encode_to_vec(),
     }
 }
@@ -640,6 +656,9 @@ pub async fn run_dispatcher(
             if tokio::time::Instant::now() >= rescan_at {
                 rescan_at += FULL_SCAN_EVERY;
                 lock(&dispatcher.inner.ready).rescan();
+                // A retry request whose ack did not come in time is in the
+                // log without its schedule: found here within a minute.
+                dispatcher.recover_retries().await?;
             }
             dispatcher.start_due(&tracker, &token, &tenure)
         }

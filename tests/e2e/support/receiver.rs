@@ -25,6 +25,9 @@ pub enum Reply {
     Status(u16, &'static str),
     /// Answer nothing for this long, then 200.
     Hang(Duration),
+    /// Answer this status and the first bytes of a body at once, then stall
+    /// the rest for this long.
+    StallBody(u16, Duration),
 }
 
 /// One request the receiver saw.
@@ -77,6 +80,23 @@ async fn answer(
         Reply::Hang(d) => {
             tokio::time::sleep(d).await;
             (StatusCode::OK, "late").into_response()
+        }
+        Reply::StallBody(code, d) => {
+            let chunks = futures::stream::unfold(0, move |n| async move {
+                match n {
+                    0 => Some((Ok::<_, std::io::Error>("recorded".as_bytes()), 1)),
+                    1 => {
+                        tokio::time::sleep(d).await;
+                        Some((Ok(" late".as_bytes()), 2))
+                    }
+                    _ => None,
+                }
+            });
+            (
+                StatusCode::from_u16(code).unwrap(),
+                axum::body::Body::from_stream(chunks),
+            )
+                .into_response()
         }
     }
 }
