@@ -191,6 +191,51 @@ async fn a_2xx_whose_body_stalls_is_delivered_once_not_retried() {
 }
 
 #[tokio::test]
+async fn a_reversal_is_told_after_the_approval_still_being_retried() {
+    // The approval meets a 503 and is retried 1.5 s later; the reversal comes
+    // in meanwhile.
+    let receiver =
+        Receiver::start(vec![Reply::Status(503, "busy")], Reply::Status(200, "ok")).await;
+    let sys = System::start_configured(500, |c| c.postback_first_retry_ms = 1500).await;
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
+    )
+    .await;
+    sys.put_affiliate(
+        "a1",
+        json!({"postback_url": receiver.url("/pb?s={status}"), "postback_statuses": ["approved", "reversed"]}),
+    )
+    .await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    eventually(
+        "the approval's first attempt",
+        Duration::from_secs(10),
+        || async { (receiver.seen().len() == 1).then_some(()) },
+    )
+    .await;
+    sys.postback_ok(&format!("click_id={click_id}&status=chargeback"))
+        .await;
+    eventually("both told", Duration::from_secs(15), || async {
+        (receiver.seen().len() == 3).then_some(())
+    })
+    .await;
+    let told: Vec<String> = receiver
+        .seen()
+        .iter()
+        .map(|s| s.uri.rsplit('=').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        told,
+        ["approved", "approved", "rejected"],
+        "in the order they happened"
+    );
+}
+
+#[tokio::test]
 async fn a_stopped_dispatcher_resumes_its_schedule_and_delivers_once() {
     let receiver =
         Receiver::start(vec![Reply::Status(500, "down")], Reply::Status(200, "ok")).await;

@@ -391,6 +391,13 @@ impl Dispatcher {
             inner.schedules.put(&again).await?;
             return Ok(Some(again.next_at_ms));
         }
+        // The affiliate hears a conversion's statuses in the order they
+        // happened: a reversal waits while the approval is still being tried.
+        if let Some(earlier) = self.earlier_status_due(&s)? {
+            s.next_at_ms = earlier.max(common::time::now_ms()) + STATUS_ORDER_WAIT_MS;
+            inner.schedules.put(&s).await?;
+            return Ok(Some(s.next_at_ms));
+        }
         // Wait for a slot, unless stopping: the schedule then stays as it is.
         let host = self.host_limit(host);
         let permits = async {
@@ -469,6 +476,29 @@ impl Dispatcher {
                 self.record(s, record).await
             }
         }
+    }
+
+    /// When a delivery of an earlier status of the same conversion to the same
+    /// affiliate (pending before approved before rejected), still scheduled,
+    /// is due next: `None` when there is none.
+    fn earlier_status_due(&self, s: &Schedule) -> Result<Option<i64>, sled::Error> {
+        use catalog::ConversionStatus::{Approved, Pending};
+        let earlier: &[catalog::ConversionStatus] = match s.status.as_str() {
+            "approved" => &[Pending],
+            "rejected" => &[Pending, Approved],
+            _ => &[],
+        };
+        let mut due = None;
+        for &status in earlier {
+            let id = super::status_delivery_id(&s.conversion_id, &s.affiliate_id, status);
+            if id == s.delivery_id {
+                continue;
+            }
+            if let Some(e) = self.inner.schedules.get(&id)? {
+                due = Some(due.map_or(e.next_at_ms, |d: i64| d.max(e.next_at_ms)));
+            }
+        }
+        Ok(due)
     }
 
     /// Whether the log records an outcome of this schedule's generation. (The
@@ -616,6 +646,10 @@ fn failed_event(s: &Schedule, r: &AttemptResult, now: i64, prefix: &str) -> Unpu
         payload: e.encode_to_vec(),
     }
 }
+
+/// How long after an earlier status's next attempt a later status of the same
+/// conversion is looked at again.
+const STATUS_ORDER_WAIT_MS: i64 = 1000;
 
 /// Runs the dispatcher until `token` is cancelled, then lets attempts in flight
 /// finish (each is bounded by the attempt and publish timeouts).
