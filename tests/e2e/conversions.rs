@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use prost::Message;
-use proto::clicks::v1::ClickRecorded;
 use proto::conversions::v1::ConversionReported;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -202,15 +201,7 @@ async fn a_conversion_before_its_click_waits_then_is_attributed() {
         "still waiting for its click"
     );
 
-    let click = ClickRecorded {
-        event_id: click_id.clone(),
-        click_id: click_id.clone(),
-        offer_id: "o1".into(),
-        affiliate_id: "a1".into(),
-        occurred_at_ms: common::time::now_ms() - 1000,
-        ..Default::default()
-    };
-    publish(&sys, "clicks.v1.recorded", click.encode_to_vec()).await;
+    sys.publish_click(&click_id).await;
     let decided = sys.decided(&id).await;
     assert_eq!(decided["state"], "attributed", "{decided}");
 }

@@ -755,17 +755,10 @@ async fn a_leader_frozen_past_its_lease_decides_nothing_once_it_runs_again() {
     // duplicate window (2 min as created; an operator may shorten it). A
     // short one here lets through whatever a stale leader publishes late.
     let js = async_nats::jetstream::new(async_nats::connect(&c.nats.url).await.unwrap());
-    let mut config = js
-        .get_stream("CONVERSIONS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
-    config.duplicate_window = Duration::from_millis(500);
-    js.update_stream(config).await.unwrap();
+    crate::support::app::update_stream(&js, "CONVERSIONS", |c| {
+        c.duplicate_window = Duration::from_millis(500);
+    })
+    .await;
 
     // The leader folds the report and waits for its click.
     let ghost = uuid::Uuid::now_v7();

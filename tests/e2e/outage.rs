@@ -6,11 +6,26 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{eventually, System};
+use crate::support::{app::update_stream, eventually, System};
 
 async fn ready(sys: &System, url: &str) -> (StatusCode, Value) {
     let r = sys.http.get(url).send().await.unwrap();
     (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until both services are ready with their outboxes empty (NATS back).
+async fn drained_and_ready(sys: &System) {
+    for url in [sys.click_url("/readyz"), sys.postback_url("/readyz")] {
+        eventually(
+            "connected, outbox drained and ready",
+            Duration::from_secs(30),
+            || async {
+                let (status, body) = ready(sys, &url).await;
+                (status == StatusCode::OK && body["outbox"]["depth"] == 0).then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -69,17 +84,7 @@ async fn with_nats_down_clicks_and_postbacks_are_spooled_then_published() {
     }
 
     sys.nats.restart();
-    for url in [sys.click_url("/readyz"), sys.postback_url("/readyz")] {
-        eventually(
-            "outbox drained and ready",
-            Duration::from_secs(20),
-            || async {
-                let (status, body) = ready(&sys, &url).await;
-                (status == StatusCode::OK && body["outbox"]["depth"] == 0).then_some(())
-            },
-        )
-        .await;
-    }
+    drained_and_ready(&sys).await;
     assert_eq!(
         sys.decided(&spooled_conversion).await["state"],
         "attributed"
@@ -135,17 +140,7 @@ async fn services_started_while_nats_is_down_take_clicks_and_postbacks_into_the_
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 
     sys.nats.restart();
-    for url in [sys.click_url("/readyz"), sys.postback_url("/readyz")] {
-        eventually(
-            "connected, outbox drained and ready",
-            Duration::from_secs(30),
-            || async {
-                let (status, body) = ready(&sys, &url).await;
-                (status == StatusCode::OK && body["outbox"]["depth"] == 0).then_some(())
-            },
-        )
-        .await;
-    }
+    drained_and_ready(&sys).await;
     assert_eq!(sys.decided(&spooled).await["state"], "attributed");
     let id = sys.postback_ok(&format!("click_id={during}")).await;
     assert_eq!(
@@ -162,17 +157,7 @@ async fn an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_drain() {
     // An operator lowered the CLICKS stream's largest message below what a
     // click with long sub-ids takes.
     let js = sys.jetstream().await;
-    let mut config = js
-        .get_stream("CLICKS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
-    config.max_message_size = 2048;
-    js.update_stream(config).await.unwrap();
+    update_stream(&js, "CLICKS", |c| c.max_message_size = 2048).await;
 
     let long = "x".repeat(1000);
     let (big, _) = sys

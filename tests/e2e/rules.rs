@@ -645,16 +645,7 @@ async fn a_postback_that_skipped_the_door_checks_is_rejected_and_the_verified_on
     let click_id = uuid::Uuid::now_v7().to_string();
     // The click is not in the projection yet, so the door cannot know the offer.
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
-    let click = ClickRecorded {
-        event_id: click_id.clone(),
-        click_id: click_id.clone(),
-        offer_id: "o1".into(),
-        affiliate_id: "a1".into(),
-        occurred_at_ms: common::time::now_ms() - 1000,
-        ..Default::default()
-    };
-    sys.publish("clicks.v1.recorded", click.encode_to_vec())
-        .await;
+    sys.publish_click(&click_id).await;
     assert_eq!(rejected_for(&sys, &id).await, "unauthenticated");
     // Anyone who saw the click id could have sent that one. The advertiser's
     // own postback of the same conversion, checked at the door now, is not
@@ -699,16 +690,7 @@ async fn a_verified_postback_is_not_kept_out_by_an_unverified_one_still_waiting(
         .postback_ok(&format!("click_id={click_id}&offer_id=o1&token=s3cret"))
         .await;
     assert_eq!(verified, id, "the same conversion");
-    let click = ClickRecorded {
-        event_id: click_id.clone(),
-        click_id: click_id.clone(),
-        offer_id: "o1".into(),
-        affiliate_id: "a1".into(),
-        occurred_at_ms: common::time::now_ms() - 1000,
-        ..Default::default()
-    };
-    sys.publish("clicks.v1.recorded", click.encode_to_vec())
-        .await;
+    sys.publish_click(&click_id).await;
     let v = sys.decided(&id).await;
     assert_eq!(
         (v["state"].as_str(), v["reason"].as_str()),

@@ -1048,13 +1048,7 @@ mod tests {
     #[test]
     fn a_status_report_queues_where_it_came_from_and_what_it_passed() {
         let mut h = Harness::new();
-        let report = |status: &str, verified: &str| ConversionReported {
-            click_id: CLICK.into(),
-            origin: ConversionOrigin::Http as i32,
-            status: status.into(),
-            verified_offer_id: verified.into(),
-            ..Default::default()
-        };
+        let report = http_report;
         h.apply(
             proto::subject::CONVERSION_REPORTED,
             report("", "o1").encode_to_vec(),
@@ -1084,12 +1078,7 @@ mod tests {
     #[test]
     fn a_verified_report_opens_an_unauthenticated_rejection_again() {
         let mut h = Harness::new();
-        let report = |verified: &str| ConversionReported {
-            click_id: CLICK.into(),
-            origin: ConversionOrigin::Http as i32,
-            verified_offer_id: verified.into(),
-            ..Default::default()
-        };
+        let report = |verified| http_report("", verified);
         let rejection = |reported_seq| ConversionRejected {
             conversion_id: conversion_id(CLICK, "", ""),
             offer_id: "o1".into(),
@@ -1165,12 +1154,7 @@ mod tests {
     #[test]
     fn a_verified_report_takes_the_place_of_an_unverified_one_still_pending() {
         let mut h = Harness::new();
-        let report = |verified: &str| ConversionReported {
-            click_id: CLICK.into(),
-            origin: ConversionOrigin::Http as i32,
-            verified_offer_id: verified.into(),
-            ..Default::default()
-        };
+        let report = |verified| http_report("", verified);
         let id = conversion_id(CLICK, "", "");
         h.apply(
             proto::subject::CONVERSION_REPORTED,
@@ -1253,6 +1237,18 @@ mod tests {
             "aproved"
         );
         assert!(h.reads().status_queue().next().is_none());
+    }
+
+    /// An HTTP report of `CLICK` with this status word, verified at the door
+    /// for `verified` (empty: not verified).
+    fn http_report(status: &str, verified: &str) -> ConversionReported {
+        ConversionReported {
+            click_id: CLICK.into(),
+            origin: ConversionOrigin::Http as i32,
+            status: status.into(),
+            verified_offer_id: verified.into(),
+            ..Default::default()
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -289,6 +289,22 @@ impl System {
             .expect("acked");
     }
 
+    /// Publishes a `ClickRecorded` of `click_id` (offer o1, affiliate a1, a
+    /// second old) straight onto CLICKS, as click-service would have.
+    pub async fn publish_click(&self, click_id: &str) {
+        use prost::Message;
+        let click = proto::clicks::v1::ClickRecorded {
+            event_id: click_id.to_owned(),
+            click_id: click_id.to_owned(),
+            offer_id: "o1".into(),
+            affiliate_id: "a1".into(),
+            occurred_at_ms: common::time::now_ms() - 1000,
+            ..Default::default()
+        };
+        self.publish("clicks.v1.recorded", click.encode_to_vec())
+            .await;
+    }
+
     /// A JetStream context on this test's NATS, as a partner would have.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
         let client = async_nats::connect(&self.nats.url)
@@ -470,6 +486,18 @@ impl System {
 }
 
 /// The decoded query parameters of a URL.
+/// Changes stream `name`'s configuration as an operator would.
+pub async fn update_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    change: impl FnOnce(&mut async_nats::jetstream::stream::Config),
+) {
+    let mut stream = js.get_stream(name).await.expect("the stream");
+    let mut config = stream.info().await.expect("its info").config.clone();
+    change(&mut config);
+    js.update_stream(config).await.expect("updated");
+}
+
 pub fn url_params(location: &str) -> Vec<(String, String)> {
     let url = url::Url::parse(location).expect("absolute Location");
     url.query_pairs()
