@@ -74,7 +74,11 @@ fn parse_unsigned(text: &str) -> Result<i64, AmountError> {
     for (i, b) in frac.bytes().enumerate() {
         frac_micros += i64::from(b - b'0') * 10_i64.pow(5 - i as u32);
     }
-    Ok(units * MICROS + frac_micros)
+    let micros = units * MICROS + frac_micros;
+    if micros > MAX_MICROS {
+        return Err(AmountError::TooLarge);
+    }
+    Ok(micros)
 }
 
 /// Formats micros as a decimal string with at least two decimals: `1500000` → `"1.50"`,
@@ -177,6 +181,12 @@ mod tests {
             Err(AmountError::TooLarge)
         );
         assert_eq!(parse_micros("1000000000001"), Err(AmountError::TooLarge));
+        assert_eq!(
+            parse_micros("1000000000000.5"),
+            Err(AmountError::TooLarge),
+            "past 10^12 units by a fraction"
+        );
+        assert_eq!(parse_micros("1000000000000"), Ok(MAX_MICROS));
     }
 
     #[test]

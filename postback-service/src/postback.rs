@@ -106,21 +106,34 @@ impl PostbackInput {
                 "must not contain control characters",
             ));
         }
-        let (field, raw_click) = [cid0, cid1, cid2, cid3]
+        // The first alias that holds a click id (an advertiser may send its
+        // own value in another one, `subid` say); two that hold different
+        // click ids are a 400.
+        let given: Vec<(&str, String)> = [cid0, cid1, cid2, cid3]
             .into_iter()
             .zip(CLICK_ID_ALIASES)
-            .find_map(|(v, name)| v.map(|v| (name, v)))
-            .ok_or_else(|| {
-                ApiError::invalid("click_id", "is required (or cid, subid, transaction_id)")
-            })?;
-        let click_id = Uuid::try_parse(&raw_click)
-            .map_err(|_| {
-                ApiError::invalid(
-                    field,
-                    "must be the click id (a UUID) from the tracking redirect",
-                )
-            })?
-            .to_string();
+            .filter_map(|(v, name)| v.map(|v| (name, v)))
+            .collect();
+        let (first_field, _) = given.first().ok_or_else(|| {
+            ApiError::invalid("click_id", "is required (or cid, subid, transaction_id)")
+        })?;
+        let ids: Vec<(&str, Uuid)> = given
+            .iter()
+            .filter_map(|(name, v)| Some((*name, Uuid::try_parse(v).ok()?)))
+            .collect();
+        let Some(&(_, click)) = ids.first() else {
+            return Err(ApiError::invalid(
+                *first_field,
+                "must be the click id (a UUID) from the tracking redirect",
+            ));
+        };
+        if let Some((other, _)) = ids.iter().find(|(_, id)| *id != click) {
+            return Err(ApiError::invalid(
+                *other,
+                "names another click than the other click id parameters",
+            ));
+        }
+        let click_id = click.to_string();
         let goal = goal.unwrap_or_default();
         if goal.len() > MAX_GOAL_LEN {
             return Err(ApiError::invalid("goal", "is longer than 64 bytes"));
@@ -183,7 +196,14 @@ impl PostbackInput {
 pub fn report_msg_id(e: &ConversionReported) -> String {
     let mut id = e.conversion_id.clone();
     if !e.status.is_empty() {
-        id = format!("{id}/{}", e.status);
+        // Escaped, so a status word cannot pass for another report's id
+        // (`hold@o1` for `hold` verified for o1).
+        let word = e
+            .status
+            .replace('%', "%25")
+            .replace('/', "%2F")
+            .replace('@', "%40");
+        id = format!("{id}/{word}");
     }
     if !e.verified_offer_id.is_empty() {
         id = format!("{id}@{}", e.verified_offer_id);
@@ -304,6 +324,18 @@ mod tests {
     }
 
     #[test]
+    fn the_first_alias_holding_a_click_id_counts_and_two_click_ids_are_refused() {
+        // An advertiser's own value in `subid` beside our click id.
+        let p = parse(&format!("transaction_id={CID}&subid=AFF123")).unwrap();
+        assert_eq!(p.click_id, CID);
+        let p = parse(&format!("cid={CID}&click_id={}", CID.to_uppercase())).unwrap();
+        assert_eq!(p.click_id, CID, "the same click id twice is fine");
+        let other = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7e";
+        assert_eq!(field(parse(&format!("click_id={CID}&cid={other}"))), "cid");
+        assert_eq!(field(parse("subid=AFF123")), "subid");
+    }
+
+    #[test]
     fn same_repeat_and_unknown_params_are_fine() {
         let p = parse(&format!("click_id={CID}&txid=a&txid=a&utm=1")).unwrap();
         assert_eq!(p.txid, "a");
@@ -339,11 +371,29 @@ mod tests {
             verified_offer_id: verified.into(),
             ..Default::default()
         };
-        let ids: Vec<String> = [e("", ""), e("hold", ""), e("", "o1"), e("hold", "o1")]
-            .iter()
-            .map(report_msg_id)
-            .collect();
-        assert_eq!(ids, ["c1", "c1/hold", "c1@o1", "c1/hold@o1"]);
+        let ids: Vec<String> = [
+            e("", ""),
+            e("hold", ""),
+            e("", "o1"),
+            e("hold", "o1"),
+            e("hold@o1", ""),
+            e("a/b%", ""),
+        ]
+        .iter()
+        .map(report_msg_id)
+        .collect();
+        assert_eq!(
+            ids,
+            [
+                "c1",
+                "c1/hold",
+                "c1@o1",
+                "c1/hold@o1",
+                "c1/hold%40o1",
+                "c1/a%2Fb%25"
+            ],
+            "a word cannot pass for a verified report"
+        );
     }
 
     #[test]

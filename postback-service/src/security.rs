@@ -92,7 +92,37 @@ fn ip_allowed(ip: IpAddr, allowed: &[String]) -> bool {
 /// Remembers signatures seen within their window, to refuse replays.
 #[derive(Debug, Default)]
 pub struct ReplayGuard {
-    seen: Mutex<HashMap<String, i64>>,
+    seen: Mutex<Pruned<String, i64>>,
+}
+
+/// A map whose expired entries are swept when it has doubled since the last
+/// sweep (at least [`Pruned::FLOOR`] entries): one sweep per that many
+/// inserts, not one per call once it is large.
+#[derive(Debug)]
+struct Pruned<K, V> {
+    map: HashMap<K, V>,
+    sweep_at: usize,
+}
+
+impl<K, V> Default for Pruned<K, V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            sweep_at: Self::FLOOR,
+        }
+    }
+}
+
+impl<K, V> Pruned<K, V> {
+    const FLOOR: usize = 10_000;
+
+    /// Keeps only the entries `live` keeps, if it is time to sweep.
+    fn sweep(&mut self, live: impl FnMut(&K, &mut V) -> bool) {
+        if self.map.len() > self.sweep_at {
+            self.map.retain(live);
+            self.sweep_at = (self.map.len() * 2).max(Self::FLOOR);
+        }
+    }
 }
 
 impl ReplayGuard {
@@ -102,13 +132,11 @@ impl ReplayGuard {
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.len() > 100_000 {
-            seen.retain(|_, exp| *exp > now_ms);
-        }
-        match seen.get(sig) {
+        seen.sweep(|_, exp| *exp > now_ms);
+        match seen.map.get(sig) {
             Some(exp) if *exp > now_ms => false,
             _ => {
-                seen.insert(sig.to_owned(), expires_ms);
+                seen.map.insert(sig.to_owned(), expires_ms);
                 true
             }
         }
@@ -176,7 +204,7 @@ struct Tally {
     total: u64,
     suppressed: u64,
     by_reason: BTreeMap<&'static str, u64>,
-    by_ip: HashMap<IpAddr, (i64, u32)>,
+    by_ip: Pruned<IpAddr, (i64, u32)>,
 }
 
 /// Counts refused postbacks and rate-limits callers refused too often.
@@ -204,10 +232,8 @@ impl Refusals {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         t.total += 1;
         *t.by_reason.entry(refusal.code()).or_default() += 1;
-        if t.by_ip.len() > 10_000 {
-            t.by_ip.retain(|_, (start, _)| now_ms - *start < 60_000);
-        }
-        let entry = t.by_ip.entry(ip).or_insert((now_ms, 0));
+        t.by_ip.sweep(|_, (start, _)| now_ms - *start < 60_000);
+        let entry = t.by_ip.map.entry(ip).or_insert((now_ms, 0));
         if now_ms - entry.0 >= 60_000 {
             *entry = (now_ms, 0);
         }
@@ -226,6 +252,7 @@ impl Refusals {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         t.by_ip
+            .map
             .get(&ip)
             .is_some_and(|(start, n)| now_ms - start < 60_000 && *n > REFUSALS_PER_MINUTE)
     }
@@ -247,6 +274,26 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expired_entries_are_swept_once_the_map_has_doubled() {
+        let mut p: Pruned<u32, i64> = Pruned::default();
+        // 30k live entries: each sweep finds them all live, and the next
+        // sweep waits until the map has doubled.
+        for k in 0..30_000 {
+            p.map.insert(k, 100);
+            p.sweep(|_, exp| *exp > 50);
+        }
+        assert_eq!(p.map.len(), 30_000);
+        assert!(p.sweep_at >= 30_000, "{}", p.sweep_at);
+        // Once they are over, the next sweep past the mark drops them.
+        for k in 30_000..=(p.sweep_at as u32) {
+            p.map.insert(k, 100);
+        }
+        p.sweep(|_, exp| *exp > 200);
+        assert!(p.map.is_empty());
+        assert_eq!(p.sweep_at, Pruned::<u32, i64>::FLOOR);
+    }
 
     fn pairs(q: &str) -> Vec<(String, String)> {
         url::form_urlencoded::parse(q.as_bytes())

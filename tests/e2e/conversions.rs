@@ -395,3 +395,29 @@ async fn conversions_waiting_past_the_decider_scan_limit_do_not_hold_up_the_ones
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_head_on_the_postback_url_checks_its_input_and_records_nothing() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let head = |query: String| {
+        let url = sys.postback_url(&format!("/postback?{query}"));
+        let http = sys.http.clone();
+        async move { http.head(url).send().await.unwrap().status() }
+    };
+    assert_eq!(head(format!("click_id={click_id}")).await, StatusCode::OK);
+    assert_eq!(
+        head("click_id=nope".to_owned()).await,
+        StatusCode::BAD_REQUEST
+    );
+    let js = sys.jetstream().await;
+    let mut stream = js.get_stream("CONVERSIONS").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "nothing recorded"
+    );
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+}

@@ -62,6 +62,12 @@ pub(super) async fn postback(
         return Err(too_many());
     }
     let input = PostbackInput::parse(pairs.iter().map(|(k, v)| (k.into(), v.into())))?;
+    // A HEAD (a link checker, a mail scanner, a "test URL" button) gets the
+    // same input checks and records nothing: it must not take a conversion,
+    // nor use up a signature the advertiser's own GET carries.
+    if method == Method::HEAD {
+        return Ok(Json(json!({"status": "ok", "recorded": false})));
+    }
     let verified = verify(&state, &input, &pairs, ip, now).await?;
     let event = input.into_event(ip.to_string(), now, verified);
     let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
