@@ -236,6 +236,58 @@ async fn a_reversal_is_told_after_the_approval_still_being_retried() {
 }
 
 #[tokio::test]
+async fn a_reversal_carries_the_clicks_macros_after_the_click_has_left_the_log() {
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
+    )
+    .await;
+    sys.put_affiliate(
+        "a1",
+        json!({"postback_url": receiver.url("/pb?s={status}&k={sub1}"), "postback_statuses": ["approved", "reversed"]}),
+    )
+    .await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=K%201").await;
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    eventually("the approval told", Duration::from_secs(10), || async {
+        (receiver.seen().len() == 1).then_some(())
+    })
+    .await;
+
+    // The click leaves the log (a max age an operator set), and a new
+    // projection is folded from what is left: the click is nowhere.
+    let js = sys.jetstream().await;
+    js.get_stream("CLICKS")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    sys.wipe_postback().await;
+    sys.postback_ok(&format!("click_id={click_id}&status=chargeback"))
+        .await;
+    eventually("the reversal told", Duration::from_secs(15), || async {
+        (receiver.seen().len() == 2).then_some(())
+    })
+    .await;
+    let seen = receiver.seen();
+    assert!(
+        seen[0].uri.ends_with("s=approved&k=K%201"),
+        "{}",
+        seen[0].uri
+    );
+    assert!(
+        seen[1].uri.ends_with("s=rejected&k=K%201"),
+        "{}",
+        seen[1].uri
+    );
+}
+
+#[tokio::test]
 async fn a_stopped_dispatcher_resumes_its_schedule_and_delivers_once() {
     let receiver =
         Receiver::start(vec![Reply::Status(500, "down")], Reply::Status(200, "ok")).await;

@@ -455,7 +455,11 @@ pub(crate) fn decision_event(
             revenue_currency,
             converted_at_ms: c.converted_at_ms,
             reported_seq: c.reported_seq,
-            affiliate_postback_url: postback_url,
+            // The click's macros filled now, while the click is at hand.
+            affiliate_postback_url: match click {
+                Some(k) => crate::deliveries::macros::fill_click(&postback_url, k),
+                None => postback_url,
+            },
             status: status_to_proto(status) as i32,
             postback_statuses,
             cap_day,

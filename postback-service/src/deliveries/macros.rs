@@ -45,18 +45,14 @@ pub fn fill(
     let empty = ClickRecorded::default();
     let k = click.unwrap_or(&empty);
     common::template::fill(template, |name| {
+        if let Some(value) = click_macro(k, name) {
+            return Some(value);
+        }
         Some(match name {
             "click_id" => &conversion.click_id,
             "conversion_id" => &conversion.conversion_id,
             "offer_id" => &conversion.offer_id,
             "aff_id" => &conversion.affiliate_id,
-            "sub1" => &k.sub1,
-            "sub2" => &k.sub2,
-            "sub3" => &k.sub3,
-            "sub4" => &k.sub4,
-            "sub5" => &k.sub5,
-            "source" => &k.source,
-            "aff_click_id" => &k.aff_click_id,
             "goal" => &conversion.goal,
             "payout" => &payout,
             "revenue" => &revenue,
@@ -69,6 +65,30 @@ pub fn fill(
             _ => return None,
         })
     })
+}
+
+/// The value of a macro that comes from the click (its sub-ids, source and
+/// the affiliate's click id); `None` for the others.
+fn click_macro<'a>(k: &'a ClickRecorded, name: &str) -> Option<&'a str> {
+    Some(match name {
+        "sub1" => &k.sub1,
+        "sub2" => &k.sub2,
+        "sub3" => &k.sub3,
+        "sub4" => &k.sub4,
+        "sub5" => &k.sub5,
+        "source" => &k.source,
+        "aff_click_id" => &k.aff_click_id,
+        _ => return None,
+    })
+}
+
+/// `template` with the click's macros filled (URL-encoded) and the others
+/// left for [`fill`]: done when a conversion is attributed, with its click at
+/// hand, so its later status deliveries carry them even where the click has
+/// left the projection (a stream with a max age, a new instance). A filled
+/// value cannot make a macro: its braces are encoded.
+pub fn fill_click(template: &str, click: &ClickRecorded) -> String {
+    common::template::fill(template, |name| click_macro(click, name))
 }
 
 #[cfg(test)]
@@ -123,6 +143,32 @@ mod tests {
 &sub2=s%262&sub3=s3&sub4=s4&sub5=s5&source=src&aff_click_id=ac%2F1&goal=sale&payout=2.50\
 &revenue=10.00&currency=USD&txid=T%201&status=approved&delivery_id=dl-1&revenue_currency=EUR\
 &event_time=1700000000"
+        );
+        // The click's macros filled first (at attribution), the rest later
+        // without the click: the same URL.
+        let early = fill_click(&format!("https://aff.test/pb?{template}"), &click);
+        assert!(
+            early.contains("sub2=s%262&") && early.contains("{status}"),
+            "{early}"
+        );
+        assert_eq!(
+            fill(&early, &view, None, "dl-1", ConversionStatus::Approved),
+            url
+        );
+        let braces = ClickRecorded {
+            sub1: "{status}".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            fill(
+                &fill_click("https://aff.test/pb?s={sub1}", &braces),
+                &view,
+                None,
+                "dl-1",
+                ConversionStatus::Approved
+            ),
+            "https://aff.test/pb?s=%7Bstatus%7D",
+            "a value makes no macro"
         );
     }
 }
