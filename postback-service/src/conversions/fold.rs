@@ -336,7 +336,14 @@ fn skip(entry: &LogEntry<'_>) -> Result<(), sled::Error> {
 }
 
 fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
-    let reported = ConversionReported::decode(entry.payload);
+    // A click id in canonical form, as the click API asks by, even on a report
+    // decided malformed (a partner's upper-case id beside a bad currency).
+    let reported = ConversionReported::decode(entry.payload).map(|mut e| {
+        if let Ok(click) = uuid::Uuid::try_parse(&e.click_id) {
+            e.click_id = click.to_string();
+        }
+        e
+    });
     let malformed = |id, why| {
         let partial = reported.as_ref().ok();
         ConversionView::malformed(
@@ -1237,6 +1244,21 @@ mod tests {
             "aproved"
         );
         assert!(h.reads().status_queue().next().is_none());
+    }
+
+    #[test]
+    fn a_malformed_report_is_listed_under_its_click_in_canonical_form() {
+        let mut h = Harness::new();
+        let upper = ConversionReported {
+            click_id: CLICK.to_uppercase(),
+            currency: "ZZZ".into(),
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, upper.encode_to_vec());
+        let listed = h.reads().of_click(CLICK).unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed[0].malformed.is_some());
+        assert_eq!(listed[0].click_id, CLICK);
     }
 
     /// An HTTP report of `CLICK` with this status word, verified at the door
