@@ -6,7 +6,11 @@ COPY . .
 RUN cargo build --release --locked -p ${SERVICE} && cp target/release/${SERVICE} /service
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 tracker && mkdir /data && chown tracker /data
+# CA roots: postback-service's HTTP client loads the system's at start (and an
+# affiliate's https postback URL needs them).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 tracker && mkdir /data && chown tracker /data
 COPY --from=build /service /usr/local/bin/service
 USER tracker
 ENV DATA_DIR=/data
