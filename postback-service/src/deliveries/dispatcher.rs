@@ -91,6 +91,9 @@ struct Inner {
     global: Arc<Semaphore>,
     host_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     wake: Notify,
+    /// A retry request's publish failed: it may be in the log without its
+    /// schedule, which the next full scan recovers.
+    recover: std::sync::atomic::AtomicBool,
 }
 
 /// Most due deliveries held in memory; more wait in the index.
@@ -137,6 +140,7 @@ impl Dispatcher {
                 run: uuid::Uuid::now_v7().as_u64_pair().1 | 1,
                 host_limits: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                recover: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -183,7 +187,13 @@ impl Dispatcher {
             event.encode_to_vec().into(),
             inner.config.publish_timeout,
         )
-        .await?;
+        .await
+        .inspect_err(|_| {
+            // Not acked in time is not "not stored".
+            inner
+                .recover
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        })?;
         let mut status = inner.postbacks_status.clone();
         common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await;
         let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);
@@ -690,9 +700,12 @@ pub async fn run_dispatcher(
             if tokio::time::Instant::now() >= rescan_at {
                 rescan_at += FULL_SCAN_EVERY;
                 lock(&dispatcher.inner.ready).rescan();
-                // A retry request whose ack did not come in time is in the
-                // log without its schedule: found here within a minute.
-                dispatcher.recover_retries().await?;
+                // A retry request whose ack did not come in time may be in
+                // the log without its schedule: found here within a minute.
+                let recover = &dispatcher.inner.recover;
+                if recover.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    dispatcher.recover_retries().await?;
+                }
             }
             dispatcher.start_due(&tracker, &token, &tenure)
         }

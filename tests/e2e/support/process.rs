@@ -110,6 +110,10 @@ pub struct Process {
     log: PathBuf,
     /// Where it writes the address it bound (ADDR_FILE).
     addr_file: PathBuf,
+    /// The log's length when this run of the process started.
+    log_from: usize,
+    /// Starts again (a restart on its old port found it taken for a moment).
+    rebinds: u32,
 }
 
 impl Process {
@@ -137,12 +141,15 @@ impl Process {
             env,
             log: log_dir.join(format!("{name}-{n}.log")),
             addr_file: log_dir.join(format!("{name}-{n}.addr")),
+            log_from: 0,
+            rebinds: 0,
         };
         p.spawn();
         p
     }
 
     fn spawn(&mut self) {
+        self.log_from = self.log_text().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -180,6 +187,24 @@ impl Process {
         let mut last = String::from("(no address yet: ADDR_FILE not written)");
         while started.elapsed() < READY_WITHIN {
             if let Some(status) = self.exited() {
+                // A restart on its old port can find it taken for a moment: a
+                // client connecting to the port while nothing listened may
+                // have been given that very port as its own (a TCP
+                // self-connect) until it gave the attempt up.
+                let run = self
+                    .log_text()
+                    .get(self.log_from..)
+                    .unwrap_or_default()
+                    .to_owned();
+                if self.addr.port() != 0
+                    && run.contains("Address already in use")
+                    && self.rebinds < 50
+                {
+                    self.rebinds += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.spawn();
+                    continue;
+                }
                 self.fail(&format!("exited with {status} before it was ready"));
             }
             let Some(addr) = self.bound() else {
