@@ -31,6 +31,24 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// No answer in time, or none that could be read (a loaded server, a
+    /// connection lost meanwhile): it may pass on a later try. JetStream off
+    /// or a refused stream is not transient.
+    pub fn is_transient(&self) -> bool {
+        use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
+        match self {
+            Self::Connect { .. } => false,
+            Self::Stream { source, .. } => {
+                matches!(
+                    source.kind(),
+                    Kind::TimedOut | Kind::Response | Kind::ResponseParse
+                )
+            }
+        }
+    }
+}
+
 /// A publish that did not get its JetStream ack.
 #[derive(Debug, Error)]
 pub enum PublishError {

@@ -169,20 +169,34 @@ impl Base {
         let first = tokio::time::timeout(FIRST_CONNECT_WAIT, connected.wait_for(|n| *n > 0))
             .await
             .is_ok_and(|seen| seen.is_ok());
-        if first {
+        let ensured = if first {
             tracing::info!(
                 url = nats_url,
                 ms = started.elapsed().as_millis(),
                 "connected to NATS"
             );
-            crate::nats::ensure_streams(&base.js).await?;
-            tracing::info!(ms = started.elapsed().as_millis(), "streams ready");
+            match crate::nats::ensure_streams(&base.js).await {
+                Ok(()) => true,
+                // No answer in time (a loaded server, a connection lost
+                // meanwhile) is no refusal: go on as when NATS is away.
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(error = %crate::fold::error_chain(&error),
+                        "streams not ensured yet; retrying in the background");
+                    false
+                }
+                Err(error) => return Err(error.into()),
+            }
         } else {
             tracing::warn!(
                 url = nats_url,
                 "NATS cannot be reached: serving from the projection, clicks and \
                  postbacks go to the outbox; connecting in the background"
             );
+            false
+        };
+        if ensured {
+            tracing::info!(ms = started.elapsed().as_millis(), "streams ready");
+        } else {
             let js = base.js.clone();
             base.spawn(|token| ensure_streams_once_connected(js, connected, token));
         }
