@@ -24,6 +24,21 @@ async fn catalog(sys: &System, aff: &str, url: &str) {
     sys.wait_postback_sees_offer("o1", "2.50").await;
 }
 
+/// Offer o1 and affiliate a1 posting back to `url` on approvals and reversals.
+async fn status_catalog(sys: &System, url: &str) {
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
+    )
+    .await;
+    sys.put_affiliate(
+        "a1",
+        json!({"postback_url": url, "postback_statuses": ["approved", "reversed"]}),
+    )
+    .await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+}
+
 /// A click by `aff` and an attributed conversion; returns (click id, conversion id, delivery id).
 async fn convert(sys: &System, aff: &str, extra: &str) -> (String, String, String) {
     let (click_id, _) = sys
@@ -197,17 +212,7 @@ async fn a_reversal_is_told_after_the_approval_still_being_retried() {
     let receiver =
         Receiver::start(vec![Reply::Status(503, "busy")], Reply::Status(200, "ok")).await;
     let sys = System::start_configured(500, |c| c.postback_first_retry_ms = 1500).await;
-    sys.put_offer(
-        "o1",
-        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
-    )
-    .await;
-    sys.put_affiliate(
-        "a1",
-        json!({"postback_url": receiver.url("/pb?s={status}"), "postback_statuses": ["approved", "reversed"]}),
-    )
-    .await;
-    sys.wait_postback_sees_offer("o1", "2.50").await;
+    status_catalog(&sys, &receiver.url("/pb?s={status}")).await;
     let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
     assert_eq!(sys.decided(&id).await["state"], "attributed");
@@ -239,17 +244,7 @@ async fn a_reversal_is_told_after_the_approval_still_being_retried() {
 async fn a_reversal_carries_the_clicks_macros_after_the_click_has_left_the_log() {
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
     let mut sys = System::start().await;
-    sys.put_offer(
-        "o1",
-        json!({"url": OFFER_URL, "payout": "2.50", "revenue": "10"}),
-    )
-    .await;
-    sys.put_affiliate(
-        "a1",
-        json!({"postback_url": receiver.url("/pb?s={status}&k={sub1}"), "postback_statuses": ["approved", "reversed"]}),
-    )
-    .await;
-    sys.wait_postback_sees_offer("o1", "2.50").await;
+    status_catalog(&sys, &receiver.url("/pb?s={status}&k={sub1}")).await;
     let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=K%201").await;
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
     assert_eq!(sys.decided(&id).await["state"], "attributed");

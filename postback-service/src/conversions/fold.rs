@@ -335,17 +335,21 @@ fn skip(entry: &LogEntry<'_>) -> Result<(), sled::Error> {
     Ok(())
 }
 
+/// A report whose click id is in canonical form, as `normalize_reported` gives
+/// a valid report's and the click API asks by: for the reports decided
+/// malformed (a partner's upper-case id beside a bad currency), off the path
+/// of the valid ones, which are parsed once.
+fn canonical_click(e: &ConversionReported) -> ConversionReported {
+    let mut e = e.clone();
+    if let Ok(click) = uuid::Uuid::try_parse(&e.click_id) {
+        e.click_id = click.to_string();
+    }
+    e
+}
+
 fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
-    // A click id in canonical form, as the click API asks by, even on a report
-    // decided malformed (a partner's upper-case id beside a bad currency).
-    let reported = ConversionReported::decode(entry.payload).map(|mut e| {
-        if let Ok(click) = uuid::Uuid::try_parse(&e.click_id) {
-            e.click_id = click.to_string();
-        }
-        e
-    });
-    let malformed = |id, why| {
-        let partial = reported.as_ref().ok();
+    let reported = ConversionReported::decode(entry.payload);
+    let malformed = |id, partial: Option<&ConversionReported>, why| {
         ConversionView::malformed(
             id,
             partial,
@@ -359,6 +363,7 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
         Ok(e) => match normalize_reported(e.clone(), entry.log_time_ms) {
             Ok(e) => ConversionView::reported(&e, entry.seq, entry.log_time_ms),
             Err(why) => {
+                let e = canonical_click(e);
                 let id = if !e.conversion_id.is_empty()
                     && conversion_id_problem(&e.conversion_id).is_none()
                 {
@@ -368,11 +373,12 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                 } else {
                     malformed_id(entry.seq)
                 };
-                malformed(id, why)
+                malformed(id, Some(&e), why)
             }
         },
         Err(error) => malformed(
             malformed_id(entry.seq),
+            None,
             format!("undecodable ConversionReported: {error}"),
         ),
     };
@@ -424,7 +430,11 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                 if staged.contains(&view_key(&id))? {
                     return Ok(()); // the same bytes again
                 }
-                view = malformed(id, why);
+                view = malformed(
+                    id,
+                    reported.as_ref().ok().map(canonical_click).as_ref(),
+                    why,
+                );
             }
         }
     }

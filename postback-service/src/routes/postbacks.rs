@@ -201,7 +201,7 @@ pub(super) async fn list_postbacks(
 
     let affiliate = affiliate.cloned();
     let (total, page) = tokio::task::spawn_blocking(move || {
-        let wanted = |e: &Listed| {
+        let wanted = |e: &Row| {
             affiliate.as_ref().is_none_or(|a| &e.affiliate_id == a)
                 && wanted_state.as_deref().is_none_or(|s| e.state == s)
         };
@@ -232,7 +232,7 @@ pub(super) async fn list_postbacks(
 }
 
 /// A delivery as the listing orders and filters it, before its page is read.
-struct Listed {
+struct Row {
     at_ms: i64,
     delivery_id: String,
     affiliate_id: String,
@@ -240,7 +240,7 @@ struct Listed {
     state: &'static str,
 }
 
-impl Listed {
+impl Row {
     /// Newest first; at the same millisecond, the greater delivery id first
     /// (the time index's own order, walked backwards).
     fn order(&self) -> (i64, &str) {
@@ -253,11 +253,9 @@ impl Listed {
 /// affiliate are in it), merged with the schedules still pending. Costs a walk
 /// of the index plus one read per pending schedule, and memory for the
 /// pending ones only.
-fn listing(
-    state: &AppState,
-) -> Result<impl Iterator<Item = Result<Listed, ApiError>> + '_, ApiError> {
+fn listing(state: &AppState) -> Result<impl Iterator<Item = Result<Row, ApiError>> + '_, ApiError> {
     let outcomes = state.dispatcher.outcomes();
-    let mut pending: Vec<Listed> = Vec::new();
+    let mut pending: Vec<Row> = Vec::new();
     for s in state.dispatcher.schedules().all()? {
         // A delivered or failed outcome is shown over its schedule (a
         // schedule outlives its outcome's event only until it is removed).
@@ -265,7 +263,7 @@ fn listing(
             .get(&s.delivery_id)?
             .is_some_and(|o| o.state != OutcomeState::RetryRequested);
         if !shadowed {
-            pending.push(Listed {
+            pending.push(Row {
                 at_ms: s.first_attempt_ms.max(s.created_at_ms),
                 delivery_id: s.delivery_id,
                 affiliate_id: s.affiliate_id,
@@ -291,7 +289,7 @@ fn listing(
             OutcomeState::Failed => "failed",
             OutcomeState::RetryRequested => "pending",
         };
-        Some(Ok(Listed {
+        Some(Ok(Row {
             at_ms: l.updated_at_ms,
             delivery_id: l.delivery_id,
             affiliate_id: l.affiliate_id,
@@ -303,9 +301,9 @@ fn listing(
 
 /// Two newest-first sequences as one; an error as soon as either meets one.
 fn merge_newest_first<E>(
-    a: impl Iterator<Item = Result<Listed, E>>,
-    b: impl Iterator<Item = Result<Listed, E>>,
-) -> impl Iterator<Item = Result<Listed, E>> {
+    a: impl Iterator<Item = Result<Row, E>>,
+    b: impl Iterator<Item = Result<Row, E>>,
+) -> impl Iterator<Item = Result<Row, E>> {
     let (mut a, mut b) = (a.peekable(), b.peekable());
     std::iter::from_fn(move || match (a.peek(), b.peek()) {
         (_, Some(Err(_))) => b.next(),
