@@ -8,7 +8,7 @@
 
 use common::{fold::Fold, store::decode_u64, LogEntry, Staged};
 use prost::Message;
-use proto::clicks::v1::{ClickDisposition, ClickRecorded};
+use proto::clicks::v1::{ClickDisposition, ClickRecorded, ClicksRecorded};
 
 fn cap_key(offer_id: &str, affiliate_id: Option<&str>, day: &str) -> Vec<u8> {
     match affiliate_id {
@@ -23,17 +23,22 @@ pub struct ClickCapsFold;
 
 impl Fold for ClickCapsFold {
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
-        let Ok(click) = ClickRecorded::decode(entry.payload) else {
+        let Ok(clicks) = ClicksRecorded::each(entry.subject, entry.payload) else {
             return Ok(());
         };
-        if click.cap_day.is_empty() || click.disposition() != ClickDisposition::Landing {
-            return Ok(());
+        for payload in &clicks {
+            let Ok(click) = ClickRecorded::decode(&payload[..]) else {
+                continue;
+            };
+            if click.cap_day.is_empty() || click.disposition() != ClickDisposition::Landing {
+                continue;
+            }
+            staged.add_u64(cap_key(&click.offer_id, None, &click.cap_day), 1)?;
+            staged.add_u64(
+                cap_key(&click.offer_id, Some(&click.affiliate_id), &click.cap_day),
+                1,
+            )?;
         }
-        staged.add_u64(cap_key(&click.offer_id, None, &click.cap_day), 1)?;
-        staged.add_u64(
-            cap_key(&click.offer_id, Some(&click.affiliate_id), &click.cap_day),
-            1,
-        )?;
         Ok(())
     }
 }
@@ -168,22 +173,33 @@ mod tests {
             }
             .encode_to_vec()
         };
+        // The second and third were recorded together, in one batch.
+        let batch = ClicksRecorded {
+            clicks: vec![
+                click("2026-01-01", "a2", ClickDisposition::Landing),
+                click("2026-01-01", "a1", ClickDisposition::FallbackCapped),
+            ],
+        }
+        .encode_to_vec();
+        let (one, many) = (
+            proto::subject::CLICK_RECORDED,
+            proto::subject::CLICKS_RECORDED_BATCH,
+        );
         let events = [
-            click("2026-01-01", "a1", ClickDisposition::Landing),
-            click("2026-01-01", "a2", ClickDisposition::Landing),
-            click("2026-01-01", "a1", ClickDisposition::FallbackCapped),
-            click("2026-01-02", "a1", ClickDisposition::Landing),
+            (one, click("2026-01-01", "a1", ClickDisposition::Landing)),
+            (many, batch),
+            (one, click("2026-01-02", "a1", ClickDisposition::Landing)),
         ];
-        for (i, payload) in events.iter().enumerate() {
+        for (i, (subject, payload)) in events.iter().enumerate() {
             let entry = LogEntry {
-                subject: "clicks.v1.recorded",
+                subject,
                 payload,
                 seq: i as u64 + 1,
                 log_time_ms: 0,
             };
             ClickCapsFold.apply(&mut staged, &entry).unwrap();
         }
-        staged.commit(4).unwrap();
+        staged.commit(3).unwrap();
         let counts = ClickCounts::new(tree.rows().clone());
         assert_eq!(counts.used("o1", "a1", "2026-01-01").unwrap(), (2, 1));
         assert_eq!(counts.used("o1", "a1", "2026-01-02").unwrap(), (1, 1));

@@ -43,6 +43,20 @@ pub struct Config {
     #[arg(long, env = "TRUSTED_PROXY_HEADER", default_value = "",
           value_parser = common::config::header_name)]
     pub trusted_proxy_header: String,
+    /// Most clicks published as one message: the clicks that arrive while
+    /// earlier ones await JetStream's ack go together on
+    /// `clicks.v1.recorded_batch`, acked once (a group commit; each redirect
+    /// still waits for its click's ack). 1: one message per click on
+    /// `clicks.v1.recorded` only, for readers of CLICKS that do not read
+    /// batches.
+    #[arg(long, env = "CLICK_BATCH_MAX", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub click_batch_max: u16,
+    /// Click messages awaiting their ack at once (with CLICK_BATCH_MAX above
+    /// 1): fewer make larger batches, more make a click wait less for a slot.
+    #[arg(long, env = "CLICK_COMMITS_IN_FLIGHT", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub click_commits_in_flight: u16,
     #[command(flatten)]
     pub ingest: common::config::IngestArgs,
 }
@@ -60,12 +74,18 @@ impl Config {
             admin_token: "admin".to_owned(),
             trusted_proxy_header: String::new(),
             log_filter: "info".to_owned(),
+            click_batch_max: 64,
+            click_commits_in_flight: 2,
             ingest: common::config::IngestArgs::for_tests(),
         }
     }
 
-    pub(crate) fn ack_deadline(&self) -> Duration {
-        self.ingest.ack_deadline()
+    pub(crate) fn group_commit(&self) -> crate::group_commit::Settings {
+        crate::group_commit::Settings {
+            max_clicks: usize::from(self.click_batch_max),
+            in_flight: usize::from(self.click_commits_in_flight),
+            ack_deadline: self.ingest.ack_deadline(),
+        }
     }
 
     pub(crate) fn publish_timeout(&self) -> Duration {
@@ -94,6 +114,9 @@ mod tests {
             &["--ack-deadline-ms", "0"],
             &["--ack-deadline-ms", "10000"],
             &["--publish-timeout-ms", "0"],
+            &["--click-batch-max", "0"],
+            &["--click-batch-max", "5000"],
+            &["--click-commits-in-flight", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

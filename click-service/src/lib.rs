@@ -10,6 +10,7 @@ pub mod caps;
 pub mod catalog_input;
 pub mod click;
 pub mod config;
+pub mod group_commit;
 pub mod routes;
 pub mod startup;
 

@@ -93,9 +93,11 @@ impl Application {
                 config.trusted_proxy_header.to_ascii_lowercase().as_str(),
             ),
             publish_timeout: config.publish_timeout(),
-            outbox: base
-                .start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
-            ack_deadline: config.ack_deadline(),
+            clicks: crate::group_commit::GroupCommit::start(
+                base.js.clone(),
+                base.start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
+                config.group_commit(),
+            ),
         };
         let server =
             Server::bind("click-service", base, config.listen, routes::router(state)).await?;

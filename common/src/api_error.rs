@@ -54,7 +54,7 @@ impl ApiError {
 
     /// 503 when an event is neither acknowledged by JetStream nor taken by the
     /// outbox: nothing was recorded.
-    pub fn not_durable(error: &crate::outbox::OutboxError) -> Self {
+    pub fn not_durable(error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, "event neither acknowledged nor spooled");
         Self::Refused {
             status: 503,

@@ -186,15 +186,13 @@ struct Report {
 
 #[derive(Debug, Deserialize)]
 struct ReportRow {
+    clicks: u64,
     attributed: u64,
     rejected: u64,
 }
 
-/// Conversions decided so far (attributed + rejected), from the report API.
-///
-/// # Errors
-/// No answer, or not a report.
-pub async fn decided(target: &Target, bearer: &HeaderValue) -> Result<u64, BenchError> {
+/// The per-offer report, summed over the offers.
+async fn report_totals(target: &Target, bearer: &HeaderValue) -> Result<ReportRow, BenchError> {
     let (status, report) =
         fetch_json::<Report>(target, "/api/reports?group_by=offer", Some(bearer)).await?;
     if status != StatusCode::OK {
@@ -202,7 +200,38 @@ pub async fn decided(target: &Target, bearer: &HeaderValue) -> Result<u64, Bench
             "GET /api/reports answered {status}"
         )));
     }
-    Ok(report.rows.iter().map(|r| r.attributed + r.rejected).sum())
+    Ok(report.rows.iter().fold(
+        ReportRow {
+            clicks: 0,
+            attributed: 0,
+            rejected: 0,
+        },
+        |sum, r| ReportRow {
+            clicks: sum.clicks + r.clicks,
+            attributed: sum.attributed + r.attributed,
+            rejected: sum.rejected + r.rejected,
+        },
+    ))
+}
+
+/// Conversions decided so far (attributed + rejected), from the report API.
+///
+/// # Errors
+/// No answer, or not a report.
+pub async fn decided(target: &Target, bearer: &HeaderValue) -> Result<u64, BenchError> {
+    let totals = report_totals(target, bearer).await?;
+    Ok(totals.attributed + totals.rejected)
+}
+
+/// Clicks in postback-service's projection, from the report API: a click
+/// counts once whether it came alone or in a batch (`clicks.v1.recorded_batch`),
+/// so this, not the CLICKS stream's message count, is how many clicks the log
+/// holds once the fold is at its end.
+///
+/// # Errors
+/// No answer, or not a report.
+pub async fn clicks(target: &Target, bearer: &HeaderValue) -> Result<u64, BenchError> {
+    Ok(report_totals(target, bearer).await?.clicks)
 }
 
 /// Conversions reported in the log so far (`conversions.v1.reported`).

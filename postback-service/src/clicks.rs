@@ -11,7 +11,7 @@
 
 use common::{fold::Fold, store::decode_u64, LogEntry, Staged};
 use prost::Message;
-use proto::clicks::v1::ClickRecorded;
+use proto::clicks::v1::{ClickRecorded, ClicksRecorded};
 
 pub mod visitors;
 
@@ -95,7 +95,7 @@ pub fn is_unique(last_ms: Option<i64>, at_ms: i64) -> bool {
     last_ms.is_none_or(|last| at_ms - last >= UNIQUE_WINDOW_MS)
 }
 
-/// Folds `clicks.v1.recorded`. A click seen twice (re-published after the
+/// Folds `clicks.v1.recorded` and `clicks.v1.recorded_batch`. A click seen twice (re-published after the
 /// duplicate window) counts once.
 #[derive(Debug, Default)]
 pub struct ClicksFold;
@@ -106,33 +106,45 @@ impl Fold for ClicksFold {
     }
 
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
-        let click = match ClickRecorded::decode(entry.payload) {
-            Ok(c) if !c.click_id.is_empty() => c,
-            _ => {
-                tracing::warn!(
-                    seq = entry.seq,
-                    subject = entry.subject,
-                    "undecodable click skipped"
-                );
-                return Ok(());
-            }
-        };
-        let key = click_key(&click.click_id);
-        if staged.contains(&key)? {
+        let Ok(clicks) = ClicksRecorded::each(entry.subject, entry.payload) else {
+            tracing::warn!(seq = entry.seq, "undecodable batch of clicks skipped");
             return Ok(());
+        };
+        for payload in &clicks {
+            apply_click(staged, &LogEntry { payload, ..*entry })?;
         }
-        let last = visitors::visit(
-            staged,
-            &Visitor::of(&click),
-            click.occurred_at_ms,
-            entry.log_time_ms,
-        )?;
-        let unique = is_unique(last, click.occurred_at_ms);
-        staged.insert(key, click_row(entry.payload, unique));
-        tally(staged, count_key('o', &click.offer_id), unique)?;
-        tally(staged, count_key('a', &click.affiliate_id), unique)?;
         Ok(())
     }
+}
+
+/// Folds one click (`entry.payload`, alone or out of a batch).
+fn apply_click(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
+    let click = match ClickRecorded::decode(entry.payload) {
+        Ok(c) if !c.click_id.is_empty() => c,
+        _ => {
+            tracing::warn!(
+                seq = entry.seq,
+                subject = entry.subject,
+                "undecodable click skipped"
+            );
+            return Ok(());
+        }
+    };
+    let key = click_key(&click.click_id);
+    if staged.contains(&key)? {
+        return Ok(());
+    }
+    let last = visitors::visit(
+        staged,
+        &Visitor::of(&click),
+        click.occurred_at_ms,
+        entry.log_time_ms,
+    )?;
+    let unique = is_unique(last, click.occurred_at_ms);
+    staged.insert(key, click_row(entry.payload, unique));
+    tally(staged, count_key('o', &click.offer_id), unique)?;
+    tally(staged, count_key('a', &click.affiliate_id), unique)?;
+    Ok(())
 }
 
 /// Read access to the clicks Tree.
@@ -257,22 +269,29 @@ mod tests {
             .encode_to_vec()
         };
         let day = UNIQUE_WINDOW_MS;
+        // c2 and c3 were recorded together: one message, folded as two.
+        let batch = ClicksRecorded {
+            clicks: vec![click("c2", "1.1.1.1", 10), click("c3", "2.2.2.2", 20)],
+        }
+        .encode_to_vec();
         let events = [
-            click("c1", "1.1.1.1", 0),
-            click("c2", "1.1.1.1", 10),
-            click("c3", "2.2.2.2", 20),
-            click("c4", "1.1.1.1", day + 10),
+            (proto::subject::CLICK_RECORDED, click("c1", "1.1.1.1", 0)),
+            (proto::subject::CLICKS_RECORDED_BATCH, batch),
+            (
+                proto::subject::CLICK_RECORDED,
+                click("c4", "1.1.1.1", day + 10),
+            ),
         ];
-        for (i, payload) in events.iter().enumerate() {
+        for (i, (subject, payload)) in events.iter().enumerate() {
             let entry = LogEntry {
-                subject: "clicks.v1.recorded",
+                subject,
                 payload,
                 seq: i as u64 + 1,
                 log_time_ms: 0,
             };
             ClicksFold.apply(&mut staged, &entry).unwrap();
         }
-        staged.commit(4).unwrap();
+        staged.commit(3).unwrap();
         let clicks = Clicks::new(tree.rows().clone());
         let unique: Vec<bool> = ["c1", "c2", "c3", "c4"]
             .iter()
@@ -303,17 +322,33 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
+        // Re-published later inside a batch, beside garbage.
+        let batch = ClicksRecorded {
+            clicks: vec![vec![0xff], click.clone()],
+        }
+        .encode_to_vec();
+        let (one, many) = (
+            proto::subject::CLICK_RECORDED,
+            proto::subject::CLICKS_RECORDED_BATCH,
+        );
         let mut staged = Staged::new(&tree);
-        for (seq, payload) in [(1, &click[..]), (2, &[0xff][..]), (3, &click[..])] {
+        let entries = [
+            (one, &click[..]),
+            (one, &[0xff][..]),
+            (one, &click[..]),
+            (many, &batch[..]),
+            (many, &[0xff][..]),
+        ];
+        for (seq, (subject, payload)) in (1..).zip(entries) {
             let entry = LogEntry {
-                subject: "clicks.v1.recorded",
+                subject,
                 payload,
                 seq,
                 log_time_ms: 0,
             };
             ClicksFold.apply(&mut staged, &entry).unwrap();
         }
-        staged.commit(3).unwrap();
+        staged.commit(5).unwrap();
         let clicks = Clicks::new(tree.rows().clone());
         assert_eq!(clicks.get("c1").unwrap().unwrap().offer_id, "o1");
         assert!(clicks.is_unique("c1").unwrap());

@@ -14,6 +14,30 @@ pub mod catalog {
 pub mod clicks {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/clicks.v1.rs"));
+
+        impl ClicksRecorded {
+            /// The clicks a `CLICKS` message carries, each as an encoded
+            /// [`ClickRecorded`]: a batch's (`clicks.v1.recorded_batch`), or
+            /// the message itself (`clicks.v1.recorded`, and any other
+            /// subject, which a click's reader decodes as one click).
+            ///
+            /// # Errors
+            /// A batch that does not decode.
+            pub fn each<'a>(
+                subject: &str,
+                payload: &'a [u8],
+            ) -> Result<Vec<std::borrow::Cow<'a, [u8]>>, prost::DecodeError> {
+                if subject != crate::subject::CLICKS_RECORDED_BATCH {
+                    return Ok(vec![std::borrow::Cow::Borrowed(payload)]);
+                }
+                let batch = <Self as prost::Message>::decode(payload)?;
+                Ok(batch
+                    .clicks
+                    .into_iter()
+                    .map(std::borrow::Cow::Owned)
+                    .collect())
+            }
+        }
     }
 }
 pub mod conversions {
@@ -30,6 +54,8 @@ pub mod postbacks {
 /// Subjects, `<domain>.v<N>.<event>`.
 pub mod subject {
     pub const CLICK_RECORDED: &str = "clicks.v1.recorded";
+    /// Several clicks in one message (`ClicksRecorded`), acked once.
+    pub const CLICKS_RECORDED_BATCH: &str = "clicks.v1.recorded_batch";
     pub const CONVERSION_REPORTED: &str = "conversions.v1.reported";
     pub const CONVERSION_ATTRIBUTED: &str = "conversions.v1.attributed";
     pub const CONVERSION_REJECTED: &str = "conversions.v1.rejected";
@@ -59,4 +85,51 @@ pub mod stream {
     pub const CONVERSIONS: &str = "CONVERSIONS";
     pub const POSTBACKS: &str = "POSTBACKS";
     pub const CATALOG: &str = "CATALOG";
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use crate::clicks::v1::{ClickRecorded, ClicksRecorded};
+
+    fn click(id: &str) -> ClickRecorded {
+        ClickRecorded {
+            event_id: id.into(),
+            click_id: id.into(),
+            offer_id: "o1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_carries_its_clicks_and_reads_as_no_click_to_an_older_reader() {
+        let (a, b) = (click("a"), click("b"));
+        let batch = ClicksRecorded {
+            clicks: vec![a.encode_to_vec(), b.encode_to_vec()],
+        }
+        .encode_to_vec();
+        let each = ClicksRecorded::each(crate::subject::CLICKS_RECORDED_BATCH, &batch).unwrap();
+        let decoded: Vec<ClickRecorded> = each
+            .iter()
+            .map(|c| ClickRecorded::decode(&c[..]).unwrap())
+            .collect();
+        assert_eq!(decoded, [a.clone(), b]);
+
+        // The wire form of `repeated ClickRecorded clicks = 100`.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct AsMessages {
+            #[prost(message, repeated, tag = "100")]
+            clicks: Vec<ClickRecorded>,
+        }
+        assert_eq!(AsMessages::decode(&batch[..]).unwrap().clicks.len(), 2);
+
+        let older = ClickRecorded::decode(&batch[..]).unwrap();
+        assert!(older.click_id.is_empty(), "an older reader skips it");
+
+        let lone = a.encode_to_vec();
+        let each = ClicksRecorded::each(crate::subject::CLICK_RECORDED, &lone).unwrap();
+        assert_eq!(each, [&lone[..]]);
+        assert!(ClicksRecorded::each(crate::subject::CLICKS_RECORDED_BATCH, b"\xff").is_err());
+    }
 }

@@ -1,11 +1,11 @@
 //! Click → 302 → postback → attributed, visible in every read endpoint.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{app::url_params, eventually, System, OFFER_URL};
+use crate::support::{app::url_params, eventually, nats::clicks_in_log, System, OFFER_URL};
 
 #[tokio::test]
 async fn click_redirects_with_macros_then_postback_is_attributed_everywhere() {
@@ -263,4 +263,81 @@ async fn behind_a_trusted_proxy_the_visitor_ip_is_the_one_it_appended() {
     })
     .await;
     assert_eq!(click["click"]["ip"], "198.51.100.9", "{click}");
+}
+
+/// Clicks fired at once: each redirect waits for its click's ack, and the
+/// clicks that arrived while others awaited theirs share one message.
+async fn fire_clicks(sys: &System, n: usize) -> Vec<String> {
+    let clicks = (0..n).map(|i| async move {
+        let (click_id, _) = sys.click_ok("o1", &format!("aff=a1&sub1=s{i}")).await;
+        click_id
+    });
+    let ids = futures::future::join_all(clicks).await;
+    assert!(ids.iter().all(|id| !id.is_empty()));
+    ids
+}
+
+#[tokio::test]
+async fn clicks_arriving_together_are_acked_as_one_message_each_intact_and_attributed() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    let ids = fire_clicks(&sys, 300).await;
+
+    let js = sys.jetstream().await;
+    let in_log = clicks_in_log(&js).await;
+    let mut once: HashMap<&str, u32> = HashMap::new();
+    for (_, click) in &in_log {
+        *once.entry(click.click_id.as_str()).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(
+            once.get(id.as_str()),
+            Some(&1),
+            "click {id} in the log once"
+        );
+    }
+    assert_eq!(in_log.len(), ids.len(), "nothing else in the log");
+    let batched = in_log
+        .iter()
+        .filter(|(subject, _)| subject == proto::subject::CLICKS_RECORDED_BATCH)
+        .count();
+    assert!(
+        batched > 0,
+        "300 clicks at once: some arrived while others awaited their ack"
+    );
+
+    // Every click of a batch is folded as if it had come alone.
+    eventually("300 clicks folded", Duration::from_secs(10), || async {
+        (sys.report("offer").await["rows"][0]["clicks"] == 300).then_some(())
+    })
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        let (status, click) = sys.api(&format!("/api/clicks/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{id}");
+        assert_eq!(click["click"]["sub1"], format!("s{i}"));
+    }
+    let (_, batched_click) = in_log
+        .iter()
+        .find(|(subject, _)| subject == proto::subject::CLICKS_RECORDED_BATCH)
+        .unwrap();
+    let conversion_id = sys
+        .postback_ok(&format!("click_id={}&amount=1", batched_click.click_id))
+        .await;
+    assert_eq!(sys.decided(&conversion_id).await["state"], "attributed");
+
+    // CLICK_BATCH_MAX=1: one message per click, on clicks.v1.recorded only.
+    sys.click.take().unwrap().stop().await;
+    let mut config = sys.click_config();
+    config.click_batch_max = 1;
+    sys.start_click_with(config).await;
+    let alone = fire_clicks(&sys, 50).await;
+    let in_log = clicks_in_log(&js).await;
+    for id in &alone {
+        let subjects: Vec<&str> = in_log
+            .iter()
+            .filter(|(_, click)| &click.click_id == id)
+            .map(|(subject, _)| subject.as_str())
+            .collect();
+        assert_eq!(subjects, [proto::subject::CLICK_RECORDED], "{id}");
+    }
 }

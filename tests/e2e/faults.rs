@@ -14,16 +14,14 @@ use std::{
 };
 
 use prost::Message;
-use proto::{
-    clicks::v1::ClickRecorded, conversions::v1::ConversionReported,
-    postbacks::v1::PostbackDelivered,
-};
+use proto::{conversions::v1::ConversionReported, postbacks::v1::PostbackDelivered};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::support::{
     app::{projection, url_params},
     eventually,
+    nats::{clicks_in_log, read_stream},
     process::Process,
     NatsServer, Receiver, Reply, OFFER_URL,
 };
@@ -220,26 +218,6 @@ async fn load(
     }
 }
 
-/// Every message of a stream: (subject, payload, time ms).
-async fn read_stream(
-    js: &async_nats::jetstream::Context,
-    name: &str,
-) -> Vec<(String, Vec<u8>, i64)> {
-    let mut stream = js.get_stream(name).await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push((
-                m.subject.to_string(),
-                m.payload.to_vec(),
-                (m.time.unix_timestamp_nanos() / 1_000_000) as i64,
-            ));
-        }
-    }
-    out
-}
-
 async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
     let mut c = Cluster::start().await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -314,10 +292,8 @@ async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
     // None lost, none duplicated: every acked click is in the log exactly once.
     let js = async_nats::jetstream::new(async_nats::connect(&c.nats.url).await.unwrap());
     let mut in_log: HashMap<String, u32> = HashMap::new();
-    for (_, payload, _) in read_stream(&js, "CLICKS").await {
-        *in_log
-            .entry(ClickRecorded::decode(&payload[..]).unwrap().click_id)
-            .or_default() += 1;
+    for (_, click) in clicks_in_log(&js).await {
+        *in_log.entry(click.click_id).or_default() += 1;
     }
     for id in &clicks {
         assert_eq!(

@@ -23,8 +23,8 @@ pub struct AppState {
     /// Header naming the visitor's IP behind our proxy (lower case; empty: the peer).
     pub trusted_proxy_header: Arc<str>,
     pub publish_timeout: Duration,
-    pub outbox: common::outbox::Outbox,
-    pub ack_deadline: Duration,
+    /// Where clicks are recorded (through the outbox).
+    pub clicks: crate::group_commit::GroupCommit,
 }
 
 /// The service's routes (health routes are merged in by startup). The state

@@ -5,8 +5,10 @@
 //! counted against a cap.
 //!
 //! The 302 goes out only once `ClickRecorded` is durable: acked by JetStream
-//! within the ack deadline, or else flushed to the local outbox, which publishes
-//! it later with the same `Nats-Msg-Id`. If neither, 503 and no redirect.
+//! within the ack deadline (alone, or with the clicks that arrived meanwhile:
+//! [`crate::group_commit`]), or else flushed to the local outbox, which
+//! publishes it later with the same `Nats-Msg-Id`. If neither, 503 and no
+//! redirect.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -93,15 +95,8 @@ pub(super) async fn record_click(
         now,
     );
     let durable = state
-        .outbox
-        .publish_or_spool(
-            &state.js,
-            proto::subject::CLICK_RECORDED,
-            &click_id,
-            event.encode_to_vec(),
-            state.ack_deadline,
-            common::outbox::Order::Independent,
-        )
+        .clicks
+        .record(click_id, event.encode_to_vec())
         .await
         .map_err(|e| ApiError::not_durable(&e))?;
     if let (true, common::outbox::Durable::Log(seq)) = (has_caps, durable) {

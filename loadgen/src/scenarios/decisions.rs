@@ -32,7 +32,10 @@ pub async fn run(args: DecisionsArgs, id: &str) -> Result<(), BenchError> {
     let (_client, js) = nats::connect(&args.system.nats_url).await?;
     service::settle(&target, &token, &js, args.timeout).await?;
 
-    let (clicks_now, _) = nats::stream_state(&js, proto::stream::CLICKS).await?;
+    // Clicks, not CLICKS messages: a batch carries many.
+    let (_, last_click) = nats::stream_state(&js, proto::stream::CLICKS).await?;
+    service::wait_applied(&target, proto::stream::CLICKS, last_click, args.timeout).await?;
+    let clicks_now = service::clicks(&target, &token).await?;
     let reported_now = service::reported(&js).await?;
     let count = args
         .count

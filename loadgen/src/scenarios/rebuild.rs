@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::{
     cli::RebuildArgs,
     error::BenchError,
-    http::Target,
+    http::{bearer, Target},
     nats,
     procfs::{self, CpuWatch},
     results::{self, Measurement},
@@ -35,7 +35,10 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
         goal.push((stream, last));
         events += messages;
     }
-    let (clicks, _) = nats::stream_state(&js, proto::stream::CLICKS).await?;
+    // A CLICKS message may carry many clicks (`clicks.v1.recorded_batch`):
+    // the clicks are counted once the rebuilt projection has them, and every
+    // click is an event, as a lone click's message is.
+    let (click_messages, _) = nats::stream_state(&js, proto::stream::CLICKS).await?;
     let reported = service::reported(&js).await?;
     let cpu = CpuWatch::start(&args.out.watch);
     let started = Instant::now();
@@ -83,6 +86,8 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     }
     let ms = (common::time::now_ms() - args.since_ms).max(1);
     let cpu = cpu.stop();
+    let clicks = service::clicks(&target, &bearer(&args.system.admin_token)?).await?;
+    let events = events - click_messages + clicks;
     let memory = procfs::memory(args.pid);
     // Since the process started on its empty data dir: the whole rebuild.
     let written = procfs::written_bytes(args.pid);

@@ -131,3 +131,39 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// Every message of a stream: (subject, payload, time ms).
+pub async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Vec<(String, Vec<u8>, i64)> {
+    let mut stream = js.get_stream(name).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push((
+                m.subject.to_string(),
+                m.payload.to_vec(),
+                (m.time.unix_timestamp_nanos() / 1_000_000) as i64,
+            ));
+        }
+    }
+    out
+}
+
+/// Every click in the CLICKS stream, in log order, with the subject of the
+/// message that carried it (alone, or in a batch).
+pub async fn clicks_in_log(
+    js: &async_nats::jetstream::Context,
+) -> Vec<(String, proto::clicks::v1::ClickRecorded)> {
+    use prost::Message;
+    let mut out = Vec::new();
+    for (subject, payload, _) in read_stream(js, "CLICKS").await {
+        for click in proto::clicks::v1::ClicksRecorded::each(&subject, &payload).unwrap() {
+            let click = proto::clicks::v1::ClickRecorded::decode(&click[..]).unwrap();
+            out.push((subject.clone(), click));
+        }
+    }
+    out
+}
