@@ -18,13 +18,20 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::Context;
 use common::outbox::{Durable, Order, Outbox, OutboxError};
+use common::service::Base;
 use prost::Message;
 use proto::clicks::v1::ClicksRecorded;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::{
+    sync::{mpsc, oneshot, Semaphore},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
 
-/// A batch stops growing past this many bytes of clicks, far below NATS's
-/// default max payload (1 MiB) even with one more large click on top.
+/// Most bytes of clicks in one message (a single larger click goes alone):
+/// far below NATS's default max payload (1 MiB). A batch JetStream refuses
+/// for good all the same (an operator lowered a limit) is split back into its
+/// clicks by the outbox ([`common::outbox`]).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Clicks waiting for a slot; a request that finds it full waits its turn.
@@ -71,17 +78,20 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the grouping task (when `settings.max_clicks` > 1). It ends
-    /// once every clone of the returned handle is dropped, after the clicks
-    /// already handed to it.
-    pub fn start(js: Context, outbox: Outbox, settings: Settings) -> Self {
+    /// Starts the grouping task (when `settings.max_clicks` > 1) among
+    /// `base`'s tasks. It ends once every clone of the returned handle is
+    /// dropped (the HTTP server has drained) or the service stops, after the
+    /// messages it sent have their answers, so a stopping service waits for
+    /// them before its last outbox flush.
+    pub fn start(base: &Base, outbox: Outbox, settings: Settings) -> Self {
         let queue = (settings.max_clicks > 1).then(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(group(rx, js.clone(), outbox.clone(), settings));
+            let (js, outbox) = (base.js.clone(), outbox.clone());
+            base.spawn(move |stop| group(rx, js, outbox, settings, stop));
             tx
         });
         Self {
-            js,
+            js: base.js.clone(),
             outbox,
             settings,
             queue,
@@ -128,30 +138,68 @@ async fn group(
     js: Context,
     outbox: Outbox,
     settings: Settings,
+    stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(settings.in_flight.max(1)));
+    let mut commits = JoinSet::new();
+    let mut carry = None;
     loop {
+        while commits.try_join_next().is_some() {}
         let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+            break;
         };
-        let Some(first) = queue.recv().await else {
-            return;
+        let first = match carry.take() {
+            Some(first) => first,
+            None => tokio::select! {
+                next = queue.recv() => match next {
+                    Some(first) => first,
+                    None => break,
+                },
+                // Only once the HTTP server has drained: nobody waits for
+                // what is still queued.
+                () = stop.cancelled() => break,
+            },
         };
-        let mut bytes = first.payload.len();
-        let mut batch = vec![first];
-        while batch.len() < settings.max_clicks && bytes < MAX_BATCH_BYTES {
-            let Ok(next) = queue.try_recv() else {
-                break;
-            };
-            bytes += next.payload.len();
-            batch.push(next);
+        let batch = take_batch(first, &mut queue, settings.max_clicks, &mut carry);
+        if batch.is_empty() {
+            continue;
         }
         let (js, outbox) = (js.clone(), outbox.clone());
-        tokio::spawn(async move {
+        commits.spawn(async move {
             commit(&js, &outbox, batch, settings.ack_deadline).await;
             drop(slot);
         });
     }
+    while commits.join_next().await.is_some() {}
+}
+
+/// `first` and the clicks queued behind it, up to `max_clicks` and
+/// [`MAX_BATCH_BYTES`]; a click that would pass the bytes is left in `carry`
+/// for the next batch. A click whose request has gone (its client left, or
+/// the request timed out) is dropped: it was never redirected.
+fn take_batch(
+    first: Pending,
+    queue: &mut mpsc::Receiver<Pending>,
+    max_clicks: usize,
+    carry: &mut Option<Pending>,
+) -> Vec<Pending> {
+    let mut bytes = 0;
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(pending) = next.take() {
+        if !pending.done.is_closed() {
+            if !batch.is_empty() && bytes + pending.payload.len() > MAX_BATCH_BYTES {
+                *carry = Some(pending);
+                break;
+            }
+            bytes += pending.payload.len();
+            batch.push(pending);
+        }
+        if batch.len() < max_clicks {
+            next = queue.try_recv().ok();
+        }
+    }
+    batch
 }
 
 /// The subject, `Nats-Msg-Id` and payload of one message carrying `batch`.
@@ -197,6 +245,62 @@ mod tests {
             payload: id.as_bytes().to_vec(),
             done: oneshot::channel().0,
         }
+    }
+
+    /// A click of `bytes` bytes whose request waits (the receiver is kept).
+    fn waiting(
+        id: &str,
+        bytes: usize,
+    ) -> (Pending, oneshot::Receiver<Result<Durable, RecordError>>) {
+        let (done, answer) = oneshot::channel();
+        let click = Pending {
+            click_id: id.to_owned(),
+            payload: vec![0; bytes],
+            done,
+        };
+        (click, answer)
+    }
+
+    fn ids(batch: &[Pending]) -> Vec<&str> {
+        batch.iter().map(|p| p.click_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_what_waits_up_to_its_limits_and_skips_requests_gone() {
+        let (tx, mut queue) = mpsc::channel(16);
+        let mut answers = Vec::new();
+        let mut click = |id: &str, bytes: usize| {
+            let (p, answer) = waiting(id, bytes);
+            answers.push(answer);
+            p
+        };
+        let first = click("c1", 10);
+        tx.try_send(click("c2", 10)).unwrap();
+        tx.try_send(pending("gone")).unwrap();
+        tx.try_send(click("c3", 10)).unwrap();
+        tx.try_send(click("c4", 10)).unwrap();
+        let mut carry = None;
+        let batch = take_batch(first, &mut queue, 3, &mut carry);
+        assert_eq!(
+            ids(&batch),
+            ["c1", "c2", "c3"],
+            "three at most; a request gone is dropped"
+        );
+        assert!(carry.is_none());
+
+        let first = queue.try_recv().unwrap();
+        tx.try_send(click("big", MAX_BATCH_BYTES)).unwrap();
+        tx.try_send(click("c5", 10)).unwrap();
+        let batch = take_batch(first, &mut queue, 64, &mut carry);
+        assert_eq!(ids(&batch), ["c4"], "the bytes' limit holds");
+        let first = carry.take().expect("the next batch starts with it");
+        let batch = take_batch(first, &mut queue, 64, &mut carry);
+        assert_eq!(ids(&batch), ["big"], "a click over the limit goes alone");
+        assert_eq!(carry.as_ref().map(|p| p.click_id.as_str()), Some("c5"));
+
+        let batch = take_batch(pending("gone"), &mut queue, 64, &mut carry);
+        assert!(batch.is_empty(), "nothing to send");
+        drop(answers);
     }
 
     #[test]

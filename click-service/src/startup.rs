@@ -82,6 +82,8 @@ impl Application {
         )?;
         let (reads, status) = (catalog.clone(), catalog_status.clone());
         base.spawn(move |token| crate::caps::open_on_first_cap(reads, status, open_caps, token));
+        let outbox =
+            base.start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?;
         let state = routes::AppState {
             click_counts: crate::caps::ClickCounts::new(base.db.open_tree("clicks")?),
             clicks_status,
@@ -93,11 +95,7 @@ impl Application {
                 config.trusted_proxy_header.to_ascii_lowercase().as_str(),
             ),
             publish_timeout: config.publish_timeout(),
-            clicks: crate::group_commit::GroupCommit::start(
-                base.js.clone(),
-                base.start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
-                config.group_commit(),
-            ),
+            clicks: crate::group_commit::GroupCommit::start(&base, outbox, config.group_commit()),
         };
         let server =
             Server::bind("click-service", base, config.listen, routes::router(state)).await?;

@@ -153,6 +153,32 @@ fn refused_for_good(error: &JsPublishError) -> bool {
     }
 }
 
+/// The clicks of a spooled `clicks.v1.recorded_batch`, each as the event it
+/// would have been alone (`clicks.v1.recorded`, its click id as `Nats-Msg-Id`);
+/// `None` for any other event, or a batch that does not decode.
+fn clicks_of(record: &Record) -> Option<Vec<Record>> {
+    use prost::Message;
+    use proto::clicks::v1::{ClickRecorded, ClicksRecorded};
+    if record.subject != proto::subject::CLICKS_RECORDED_BATCH {
+        return None;
+    }
+    let clicks = ClicksRecorded::each(&record.subject, &record.payload).ok()?;
+    let records = clicks.into_iter().enumerate().map(|(i, payload)| {
+        let msg_id = ClickRecorded::decode(&payload[..])
+            .ok()
+            .map(|c| c.click_id)
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| format!("{}/{i}", record.msg_id));
+        Record {
+            subject: proto::subject::CLICK_RECORDED.to_owned(),
+            msg_id,
+            enqueued_at_ms: record.enqueued_at_ms,
+            payload: payload.into_owned(),
+        }
+    });
+    Some(records.collect())
+}
+
 /// What `/readyz` shows of the outbox.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxStatus {
@@ -409,9 +435,49 @@ impl Outbox {
         removed
     }
 
+    /// Replaces a spooled batch of clicks by its clicks, each as the event it
+    /// would have been alone: JetStream refused the batch for good (larger
+    /// than a limit an operator lowered), and it never was in the log, so none
+    /// of its clicks is. The clicks are stored before the batch is removed
+    /// (no sled batch: see `common::store`); a crash between the two stores
+    /// them twice under the same ids, which JetStream's duplicate window and
+    /// the clicks fold take once. Whether it was such a batch.
+    fn split_batch(&self, key: &[u8], record: &Record) -> bool {
+        let Some(clicks) = clicks_of(record).filter(|c| c.len() > 1) else {
+            return false;
+        };
+        let inner = &self.inner;
+        for click in &clicks {
+            let stored = inner.db.generate_id().and_then(|id| {
+                let click_key = [&id.to_be_bytes()[..], &order_suffix(Order::Independent)].concat();
+                inner.tree.insert(&click_key, click.encode())?;
+                self.waiting().count(&click_key, true);
+                inner.depth.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            });
+            if let Err(error) = stored {
+                // What was stored drains; the batch stays, and is split again.
+                tracing::error!(%error, "cannot split the refused batch of clicks");
+                return true;
+            }
+        }
+        tracing::warn!(
+            msg_id = record.msg_id,
+            clicks = clicks.len(),
+            bytes = record.payload.len(),
+            "JetStream refuses this batch of clicks for good; its clicks go back in line one by one"
+        );
+        self.take(key);
+        true
+    }
+
     /// Moves a spooled event JetStream refused for good out of the line, so
     /// the events behind it drain; it is kept (see [`OutboxStatus::refused`]).
+    /// A batch of clicks is split into its clicks instead.
     fn set_aside(&self, key: &[u8], record: &Record, error: &JsPublishError) {
+        if self.split_batch(key, record) {
+            return;
+        }
         tracing::error!(
             %error,
             subject = record.subject,
@@ -644,6 +710,60 @@ mod tests {
         assert!(reopened.take(&keys[0]));
         assert!(reopened.waiting().may_pass(Order::PerKey("c1")));
         assert_eq!(reopened.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_of_clicks_goes_back_in_line_as_its_clicks() {
+        use prost::Message;
+        use proto::clicks::v1::{ClickRecorded, ClicksRecorded};
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 10).unwrap();
+        let click = |id: &str| {
+            ClickRecorded {
+                click_id: id.into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let batch = ClicksRecorded {
+            clicks: vec![click("c1"), click("c2")],
+        }
+        .encode_to_vec();
+        let many = proto::subject::CLICKS_RECORDED_BATCH;
+        outbox
+            .spool(many, "batch/c1", &batch, Order::Independent)
+            .await
+            .unwrap();
+        outbox
+            .spool("s", "m2", b"two", Order::PerKey("k"))
+            .await
+            .unwrap();
+        let (key, record) = outbox.first(1).remove(0);
+        let too_big = JsPublishError::new(
+            async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
+        );
+        outbox.set_aside(&key, &record, &too_big);
+        let left: Vec<(String, String, Vec<u8>)> = outbox
+            .first(10)
+            .into_iter()
+            .map(|(_, r)| (r.subject, r.msg_id, r.payload))
+            .collect();
+        let one = proto::subject::CLICK_RECORDED.to_owned();
+        assert_eq!(
+            left,
+            [
+                ("s".to_owned(), "m2".to_owned(), b"two".to_vec()),
+                (one.clone(), "c1".to_owned(), click("c1")),
+                (one, "c2".to_owned(), click("c2")),
+            ],
+            "each click alone, under its click id, nothing set aside"
+        );
+        let status = outbox.status();
+        assert_eq!((status.depth, status.refused), (3, 0));
+        assert!(!outbox.waiting().may_pass(Order::PerKey("k")));
+        outbox.flush().await; // as the drain does after each round
+        drop(outbox);
+        assert_eq!(Outbox::open(dir.path(), 10).unwrap().depth(), 3);
     }
 
     #[tokio::test]

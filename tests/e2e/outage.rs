@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{app::update_stream, eventually, System};
+use crate::support::{app::update_stream, eventually, nats::clicks_in_log, System};
 
 async fn ready(sys: &System, url: &str) -> (StatusCode, Value) {
     let r = sys.http.get(url).send().await.unwrap();
@@ -175,6 +175,45 @@ async fn an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_drain() {
     assert_eq!(status["outbox"]["depth"], 0, "{status}");
     let (_, refused) = sys.api(&format!("/api/clicks/{big}")).await;
     assert_ne!(refused["click"]["click_id"], big.as_str(), "not in the log");
+}
+
+#[tokio::test]
+async fn a_batch_of_clicks_jetstream_refuses_for_good_reaches_the_log_as_its_clicks() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    // Each click fits under the lowered limit alone; no two fit together.
+    let js = sys.jetstream().await;
+    update_stream(&js, "CLICKS", |c| c.max_message_size = 2048).await;
+    let long = "x".repeat(500);
+    let sys = &sys;
+    let clicks = (0..100).map(|i| {
+        let query = format!("aff=a1&sub1={long}&sub2={i}");
+        async move { sys.click_ok("o1", &query).await.0 }
+    });
+    let ids = futures::future::join_all(clicks).await;
+
+    let status = eventually("outbox drained", Duration::from_secs(20), || async {
+        let (_, body) = ready(sys, &sys.click_url("/readyz")).await;
+        (body["outbox"]["depth"] == 0).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        status["outbox"]["refused"], 0,
+        "nothing set aside: {status}"
+    );
+    let in_log = clicks_in_log(&js).await;
+    assert!(
+        in_log
+            .iter()
+            .all(|(subject, _)| subject == proto::subject::CLICK_RECORDED),
+        "no batch fits"
+    );
+    for id in &ids {
+        let n = in_log.iter().filter(|(_, c)| &c.click_id == id).count();
+        assert_eq!(n, 1, "click {id} in the log once");
+    }
+    let id = sys.postback_ok(&format!("click_id={}", ids[99])).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
 }
 
 #[tokio::test]

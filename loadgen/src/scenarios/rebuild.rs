@@ -30,15 +30,18 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     let (_client, js) = nats::connect(&args.system.nats_url).await?;
     let mut goal = Vec::new();
     let mut events = 0;
+    // A CLICKS message may carry many clicks (`clicks.v1.recorded_batch`):
+    // the clicks are counted once the rebuilt projection has them, and every
+    // click is an event, as a lone click's message is.
+    let mut click_messages = 0;
     for stream in STREAMS {
         let (messages, last) = nats::stream_state(&js, stream).await?;
         goal.push((stream, last));
         events += messages;
+        if stream == proto::stream::CLICKS {
+            click_messages = messages;
+        }
     }
-    // A CLICKS message may carry many clicks (`clicks.v1.recorded_batch`):
-    // the clicks are counted once the rebuilt projection has them, and every
-    // click is an event, as a lone click's message is.
-    let (click_messages, _) = nats::stream_state(&js, proto::stream::CLICKS).await?;
     let reported = service::reported(&js).await?;
     let cpu = CpuWatch::start(&args.out.watch);
     let started = Instant::now();
