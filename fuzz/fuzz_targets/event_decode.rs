@@ -1,15 +1,23 @@
-//! Any bytes as a message on conversions.v1.reported or clicks.v1.recorded: the
-//! decode-and-normalise path never panics; what it accepts is well formed, what
-//! it refuses becomes a `malformed` conversion.
+//! Any bytes as a message on conversions.v1.reported, clicks.v1.recorded or
+//! clicks.v1.recorded_batch: the decode-and-normalise path never panics; what
+//! it accepts is well formed, what it refuses becomes a `malformed` conversion.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use postback_service::conversions::ConversionView;
 use prost::Message;
-use proto::{clicks::v1::ClickRecorded, conversions::v1::ConversionReported};
+use proto::{
+    clicks::v1::{ClickRecorded, ClicksRecorded},
+    conversions::v1::ConversionReported,
+};
 
 fuzz_target!(|data: &[u8]| {
     let _ = ClickRecorded::decode(data);
+    if let Ok(clicks) = ClicksRecorded::each(proto::subject::CLICKS_RECORDED_BATCH, data) {
+        for click in clicks {
+            let _ = ClickRecorded::decode(&click[..]);
+        }
+    }
     match ConversionReported::decode(data) {
         Ok(e) => match postback_service::postback::normalize_reported(e.clone(), 1_000) {
             Ok(n) => {

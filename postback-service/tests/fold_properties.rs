@@ -7,7 +7,7 @@ use postback_service::{
 };
 use proptest::prelude::*;
 use prost::Message;
-use proto::clicks::v1::ClickRecorded;
+use proto::clicks::v1::{ClickRecorded, ClicksRecorded};
 use proto::conversions::v1::{
     ConversionAttributed, ConversionRejected, ConversionReported, ConversionStatusUpdated,
 };
@@ -244,5 +244,50 @@ proptest! {
 
         prop_assert_eq!(at_once.rows(), batched.rows());
         prop_assert_eq!(at_once.rows(), redelivered.rows());
+    }
+
+    #[test]
+    fn clicks_fold_the_same_alone_or_group_committed(
+        events in prop::collection::vec(event(), 1..40),
+        cuts in prop::collection::vec(1..6usize, 1..12),
+    ) {
+        let clicks: Vec<Vec<u8>> = events
+            .into_iter()
+            .filter(|(s, _)| fold_for(s) == 0)
+            .map(|(_, p)| p)
+            .collect();
+        let alone: Vec<(String, Vec<u8>)> = clicks
+            .iter()
+            .map(|p| (proto::subject::CLICK_RECORDED.to_owned(), p.clone()))
+            .collect();
+        // The same clicks in the same order, as click-service's group commit
+        // may publish them: runs of them in one message each.
+        let mut grouped = Vec::new();
+        let mut start = 0;
+        for cut in cuts.iter().cycle() {
+            if start >= clicks.len() { break; }
+            let end = (start + cut).min(clicks.len());
+            grouped.push(if end - start == 1 {
+                (proto::subject::CLICK_RECORDED.to_owned(), clicks[start].clone())
+            } else {
+                let batch = ClicksRecorded { clicks: clicks[start..end].to_vec() };
+                (proto::subject::CLICKS_RECORDED_BATCH.to_owned(), batch.encode_to_vec())
+            });
+            start = end;
+        }
+        let fold = |log: &[(String, Vec<u8>)]| {
+            let entries: Vec<LogEntry<'_>> = log
+                .iter()
+                .zip(1..)
+                .map(|((s, p), seq)| LogEntry { subject: s, payload: p, seq, log_time_ms: 1_000 })
+                .collect();
+            let projection = Projection::new();
+            projection.apply(&entries);
+            let mut rows = projection.rows().swap_remove(0);
+            // Only the checkpoint differs: fewer messages, fewer sequences.
+            rows.retain(|(k, _)| k != common::store::CHECKPOINT_KEY);
+            rows
+        };
+        prop_assert_eq!(fold(&alone), fold(&grouped));
     }
 }
