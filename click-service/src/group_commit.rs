@@ -10,9 +10,9 @@
 //! load of tens of thousands of clicks a second the per-message work, which
 //! was most of NATS's and a good part of the services' CPU, is shared by tens
 //! of clicks. Batching needs no timer: at most `in_flight` messages await
-//! their ack at once, and what arrives meanwhile makes the next batch. A click
-//! that finds a slot free goes alone, on `clicks.v1.recorded` as before, so a
-//! quiet system's log looks as it did.
+//! their ack at once, and what queues meanwhile makes the next message once a
+//! slot frees. A click that finds a slot free and nothing queued goes alone,
+//! on `clicks.v1.recorded` as before, so a quiet system's log looks as it did.
 
 use std::{sync::Arc, time::Duration};
 
