@@ -172,7 +172,13 @@ struct Ledger {
     refused: u64,
 }
 
-/// Clicks and postbacks every 5 ms until `stop`.
+/// Clicks fired together in each round of the load: more than click-service
+/// has commits in flight, so some go to the log in batches
+/// (`clicks.v1.recorded_batch`) and the faults hit those too.
+const BURST: u64 = 4;
+
+/// Every 5 ms until `stop`: a burst of clicks at once, then a postback for the
+/// first one redirected.
 async fn load(
     http: reqwest::Client,
     click: String,
@@ -183,36 +189,40 @@ async fn load(
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) && i < 20_000 {
         i += 1;
-        let r = http
-            .get(format!("{click}/c/o1?aff=a1&sub1={i}"))
-            .send()
-            .await;
-        match r {
-            Ok(r) if r.status() == StatusCode::FOUND => {
-                let location = r.headers()["location"].to_str().unwrap().to_owned();
-                let id = url_params(&location)
-                    .into_iter()
-                    .find(|(k, _)| k == "cid")
-                    .unwrap()
-                    .1;
-                ledger.lock().unwrap().clicks.push(id.clone());
-                match http
-                    .get(format!("{postback}/postback?click_id={id}&txid=T{i}"))
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status() == StatusCode::OK => {
-                        let body: Value = r.json().await.unwrap();
-                        ledger
-                            .lock()
-                            .unwrap()
-                            .conversions
-                            .push(body["conversion_id"].as_str().unwrap().to_owned());
-                    }
-                    _ => ledger.lock().unwrap().refused += 1,
+        let burst =
+            (0..BURST).map(|j| http.get(format!("{click}/c/o1?aff=a1&sub1={i}-{j}")).send());
+        let mut first = None;
+        for r in futures::future::join_all(burst).await {
+            match r {
+                Ok(r) if r.status() == StatusCode::FOUND => {
+                    let location = r.headers()["location"].to_str().unwrap().to_owned();
+                    let id = url_params(&location)
+                        .into_iter()
+                        .find(|(k, _)| k == "cid")
+                        .unwrap()
+                        .1;
+                    ledger.lock().unwrap().clicks.push(id.clone());
+                    first.get_or_insert(id);
                 }
+                _ => ledger.lock().unwrap().refused += 1,
             }
-            _ => ledger.lock().unwrap().refused += 1,
+        }
+        if let Some(id) = first {
+            match http
+                .get(format!("{postback}/postback?click_id={id}&txid=T{i}"))
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == StatusCode::OK => {
+                    let body: Value = r.json().await.unwrap();
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .conversions
+                        .push(body["conversion_id"].as_str().unwrap().to_owned());
+                }
+                _ => ledger.lock().unwrap().refused += 1,
+            }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -292,9 +302,15 @@ async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
     // None lost, none duplicated: every acked click is in the log exactly once.
     let js = async_nats::jetstream::new(async_nats::connect(&c.nats.url).await.unwrap());
     let mut in_log: HashMap<String, u32> = HashMap::new();
-    for (_, click) in clicks_in_log(&js).await {
+    let mut batched = 0;
+    for (subject, click) in clicks_in_log(&js).await {
         *in_log.entry(click.click_id).or_default() += 1;
+        batched += usize::from(subject == proto::subject::CLICKS_RECORDED_BATCH);
     }
+    assert!(
+        batched > 0,
+        "{fault}: some clicks went to the log in batches"
+    );
     for id in &clicks {
         assert_eq!(
             in_log.get(id),
