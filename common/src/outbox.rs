@@ -153,6 +153,17 @@ fn refused_for_good(error: &JsPublishError) -> bool {
     }
 }
 
+/// The events a message carries, as the outbox counts them
+/// ([`OutboxStatus::depth`], `OUTBOX_MAX_ENTRIES`): each click of a
+/// `clicks.v1.recorded_batch`, else one.
+fn events(subject: &str, payload: &[u8]) -> u64 {
+    use prost::Message;
+    if subject != proto::subject::CLICKS_RECORDED_BATCH {
+        return 1;
+    }
+    proto::clicks::v1::ClicksRecorded::decode(payload).map_or(1, |b| b.clicks.len().max(1) as u64)
+}
+
 /// The clicks of a spooled `clicks.v1.recorded_batch`, each as the event it
 /// would have been alone (`clicks.v1.recorded`, its click id as `Nats-Msg-Id`);
 /// `None` for any other event, or a batch that does not decode.
@@ -182,6 +193,7 @@ fn clicks_of(record: &Record) -> Option<Vec<Record>> {
 /// What `/readyz` shows of the outbox.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxStatus {
+    /// Events waiting, each click of a batch counted.
     pub depth: u64,
     pub oldest_age_ms: Option<i64>,
     pub max_entries: u64,
@@ -201,6 +213,11 @@ struct Record {
 }
 
 impl Record {
+    /// How many events it counts for ([`events`]).
+    fn events(&self) -> u64 {
+        events(&self.subject, &self.payload)
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(16 + self.subject.len() + self.msg_id.len() + self.payload.len());
@@ -273,10 +290,11 @@ impl Outbox {
             refused.remove(&key)?;
         }
         db.flush()?;
-        let depth = tree.len() as u64;
-        let mut waiting = Waiting::default();
-        for key in tree.iter().keys() {
-            waiting.count(&key?, true);
+        let (mut depth, mut waiting) = (0, Waiting::default());
+        for row in tree.iter() {
+            let (key, value) = row?;
+            waiting.count(&key, true);
+            depth += Record::decode(&value).map_or(1, |r| r.events());
         }
         if depth > 0 {
             tracing::warn!(
@@ -336,7 +354,8 @@ impl Outbox {
     ) -> Result<(), OutboxError> {
         let inner = &self.inner;
         let depth = self.depth();
-        if depth >= inner.max_entries {
+        let events = events(subject, payload);
+        if depth + events > inner.max_entries {
             return Err(OutboxError::Full(depth));
         }
         let key = [
@@ -357,7 +376,7 @@ impl Outbox {
             self.waiting().count(&key, false);
             return Err(error.into());
         }
-        inner.depth.fetch_add(1, Ordering::Relaxed);
+        inner.depth.fetch_add(events, Ordering::Relaxed);
         if let Err(error) = inner.durable.flush().await {
             // Not durable, so answered as not recorded: it must not be
             // published later either, or a retry would record it twice.
@@ -427,12 +446,13 @@ impl Outbox {
 
     /// Removes a spooled event; whether it was still there.
     fn take(&self, key: &[u8]) -> bool {
-        let removed = self.inner.tree.remove(key).ok().flatten().is_some();
-        if removed {
-            self.inner.depth.fetch_sub(1, Ordering::Relaxed);
-            self.waiting().count(key, false);
-        }
-        removed
+        let Some(value) = self.inner.tree.remove(key).ok().flatten() else {
+            return false;
+        };
+        let events = Record::decode(&value).map_or(1, |r| r.events());
+        self.inner.depth.fetch_sub(events, Ordering::Relaxed);
+        self.waiting().count(key, false);
+        true
     }
 
     /// Replaces a spooled batch of clicks by its clicks, each as the event it
@@ -734,10 +754,21 @@ mod tests {
             .spool(many, "batch/c1", &batch, Order::Independent)
             .await
             .unwrap();
+        assert_eq!(outbox.depth(), 2, "each click counts");
         outbox
             .spool("s", "m2", b"two", Order::PerKey("k"))
             .await
             .unwrap();
+        // Two encoded batches back to back are one batch of their clicks.
+        let four = [batch.clone(), batch.clone()].concat();
+        let small = Outbox::open(&dir.path().join("small"), 3).unwrap();
+        assert!(
+            matches!(
+                small.spool(many, "b", &four, Order::Independent).await,
+                Err(OutboxError::Full(0))
+            ),
+            "a batch of 4 clicks overfills a limit of 3"
+        );
         let (key, record) = outbox.first(1).remove(0);
         let too_big = JsPublishError::new(
             async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
