@@ -202,7 +202,9 @@ fn take_batch(
     batch
 }
 
-/// The subject, `Nats-Msg-Id` and payload of one message carrying `batch`.
+/// The subject, `Nats-Msg-Id` and payload of one message carrying `batch`
+/// (a lone click's payload is moved out; a batch's clicks keep theirs, for
+/// [`commit`]'s fallback).
 fn message(batch: &mut [Pending]) -> (&'static str, String, Vec<u8>) {
     if let [one] = batch {
         let payload = std::mem::take(&mut one.payload);
@@ -213,24 +215,41 @@ fn message(batch: &mut [Pending]) -> (&'static str, String, Vec<u8>) {
         );
     }
     let msg_id = format!("batch/{}", batch[0].click_id);
-    let clicks = batch
-        .iter_mut()
-        .map(|p| std::mem::take(&mut p.payload))
-        .collect();
+    let clicks = batch.iter().map(|p| p.payload.clone()).collect();
     let payload = ClicksRecorded { clicks }.encode_to_vec();
     (proto::subject::CLICKS_RECORDED_BATCH, msg_id, payload)
 }
 
-/// Publishes (or spools) one message and answers each of its clicks.
+/// Publishes (or spools) one message and answers each of its clicks. A batch
+/// the outbox has no room for (it counts each click) is tried click by click,
+/// so the clicks that fit are kept and only the rest are refused.
 async fn commit(js: &Context, outbox: &Outbox, mut batch: Vec<Pending>, deadline: Duration) {
     let (subject, msg_id, payload) = message(&mut batch);
     tracing::trace!(clicks = batch.len(), bytes = payload.len(), "click message");
+    let independent = Order::Independent;
     let durable = outbox
-        .publish_or_spool(js, subject, &msg_id, payload, deadline, Order::Independent)
-        .await
-        .map_err(|e| RecordError::Outbox(Arc::new(e)));
+        .publish_or_spool(js, subject, &msg_id, payload, deadline, independent)
+        .await;
+    if matches!(durable, Err(OutboxError::Full(_))) && batch.len() > 1 {
+        for pending in batch {
+            let alone = outbox
+                .publish_or_spool(
+                    js,
+                    proto::subject::CLICK_RECORDED,
+                    &pending.click_id,
+                    pending.payload,
+                    deadline,
+                    independent,
+                )
+                .await
+                .map_err(|e| RecordError::Outbox(Arc::new(e)));
+            // A request that went away meanwhile has nobody to answer.
+            let _ = pending.done.send(alone);
+        }
+        return;
+    }
+    let durable = durable.map_err(|e| RecordError::Outbox(Arc::new(e)));
     for pending in batch {
-        // A request that went away meanwhile has nobody to answer.
         let _ = pending.done.send(durable.clone());
     }
 }

@@ -370,13 +370,15 @@ impl Outbox {
             payload: payload.to_vec(),
         };
         // Counted before it is stored, so a request that follows this one's
-        // answer sees it waiting.
+        // answer sees it waiting, and a drainer that takes it at once never
+        // counts below zero.
         self.waiting().count(&key, true);
+        inner.depth.fetch_add(events, Ordering::Relaxed);
         if let Err(error) = inner.tree.insert(&key, record.encode()) {
             self.waiting().count(&key, false);
+            inner.depth.fetch_sub(events, Ordering::Relaxed);
             return Err(error.into());
         }
-        inner.depth.fetch_add(events, Ordering::Relaxed);
         if let Err(error) = inner.durable.flush().await {
             // Not durable, so answered as not recorded: it must not be
             // published later either, or a retry would record it twice.
@@ -458,27 +460,29 @@ impl Outbox {
     /// Replaces a spooled batch of clicks by its clicks, each as the event it
     /// would have been alone: JetStream refused the batch for good (larger
     /// than a limit an operator lowered), and it never was in the log, so none
-    /// of its clicks is. The clicks are stored before the batch is removed
-    /// (no sled batch: see `common::store`); a crash between the two stores
-    /// them twice under the same ids, which JetStream's duplicate window and
-    /// the clicks fold take once. Whether it was such a batch.
+    /// of its clicks is. The clicks are stored under the batch's key followed
+    /// by their index (they sort right after it, and are independent), before
+    /// the batch is removed (no sled batch: see `common::store`): a split that
+    /// failed half way, or that a crash cut short, is done again over the same
+    /// keys, so no click is stored twice. Whether it was such a batch.
     fn split_batch(&self, key: &[u8], record: &Record) -> bool {
         let Some(clicks) = clicks_of(record).filter(|c| c.len() > 1) else {
             return false;
         };
         let inner = &self.inner;
-        for click in &clicks {
-            let stored = inner.db.generate_id().and_then(|id| {
-                let click_key = [&id.to_be_bytes()[..], &order_suffix(Order::Independent)].concat();
-                inner.tree.insert(&click_key, click.encode())?;
-                self.waiting().count(&click_key, true);
-                inner.depth.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            });
-            if let Err(error) = stored {
-                // What was stored drains; the batch stays, and is split again.
-                tracing::error!(%error, "cannot split the refused batch of clicks");
-                return true;
+        for (index, click) in (0u32..).zip(&clicks) {
+            let click_key = [key, &index.to_be_bytes()[..]].concat();
+            match inner.tree.insert(&click_key, click.encode()) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    self.waiting().count(&click_key, true);
+                    inner.depth.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    // The batch stays in line, and is split again.
+                    tracing::error!(%error, "cannot split the refused batch of clicks");
+                    return true;
+                }
             }
         }
         tracing::warn!(
@@ -774,23 +778,34 @@ mod tests {
             async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
         );
         outbox.set_aside(&key, &record, &too_big);
-        let left: Vec<(String, String, Vec<u8>)> = outbox
-            .first(10)
-            .into_iter()
-            .map(|(_, r)| (r.subject, r.msg_id, r.payload))
-            .collect();
         let one = proto::subject::CLICK_RECORDED.to_owned();
+        let expected = [
+            (one.clone(), "c1".to_owned(), click("c1")),
+            (one, "c2".to_owned(), click("c2")),
+            ("s".to_owned(), "m2".to_owned(), b"two".to_vec()),
+        ];
+        let left = || -> Vec<(String, String, Vec<u8>)> {
+            outbox
+                .first(10)
+                .into_iter()
+                .map(|(_, r)| (r.subject, r.msg_id, r.payload))
+                .collect()
+        };
         assert_eq!(
-            left,
-            [
-                ("s".to_owned(), "m2".to_owned(), b"two".to_vec()),
-                (one.clone(), "c1".to_owned(), click("c1")),
-                (one, "c2".to_owned(), click("c2")),
-            ],
-            "each click alone, under its click id, nothing set aside"
+            left(),
+            expected,
+            "each click alone, under its click id, in the batch's place, nothing set aside"
         );
         let status = outbox.status();
         assert_eq!((status.depth, status.refused), (3, 0));
+
+        // A crash after the clicks were stored, before the batch was removed:
+        // the batch is refused and split again, over the same keys.
+        outbox.inner.tree.insert(&key, record.encode()).unwrap();
+        outbox.inner.depth.fetch_add(2, Ordering::Relaxed);
+        outbox.set_aside(&key, &record, &too_big);
+        assert_eq!(left(), expected, "no click twice");
+        assert_eq!(outbox.depth(), 3);
         assert!(!outbox.waiting().may_pass(Order::PerKey("k")));
         outbox.flush().await; // as the drain does after each round
         drop(outbox);

@@ -236,3 +236,30 @@ async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["reason"], "not_recorded");
 }
+
+#[tokio::test]
+async fn clicks_arriving_together_fill_the_outbox_to_its_limit_not_short_of_it() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.click.take().unwrap().stop().await;
+    let mut config = sys.click_config();
+    config.ingest.outbox_max_entries = 3;
+    sys.start_click_with(config).await;
+    sys.nats.kill();
+    // They go in batches; a batch the outbox has no room for whole is tried
+    // click by click, so exactly as many are kept as it holds.
+    let sys = &sys;
+    let clicks = (0..12).map(|i| async move {
+        let r = sys.click("o1", &format!("aff=a1&sub1={i}")).await;
+        r.status()
+    });
+    let statuses = futures::future::join_all(clicks).await;
+    let redirected = statuses.iter().filter(|s| **s == StatusCode::FOUND).count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!((redirected, refused), (3, 9), "{statuses:?}");
+    let (_, body) = ready(sys, &sys.click_url("/readyz")).await;
+    assert_eq!(body["outbox"]["depth"], 3, "{body}");
+}
