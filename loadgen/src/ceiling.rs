@@ -99,6 +99,7 @@ pub async fn serve(
     nats_url: &str,
     lifetime: Duration,
     readers: usize,
+    reader_poll: Duration,
 ) -> Result<(), BenchError> {
     let router = match mode {
         ServeMode::Bare => Router::new().route("/c/{offer_id}", get(bare)),
@@ -108,7 +109,11 @@ pub async fn serve(
             // Each reader on its own connection, as each service's fold has.
             for reader in 0..readers {
                 let (_client, js) = nats::connect(nats_url).await?;
-                nats::follow_bench_stream(&js, reader).await?;
+                if reader_poll.is_zero() {
+                    nats::follow_bench_stream(&js, reader).await?;
+                } else {
+                    nats::poll_bench_stream(&js, reader, reader_poll).await?;
+                }
             }
             Router::new()
                 .route("/c/{offer_id}", get(ack))

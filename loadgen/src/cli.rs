@@ -198,6 +198,13 @@ pub struct ServeArgs {
     /// consumer, as a fold has) follow the stream while the server publishes.
     #[arg(long, default_value_t = 0)]
     pub readers: usize,
+    /// Readers poll instead of following: every this many milliseconds each
+    /// takes what the stream holds past its position (a pull consumer's
+    /// no-wait fetch) and sleeps; 0 (the default) follows with an ordered
+    /// consumer, as the folds do. For measuring what NATS's live delivery to
+    /// a reader costs the publishers' tail.
+    #[arg(long, default_value_t = 0)]
+    pub reader_poll_ms: u64,
 }
 
 /// `loadgen ceiling-publish`.

@@ -64,6 +64,7 @@ async fn dispatch(command: Command, id: &str) -> Result<(), BenchError> {
                 &args.nats_url,
                 args.lifetime,
                 args.readers,
+                std::time::Duration::from_millis(args.reader_poll_ms),
             )
             .await
         }

@@ -79,6 +79,37 @@ pub async fn follow_bench_stream(js: &Context, reader: usize) -> Result<(), Benc
     Ok(())
 }
 
+/// Reads `BENCH` from its start by polling: every `every`, a no-wait fetch
+/// of what the stream holds past the reader's position (a pull consumer that
+/// needs no acks), discarded; `reader` tells several apart.
+///
+/// # Errors
+/// JetStream refused the consumer.
+pub async fn poll_bench_stream(
+    js: &Context,
+    reader: usize,
+    every: Duration,
+) -> Result<(), BenchError> {
+    let stream = js.get_stream(BENCH_STREAM).await.nats("the BENCH stream")?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            name: Some(format!("bench-poller-{reader}")),
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .nats("a BENCH poller")?;
+    tokio::spawn(async move {
+        loop {
+            if let Ok(mut batch) = consumer.fetch().max_messages(100_000).messages().await {
+                while let Some(Ok(_)) = batch.next().await {}
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    Ok(())
+}
+
 /// Messages and last sequence of a stream.
 ///
 /// # Errors
