@@ -216,15 +216,22 @@ async fn a_batch_of_clicks_jetstream_refuses_for_good_reaches_the_log_as_its_cli
     assert_eq!(sys.decided(&id).await["state"], "attributed");
 }
 
-#[tokio::test]
-async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
+/// The demo catalog, click-service's outbox limited to `limit` events, and
+/// NATS gone.
+async fn outage_with_outbox_of(limit: u64) -> System {
     let mut sys = System::start().await;
     sys.demo_catalog().await;
     sys.click.take().unwrap().stop().await;
     let mut config = sys.click_config();
-    config.ingest.outbox_max_entries = 1;
+    config.ingest.outbox_max_entries = limit;
     sys.start_click_with(config).await;
     sys.nats.kill();
+    sys
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
+    let sys = outage_with_outbox_of(1).await;
     sys.click_ok("o1", "aff=a1").await;
     let r = sys.click("o1", "aff=a1").await;
     assert_eq!(
@@ -239,13 +246,7 @@ async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
 
 #[tokio::test]
 async fn clicks_arriving_together_fill_the_outbox_to_its_limit_not_short_of_it() {
-    let mut sys = System::start().await;
-    sys.demo_catalog().await;
-    sys.click.take().unwrap().stop().await;
-    let mut config = sys.click_config();
-    config.ingest.outbox_max_entries = 3;
-    sys.start_click_with(config).await;
-    sys.nats.kill();
+    let sys = outage_with_outbox_of(3).await;
     // They go in batches; a batch the outbox has no room for whole is tried
     // click by click, so exactly as many are kept as it holds.
     let sys = &sys;
