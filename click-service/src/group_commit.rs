@@ -105,18 +105,8 @@ impl GroupCommit {
     /// Not acked and the outbox could not take it, or the service is stopping.
     pub async fn record(&self, click_id: String, payload: Vec<u8>) -> Result<Durable, RecordError> {
         let Some(queue) = &self.queue else {
-            return self
-                .outbox
-                .publish_or_spool(
-                    &self.js,
-                    proto::subject::CLICK_RECORDED,
-                    &click_id,
-                    payload,
-                    self.settings.ack_deadline,
-                    Order::Independent,
-                )
-                .await
-                .map_err(|e| RecordError::Outbox(Arc::new(e)));
+            let deadline = self.settings.ack_deadline;
+            return alone(&self.js, &self.outbox, &click_id, payload, deadline).await;
         };
         let (done, answer) = oneshot::channel();
         let pending = Pending {
@@ -220,31 +210,36 @@ fn message(batch: &mut [Pending]) -> (&'static str, String, Vec<u8>) {
     (proto::subject::CLICKS_RECORDED_BATCH, msg_id, payload)
 }
 
+/// Records one click as its own message on `clicks.v1.recorded`, under its
+/// click id.
+async fn alone(
+    js: &Context,
+    outbox: &Outbox,
+    click_id: &str,
+    payload: Vec<u8>,
+    deadline: Duration,
+) -> Result<Durable, RecordError> {
+    let subject = proto::subject::CLICK_RECORDED;
+    outbox
+        .publish_or_spool(js, subject, click_id, payload, deadline, Order::Independent)
+        .await
+        .map_err(|e| RecordError::Outbox(Arc::new(e)))
+}
+
 /// Publishes (or spools) one message and answers each of its clicks. A batch
 /// the outbox has no room for (it counts each click) is tried click by click,
 /// so the clicks that fit are kept and only the rest are refused.
 async fn commit(js: &Context, outbox: &Outbox, mut batch: Vec<Pending>, deadline: Duration) {
     let (subject, msg_id, payload) = message(&mut batch);
     tracing::trace!(clicks = batch.len(), bytes = payload.len(), "click message");
-    let independent = Order::Independent;
     let durable = outbox
-        .publish_or_spool(js, subject, &msg_id, payload, deadline, independent)
+        .publish_or_spool(js, subject, &msg_id, payload, deadline, Order::Independent)
         .await;
     if matches!(durable, Err(OutboxError::Full(_))) && batch.len() > 1 {
         for pending in batch {
-            let alone = outbox
-                .publish_or_spool(
-                    js,
-                    proto::subject::CLICK_RECORDED,
-                    &pending.click_id,
-                    pending.payload,
-                    deadline,
-                    independent,
-                )
-                .await
-                .map_err(|e| RecordError::Outbox(Arc::new(e)));
+            let durable = alone(js, outbox, &pending.click_id, pending.payload, deadline).await;
             // A request that went away meanwhile has nobody to answer.
-            let _ = pending.done.send(alone);
+            let _ = pending.done.send(durable);
         }
         return;
     }

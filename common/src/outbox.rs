@@ -157,11 +157,7 @@ fn refused_for_good(error: &JsPublishError) -> bool {
 /// ([`OutboxStatus::depth`], `OUTBOX_MAX_ENTRIES`): each click of a
 /// `clicks.v1.recorded_batch`, else one.
 fn events(subject: &str, payload: &[u8]) -> u64 {
-    use prost::Message;
-    if subject != proto::subject::CLICKS_RECORDED_BATCH {
-        return 1;
-    }
-    proto::clicks::v1::ClicksRecorded::decode(payload).map_or(1, |b| b.clicks.len().max(1) as u64)
+    proto::clicks::v1::ClicksRecorded::each(subject, payload).map_or(1, |c| c.len().max(1) as u64)
 }
 
 /// The clicks of a spooled `clicks.v1.recorded_batch`, each as the event it
