@@ -8,7 +8,7 @@
 //! round to be folded back before deciding the next: it reads the projection
 //! together with what its unfolded rounds claimed ([`InFlight`]), and waits only
 //! where that cannot be exact (cap counts; see there) or when
-//! [`MAX_ROUNDS_IN_FLIGHT`] rounds are unfolded. Decisions are published with
+//! [`MAX_DECISIONS_IN_FLIGHT`] decisions are unfolded. Decisions are published with
 //! `Nats-Msg-Id = decision-<conversion_id>-<report sequence>`, and the fold
 //! keeps only the first decision per report, so even a publish whose ack was
 //! lost cannot give a conversion two outcomes.
@@ -37,12 +37,19 @@ use crate::clicks::Clicks;
 
 /// Most decisions published per round.
 const ROUND_LIMIT: usize = 4096;
-/// Most rounds published and not yet folded back; past it the decider waits
-/// for the fold (a fold that stopped must not let the claims grow unbounded:
-/// at most this many × [`ROUND_LIMIT`] decisions, about 250 bytes each). A
-/// burst of reports folds before any of the decisions published meanwhile, so
-/// the decider keeps deciding through a burst of up to this many rounds.
-const MAX_ROUNDS_IN_FLIGHT: usize = 32;
+/// Most decisions published and not yet folded back; past it the decider
+/// waits for the fold to apply its oldest round (a fold that stopped must not
+/// let the claims grow unbounded: about 250 bytes each, 32 MB in all).
+///
+/// A burst of reports folds before any of the decisions published meanwhile,
+/// so this is how far ahead of the fold the decider may get in a burst. It
+/// counts decisions, not rounds: a round decides what one fold group made
+/// pending, often a few hundred conversions, and a limit of 32 rounds stopped
+/// the decider a few thousand decisions into a burst of 100k reports. It then
+/// decided the rest only once the fold had reached its decisions, on the same
+/// cores as the fold applying them, instead of while the fold applied the
+/// reports.
+const MAX_DECISIONS_IN_FLIGHT: usize = 32 * ROUND_LIMIT;
 
 /// How the decider behaves.
 #[derive(Debug, Clone)]
@@ -115,15 +122,22 @@ pub async fn run_decider(
                 resume_from = outcome.resume_from;
                 pending_ended = outcome.pending_ended;
                 if let Some(top) = outcome.top {
-                    in_flight.push(top, outcome.claims);
+                    in_flight.push(top, outcome.decided, outcome.claims);
                 }
-                if outcome.wait || in_flight.rounds() >= MAX_ROUNDS_IN_FLIGHT {
-                    if let Some(seq) = in_flight.top() {
-                        let mut status = inputs.conversions_status.clone();
-                        let timeout = Duration::from_secs(5);
-                        if !common::fold::wait_applied(&mut status, seq, timeout).await {
-                            tracing::warn!(seq, "decisions not yet folded back; continuing");
-                        }
+                // A cap count waits for everything in flight; a full window
+                // for its oldest round only, so deciding goes on meanwhile.
+                let until = if outcome.wait {
+                    in_flight.top()
+                } else if in_flight.decisions() >= MAX_DECISIONS_IN_FLIGHT {
+                    in_flight.oldest()
+                } else {
+                    None
+                };
+                if let Some(seq) = until {
+                    let mut status = inputs.conversions_status.clone();
+                    let timeout = Duration::from_secs(5);
+                    if !common::fold::wait_applied(&mut status, seq, timeout).await {
+                        tracing::warn!(seq, "decisions not yet folded back; continuing");
                     }
                 }
             }
@@ -181,6 +195,8 @@ impl Waiting {
 struct RoundOutcome {
     /// The highest stream sequence of the decisions published (`None`: none).
     top: Option<u64>,
+    /// How many decisions were published.
+    decided: usize,
     claims: Claims,
     /// The round stopped at a conversion it may decide only once the rounds in
     /// flight are folded back.
@@ -375,6 +391,7 @@ async fn round(
     let top = publish_all(js, &decisions, config.publish_timeout).await?;
     Ok(RoundOutcome {
         top,
+        decided: decisions.len(),
         claims,
         wait,
         resume_from,

@@ -44,8 +44,11 @@ pub(super) struct Claims {
 /// kind, so a lookup costs the same however many rounds are in flight.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
-    /// The last decision's sequence of each round in flight, oldest first.
-    rounds: VecDeque<u64>,
+    /// The last decision's sequence of each round in flight and how many
+    /// decisions it published, oldest first.
+    rounds: VecDeque<(u64, usize)>,
+    /// Decisions in flight: the rounds' counts summed.
+    decisions: usize,
     conversions: HashMap<String, u64>,
     keys: HashMap<Vec<u8>, u64>,
     offers: HashMap<String, u64>,
@@ -53,8 +56,9 @@ pub(super) struct InFlight {
 
 impl InFlight {
     /// Records a round whose last decision is at stream sequence `top`.
-    pub(super) fn push(&mut self, top: u64, claims: Claims) {
-        self.rounds.push_back(top);
+    pub(super) fn push(&mut self, top: u64, decisions: usize, claims: Claims) {
+        self.rounds.push_back((top, decisions));
+        self.decisions += decisions;
         self.conversions
             .extend(claims.conversions.into_iter().map(|k| (k, top)));
         self.keys.extend(claims.keys.into_iter().map(|k| (k, top)));
@@ -64,11 +68,15 @@ impl InFlight {
 
     /// Forgets the rounds the fold has applied (`applied`: its sequence).
     pub(super) fn settle(&mut self, applied: u64) {
-        if self.rounds.front().is_none_or(|top| *top > applied) {
+        if self.rounds.front().is_none_or(|(top, _)| *top > applied) {
             return;
         }
-        while self.rounds.front().is_some_and(|top| *top <= applied) {
+        while let Some(&(top, decisions)) = self.rounds.front() {
+            if top > applied {
+                break;
+            }
             self.rounds.pop_front();
+            self.decisions -= decisions;
         }
         let live = |top: &mut u64| *top > applied;
         self.conversions.retain(|_, top| live(top));
@@ -81,9 +89,19 @@ impl InFlight {
         self.rounds.len()
     }
 
+    /// Decisions in flight.
+    pub(super) fn decisions(&self) -> usize {
+        self.decisions
+    }
+
     /// The sequence the fold must reach for nothing to be in flight.
     pub(super) fn top(&self) -> Option<u64> {
-        self.rounds.back().copied()
+        self.rounds.back().map(|(top, _)| *top)
+    }
+
+    /// The sequence the fold must reach for the oldest round to leave.
+    pub(super) fn oldest(&self) -> Option<u64> {
+        self.rounds.front().map(|(top, _)| *top)
     }
 
     /// Whether an unfolded round decided this conversion.
@@ -117,18 +135,20 @@ mod tests {
     #[test]
     fn rounds_are_remembered_until_the_fold_applies_their_last_decision() {
         let mut f = InFlight::default();
-        f.push(10, claims("a", b"d/k1", "o1"));
-        f.push(20, claims("b", b"d/k2", "o2"));
+        f.push(10, 1, claims("a", b"d/k1", "o1"));
+        f.push(20, 3, claims("b", b"d/k2", "o2"));
         assert!(f.decided("a") && f.decided("b") && !f.decided("c"));
         assert!(f.key_taken(b"d/k1") && f.key_taken(b"d/k2") && !f.key_taken(b"d/k3"));
         assert!(f.attributed_to("o1") && !f.attributed_to("o3"));
-        assert_eq!((f.rounds(), f.top()), (2, Some(20)));
+        assert_eq!((f.rounds(), f.top(), f.oldest()), (2, Some(20), Some(10)));
+        assert_eq!(f.decisions(), 4);
 
         f.settle(19);
+        assert_eq!((f.decisions(), f.oldest()), (3, Some(20)));
         assert!(!f.decided("a"), "round 1 folded back");
         assert!(f.decided("b") && f.key_taken(b"d/k2"), "round 2 not yet");
         f.settle(20);
-        assert_eq!((f.rounds(), f.top()), (0, None));
+        assert_eq!((f.rounds(), f.top(), f.decisions()), (0, None, 0));
         assert!(!f.key_taken(b"d/k2"));
     }
 }
