@@ -23,8 +23,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    store::{self, FoldTree, Staged},
-    worker::Worker,
+    store::{self, FoldTree, Sealed, Staged},
+    worker::{Worker, WorkerError},
 };
 
 /// Most messages folded into one commit.
@@ -167,19 +167,19 @@ pub async fn run<F: Fold>(
     token: CancellationToken,
 ) {
     let fold = Arc::new(Mutex::new(fold));
-    let name = format!("fold-{}", spec.stream.to_lowercase());
+    let status = Arc::new(status);
+    let stream = spec.stream.to_lowercase();
     let nice = if spec.background { source.nice } else { 0 };
-    let worker = loop {
-        match Worker::spawn(&name, nice) {
-            Ok(worker) => break worker,
-            Err(error) => {
-                tracing::error!(%error, stream = spec.stream, "fold thread cannot start; retrying");
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    // Linux keeps 15 bytes of a thread's name: `fold-conversion`, `commit-conversi`.
+    let Some(fold_thread) = spawn_worker(&format!("fold-{stream}"), nice, &token).await else {
+        return;
+    };
+    let Some(commit_thread) = spawn_worker(&format!("commit-{stream}"), nice, &token).await else {
+        return;
+    };
+    let workers = Workers {
+        fold: fold_thread,
+        commit: commit_thread,
     };
     if let Some(gate) = spec.gate.clone() {
         if !wait_for_gate(gate, &tree, &status, &token).await {
@@ -189,7 +189,7 @@ pub async fn run<F: Fold>(
     let mut backoff = Duration::from_millis(50);
     while !token.is_cancelled() {
         source.connections.mark_unchanged();
-        match run_consumer(&mut source, &tree, &spec, &fold, &worker, &status, &token).await {
+        match run_consumer(&mut source, &tree, &spec, &fold, &workers, &status, &token).await {
             Ok(()) => break,
             Err(FoldError::Reconnected) => {
                 tracing::info!(
@@ -211,6 +211,23 @@ pub async fn run<F: Fold>(
     }
     if let Err(error) = source.durable.flush().await {
         tracing::error!(%error, stream = spec.stream, "final projection flush failed");
+    }
+}
+
+/// Starts a fold's thread, retrying every second while the OS refuses;
+/// `None` if the service stops first.
+async fn spawn_worker(name: &str, nice: i32, token: &CancellationToken) -> Option<Worker> {
+    loop {
+        match Worker::spawn(name, nice) {
+            Ok(worker) => return Some(worker),
+            Err(error) => {
+                tracing::error!(%error, name, "fold thread cannot start; retrying");
+                tokio::select! {
+                    () = token.cancelled() => return None,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
     }
 }
 
@@ -272,8 +289,8 @@ async fn run_consumer<F: Fold>(
     tree: &FoldTree,
     spec: &FoldSpec,
     fold: &Arc<Mutex<F>>,
-    worker: &Worker,
-    status: &watch::Sender<FoldStatus>,
+    workers: &Workers,
+    status: &Arc<watch::Sender<FoldStatus>>,
     token: &CancellationToken,
 ) -> Result<(), FoldError> {
     store::recover(tree)?;
@@ -353,69 +370,275 @@ async fn run_consumer<F: Fold>(
         );
     }
     if status.borrow().caught_up {
-        worker.lower_priority();
+        workers.lower_priority();
     }
-    loop {
-        let waiting = std::time::Instant::now();
-        let mut chunk = tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            _ = source.connections.changed() => return Err(FoldError::Reconnected),
-            chunk = messages.next() => chunk.ok_or(FoldError::Ended)?,
-        };
-        let linger = tokio::time::Instant::now() + spec.linger;
-        while chunk.len() < MAX_GROUP && !spec.linger.is_zero() {
-            match tokio::time::timeout_at(linger, messages.next()).await {
-                Ok(Some(more)) => chunk.extend(more),
-                Ok(None) | Err(_) => break,
-            }
+    let mut committing = None;
+    let pipe = Pipe {
+        tree,
+        spec,
+        fold,
+        workers,
+        status,
+        token,
+        started,
+    };
+    let folded = pipe
+        .fold_groups(&mut messages, source, &mut committing, applied)
+        .await;
+    // However the loop ended, the group being committed lands first: the next
+    // consumer starts from the checkpoint it writes, and the last flush at a
+    // stop must cover it.
+    let landed = match committing {
+        Some(group) => pipe.landed(group.done.await),
+        None => Ok(()),
+    };
+    folded.and(landed)
+}
+
+/// The two threads of a fold: one stages groups (reads the projection, runs
+/// the fold), the other commits them. A group is staged over the one before
+/// it ([`Staged::over`]) while that one is still being committed, so on a
+/// machine with a core to spare a busy fold takes about the longer of the two
+/// steps per group instead of their sum (the commit is about half of the
+/// conversions fold's time: sled's inserts). Commits still go one at a time,
+/// in log order, and a group's status (its applied sequence) is published
+/// once its commit is in, as before.
+pub(crate) struct Workers {
+    fold: Worker,
+    commit: Worker,
+}
+
+impl Workers {
+    fn lower_priority(&self) {
+        self.fold.lower_priority();
+        self.commit.lower_priority();
+    }
+}
+
+/// A group handed to the commit thread.
+struct Committing {
+    /// What the next group is staged over until this one is in the Tree.
+    sealed: Arc<Sealed>,
+    /// Resolves once it is committed and its status published: the sequence
+    /// it reached when that was the tail for the first time.
+    done:
+        futures::future::BoxFuture<'static, Result<Result<Option<u64>, sled::Error>, WorkerError>>,
+}
+
+/// Resolves when the group being committed is in (never while none is).
+async fn committed(
+    committing: &mut Option<Committing>,
+) -> Result<Result<Option<u64>, sled::Error>, WorkerError> {
+    match committing {
+        Some(group) => {
+            let done = (&mut group.done).await;
+            *committing = None;
+            done
         }
-        let mut delivered = Vec::with_capacity(chunk.len());
-        for item in chunk {
-            match item {
-                Ok(msg) => delivered.push(msg),
-                Err(error) => {
-                    tracing::warn!(error = %error, stream = spec.stream, "consumer hiccup")
+        None => std::future::pending().await,
+    }
+}
+
+/// What one consumer of a fold works with.
+struct Pipe<'p, F> {
+    tree: &'p FoldTree,
+    spec: &'p FoldSpec,
+    fold: &'p Arc<Mutex<F>>,
+    workers: &'p Workers,
+    status: &'p Arc<watch::Sender<FoldStatus>>,
+    token: &'p CancellationToken,
+    started: std::time::Instant,
+}
+
+impl<F: Fold> Pipe<'_, F> {
+    async fn fold_groups(
+        &self,
+        messages: &mut (impl futures::Stream<
+            Item = Vec<Result<async_nats::jetstream::Message, consumer::pull::OrderedError>>,
+        > + Unpin),
+        source: &mut Source,
+        committing: &mut Option<Committing>,
+        mut applied: u64,
+    ) -> Result<(), FoldError> {
+        let spec = self.spec;
+        loop {
+            let waiting = std::time::Instant::now();
+            let mut chunk = tokio::select! {
+                () = self.token.cancelled() => return Ok(()),
+                _ = source.connections.changed() => return Err(FoldError::Reconnected),
+                done = committed(committing) => {
+                    self.landed(done)?;
+                    continue;
+                }
+                chunk = messages.next() => chunk.ok_or(FoldError::Ended)?,
+            };
+            let linger = tokio::time::Instant::now() + spec.linger;
+            while chunk.len() < MAX_GROUP && !spec.linger.is_zero() {
+                match tokio::time::timeout_at(linger, messages.next()).await {
+                    Ok(Some(more)) => chunk.extend(more),
+                    Ok(None) | Err(_) => break,
                 }
             }
-        }
-        let (events, applying) = (delivered.len(), std::time::Instant::now());
-        let waited = applying - waiting;
-        let Some(group) = apply_delivered(tree, fold, worker, delivered, applied, token).await?
-        else {
-            continue;
-        };
-        // RUST_LOG=common::fold=debug: where a fold's time goes, group by group
-        // (waited: from the last group's end until this one was gathered,
-        // linger included; applied: its commit, queueing for a thread included).
-        tracing::debug!(
-            stream = spec.stream,
-            events,
-            waited_us = waited.as_micros() as u64,
-            applied_us = applying.elapsed().as_micros() as u64,
-            pending = group.pending_after,
-            "group applied"
-        );
-        applied = group.top;
-        let mut reached_tail = false;
-        status.send_modify(|s| {
-            s.applied_seq = applied;
-            s.at_tail = group.pending_after == 0;
-            reached_tail = s.at_tail && !s.caught_up;
-            s.caught_up |= s.at_tail;
-            if let Some(at) = group.last_log_time_ms {
-                s.applied_log_time_ms = at;
+            let mut delivered = Vec::with_capacity(chunk.len());
+            for item in chunk {
+                match item {
+                    Ok(msg) => delivered.push(msg),
+                    Err(error) => {
+                        tracing::warn!(error = %error, stream = spec.stream, "consumer hiccup")
+                    }
+                }
             }
-        });
-        if reached_tail {
-            worker.lower_priority();
-            tracing::info!(
+            let (events, staging) = (delivered.len(), std::time::Instant::now());
+            let waited = staging - waiting;
+            let base = committing.as_ref().map(|c| Arc::clone(&c.sealed));
+            let Some((group, sealed)) = self.stage(delivered, applied, base).await? else {
+                continue;
+            };
+            // RUST_LOG=common::fold=debug: where a fold's time goes, group by
+            // group (waited: from the last group's end until this one was
+            // gathered, linger included; staged: applying it over the group
+            // before, queueing for the thread included).
+            tracing::debug!(
                 stream = spec.stream,
-                applied_seq = applied,
-                caught_up_after = ?started.elapsed(),
+                events,
+                waited_us = waited.as_micros() as u64,
+                staged_us = staging.elapsed().as_micros() as u64,
+                pending = group.pending_after,
+                "group staged"
+            );
+            // One commit at a time, in log order: the group before lands first.
+            if let Some(before) = committing.take() {
+                self.landed(before.done.await)?;
+            }
+            applied = group.top;
+            match sealed {
+                Some(sealed) => *committing = Some(self.commit(sealed, group)),
+                // Nothing new to write (replays): only the status moves.
+                None => self.landed(Ok(Ok(publish(self.status, &group))))?,
+            }
+        }
+    }
+
+    /// Stages the new messages of a delivered chunk over `base` (the group
+    /// being committed, if any) on the fold's thread, retrying storage
+    /// failures until they pass or the token is cancelled. `None`: nothing
+    /// usable was delivered; no [`Sealed`]: nothing new to write.
+    async fn stage(
+        &self,
+        delivered: Vec<async_nats::jetstream::Message>,
+        applied: u64,
+        base: Option<Arc<Sealed>>,
+    ) -> Result<Option<(Applied, Option<Sealed>)>, FoldError> {
+        let (tree, fold, token) = (self.tree.clone(), Arc::clone(self.fold), self.token.clone());
+        let work = move || -> Result<Option<(Applied, Option<Sealed>)>, sled::Error> {
+            let Some(group) = Group::of(&delivered, applied) else {
+                return Ok(None);
+            };
+            let reached = Applied {
+                top: group.top,
+                pending_after: group.pending_after,
+                last_log_time_ms: group.entries.last().map(|e| e.log_time_ms),
+            };
+            if group.top == applied {
+                return Ok(Some((reached, None)));
+            }
+            let mut fold = fold.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut attempt = 0u32;
+            loop {
+                match stage_new(&tree, base.as_deref(), &mut *fold, &group.entries) {
+                    Ok(sealed) => return Ok(Some((reached, sealed))),
+                    Err(error) if attempt < 5 && !token.is_cancelled() => {
+                        attempt += 1;
+                        tracing::error!(%error, attempt, "projection read failed; retrying the group");
+                        std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        };
+        match self.workers.fold.run(work).await {
+            Ok(result) => Ok(result?),
+            Err(error) => Err(thread_failed(&error)),
+        }
+    }
+
+    /// Starts committing `sealed` on the commit thread, which publishes the
+    /// group's status once it is in. Retries storage failures (finishing the
+    /// half-written commit first) until they pass or the token is cancelled.
+    ///
+    /// The group is not flushed here: the projection is disposable, and state
+    /// and checkpoint share one commit, so after a crash sled recovers some
+    /// earlier checkpoint together with exactly its state and the fold
+    /// replays from there. sled flushes in the background (every 500 ms),
+    /// writers that promise durability (the dispatcher's schedule, the
+    /// outbox) flush the whole database when they need to, and the fold
+    /// flushes when it stops. An fsync per group was most of the CPU the folds
+    /// spent under load.
+    fn commit(&self, sealed: Sealed, group: Applied) -> Committing {
+        let sealed = Arc::new(sealed);
+        let (tree, token) = (self.tree.clone(), self.token.clone());
+        let (status, job_sealed) = (Arc::clone(self.status), Arc::clone(&sealed));
+        let job = move || -> Result<Option<u64>, sled::Error> {
+            let mut attempt = 0u32;
+            loop {
+                match job_sealed.commit(&tree) {
+                    Ok(()) => return Ok(publish(&status, &group)),
+                    Err(error) if attempt < 5 && !token.is_cancelled() => {
+                        attempt += 1;
+                        tracing::error!(%error, attempt, "projection write failed; retrying the group");
+                        std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+                        // The failed commit may have stopped half-way.
+                        store::recover(&tree)?;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        };
+        Committing {
+            sealed,
+            done: Box::pin(self.workers.commit.start(job)),
+        }
+    }
+
+    /// Takes in a commit's outcome: its failure, or the tail reached.
+    fn landed(
+        &self,
+        done: Result<Result<Option<u64>, sled::Error>, WorkerError>,
+    ) -> Result<(), FoldError> {
+        let first_tail = done.map_err(|error| thread_failed(&error))??;
+        if let Some(applied_seq) = first_tail {
+            self.workers.lower_priority();
+            tracing::info!(
+                stream = self.spec.stream,
+                applied_seq,
+                caught_up_after = ?self.started.elapsed(),
                 "fold caught up with the log"
             );
         }
+        Ok(())
     }
+}
+
+/// Publishes the status a group reached; `Some(its sequence)` when that is
+/// the tail, reached for the first time since the start.
+fn publish(status: &watch::Sender<FoldStatus>, group: &Applied) -> Option<u64> {
+    let mut first_tail = false;
+    status.send_modify(|s| {
+        s.applied_seq = group.top;
+        s.at_tail = group.pending_after == 0;
+        first_tail = s.at_tail && !s.caught_up;
+        s.caught_up |= s.at_tail;
+        if let Some(at) = group.last_log_time_ms {
+            s.applied_log_time_ms = at;
+        }
+    });
+    first_tail.then_some(group.top)
+}
+
+fn thread_failed(error: &WorkerError) -> FoldError {
+    FoldError::Store(sled::Error::Io(std::io::Error::other(format!(
+        "fold task failed: {error}"
+    ))))
 }
 
 /// Empties `tree` to fold the log again from its start. The status says so
@@ -493,65 +716,6 @@ struct Applied {
     last_log_time_ms: Option<i64>,
 }
 
-/// Applies the new messages of a delivered chunk in one commit with their
-/// checkpoint, on the fold's own thread ([`Worker`], at a lower priority once
-/// caught up): a big group's sled writes take milliseconds, which HTTP
-/// requests sharing the async workers would otherwise wait out. Retries
-/// storage failures until they pass or the token is cancelled. `None`:
-/// nothing usable was delivered.
-///
-/// The group is not flushed here: the projection is disposable, and state and
-/// checkpoint share one commit, so after a crash sled recovers some
-/// earlier checkpoint together with exactly its state and the fold replays
-/// from there. sled flushes in the background (every 500 ms), writers that
-/// promise durability (the dispatcher's schedule, the outbox) flush the whole
-/// database when they need to, and the fold flushes when it stops. An fsync
-/// per group was most of the CPU the folds spent under load.
-async fn apply_delivered<F: Fold>(
-    tree: &FoldTree,
-    fold: &Arc<Mutex<F>>,
-    worker: &Worker,
-    delivered: Vec<async_nats::jetstream::Message>,
-    applied: u64,
-    token: &CancellationToken,
-) -> Result<Option<Applied>, FoldError> {
-    let (tree, fold, token) = (tree.clone(), Arc::clone(fold), token.clone());
-    let work = move || -> Result<Option<Applied>, sled::Error> {
-        let Some(group) = Group::of(&delivered, applied) else {
-            return Ok(None);
-        };
-        let reached = Applied {
-            top: group.top,
-            pending_after: group.pending_after,
-            last_log_time_ms: group.entries.last().map(|e| e.log_time_ms),
-        };
-        if group.top == applied {
-            return Ok(Some(reached));
-        }
-        let mut fold = fold.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut attempt = 0u32;
-        loop {
-            match apply_new(&tree, &mut *fold, &group.entries) {
-                Ok(_) => return Ok(Some(reached)),
-                Err(error) if attempt < 5 && !token.is_cancelled() => {
-                    attempt += 1;
-                    tracing::error!(%error, attempt, "projection write failed; retrying the group");
-                    std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
-                    // The failed commit may have stopped half-way.
-                    store::recover(&tree)?;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-    };
-    match worker.run(work).await {
-        Ok(result) => Ok(result?),
-        Err(error) => Err(FoldError::Store(sled::Error::Io(std::io::Error::other(
-            format!("fold task failed: {error}"),
-        )))),
-    }
-}
-
 /// Applies the entries the Tree has not applied yet (sequence above its
 /// checkpoint; replays are skipped) in one commit with the new checkpoint,
 /// and returns that checkpoint. Entries come in log order. Does not flush.
@@ -563,8 +727,28 @@ pub fn apply_new<F: Fold>(
     fold: &mut F,
     entries: &[LogEntry<'_>],
 ) -> Result<u64, sled::Error> {
-    let checkpoint = store::checkpoint(tree)?;
-    let mut staged = Staged::new(tree);
+    match stage_new(tree, None, fold, entries)? {
+        Some(sealed) => {
+            sealed.commit(tree)?;
+            Ok(sealed.checkpoint())
+        }
+        None => store::checkpoint(tree),
+    }
+}
+
+/// Stages the entries not applied yet (as [`apply_new`]) over `base`, the
+/// group before, not yet committed perhaps; `None` when none is new.
+///
+/// # Errors
+/// Storage failure (a read).
+pub fn stage_new<F: Fold>(
+    tree: &FoldTree,
+    base: Option<&Sealed>,
+    fold: &mut F,
+    entries: &[LogEntry<'_>],
+) -> Result<Option<Sealed>, sled::Error> {
+    let mut staged = Staged::over(tree, base);
+    let checkpoint = staged.checkpoint()?;
     let mut top = checkpoint;
     for entry in entries {
         if entry.seq <= top {
@@ -573,10 +757,7 @@ pub fn apply_new<F: Fold>(
         fold.apply(&mut staged, entry)?;
         top = entry.seq;
     }
-    if top > checkpoint {
-        staged.commit(top)?;
-    }
-    Ok(top)
+    Ok((top > checkpoint).then(|| staged.seal(top)))
 }
 
 /// Waits until the fold has applied `seq` (true) or `timeout` passes (false).

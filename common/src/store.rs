@@ -288,6 +288,40 @@ fn decode_packed<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Option<T> {
 #[derive(Debug, Default)]
 pub struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
+/// Applies writes in order, one by one. Not atomic: a crash can leave a
+/// prefix applied.
+fn apply<'w>(
+    writes: impl Iterator<Item = (&'w Vec<u8>, &'w Option<Vec<u8>>)>,
+    tree: &sled::Tree,
+) -> Result<(), sled::Error> {
+    for (k, v) in writes {
+        match v {
+            Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
+            None => tree.remove(k)?,
+        };
+    }
+    Ok(())
+}
+
+/// Writes as one value (the redo record; [`Writes::decode`] reads it back).
+fn encode<'w>(writes: impl Iterator<Item = (&'w Vec<u8>, &'w Option<Vec<u8>>)> + Clone) -> Vec<u8> {
+    let (count, size) = writes.clone().fold((0usize, 0usize), |(n, size), (k, v)| {
+        (n + 1, size + 9 + k.len() + v.as_ref().map_or(0, Vec::len))
+    });
+    let mut out = Vec::with_capacity(4 + size);
+    out.extend_from_slice(&(count as u32).to_be_bytes());
+    for (k, v) in writes {
+        out.push(u8::from(v.is_some()));
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        if let Some(v) = v {
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
 impl Writes {
     /// Adds a write.
     pub fn insert(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
@@ -303,35 +337,8 @@ impl Writes {
     ///
     /// # Errors
     /// sled failure.
-    pub fn apply(self, tree: &sled::Tree) -> Result<(), sled::Error> {
-        for (k, v) in self.0 {
-            match v {
-                Some(v) => tree.insert(k, v)?,
-                None => tree.remove(k)?,
-            };
-        }
-        Ok(())
-    }
-
-    /// One value holding them all (the redo record).
-    fn encode(&self) -> Vec<u8> {
-        let size: usize = self
-            .0
-            .iter()
-            .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
-        let mut out = Vec::with_capacity(4 + size);
-        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
-        for (k, v) in &self.0 {
-            out.push(u8::from(v.is_some()));
-            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-            out.extend_from_slice(k);
-            if let Some(v) = v {
-                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                out.extend_from_slice(v);
-            }
-        }
-        out
+    pub fn apply(&self, tree: &sled::Tree) -> Result<(), sled::Error> {
+        apply(self.0.iter().map(|(k, v)| (k, v)), tree)
     }
 
     /// The writes of a redo record; `None` if it does not decode.
@@ -465,7 +472,19 @@ pub fn recover(tree: &FoldTree) -> Result<(), sled::Error> {
 /// Writes staged over one Tree, committed as one unit with the checkpoint.
 pub struct Staged<'a> {
     tree: &'a FoldTree,
+    /// The previous group, sealed and being committed meanwhile: read before
+    /// the Tree, which may not hold it yet ([`Staged::over`]).
+    base: Option<&'a Sealed>,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// A group's writes and checkpoint, staged and no longer changing: what
+/// [`Sealed::commit`] writes as one unit.
+#[derive(Debug)]
+pub struct Sealed {
+    /// Every write of the group, the checkpoint's included.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    checkpoint: u64,
 }
 
 impl<'a> Staged<'a> {
@@ -473,8 +492,36 @@ impl<'a> Staged<'a> {
     pub fn new(tree: &'a FoldTree) -> Self {
         Self {
             tree,
+            base: None,
             writes: BTreeMap::new(),
         }
+    }
+
+    /// A new, empty overlay over `base`, the group before, sealed and perhaps
+    /// still being committed, over `tree`: it reads the Tree as it will be
+    /// once `base` is in. So a fold stages its next group while the last one
+    /// is written ([`crate::fold`]).
+    pub fn over(tree: &'a FoldTree, base: Option<&'a Sealed>) -> Self {
+        Self {
+            tree,
+            base,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    /// The checkpoint as the staged writes leave it (0: nothing applied yet).
+    ///
+    /// # Errors
+    /// sled read failure.
+    pub fn checkpoint(&self) -> Result<u64, sled::Error> {
+        Ok(self.read(CHECKPOINT_KEY, decode_u64)?.unwrap_or(0))
+    }
+
+    /// The write staged for `key` here or in the group before, if any.
+    fn staged(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.writes
+            .get(key)
+            .or_else(|| self.base.and_then(|b| b.writes.get(key)))
     }
 
     /// The value as the staged writes leave it.
@@ -487,7 +534,7 @@ impl<'a> Staged<'a> {
 
     /// `f` of the value as the staged writes leave it, without copying it.
     fn read<T>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>, sled::Error> {
-        Ok(match self.writes.get(key) {
+        Ok(match self.staged(key) {
             Some(staged) => staged.as_deref().map(f),
             None => self.tree.get(key)?.as_deref().map(f),
         })
@@ -498,7 +545,7 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// sled read failure.
     pub fn contains(&self, key: &[u8]) -> Result<bool, sled::Error> {
-        match self.writes.get(key) {
+        match self.staged(key) {
             Some(v) => Ok(v.is_some()),
             None => self.tree.contains_key(key),
         }
@@ -571,26 +618,57 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// sled failure; the group is then finished by [`recover`] or replayed.
     pub fn commit(self, checkpoint: u64) -> Result<(), sled::Error> {
-        let (tree, writes) = self.sealed(checkpoint);
-        tree.redo.insert(REDO_KEY, writes.encode())?;
-        writes.apply(&tree.rows)?;
-        tree.redo.remove(REDO_KEY)?;
-        Ok(())
+        let tree = self.tree;
+        self.seal(checkpoint).commit(tree)
     }
 
-    /// The staged writes followed by the checkpoint.
-    fn sealed(self, checkpoint: u64) -> (&'a FoldTree, Writes) {
-        let mut writes = Writes(self.writes.into_iter().collect());
-        writes.insert(CHECKPOINT_KEY, checkpoint.to_be_bytes().to_vec());
-        (self.tree, writes)
+    /// The staged writes and the checkpoint, to commit later
+    /// ([`Sealed::commit`]) and to stage the next group over
+    /// ([`Staged::over`]). The group before, if any, is not included: it is
+    /// committed on its own, first.
+    pub fn seal(mut self, checkpoint: u64) -> Sealed {
+        self.writes.insert(
+            CHECKPOINT_KEY.to_vec(),
+            Some(checkpoint.to_be_bytes().to_vec()),
+        );
+        Sealed {
+            writes: self.writes,
+            checkpoint,
+        }
     }
 
     /// Leaves only the redo record of the group, as a crash right after it would.
     #[cfg(test)]
     fn crash_after_redo(self, checkpoint: u64) -> Result<(), sled::Error> {
-        let (tree, writes) = self.sealed(checkpoint);
-        tree.redo.insert(REDO_KEY, writes.encode())?;
+        let tree = self.tree;
+        tree.redo
+            .insert(REDO_KEY, self.seal(checkpoint).redo_record())?;
         Ok(())
+    }
+}
+
+impl Sealed {
+    /// The checkpoint it carries.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// Commits it to `tree` as [`Staged::commit`] says. Committing it again
+    /// (after a failure, once [`recover`] has run) writes the same final
+    /// values, so it cannot count anything twice.
+    ///
+    /// # Errors
+    /// sled failure; the group is then finished by [`recover`] or replayed.
+    pub fn commit(&self, tree: &FoldTree) -> Result<(), sled::Error> {
+        tree.redo.insert(REDO_KEY, self.redo_record())?;
+        apply(self.writes.iter(), &tree.rows)?;
+        tree.redo.remove(REDO_KEY)?;
+        Ok(())
+    }
+
+    /// The redo record of its writes.
+    fn redo_record(&self) -> Vec<u8> {
+        encode(self.writes.iter())
     }
 }
 
@@ -629,6 +707,42 @@ mod tests {
         assert!(tree.redo.is_empty(), "no redo record left");
         assert_eq!(decode_u64(&tree.get("n").unwrap().unwrap()), 5);
         assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_group_staged_over_an_uncommitted_one_reads_the_tree_as_that_one_leaves_it() {
+        let (_dir, _db, tree) = scratch();
+        tree.insert("kept", "tree").unwrap();
+        tree.insert("gone", "tree").unwrap();
+        let mut first = Staged::new(&tree);
+        first.insert("a", "first");
+        first.remove("gone");
+        first.add_u64("n", 2).unwrap();
+        let first = first.seal(10);
+
+        let mut second = Staged::over(&tree, Some(&first));
+        assert_eq!(
+            second.checkpoint().unwrap(),
+            10,
+            "the checkpoint it will leave"
+        );
+        assert_eq!(second.get(b"a").unwrap().as_deref(), Some(&b"first"[..]));
+        assert!(!second.contains(b"gone").unwrap(), "its removal");
+        assert_eq!(second.get(b"kept").unwrap().as_deref(), Some(&b"tree"[..]));
+        second.add_u64("n", 3).unwrap();
+        second.insert("a", "second");
+        assert_eq!(second.get(b"a").unwrap().as_deref(), Some(&b"second"[..]));
+        assert!(tree.get("a").unwrap().is_none(), "nothing written yet");
+
+        let second = second.seal(20);
+        first.commit(&tree).unwrap();
+        assert_eq!(checkpoint(&tree).unwrap(), 10);
+        second.commit(&tree).unwrap();
+        assert_eq!(checkpoint(&tree).unwrap(), 20);
+        assert_eq!(decode_u64(&tree.get("n").unwrap().unwrap()), 5);
+        assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"second"[..]));
+        assert!(tree.get("gone").unwrap().is_none());
+        assert!(tree.redo.is_empty());
     }
 
     #[test]
@@ -679,10 +793,10 @@ mod tests {
             let (_dir, _db, tree) = scratch();
             let mut staged = Staged::new(&tree);
             staged.insert("a", "1");
-            let (tree, writes) = staged.sealed(4);
-            tree.rows.insert(legacy, writes.encode()).unwrap();
-            recover(tree).unwrap();
-            assert_eq!(checkpoint(tree).unwrap(), 4);
+            let record = staged.seal(4).redo_record();
+            tree.rows.insert(legacy, record).unwrap();
+            recover(&tree).unwrap();
+            assert_eq!(checkpoint(&tree).unwrap(), 4);
             assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"1"[..]));
             assert!(tree.get(legacy).unwrap().is_none());
         }

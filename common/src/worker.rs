@@ -89,12 +89,26 @@ impl Worker {
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, WorkerError> {
+        self.start(job).await
+    }
+
+    /// Queues `job` on the thread at once; the future returned resolves to
+    /// its result (dropping it does not stop the job).
+    pub fn start<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, WorkerError>> + Send + 'static {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = reply.send(job());
         });
-        self.jobs.send(job).map_err(|_| WorkerError::Gone)?;
-        result.await.map_err(|_| WorkerError::Gone)
+        let queued = self.jobs.send(job).is_ok();
+        async move {
+            if !queued {
+                return Err(WorkerError::Gone);
+            }
+            result.await.map_err(|_| WorkerError::Gone)
+        }
     }
 }
 

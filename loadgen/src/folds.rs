@@ -1,10 +1,13 @@
 //! Ceilings 5 and 6: postback-service's own folds alone, without NATS.
 //!
-//! The decisions and rebuild scenarios are bounded by one fold thread each
+//! The decisions and rebuild scenarios are bounded by one fold each (its staging
+//! and commit threads)
 //! (see BENCHMARKS.md). These two measurements run that stage on its own: the
 //! real [`ClicksFold`] and [`ConversionsFold`] applying events that were
 //! encoded beforehand to a real sled Tree, in groups, through the same
-//! `common::fold::apply_new` and commit the services use, on one thread. A
+//! `common::fold::stage_new` and commit the services use, each group staged on
+//! one thread over the group before while another thread commits that one, as
+//! the services' fold loop does (`common::fold`). A
 //! scenario's ratio to them is what everything around the fold costs (NATS, the
 //! decider, the other folds sharing the cores); the fold's own cost against
 //! sled's is in the notes.
@@ -12,7 +15,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use common::{fold::apply_new, LogEntry};
+use std::sync::{mpsc, Arc};
+
+use common::{fold::stage_new, store::Sealed, LogEntry};
 use postback_service::{clicks::ClicksFold, conversions::ConversionsFold};
 use prost::Message;
 use proto::conversions::v1::{ConversionAttributed, ConversionStatus};
@@ -54,16 +59,21 @@ impl Shape {
 
     fn title(self) -> &'static str {
         match self {
-            Self::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS, one thread): ClickRecorded events from distinct visitors applied to sled",
-            Self::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider, one thread): a ConversionReported, then its ConversionAttributed",
+            Self::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS; a staging and a commit thread, as in the service): ClickRecorded events from distinct visitors applied to sled",
+            Self::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider; a staging and a commit thread, as in the service): a ConversionReported, then its ConversionAttributed",
         }
     }
 
-    /// Folds `entries` with this shape's fold.
-    fn apply(self, tree: &common::FoldTree, entries: &[LogEntry<'_>]) -> Result<u64, sled::Error> {
+    /// Stages `entries` with this shape's fold over `base`, the group before.
+    fn stage(
+        self,
+        tree: &common::FoldTree,
+        base: Option<&Sealed>,
+        entries: &[LogEntry<'_>],
+    ) -> Result<Option<Sealed>, sled::Error> {
         match self {
-            Self::Clicks => apply_new(tree, &mut ClicksFold, entries),
-            Self::Conversions => apply_new(tree, &mut ConversionsFold, entries),
+            Self::Clicks => stage_new(tree, base, &mut ClicksFold, entries),
+            Self::Conversions => stage_new(tree, base, &mut ConversionsFold, entries),
         }
     }
 }
@@ -171,35 +181,38 @@ impl Source {
     }
 }
 
-/// What one group cost.
-struct Step {
-    applying: Duration,
+/// One group, encoded, with its first sequence and what it completes.
+struct Next {
+    group: Encoded,
+    first_seq: u64,
     completes: u64,
-    events: u64,
 }
 
 impl Source {
-    /// Makes the next group and folds it into `tree`, timing only the fold.
-    fn step(&mut self, tree: &common::FoldTree) -> Result<Step, sled::Error> {
+    /// Makes the next group (outside the clock).
+    fn encoded(&mut self) -> Next {
         let first_seq = self.seq + 1;
         let (group, completes) = self.next();
-        let entries: Vec<LogEntry<'_>> = group
+        Next {
+            group,
+            first_seq,
+            completes,
+        }
+    }
+}
+
+impl Next {
+    fn entries(&self, log_time_ms: i64) -> Vec<LogEntry<'_>> {
+        self.group
             .iter()
-            .zip(first_seq..)
+            .zip(self.first_seq..)
             .map(|((subject, payload), seq)| LogEntry {
                 subject,
                 payload,
                 seq,
-                log_time_ms: self.now_ms,
+                log_time_ms,
             })
-            .collect();
-        let t0 = Instant::now();
-        self.shape.apply(tree, &entries)?;
-        Ok(Step {
-            applying: t0.elapsed(),
-            completes,
-            events: entries.len() as u64,
-        })
+            .collect()
     }
 }
 
@@ -259,26 +272,66 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
     let mut written_before = 0;
     let mut next_line = started + Duration::from_secs(1);
     let mut last = 0;
-    while Instant::now() < deadline {
-        if measuring.is_none() && Instant::now() >= measure_from {
-            (done, events, applying, last) = (0, 0, Duration::ZERO, 0);
-            measuring = Some(CpuWatch::start(watched));
-            written_before = written();
+    std::thread::scope(|threads| -> Result<(), sled::Error> {
+        // The commit thread: commits each group sent, in order, and answers.
+        let (commits, queue) = mpsc::channel::<Arc<Sealed>>();
+        let (answers, answered) = mpsc::channel();
+        let committer = &tree;
+        threads.spawn(move || {
+            for sealed in queue {
+                if answers.send(sealed.commit(committer)).is_err() {
+                    break;
+                }
+            }
+        });
+        let gone = || sled::Error::ReportableBug("the commit thread stopped".into());
+        let mut committing: Option<Arc<Sealed>> = None;
+        let mut next = source.encoded();
+        while Instant::now() < deadline {
+            if measuring.is_none() && Instant::now() >= measure_from {
+                (done, events, applying, last) = (0, 0, Duration::ZERO, 0);
+                measuring = Some(CpuWatch::start(watched));
+                written_before = written();
+            }
+            // Timed: staging this group over the one being committed, and
+            // waiting for that commit to end.
+            let t0 = Instant::now();
+            let entries = next.entries(source.now_ms);
+            let sealed = plan.shape.stage(&tree, committing.as_deref(), &entries)?;
+            if committing.take().is_some() {
+                answered.recv().map_err(|_| gone())??;
+            }
+            applying += t0.elapsed();
+            done += next.completes;
+            events += entries.len() as u64;
+            drop(entries);
+            // Not timed, and no commit runs meanwhile: encoding the next group.
+            next = source.encoded();
+            let t0 = Instant::now();
+            if let Some(sealed) = sealed {
+                let sealed = Arc::new(sealed);
+                commits.send(Arc::clone(&sealed)).map_err(|_| gone())?;
+                committing = Some(sealed);
+            }
+            applying += t0.elapsed();
+            if Instant::now() >= next_line {
+                next_line += Duration::from_secs(1);
+                eprintln!(
+                    "[{label}] {:>5.1}s {:>8} done in the last second (encoding included)",
+                    started.elapsed().as_secs_f64(),
+                    done - last
+                );
+                last = done;
+            }
         }
-        let step = source.step(&tree)?;
-        applying += step.applying;
-        done += step.completes;
-        events += step.events;
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
-            eprintln!(
-                "[{label}] {:>5.1}s {:>8} done in the last second (encoding included)",
-                started.elapsed().as_secs_f64(),
-                done - last
-            );
-            last = done;
+        // The last commit is part of the run.
+        let t0 = Instant::now();
+        if committing.is_some() {
+            answered.recv().map_err(|_| gone())??;
         }
-    }
+        applying += t0.elapsed();
+        Ok(())
+    })?;
     let cpu = measuring.map(|w| w.stop()).unwrap_or_default();
     let written_per_event = written().saturating_sub(written_before) / events.max(1);
     let mut m = Measurement::new(label, plan.shape.title(), unit)
@@ -338,6 +391,16 @@ mod tests {
         assert_eq!(seqs, [1, 2], "the oldest reports first");
     }
 
+    /// Folds the source's next group: (what it completes, its events).
+    fn step(source: &mut Source, tree: &common::FoldTree) -> (u64, usize) {
+        let next = source.encoded();
+        let entries = next.entries(source.now_ms);
+        if let Some(sealed) = source.shape.stage(tree, None, &entries).unwrap() {
+            sealed.commit(tree).unwrap();
+        }
+        (next.completes, entries.len())
+    }
+
     #[test]
     fn the_folds_record_every_event_they_are_given() {
         use postback_service::{clicks::Clicks, conversions::Conversions};
@@ -345,8 +408,7 @@ mod tests {
         let db = common::store::open_db(dir.path()).unwrap();
         let clicks = common::FoldTree::open(&db, "clicks").unwrap();
         let mut source = Source::new(Shape::Clicks, 20, 0);
-        let step = source.step(&clicks).unwrap();
-        assert_eq!((step.completes, step.events), (20, 20));
+        assert_eq!(step(&mut source, &clicks), (20, 20));
         let clicks = Clicks::new(clicks.rows().clone());
         assert_eq!(clicks.count('o', "offer-0").unwrap().clicks, 2);
         let unique: u64 = clicks
@@ -360,7 +422,7 @@ mod tests {
         let tree = common::FoldTree::open(&db, "conversions").unwrap();
         let mut source = Source::new(Shape::Conversions, 16, 0);
         for _ in 0..4 {
-            source.step(&tree).unwrap();
+            step(&mut source, &tree);
         }
         let conversions = Conversions::new(tree.rows().clone());
         assert_eq!(conversions.pending_ids().count(), 0, "every report decided");

@@ -141,11 +141,11 @@ pub const CEILINGS: [(&str, &str); 8] = [
     ),
     (
         "fold_clicks",
-        "5. our clicks fold alone: ClickRecorded events from distinct visitors applied to sled, no NATS, one thread, groups of 1024",
+        "5. our clicks fold alone: ClickRecorded events from distinct visitors applied to sled, no NATS, a staging and a commit thread as in the service, groups of 1024",
     ),
     (
         "fold_conversions",
-        "6. our conversions fold alone: a ConversionReported then its ConversionAttributed per conversion, no NATS, no decider, one thread, groups of 128",
+        "6. our conversions fold alone: a ConversionReported then its ConversionAttributed per conversion, no NATS, no decider, a staging and a commit thread as in the service, groups of 128",
     ),
 ];
 
@@ -481,7 +481,8 @@ pub fn markdown(
         md,
         "\nCeiling 3's latency is send → ack of each pipelined publish; ceiling 4's is per \
          batch (apply + flush). Ceilings 5 and 6 are not the hardware's but our own folds, \
-         measured alone: one fold thread bounds the decisions and the rebuild, so a ratio \
+         measured alone: one fold (a staging and a commit thread) bounds the decisions and \
+         the rebuild, so a ratio \
          to them is what everything around the fold costs (NATS, the decider, the other \
          folds and processes on the same cores)."
     );

@@ -1,7 +1,15 @@
 //! Property: any sequence of events folds to the same projection whether applied
-//! at once, in batches, or with redeliveries and restarts in between (real sled).
+//! at once, in batches, with redeliveries and restarts in between, or staged
+//! over the group before while that one is still uncommitted, as the services
+//! fold (real sled).
 
-use common::{fold::apply_new, fold::Fold, LogEntry};
+use std::cell::RefCell;
+
+use common::{
+    fold::{apply_new, stage_new, Fold},
+    store::Sealed,
+    LogEntry,
+};
 use postback_service::{
     clicks::ClicksFold, conversions::ConversionsFold, deliveries::PostbacksFold,
 };
@@ -138,6 +146,14 @@ fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
 }
 
 /// The fold a subject belongs to.
+fn fold_of(i: usize) -> Box<dyn Fold> {
+    match i {
+        0 => Box::new(ClicksFold),
+        1 => Box::new(ConversionsFold),
+        _ => Box::new(PostbacksFold),
+    }
+}
+
 fn fold_for(subject: &str) -> usize {
     if subject.starts_with("clicks.") {
         0
@@ -151,6 +167,8 @@ fn fold_for(subject: &str) -> usize {
 struct Projection {
     _dir: tempfile::TempDir,
     trees: Vec<common::FoldTree>,
+    /// Per Tree, the group staged and not committed yet ([`Self::stage`]).
+    uncommitted: RefCell<Vec<Option<Sealed>>>,
 }
 
 impl Projection {
@@ -161,7 +179,43 @@ impl Projection {
             .iter()
             .map(|t| common::FoldTree::open(&db, t).unwrap())
             .collect();
-        Self { _dir: dir, trees }
+        Self {
+            _dir: dir,
+            trees,
+            uncommitted: RefCell::new(vec![None, None, None]),
+        }
+    }
+
+    /// Stages one delivered group over the group before, which is committed
+    /// only then, as the services' fold loop does while its commit thread
+    /// writes the group before; [`Self::finish`] commits the last one.
+    fn stage(&self, group: &[LogEntry<'_>]) {
+        for (i, tree) in self.trees.iter().enumerate() {
+            let mine: Vec<LogEntry<'_>> = group
+                .iter()
+                .copied()
+                .filter(|e| fold_for(e.subject) == i)
+                .collect();
+            let mut uncommitted = self.uncommitted.borrow_mut();
+            let before = uncommitted[i].take();
+            let sealed = stage_new(tree, before.as_ref(), &mut fold_of(i), &mine).unwrap();
+            if let Some(before) = before {
+                before.commit(tree).unwrap();
+            }
+            uncommitted[i] = sealed;
+        }
+    }
+
+    fn finish(&self) {
+        for (tree, sealed) in self
+            .trees
+            .iter()
+            .zip(self.uncommitted.borrow_mut().iter_mut())
+        {
+            if let Some(sealed) = sealed.take() {
+                sealed.commit(tree).unwrap();
+            }
+        }
     }
 
     /// Applies one delivered group: each fold takes its stream's entries.
@@ -172,12 +226,7 @@ impl Projection {
                 .copied()
                 .filter(|e| fold_for(e.subject) == i)
                 .collect();
-            let mut fold: Box<dyn Fold> = match i {
-                0 => Box::new(ClicksFold),
-                1 => Box::new(ConversionsFold),
-                _ => Box::new(PostbacksFold),
-            };
-            apply_new(tree, &mut fold, &mine).unwrap();
+            apply_new(tree, &mut fold_of(i), &mine).unwrap();
         }
     }
 
@@ -242,8 +291,22 @@ proptest! {
             start = end;
         }
 
+        // Pipelined: each group staged over the one before, uncommitted, with
+        // redeliveries too.
+        let pipelined = Projection::new();
+        let mut start = 0;
+        for (n, cut) in cuts.iter().cycle().enumerate() {
+            if start >= entries.len() { break; }
+            let end = (start + cut).min(entries.len());
+            let back = replays.get(n % replays.len().max(1)).copied().unwrap_or(0);
+            pipelined.stage(&entries[start.saturating_sub(back)..end]);
+            start = end;
+        }
+        pipelined.finish();
+
         prop_assert_eq!(at_once.rows(), batched.rows());
         prop_assert_eq!(at_once.rows(), redelivered.rows());
+        prop_assert_eq!(at_once.rows(), pipelined.rows());
     }
 
     #[test]
