@@ -38,6 +38,7 @@ fn catalog_spec() -> FoldSpec {
         filter_subject: String::new(),
         linger: std::time::Duration::ZERO,
         background: true,
+        pipelined: false,
         gate: None,
     }
 }
@@ -51,6 +52,7 @@ fn clicks_spec(gate: Option<tokio::sync::watch::Receiver<bool>>) -> FoldSpec {
         linger: common::fold::CLICKS_LINGER,
         // A click on a capped offer waits for this fold to count it.
         background: false,
+        pipelined: false,
         gate,
     }
 }

@@ -5,9 +5,9 @@
 //! (see BENCHMARKS.md). These two measurements run that stage on its own: the
 //! real [`ClicksFold`] and [`ConversionsFold`] applying events that were
 //! encoded beforehand to a real sled Tree, in groups, through the same
-//! `common::fold::stage_new` and commit the services use, each group staged on
-//! one thread over the group before while another thread commits that one, as
-//! the services' fold loop does (`common::fold`). A
+//! `common::fold::stage_new` and commit the services use; for the conversions
+//! fold, each group staged on one thread over the group before while another
+//! thread commits that one, as the service does (`FoldSpec::pipelined`). A
 //! scenario's ratio to them is what everything around the fold costs (NATS, the
 //! decider, the other folds sharing the cores); the fold's own cost against
 //! sled's is in the notes.
@@ -59,9 +59,15 @@ impl Shape {
 
     fn title(self) -> &'static str {
         match self {
-            Self::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS; a staging and a commit thread, as in the service): ClickRecorded events from distinct visitors applied to sled",
+            Self::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS, one thread, as in the service): ClickRecorded events from distinct visitors applied to sled",
             Self::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider; a staging and a commit thread, as in the service): a ConversionReported, then its ConversionAttributed",
         }
+    }
+
+    /// Whether the service commits this fold's groups on a second thread
+    /// (`FoldSpec::pipelined`): the conversions fold does, the clicks fold not.
+    fn pipelined(self) -> bool {
+        self == Self::Conversions
     }
 
     /// Stages `entries` with this shape's fold over `base`, the group before.
@@ -308,10 +314,14 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
             // Not timed, and no commit runs meanwhile: encoding the next group.
             next = source.encoded();
             let t0 = Instant::now();
-            if let Some(sealed) = sealed {
-                let sealed = Arc::new(sealed);
-                commits.send(Arc::clone(&sealed)).map_err(|_| gone())?;
-                committing = Some(sealed);
+            match sealed {
+                Some(sealed) if plan.shape.pipelined() => {
+                    let sealed = Arc::new(sealed);
+                    commits.send(Arc::clone(&sealed)).map_err(|_| gone())?;
+                    committing = Some(sealed);
+                }
+                Some(sealed) => sealed.commit(&tree)?,
+                None => {}
             }
             applying += t0.elapsed();
             if Instant::now() >= next_line {

@@ -141,7 +141,7 @@ pub const CEILINGS: [(&str, &str); 8] = [
     ),
     (
         "fold_clicks",
-        "5. our clicks fold alone: ClickRecorded events from distinct visitors applied to sled, no NATS, a staging and a commit thread as in the service, groups of 1024",
+        "5. our clicks fold alone: ClickRecorded events from distinct visitors applied to sled, no NATS, one thread, groups of 1024",
     ),
     (
         "fold_conversions",

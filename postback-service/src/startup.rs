@@ -68,6 +68,9 @@ fn spec(stream: &'static str) -> FoldSpec {
         // No HTTP answer waits on these folds but the door's, briefly, for a
         // click not folded yet.
         background: true,
+        // The decisions wait on the conversions fold, the dispatcher's
+        // retries on the postbacks fold.
+        pipelined: stream == proto::stream::CONVERSIONS || stream == proto::stream::POSTBACKS,
         gate: None,
     }
 }

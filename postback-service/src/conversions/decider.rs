@@ -38,8 +38,11 @@ use crate::clicks::Clicks;
 /// Most decisions published per round.
 const ROUND_LIMIT: usize = 4096;
 /// Most decisions published and not yet folded back; past it the decider
-/// waits for the fold to apply its oldest round (a fold that stopped must not
-/// let the claims grow unbounded: about 250 bytes each, 32 MB in all).
+/// waits for the fold to apply its oldest round, so a slow fold holds the
+/// claims (about 250 bytes a decision) near 32 MB. A fold that has stopped
+/// altogether (while still reporting itself caught up) lets the wait time
+/// out after 5 s, and each such wait adds at most one round more: the growth
+/// is bounded by time, as it was with a limit on rounds.
 ///
 /// A burst of reports folds before any of the decisions published meanwhile,
 /// so this is how far ahead of the fold the decider may get in a burst. It

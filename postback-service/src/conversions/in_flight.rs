@@ -44,9 +44,8 @@ pub(super) struct Claims {
 /// kind, so a lookup costs the same however many rounds are in flight.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
-    /// The last decision's sequence of each round in flight and how many
-    /// decisions it published, oldest first.
-    rounds: VecDeque<(u64, usize)>,
+    /// The rounds in flight, oldest first.
+    rounds: VecDeque<Round>,
     /// Decisions in flight: the rounds' counts summed.
     decisions: usize,
     conversions: HashMap<String, u64>,
@@ -54,34 +53,61 @@ pub(super) struct InFlight {
     offers: HashMap<String, u64>,
 }
 
+/// One round in flight: its last decision's sequence, how many decisions it
+/// published, and what it claimed, so that settling it removes its own
+/// entries instead of walking every entry in flight (up to
+/// `MAX_DECISIONS_IN_FLIGHT`, once per fold group).
+#[derive(Debug)]
+struct Round {
+    top: u64,
+    decisions: usize,
+    conversions: Vec<String>,
+    keys: Vec<Vec<u8>>,
+    offers: Vec<String>,
+}
+
 impl InFlight {
     /// Records a round whose last decision is at stream sequence `top`.
     pub(super) fn push(&mut self, top: u64, decisions: usize, claims: Claims) {
-        self.rounds.push_back((top, decisions));
+        let round = Round {
+            top,
+            decisions,
+            conversions: claims.conversions.into_iter().collect(),
+            keys: claims.keys.into_iter().collect(),
+            offers: claims.offers.into_iter().collect(),
+        };
+        for k in &round.conversions {
+            self.conversions.insert(k.clone(), top);
+        }
+        for k in &round.keys {
+            self.keys.insert(k.clone(), top);
+        }
+        for k in &round.offers {
+            self.offers.insert(k.clone(), top);
+        }
         self.decisions += decisions;
-        self.conversions
-            .extend(claims.conversions.into_iter().map(|k| (k, top)));
-        self.keys.extend(claims.keys.into_iter().map(|k| (k, top)));
-        self.offers
-            .extend(claims.offers.into_iter().map(|k| (k, top)));
+        self.rounds.push_back(round);
     }
 
     /// Forgets the rounds the fold has applied (`applied`: its sequence).
     pub(super) fn settle(&mut self, applied: u64) {
-        if self.rounds.front().is_none_or(|(top, _)| *top > applied) {
-            return;
-        }
-        while let Some(&(top, decisions)) = self.rounds.front() {
-            if top > applied {
+        while self.rounds.front().is_some_and(|r| r.top <= applied) {
+            let Some(round) = self.rounds.pop_front() else {
                 break;
+            };
+            self.decisions -= round.decisions;
+            // An entry a later round claimed again (an offer attributed to in
+            // both) stays until that round is applied too.
+            for k in &round.conversions {
+                forget(&mut self.conversions, k, applied);
             }
-            self.rounds.pop_front();
-            self.decisions -= decisions;
+            for k in &round.keys {
+                forget(&mut self.keys, k, applied);
+            }
+            for k in &round.offers {
+                forget(&mut self.offers, k, applied);
+            }
         }
-        let live = |top: &mut u64| *top > applied;
-        self.conversions.retain(|_, top| live(top));
-        self.keys.retain(|_, top| live(top));
-        self.offers.retain(|_, top| live(top));
     }
 
     /// Rounds in flight.
@@ -96,12 +122,12 @@ impl InFlight {
 
     /// The sequence the fold must reach for nothing to be in flight.
     pub(super) fn top(&self) -> Option<u64> {
-        self.rounds.back().map(|(top, _)| *top)
+        self.rounds.back().map(|r| r.top)
     }
 
     /// The sequence the fold must reach for the oldest round to leave.
     pub(super) fn oldest(&self) -> Option<u64> {
-        self.rounds.front().map(|(top, _)| *top)
+        self.rounds.front().map(|r| r.top)
     }
 
     /// Whether an unfolded round decided this conversion.
@@ -117,6 +143,17 @@ impl InFlight {
     /// Whether an unfolded attribution went to this offer.
     pub(super) fn attributed_to(&self, offer_id: &str) -> bool {
         self.offers.contains_key(offer_id)
+    }
+}
+
+/// Removes `key` if the round that claimed it last is applied.
+fn forget<K, Q>(map: &mut HashMap<K, u64>, key: &Q, applied: u64)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if map.get(key).is_some_and(|top| *top <= applied) {
+        map.remove(key);
     }
 }
 
@@ -147,7 +184,12 @@ mod tests {
         assert_eq!((f.decisions(), f.oldest()), (3, Some(20)));
         assert!(!f.decided("a"), "round 1 folded back");
         assert!(f.decided("b") && f.key_taken(b"d/k2"), "round 2 not yet");
+        f.push(30, 1, claims("c", b"d/k3", "o2"));
         f.settle(20);
+        assert!(!f.key_taken(b"d/k2") && f.decided("c"));
+        assert!(f.attributed_to("o2"), "claimed again by the round at 30");
+        f.settle(30);
+        assert!(!f.attributed_to("o2"));
         assert_eq!((f.rounds(), f.top(), f.decisions()), (0, None, 0));
         assert!(!f.key_taken(b"d/k2"));
     }
