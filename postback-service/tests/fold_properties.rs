@@ -243,6 +243,23 @@ impl Projection {
     }
 }
 
+/// The groups of a log of `len` entries cut at `cuts`, each starting `replays`
+/// entries back (already applied ones delivered again).
+fn redeliveries(len: usize, cuts: &[usize], replays: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for (n, cut) in cuts.iter().cycle().enumerate() {
+        if start >= len {
+            break;
+        }
+        let end = (start + cut).min(len);
+        let back = replays.get(n % replays.len().max(1)).copied().unwrap_or(0);
+        groups.push(start.saturating_sub(back)..end);
+        start = end;
+    }
+    groups
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
 
@@ -282,25 +299,15 @@ proptest! {
         // Redeliveries: each group re-sends some already applied entries first,
         // as a consumer does after a restart from an older position.
         let redelivered = Projection::new();
-        let mut start = 0;
-        for (n, cut) in cuts.iter().cycle().enumerate() {
-            if start >= entries.len() { break; }
-            let end = (start + cut).min(entries.len());
-            let back = replays.get(n % replays.len().max(1)).copied().unwrap_or(0);
-            redelivered.apply(&entries[start.saturating_sub(back)..end]);
-            start = end;
+        for group in redeliveries(entries.len(), &cuts, &replays) {
+            redelivered.apply(&entries[group]);
         }
 
         // Pipelined: each group staged over the one before, uncommitted, with
         // redeliveries too.
         let pipelined = Projection::new();
-        let mut start = 0;
-        for (n, cut) in cuts.iter().cycle().enumerate() {
-            if start >= entries.len() { break; }
-            let end = (start + cut).min(entries.len());
-            let back = replays.get(n % replays.len().max(1)).copied().unwrap_or(0);
-            pipelined.stage(&entries[start.saturating_sub(back)..end]);
-            start = end;
+        for group in redeliveries(entries.len(), &cuts, &replays) {
+            pipelined.stage(&entries[group]);
         }
         pipelined.finish();
 
