@@ -567,18 +567,13 @@ impl<F: Fold> Pipe<'_, F> {
                 return Ok(Some((reached, None)));
             }
             let mut fold = fold.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut attempt = 0u32;
-            loop {
-                match stage_new(&tree, base.as_deref(), &mut *fold, &group.entries) {
-                    Ok(sealed) => return Ok(Some((reached, sealed))),
-                    Err(error) if attempt < 5 && !token.is_cancelled() => {
-                        attempt += 1;
-                        tracing::error!(%error, attempt, "projection read failed; retrying the group");
-                        std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
+            let sealed = retrying(
+                &token,
+                "projection read failed; retrying the group",
+                || stage_new(&tree, base.as_deref(), &mut *fold, &group.entries),
+                || Ok(()),
+            )?;
+            Ok(Some((reached, sealed)))
         };
         match self.workers.fold.run(work).await {
             Ok(result) => Ok(result?),
@@ -604,31 +599,23 @@ impl<F: Fold> Pipe<'_, F> {
         let (status, job_sealed) = (Arc::clone(self.status), Arc::clone(&sealed));
         let (stream, queued) = (self.spec.stream, std::time::Instant::now());
         let job = move || -> Result<Option<u64>, sled::Error> {
-            let mut attempt = 0u32;
-            loop {
-                let committing = std::time::Instant::now();
-                match job_sealed.commit(&tree) {
-                    Ok(()) => {
-                        // RUST_LOG=common::fold=debug, with "group staged".
-                        tracing::debug!(
-                            stream,
-                            seq = group.top,
-                            queued_us = (committing - queued).as_micros() as u64,
-                            committed_us = committing.elapsed().as_micros() as u64,
-                            "group committed"
-                        );
-                        return Ok(publish(&status, &group));
-                    }
-                    Err(error) if attempt < 5 && !token.is_cancelled() => {
-                        attempt += 1;
-                        tracing::error!(%error, attempt, "projection write failed; retrying the group");
-                        std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
-                        // The failed commit may have stopped half-way.
-                        store::recover(&tree)?;
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
+            let committing = std::time::Instant::now();
+            retrying(
+                &token,
+                "projection write failed; retrying the group",
+                || job_sealed.commit(&tree),
+                // The failed commit may have stopped half-way.
+                || store::recover(&tree),
+            )?;
+            // RUST_LOG=common::fold=debug, with "group staged".
+            tracing::debug!(
+                stream,
+                seq = group.top,
+                queued_us = (committing - queued).as_micros() as u64,
+                committed_us = committing.elapsed().as_micros() as u64,
+                "group committed"
+            );
+            Ok(publish(&status, &group))
         };
         Committing {
             sealed,
@@ -658,6 +645,28 @@ impl<F: Fold> Pipe<'_, F> {
             );
         }
         Ok(())
+    }
+}
+
+/// `work`, tried again after a storage failure (up to 5 times, waiting 100 ms
+/// more each time, `mend` first) until it passes or `token` is cancelled.
+fn retrying<T>(
+    token: &CancellationToken,
+    what: &str,
+    mut work: impl FnMut() -> Result<T, sled::Error>,
+    mut mend: impl FnMut() -> Result<(), sled::Error>,
+) -> Result<T, sled::Error> {
+    let mut attempt = 0u32;
+    loop {
+        match work() {
+            Err(error) if attempt < 5 && !token.is_cancelled() => {
+                attempt += 1;
+                tracing::error!(%error, attempt, "{what}");
+                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+                mend()?;
+            }
+            done => return done,
+        }
     }
 }
 

@@ -484,17 +484,12 @@ pub struct Staged<'a> {
 pub struct Sealed {
     /// Every write of the group, the checkpoint's included.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    checkpoint: u64,
 }
 
 impl<'a> Staged<'a> {
     /// A new, empty overlay over `tree`.
     pub fn new(tree: &'a FoldTree) -> Self {
-        Self {
-            tree,
-            base: None,
-            writes: BTreeMap::new(),
-        }
+        Self::over(tree, None)
     }
 
     /// A new, empty overlay over `base`, the group before, sealed and perhaps
@@ -633,7 +628,6 @@ impl<'a> Staged<'a> {
         );
         Sealed {
             writes: self.writes,
-            checkpoint,
         }
     }
 
@@ -650,7 +644,10 @@ impl<'a> Staged<'a> {
 impl Sealed {
     /// The checkpoint it carries.
     pub fn checkpoint(&self) -> u64 {
-        self.checkpoint
+        self.writes
+            .get(CHECKPOINT_KEY)
+            .and_then(|v| v.as_deref())
+            .map_or(0, decode_u64)
     }
 
     /// Commits it to `tree` as [`Staged::commit`] says. Committing it again

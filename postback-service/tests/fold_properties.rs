@@ -3,8 +3,6 @@
 //! over the group before while that one is still uncommitted, as the services
 //! fold (real sled).
 
-use std::cell::RefCell;
-
 use common::{
     fold::{apply_new, stage_new, Fold},
     store::Sealed,
@@ -146,6 +144,15 @@ fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
 }
 
 /// The fold a subject belongs to.
+/// The entries of `group` fold `i` takes, in order.
+fn of_fold<'g>(group: &[LogEntry<'g>], i: usize) -> Vec<LogEntry<'g>> {
+    group
+        .iter()
+        .copied()
+        .filter(|e| fold_for(e.subject) == i)
+        .collect()
+}
+
 fn fold_of(i: usize) -> Box<dyn Fold> {
     match i {
         0 => Box::new(ClicksFold),
@@ -168,7 +175,7 @@ struct Projection {
     _dir: tempfile::TempDir,
     trees: Vec<common::FoldTree>,
     /// Per Tree, the group staged and not committed yet ([`Self::stage`]).
-    uncommitted: RefCell<Vec<Option<Sealed>>>,
+    uncommitted: Vec<Option<Sealed>>,
 }
 
 impl Projection {
@@ -182,36 +189,27 @@ impl Projection {
         Self {
             _dir: dir,
             trees,
-            uncommitted: RefCell::new(vec![None, None, None]),
+            uncommitted: vec![None, None, None],
         }
     }
 
     /// Stages one delivered group over the group before, which is committed
     /// only then, as the services' fold loop does while its commit thread
     /// writes the group before; [`Self::finish`] commits the last one.
-    fn stage(&self, group: &[LogEntry<'_>]) {
-        for (i, tree) in self.trees.iter().enumerate() {
-            let mine: Vec<LogEntry<'_>> = group
-                .iter()
-                .copied()
-                .filter(|e| fold_for(e.subject) == i)
-                .collect();
-            let mut uncommitted = self.uncommitted.borrow_mut();
-            let before = uncommitted[i].take();
+    fn stage(&mut self, group: &[LogEntry<'_>]) {
+        for (i, (tree, uncommitted)) in self.trees.iter().zip(&mut self.uncommitted).enumerate() {
+            let before = uncommitted.take();
+            let mine = of_fold(group, i);
             let sealed = stage_new(tree, before.as_ref(), &mut fold_of(i), &mine).unwrap();
             if let Some(before) = before {
                 before.commit(tree).unwrap();
             }
-            uncommitted[i] = sealed;
+            *uncommitted = sealed;
         }
     }
 
-    fn finish(&self) {
-        for (tree, sealed) in self
-            .trees
-            .iter()
-            .zip(self.uncommitted.borrow_mut().iter_mut())
-        {
+    fn finish(&mut self) {
+        for (tree, sealed) in self.trees.iter().zip(&mut self.uncommitted) {
             if let Some(sealed) = sealed.take() {
                 sealed.commit(tree).unwrap();
             }
@@ -221,12 +219,7 @@ impl Projection {
     /// Applies one delivered group: each fold takes its stream's entries.
     fn apply(&self, group: &[LogEntry<'_>]) {
         for (i, tree) in self.trees.iter().enumerate() {
-            let mine: Vec<LogEntry<'_>> = group
-                .iter()
-                .copied()
-                .filter(|e| fold_for(e.subject) == i)
-                .collect();
-            apply_new(tree, &mut fold_of(i), &mine).unwrap();
+            apply_new(tree, &mut fold_of(i), &of_fold(group, i)).unwrap();
         }
     }
 
@@ -305,7 +298,7 @@ proptest! {
 
         // Pipelined: each group staged over the one before, uncommitted, with
         // redeliveries too.
-        let pipelined = Projection::new();
+        let mut pipelined = Projection::new();
         for group in redeliveries(entries.len(), &cuts, &replays) {
             pipelined.stage(&entries[group]);
         }

@@ -5,7 +5,12 @@ use std::{collections::HashMap, time::Duration};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{app::url_params, eventually, nats::clicks_in_log, System, OFFER_URL};
+use crate::support::{
+    app::{click_id_in, url_params},
+    eventually,
+    nats::clicks_in_log,
+    System, OFFER_URL,
+};
 
 #[tokio::test]
 async fn click_redirects_with_macros_then_postback_is_attributed_everywhere() {
@@ -252,11 +257,7 @@ async fn behind_a_trusted_proxy_the_visitor_ip_is_the_one_it_appended() {
         .expect("GET /c");
     assert_eq!(r.status(), StatusCode::FOUND);
     let location = r.headers()["location"].to_str().unwrap().to_owned();
-    let click_id = url_params(&location)
-        .into_iter()
-        .find(|(k, _)| k == "cid")
-        .unwrap()
-        .1;
+    let click_id = click_id_in(&location).unwrap();
     let click = eventually("the click folded", Duration::from_secs(5), || async {
         let (status, v) = sys.api(&format!("/api/clicks/{click_id}")).await;
         (status == StatusCode::OK && v["click"].is_object()).then_some(v)

@@ -19,7 +19,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::support::{
-    app::{projection, url_params},
+    app::{click_id_in, projection, url_params},
     eventually,
     nats::{clicks_in_log, read_stream},
     process::Process,
@@ -133,10 +133,7 @@ impl Cluster {
         let click = self.click.url(&format!("/c/o1?{query}"));
         let r = self.http.get(click).send().await.unwrap();
         let location = r.headers()["location"].to_str().unwrap().to_owned();
-        let (_, id) = url_params(&location)
-            .into_iter()
-            .find(|(k, _)| k == "cid")
-            .unwrap();
+        let id = click_id_in(&location).unwrap();
         let postback = self.postback.url(&format!("/postback?click_id={id}"));
         let r = self.http.get(postback).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -196,11 +193,7 @@ async fn load(
             match r {
                 Ok(r) if r.status() == StatusCode::FOUND => {
                     let location = r.headers()["location"].to_str().unwrap().to_owned();
-                    let id = url_params(&location)
-                        .into_iter()
-                        .find(|(k, _)| k == "cid")
-                        .unwrap()
-                        .1;
+                    let id = click_id_in(&location).unwrap();
                     ledger.lock().unwrap().clicks.push(id.clone());
                     first.get_or_insert(id);
                 }

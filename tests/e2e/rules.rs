@@ -9,7 +9,10 @@ use proto::conversions::v1::ConversionReported;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::support::{app::url_params, eventually, Receiver, Reply, System, OFFER_URL};
+use crate::support::{
+    app::{click_id_in, url_params},
+    eventually, Receiver, Reply, System, OFFER_URL,
+};
 
 async fn offer(sys: &System, body: Value) {
     let mut body = body;
@@ -277,13 +280,7 @@ async fn unique_and_gross_clicks() {
             .await
             .unwrap();
         let location = r.headers()["location"].to_str().unwrap().to_owned();
-        ids.push(
-            url_params(&location)
-                .into_iter()
-                .find(|(k, _)| k == "cid")
-                .unwrap()
-                .1,
-        );
+        ids.push(click_id_in(&location).unwrap());
     }
     let row = eventually("three clicks folded", Duration::from_secs(5), || async {
         let r = sys.report("offer").await;

@@ -405,13 +405,7 @@ impl System {
             .to_str()
             .expect("ascii Location")
             .to_owned();
-        let url = url_params(&location);
-        let cid = url
-            .iter()
-            .find(|(k, _)| k == "cid")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        (cid, location)
+        (click_id_in(&location).unwrap_or_default(), location)
     }
 
     /// `GET /postback?{query}`: (status, body).
@@ -496,6 +490,14 @@ pub async fn update_stream(
     let mut config = stream.info().await.expect("its info").config.clone();
     change(&mut config);
     js.update_stream(config).await.expect("updated");
+}
+
+/// The click id a redirect's Location carries (the demo offers' `cid`).
+pub fn click_id_in(location: &str) -> Option<String> {
+    url_params(location)
+        .into_iter()
+        .find(|(k, _)| k == "cid")
+        .map(|(_, v)| v)
 }
 
 pub fn url_params(location: &str) -> Vec<(String, String)> {
