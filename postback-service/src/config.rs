@@ -45,8 +45,9 @@ pub struct Config {
     #[arg(long, env = "UNKNOWN_CLICK_GRACE_MS", default_value_t = 600_000)]
     pub unknown_click_grace_ms: u64,
     /// How long the door waits, at most, for a click this service has not
-    /// folded yet (its postback security needs the click's offer), NATS's
-    /// answer of where the log ends included.
+    /// folded yet (its postback security needs the click's offer), and the
+    /// read API for a click or conversion not folded yet, NATS's answer of
+    /// where the log ends included.
     #[arg(long, env = "DOOR_WAIT_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=5000))]
     pub door_wait_ms: u64,

@@ -166,6 +166,7 @@ impl Application {
             conversions,
             clicks,
             clicks_status,
+            conversions_status,
             door_wait: Duration::from_millis(config.door_wait_ms),
             dispatcher,
             catalog: catalog::Catalog::new(base.db.open_tree("catalog")?),

@@ -421,3 +421,42 @@ async fn a_head_on_the_postback_url_checks_its_input_and_records_nothing() {
     let id = sys.postback_ok(&format!("click_id={click_id}")).await;
     assert_eq!(sys.decided(&id).await["state"], "attributed");
 }
+
+/// The read API answers for what is in the log and only not folded yet: a
+/// click redirected, a postback acked or a report a partner published a moment
+/// ago is found at once, never a 404 first; an id in no log is still a 404.
+#[tokio::test]
+async fn the_api_finds_what_was_just_logged_and_not_yet_folded() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    for i in 0..20 {
+        let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+        let (status, click) = sys.api(&format!("/api/clicks/{click_id}")).await;
+        assert_eq!(status, StatusCode::OK, "click {i} just redirected: {click}");
+        assert_eq!(click["click"]["click_id"], click_id.as_str());
+
+        let txid = format!("N-{i}");
+        let event = ConversionReported {
+            click_id: click_id.clone(),
+            txid: txid.clone(),
+            ..Default::default()
+        };
+        publish(&sys, "conversions.v1.reported", event.encode_to_vec()).await;
+        let id = postback_service::postback::conversion_id(&click_id, "", &txid);
+        let (status, body) = sys.api(&format!("/api/conversions/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "report {i} just published: {body}");
+        assert_eq!(body["conversion_id"], id.as_str());
+
+        let id = sys
+            .postback_ok(&format!("click_id={click_id}&txid=H-{i}"))
+            .await;
+        let (status, body) = sys.api(&format!("/api/conversions/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "postback {i} just acked: {body}");
+    }
+    let unknown = uuid::Uuid::now_v7();
+    let (status, body) = sys.api(&format!("/api/conversions/{unknown}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["field"], "conversion_id", "{body}");
+    let (status, body) = sys.api(&format!("/api/clicks/{unknown}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}

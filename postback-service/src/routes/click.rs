@@ -14,7 +14,9 @@ use common::{time::rfc3339, ApiError};
 use proto::clicks::v1::{ClickDisposition, ClickRecorded};
 use serde::Serialize;
 
-use super::{conversion::ConversionJson, postbacks::DeliveryJson, AppState};
+use proto::stream;
+
+use super::{catch_up::caught_up, conversion::ConversionJson, postbacks::DeliveryJson, AppState};
 
 #[derive(Debug, Serialize)]
 pub(super) struct ClickJson {
@@ -86,8 +88,29 @@ pub(super) async fn get_click(
     let click_id = uuid::Uuid::try_parse(&click_id)
         .map_err(|_| ApiError::invalid("click_id", "must be a UUID"))?
         .to_string();
-    let click = state.clicks.get_with_unique(&click_id)?;
-    let conversions = state.conversions.of_click(&click_id)?;
+    let read = || -> Result<_, ApiError> {
+        Ok((
+            state.clicks.get_with_unique(&click_id)?,
+            state.conversions.of_click(&click_id)?,
+        ))
+    };
+    let (mut click, mut conversions) = read()?;
+    if click.is_none() && conversions.is_empty() {
+        // Redirected a moment ago, or reported: perhaps only not folded yet.
+        let wait = state.door_wait;
+        let (clicks, reports) = tokio::join!(
+            caught_up(&state.js, stream::CLICKS, &state.clicks_status, wait),
+            caught_up(
+                &state.js,
+                stream::CONVERSIONS,
+                &state.conversions_status,
+                wait
+            ),
+        );
+        if clicks || reports {
+            (click, conversions) = read()?;
+        }
+    }
     if click.is_none() && conversions.is_empty() {
         return Err(ApiError::not_found("click_id", "unknown click"));
     }

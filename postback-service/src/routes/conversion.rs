@@ -92,7 +92,16 @@ pub(super) async fn get_conversion(
     headers: HeaderMap,
 ) -> Result<Json<ConversionJson>, ApiError> {
     common::auth::require_bearer(&headers, &state.admin_token)?;
-    let view = state.conversions.get(&conversion_id)?;
+    let mut view = state.conversions.get(&conversion_id)?;
+    // Acked a moment ago (here or by another instance), or published by a
+    // partner: perhaps only not folded yet.
+    if view.is_none() {
+        let stream = proto::stream::CONVERSIONS;
+        let status = &state.conversions_status;
+        if super::catch_up::caught_up(&state.js, stream, status, state.door_wait).await {
+            view = state.conversions.get(&conversion_id)?;
+        }
+    }
     view.map(|v| Json(v.into()))
         .ok_or_else(|| ApiError::not_found("conversion_id", "unknown conversion"))
 }

@@ -1,5 +1,6 @@
 //! HTTP routes, one file each, and the state they share.
 
+mod catch_up;
 mod click;
 mod conversion;
 mod postback;
@@ -27,7 +28,10 @@ pub struct AppState {
     pub clicks: Clicks,
     /// Where the CLICKS fold is, to wait for a click not folded yet.
     pub clicks_status: tokio::sync::watch::Receiver<common::fold::FoldStatus>,
-    /// How long a postback waits at the door for its click to be folded.
+    /// Where the CONVERSIONS fold is, to wait for a conversion not folded yet.
+    pub conversions_status: tokio::sync::watch::Receiver<common::fold::FoldStatus>,
+    /// How long a postback waits at the door for its click to be folded, and
+    /// an API lookup of a click or conversion not found for its fold.
     pub door_wait: Duration,
     pub dispatcher: crate::deliveries::Dispatcher,
     pub catalog: catalog::Catalog,

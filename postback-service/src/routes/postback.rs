@@ -115,21 +115,16 @@ async fn click_at_door(
     if click_id.is_empty() {
         return Ok(None);
     }
-    // The whole look, the server's answer included, is bounded by the door's
-    // wait: with NATS down the request would otherwise take the client's
-    // request timeout (10 s), and the postback with it.
-    let deadline = tokio::time::Instant::now() + state.door_wait;
-    // `get_stream` asks the server for the stream's info, as of now.
-    let last =
-        match tokio::time::timeout_at(deadline, state.js.get_stream(proto::stream::CLICKS)).await {
-            Ok(Ok(stream)) => stream.cached_info().state.last_sequence,
-            Ok(Err(_)) | Err(_) => return Ok(None),
-        };
     // Read again even when the fold was already there: it may have applied
     // the click between the first read and the stream info.
-    let mut status = state.clicks_status.clone();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if !common::fold::wait_applied(&mut status, last, left).await {
+    if !super::catch_up::caught_up(
+        &state.js,
+        proto::stream::CLICKS,
+        &state.clicks_status,
+        state.door_wait,
+    )
+    .await
+    {
         return Ok(None);
     }
     Ok(state.clicks.get(click_id)?)
