@@ -4,9 +4,8 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// Everything but RFC 3986 unreserved characters is encoded, so a value placed
 /// after the host can never break out of its query parameter or path segment,
-/// nor change the host. One limit: a value that is exactly `.` or `..` and fills
-/// a whole path segment is still a dot segment to URL parsers (which decode
-/// `%2E` for this too), so it can move the request up the path, on that host.
+/// nor change the host. Dots stay as they are: a path segment that values make
+/// `.` or `..` is emptied instead (see [`fill`]).
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
@@ -15,8 +14,16 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
 
 /// Fills every `{name}` whose name `lookup` knows with its URL-encoded value.
 /// Unknown macros are left as they are (the advertiser may use braces of its own).
+///
+/// A path segment that comes out as `.` or `..` with a value in it (a click's
+/// `sub1=..` filling `/{sub1}/`) is left empty: URL parsers and browsers take
+/// it as a dot segment, `%2E` included, and would send the request up the
+/// template's path. Dots anywhere else, and a template's own dot segments,
+/// stay as they are.
 pub fn fill<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> String {
     let mut out = String::with_capacity(template.len() + 64);
+    // Where values were written in `out`.
+    let mut values = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
@@ -25,7 +32,11 @@ pub fn fill<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> Str
             Some(close) => {
                 let name = &after[..close];
                 match lookup(name) {
-                    Some(value) => out.extend(utf8_percent_encode(value, COMPONENT)),
+                    Some(value) => {
+                        let start = out.len();
+                        out.extend(utf8_percent_encode(value, COMPONENT));
+                        values.push(start..out.len());
+                    }
                     None => {
                         out.push('{');
                         out.push_str(name);
@@ -41,7 +52,44 @@ pub fn fill<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> Str
         }
     }
     out.push_str(rest);
-    out
+    empty_dot_segments(out, &values)
+}
+
+/// `out` without the dot segments a value is part of. Values are encoded, so
+/// every `/`, `?` and `#` in `out` is the template's own.
+fn empty_dot_segments(out: String, values: &[std::ops::Range<usize>]) -> String {
+    let path_start = match out.find("://") {
+        Some(scheme_end) => match out[scheme_end + 3..].find('/') {
+            Some(slash) => scheme_end + 3 + slash,
+            None => return out,
+        },
+        None => 0,
+    };
+    let path_end = out[path_start..]
+        .find(['?', '#'])
+        .map_or(out.len(), |end| path_start + end);
+    let mut dots = Vec::new();
+    let mut start = path_start;
+    for segment in out[path_start..path_end].split('/') {
+        let end = start + segment.len();
+        // An empty value counts too: `{sub1}..` with no sub1 is one as well.
+        let filled = values.iter().any(|v| v.start <= end && start <= v.end);
+        if matches!(segment, "." | "..") && filled {
+            dots.push(start..end);
+        }
+        start = end + 1;
+    }
+    if dots.is_empty() {
+        return out;
+    }
+    let mut emptied = String::with_capacity(out.len());
+    let mut at = 0;
+    for dot in dots {
+        emptied.push_str(&out[at..dot.start]);
+        at = dot.end;
+    }
+    emptied.push_str(&out[at..]);
+    emptied
 }
 
 /// The `{name}` macros a template uses, in order.
@@ -83,6 +131,60 @@ mod tests {
         assert_eq!(fill("/p/{other}/{click_id}", lookup), "/p/{other}/abc");
         assert_eq!(fill("/p?x={click_id", lookup), "/p?x={click_id");
         assert_eq!(fill("no macros", lookup), "no macros");
+    }
+
+    #[test]
+    fn a_value_never_makes_a_dot_segment() {
+        let value = |v: &'static str| move |_: &str| Some(v);
+        for v in [".", ".."] {
+            assert_eq!(
+                fill("https://x.test/a/{s}/b", value(v)),
+                "https://x.test/a//b"
+            );
+            assert_eq!(fill("https://x.test/a/{s}", value(v)), "https://x.test/a/");
+            assert_eq!(
+                fill("https://x.test/a/{s}?q=1", value(v)),
+                "https://x.test/a/?q=1"
+            );
+            assert_eq!(
+                fill("https://x.test/a/{s}#f", value(v)),
+                "https://x.test/a/#f"
+            );
+            assert_eq!(fill("/rel/{s}/x", value(v)), "/rel//x");
+            // In a query, a fragment, a longer segment or the host: as it is.
+            let kept = format!("https://x.test/a?s={v}&t=/{v}/#/{v}/");
+            assert_eq!(fill("https://x.test/a?s={s}&t=/{s}/#/{s}/", value(v)), kept);
+            assert_eq!(
+                fill("https://x.test/a/v{s}/b", value(v)),
+                format!("https://x.test/a/v{v}/b")
+            );
+        }
+        // Values that make one together, or with the template's own dot.
+        assert_eq!(
+            fill("https://x.test/a/{s}{s}/b", value(".")),
+            "https://x.test/a//b"
+        );
+        assert_eq!(
+            fill("https://x.test/a/{s}./b", value(".")),
+            "https://x.test/a//b"
+        );
+        assert_eq!(
+            fill("https://x.test/a/{s}./b", value("")),
+            "https://x.test/a//b"
+        );
+        // The template's own dot segments are the advertiser's.
+        assert_eq!(
+            fill("https://x.test/a/../{s}", value("b")),
+            "https://x.test/a/../b"
+        );
+        // What parsers decode to a dot is encoded, so it stays a name.
+        assert_eq!(
+            fill("https://x.test/a/{s}/b", value("%2e%2e")),
+            "https://x.test/a/%252e%252e/b"
+        );
+        // What a URL parser makes of it: the request stays under /a/.
+        let url = url::Url::parse(&fill("https://x.test/a/{s}/b", value(".."))).unwrap();
+        assert_eq!(url.path(), "/a//b");
     }
 
     #[test]
