@@ -604,8 +604,7 @@ impl<F: Fold> Pipe<'_, F> {
                 &token,
                 "projection write failed; retrying the group",
                 || job_sealed.commit(&tree),
-                // The failed commit may have stopped half-way.
-                || store::recover(&tree),
+                || mend(&tree),
             )?;
             // RUST_LOG=common::fold=debug, with "group staged".
             tracing::debug!(
@@ -667,6 +666,20 @@ fn retrying<T>(
             }
             done => return done,
         }
+    }
+}
+
+/// Before a failed commit is tried again: finishes it if it stopped half-way.
+/// A Tree [`store::recover`] had to clear is not written to: the group would
+/// land on an empty Tree with its checkpoint, as if everything before it were
+/// there. The error ends the consumer, and its restart folds the log again
+/// from its start ([`store::CLEARED_FORMAT`]).
+fn mend(tree: &FoldTree) -> Result<(), sled::Error> {
+    match store::recover(tree)? {
+        store::Recovery::Cleared => Err(sled::Error::Io(std::io::Error::other(
+            "the projection was cleared (undecodable redo record); folding the log again",
+        ))),
+        store::Recovery::Nothing | store::Recovery::Finished => Ok(()),
     }
 }
 
@@ -820,4 +833,44 @@ pub async fn wait_applied(
     tokio::time::timeout(timeout, status.wait_for(|s| s.applied_seq >= seq))
         .await
         .is_ok_and(|r| r.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retried_commit_does_not_write_onto_a_tree_recover_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store::open_db(dir.path()).unwrap();
+        let tree = FoldTree::open(&db, "t").unwrap();
+        let mut staged = Staged::new(&tree);
+        staged.insert("a", "1");
+        staged.seal(7).commit(&tree).unwrap();
+        assert!(mend(&tree).is_ok(), "nothing to finish");
+
+        Staged::plant_undecodable_redo(&tree).unwrap();
+        let token = CancellationToken::new();
+        let mut staged = Staged::new(&tree);
+        staged.insert("b", "2");
+        let sealed = staged.seal(8);
+        let mut tries = 0;
+        let outcome = retrying(
+            &token,
+            "test",
+            || {
+                tries += 1;
+                match tries {
+                    1 => Err(sled::Error::Io(std::io::Error::other("disk hiccup"))),
+                    _ => sealed.commit(&tree),
+                }
+            },
+            || mend(&tree),
+        );
+        assert!(outcome.is_err(), "the retry stopped");
+        assert_eq!(tries, 1, "and never committed");
+        assert_eq!(store::checkpoint(&tree).unwrap(), 0);
+        assert!(tree.get("b").unwrap().is_none());
+        assert_eq!(store::format(&tree).unwrap(), store::CLEARED_FORMAT);
+    }
 }

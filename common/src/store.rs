@@ -434,11 +434,15 @@ impl std::ops::Deref for FoldTree {
 /// A leftover record is always the last group's (each commit removes its own),
 /// so re-applying it is idempotent: it holds final values, checkpoint included.
 /// A record that does not decode cannot be trusted: the Tree is cleared and
-/// rebuilt from the log.
+/// marked [`CLEARED_FORMAT`], a format no fold has, so whatever runs the fold
+/// next folds the log again from its start and says so in its status
+/// ([`crate::fold`]); and a commit being retried stops instead of writing its
+/// group onto the empty Tree ([`Recovery::Cleared`]).
 ///
 /// # Errors
 /// sled failure.
-pub fn recover(tree: &FoldTree) -> Result<(), sled::Error> {
+pub fn recover(tree: &FoldTree) -> Result<Recovery, sled::Error> {
+    let mut recovery = Recovery::Nothing;
     // A record among the rows was left by an older build, before any in the
     // redo Tree could be written.
     let places = LEGACY_REDO_KEYS
@@ -457,17 +461,33 @@ pub fn recover(tree: &FoldTree) -> Result<(), sled::Error> {
                 );
                 writes.apply(&tree.rows)?;
                 holder.remove(key)?;
+                recovery = Recovery::Finished;
             }
             None => {
                 tracing::error!("undecodable redo record; rebuilding this projection from the log");
-                tree.rows.clear()?;
+                start_format(&tree.rows, CLEARED_FORMAT)?;
                 holder.remove(key)?;
-                return Ok(());
+                return Ok(Recovery::Cleared);
             }
         }
     }
-    Ok(())
+    Ok(recovery)
 }
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// No group commit was left unfinished.
+    Nothing,
+    /// It finished one.
+    Finished,
+    /// Its record did not decode: the Tree is cleared, to fold the log again.
+    Cleared,
+}
+
+/// The format of a Tree [`recover`] cleared: no fold's (they start at
+/// [`FIRST_FORMAT`]), so the next fold of it starts over.
+pub const CLEARED_FORMAT: u32 = 0;
 
 /// Writes staged over one Tree, committed as one unit with the checkpoint.
 pub struct Staged<'a> {
@@ -629,6 +649,14 @@ impl<'a> Staged<'a> {
         Sealed {
             writes: self.writes,
         }
+    }
+
+    /// Leaves a redo record that does not decode, as only a bug or a damaged
+    /// disk could.
+    #[cfg(test)]
+    pub(crate) fn plant_undecodable_redo(tree: &FoldTree) -> Result<(), sled::Error> {
+        tree.redo.insert(REDO_KEY, &[0, 0, 0, 9, 1][..])?;
+        Ok(())
     }
 
     /// Leaves only the redo record of the group, as a crash right after it would.
@@ -816,11 +844,13 @@ mod tests {
         let (_dir, _db, tree) = scratch();
         tree.insert("a", "1").unwrap();
         tree.insert(CHECKPOINT_KEY, &5u64.to_be_bytes()).unwrap();
-        tree.redo.insert(REDO_KEY, &[0, 0, 0, 9, 1][..]).unwrap();
-        recover(&tree).unwrap();
-        assert!(tree.is_empty());
+        Staged::plant_undecodable_redo(&tree).unwrap();
+        assert_eq!(recover(&tree).unwrap(), Recovery::Cleared);
+        assert_eq!(tree.len(), 1, "the format row only");
+        assert_eq!(format(&tree).unwrap(), CLEARED_FORMAT);
         assert!(tree.redo.is_empty());
         assert_eq!(checkpoint(&tree).unwrap(), 0);
+        assert_eq!(recover(&tree).unwrap(), Recovery::Nothing);
     }
 
     /// The services must never switch sled's process-wide lock on (see
