@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-/// How events are made durable: the JetStream ack deadline and the outbox.
+/// How events are made durable (the JetStream ack deadline and the outbox),
+/// and the other flags both services share: the projection's cache, the
+/// folds' priority, HTTP's header read timeout.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestArgs {
     /// How long a click or postback waits for its JetStream ack before it is
@@ -32,6 +34,13 @@ pub struct IngestArgs {
     #[arg(long, env = "FOLD_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub fold_nice: i32,
+    /// How long a client may take to send a request head, in ms; also how
+    /// long a keep-alive connection may sit idle. A connection past it is
+    /// closed, so half-open connections (a slow or hostile client, a dead
+    /// peer) neither pile up nor hold up a stop.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub header_read_timeout_ms: u64,
 }
 
 /// A `--trusted-proxy-header` value: empty, or a valid HTTP header name (in
@@ -58,6 +67,7 @@ impl IngestArgs {
             publish_timeout_ms: 2000,
             sled_cache_mb: 64,
             fold_nice: 10,
+            header_read_timeout_ms: 30_000,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod client_ip;
 pub mod config;
 pub mod fold;
 pub mod health;
+pub mod http;
 pub mod lease;
 pub mod money;
 pub mod nats;

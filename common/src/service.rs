@@ -87,6 +87,7 @@ pub struct Base {
     data_dir: std::path::PathBuf,
     outbox: Option<crate::outbox::Outbox>,
     fold_nice: i32,
+    header_read_timeout: Duration,
     lease: Option<watch::Receiver<crate::lease::LeaseStatus>>,
 }
 
@@ -163,6 +164,7 @@ impl Base {
             data_dir: data_dir.to_path_buf(),
             outbox: None,
             fold_nice: ingest.fold_nice,
+            header_read_timeout: Duration::from_millis(ingest.header_read_timeout_ms),
             lease: None,
         };
         let mut connected = base.connections.clone();
@@ -302,11 +304,12 @@ impl Base {
     }
 
     /// Serves `router` (plus health routes) on `listener` until `stop` is cancelled,
-    /// then drains: in-flight requests (10 s at most), background tasks, the sled
-    /// flush, and the NATS connection.
+    /// then drains: open connections (10 s at most, [`crate::http`]), background
+    /// tasks, the sled flush, and the NATS connection.
     ///
     /// # Errors
-    /// The HTTP server failed.
+    /// None today (accept failures are logged and retried); kept for the
+    /// callers' sake.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -320,13 +323,7 @@ impl Base {
                 Duration::from_secs(10),
             ))
             .layer(TraceLayer::new_for_http());
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .map_err(StartupError::Serve);
+        crate::http::serve(listener, app, stop, self.header_read_timeout).await;
         self.token.cancel();
         self.tracker.close();
         self.tracker.wait().await;
@@ -355,7 +352,7 @@ impl Base {
             Ok(Err(error)) => tracing::warn!(%error, "draining the NATS connection"),
             Err(_) => tracing::warn!("NATS connection not drained within 5 s; closing"),
         }
-        served
+        Ok(())
     }
 }
 

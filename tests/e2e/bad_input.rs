@@ -110,3 +110,52 @@ async fn hostile_clicks_and_postbacks_get_4xx_naming_the_field() {
         "still serving"
     );
 }
+
+/// A client that opens a connection and never finishes its request head (a
+/// slowloris, a dead peer) is cut off at the header read timeout, on both
+/// services; meanwhile others are served, and it does not hold up a stop.
+#[tokio::test]
+async fn a_request_head_never_finished_is_cut_off_and_holds_up_no_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let short = |ingest: &mut common::config::IngestArgs| ingest.header_read_timeout_ms = 300;
+    let mut sys = System::start_configured(500, move |c| short(&mut c.ingest)).await;
+    let mut config = sys.click_config();
+    short(&mut config.ingest);
+    sys.click.take().expect("click-service").stop().await;
+    sys.start_click_with(config).await;
+    sys.demo_catalog().await;
+
+    let half_open = |addr| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .expect("write a partial head");
+        stream
+    };
+    let addrs = [
+        sys.click.as_ref().expect("click-service").addr,
+        sys.postback.as_ref().expect("postback-service").addr,
+    ];
+    for addr in addrs {
+        let mut stream = half_open(addr).await;
+        // Others are served meanwhile.
+        sys.click_ok("o1", "aff=a1").await;
+        let (status, _) = sys.api("/api/reports?group_by=offer").await;
+        assert_eq!(status, StatusCode::OK);
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(closed.is_ok(), "{addr}: the half-open connection is closed");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            !answer.contains(" 200 "),
+            "{addr}: nothing served: {answer}"
+        );
+    }
+    let _held = half_open(addrs[1]).await;
+    sys.postback.take().expect("postback-service").stop().await;
+}
