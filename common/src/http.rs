@@ -36,7 +36,11 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let graceful = GracefulShutdown::new();
+    // The connections' tasks: aborted if the drain runs out (in a process
+    // that goes on, tests say, they would hold the service's state).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, remote) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -51,7 +55,7 @@ pub async fn serve(
         let connection =
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, %remote, "connection ended");
             }
@@ -64,9 +68,12 @@ pub async fn serve(
     {
         tracing::warn!(
             after = ?STOP_DRAIN,
+            left = connections.len(),
             "connections still open at the stop; closing them"
         );
+        connections.abort_all();
     }
+    while connections.join_next().await.is_some() {}
 }
 
 /// A failed accept: the peer gave up (go on), or the process is out of file

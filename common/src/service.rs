@@ -35,8 +35,6 @@ pub enum StartupError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("serving HTTP")]
-    Serve(#[source] std::io::Error),
     #[error("writing the bound address to {}", path.display())]
     AddrFile {
         path: std::path::PathBuf,

@@ -135,55 +135,48 @@ mod tests {
 
     #[test]
     fn a_value_never_makes_a_dot_segment() {
-        let value = |v: &'static str| move |_: &str| Some(v);
+        let fill_with = |template: &str, v: &'static str| fill(template, |_| Some(v));
         for v in [".", ".."] {
-            assert_eq!(
-                fill("https://x.test/a/{s}/b", value(v)),
-                "https://x.test/a//b"
-            );
-            assert_eq!(fill("https://x.test/a/{s}", value(v)), "https://x.test/a/");
-            assert_eq!(
-                fill("https://x.test/a/{s}?q=1", value(v)),
-                "https://x.test/a/?q=1"
-            );
-            assert_eq!(
-                fill("https://x.test/a/{s}#f", value(v)),
-                "https://x.test/a/#f"
-            );
-            assert_eq!(fill("/rel/{s}/x", value(v)), "/rel//x");
-            // In a query, a fragment, a longer segment or the host: as it is.
-            let kept = format!("https://x.test/a?s={v}&t=/{v}/#/{v}/");
-            assert_eq!(fill("https://x.test/a?s={s}&t=/{s}/#/{s}/", value(v)), kept);
-            assert_eq!(
-                fill("https://x.test/a/v{s}/b", value(v)),
-                format!("https://x.test/a/v{v}/b")
-            );
+            for (template, filled) in [
+                ("https://x.test/a/{s}/b", "https://x.test/a//b".to_owned()),
+                ("https://x.test/a/{s}", "https://x.test/a/".to_owned()),
+                (
+                    "https://x.test/a/{s}?q=1",
+                    "https://x.test/a/?q=1".to_owned(),
+                ),
+                ("https://x.test/a/{s}#f", "https://x.test/a/#f".to_owned()),
+                ("/rel/{s}/x", "/rel//x".to_owned()),
+                // In a query, a fragment or a longer segment: as it is.
+                (
+                    "https://x.test/a?s={s}&t=/{s}/#/{s}/",
+                    format!("https://x.test/a?s={v}&t=/{v}/#/{v}/"),
+                ),
+                (
+                    "https://x.test/a/v{s}/b",
+                    format!("https://x.test/a/v{v}/b"),
+                ),
+            ] {
+                assert_eq!(fill_with(template, v), filled, "{template} with {v}");
+            }
         }
-        // Values that make one together, or with the template's own dot.
-        assert_eq!(
-            fill("https://x.test/a/{s}{s}/b", value(".")),
-            "https://x.test/a//b"
-        );
-        assert_eq!(
-            fill("https://x.test/a/{s}./b", value(".")),
-            "https://x.test/a//b"
-        );
-        assert_eq!(
-            fill("https://x.test/a/{s}./b", value("")),
-            "https://x.test/a//b"
-        );
-        // The template's own dot segments are the advertiser's.
-        assert_eq!(
-            fill("https://x.test/a/../{s}", value("b")),
-            "https://x.test/a/../b"
-        );
-        // What parsers decode to a dot is encoded, so it stays a name.
-        assert_eq!(
-            fill("https://x.test/a/{s}/b", value("%2e%2e")),
-            "https://x.test/a/%252e%252e/b"
-        );
+        for (template, v, filled) in [
+            // Values that make one together, or with the template's own dot.
+            ("https://x.test/a/{s}{s}/b", ".", "https://x.test/a//b"),
+            ("https://x.test/a/{s}./b", ".", "https://x.test/a//b"),
+            ("https://x.test/a/{s}./b", "", "https://x.test/a//b"),
+            // The template's own dot segments are the advertiser's.
+            ("https://x.test/a/../{s}", "b", "https://x.test/a/../b"),
+            // What parsers decode to a dot is encoded, so it stays a name.
+            (
+                "https://x.test/a/{s}/b",
+                "%2e%2e",
+                "https://x.test/a/%252e%252e/b",
+            ),
+        ] {
+            assert_eq!(fill_with(template, v), filled, "{template} with {v}");
+        }
         // What a URL parser makes of it: the request stays under /a/.
-        let url = url::Url::parse(&fill("https://x.test/a/{s}/b", value(".."))).unwrap();
+        let url = url::Url::parse(&fill_with("https://x.test/a/{s}/b", "..")).unwrap();
         assert_eq!(url.path(), "/a//b");
     }
 

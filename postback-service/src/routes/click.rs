@@ -11,10 +11,11 @@ use axum::{
 };
 use catalog::ConversionStatus;
 use common::{time::rfc3339, ApiError};
-use proto::clicks::v1::{ClickDisposition, ClickRecorded};
+use proto::{
+    clicks::v1::{ClickDisposition, ClickRecorded},
+    stream,
+};
 use serde::Serialize;
-
-use proto::stream;
 
 use super::{catch_up::caught_up, conversion::ConversionJson, postbacks::DeliveryJson, AppState};
 
