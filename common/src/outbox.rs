@@ -209,9 +209,10 @@ struct Record {
 }
 
 impl Record {
-    /// How many events it counts for ([`events`]).
-    fn events(&self) -> u64 {
-        events(&self.subject, &self.payload)
+    /// How many events a stored record counts for ([`events`]); one if it
+    /// does not decode.
+    fn events_in(stored: &[u8]) -> u64 {
+        Self::decode(stored).map_or(1, |r| events(&r.subject, &r.payload))
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -290,7 +291,7 @@ impl Outbox {
         for row in tree.iter() {
             let (key, value) = row?;
             waiting.count(&key, true);
-            depth += Record::decode(&value).map_or(1, |r| r.events());
+            depth += Record::events_in(&value);
         }
         if depth > 0 {
             tracing::warn!(
@@ -447,7 +448,7 @@ impl Outbox {
         let Some(value) = self.inner.tree.remove(key).ok().flatten() else {
             return false;
         };
-        let events = Record::decode(&value).map_or(1, |r| r.events());
+        let events = Record::events_in(&value);
         self.inner.depth.fetch_sub(events, Ordering::Relaxed);
         self.waiting().count(key, false);
         true

@@ -143,7 +143,6 @@ fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
     ]
 }
 
-/// The fold a subject belongs to.
 /// The entries of `group` fold `i` takes, in order.
 fn of_fold<'g>(group: &[LogEntry<'g>], i: usize) -> Vec<LogEntry<'g>> {
     group
@@ -161,6 +160,7 @@ fn fold_of(i: usize) -> Box<dyn Fold> {
     }
 }
 
+/// The fold a subject belongs to.
 fn fold_for(subject: &str) -> usize {
     if subject.starts_with("clicks.") {
         0

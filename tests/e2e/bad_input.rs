@@ -128,10 +128,7 @@ async fn a_request_head_never_finished_is_cut_off_and_holds_up_no_stop() {
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("http client");
-    let mut config = sys.click_config();
-    short(&mut config.ingest);
-    sys.click.take().expect("click-service").stop().await;
-    sys.start_click_with(config).await;
+    sys.restart_click_with(|c| short(&mut c.ingest)).await;
     sys.demo_catalog().await;
 
     let half_open = |addr| async move {

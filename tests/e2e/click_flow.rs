@@ -239,14 +239,8 @@ async fn a_head_request_is_checked_like_a_click_and_records_nothing() {
 async fn behind_a_trusted_proxy_the_visitor_ip_is_the_one_it_appended() {
     let mut sys = System::start().await;
     sys.demo_catalog().await;
-    sys.click
-        .take()
-        .expect("click-service running")
-        .stop()
+    sys.restart_click_with(|c| c.trusted_proxy_header = "X-Forwarded-For".into())
         .await;
-    let mut config = sys.click_config();
-    config.trusted_proxy_header = "X-Forwarded-For".into();
-    sys.start_click_with(config).await;
 
     let r = sys
         .http
@@ -327,10 +321,7 @@ async fn clicks_arriving_together_are_acked_as_one_message_each_intact_and_attri
     assert_eq!(sys.decided(&conversion_id).await["state"], "attributed");
 
     // CLICK_BATCH_MAX=1: one message per click, on clicks.v1.recorded only.
-    sys.click.take().unwrap().stop().await;
-    let mut config = sys.click_config();
-    config.click_batch_max = 1;
-    sys.start_click_with(config).await;
+    sys.restart_click_with(|c| c.click_batch_max = 1).await;
     let alone = fire_clicks(&sys, 50).await;
     let in_log = clicks_in_log(&js).await;
     for id in &alone {

@@ -221,10 +221,8 @@ async fn a_batch_of_clicks_jetstream_refuses_for_good_reaches_the_log_as_its_cli
 async fn outage_with_outbox_of(limit: u64) -> System {
     let mut sys = System::start().await;
     sys.demo_catalog().await;
-    sys.click.take().unwrap().stop().await;
-    let mut config = sys.click_config();
-    config.ingest.outbox_max_entries = limit;
-    sys.start_click_with(config).await;
+    sys.restart_click_with(|c| c.ingest.outbox_max_entries = limit)
+        .await;
     sys.nats.kill();
     sys
 }

@@ -61,32 +61,27 @@ pub(super) struct InFlight {
 struct Round {
     top: u64,
     decisions: usize,
-    conversions: Vec<String>,
-    keys: Vec<Vec<u8>>,
-    offers: Vec<String>,
+    claims: Claims,
 }
 
 impl InFlight {
     /// Records a round whose last decision is at stream sequence `top`.
     pub(super) fn push(&mut self, top: u64, decisions: usize, claims: Claims) {
-        let round = Round {
-            top,
-            decisions,
-            conversions: claims.conversions.into_iter().collect(),
-            keys: claims.keys.into_iter().collect(),
-            offers: claims.offers.into_iter().collect(),
-        };
-        for k in &round.conversions {
+        for k in &claims.conversions {
             self.conversions.insert(k.clone(), top);
         }
-        for k in &round.keys {
+        for k in &claims.keys {
             self.keys.insert(k.clone(), top);
         }
-        for k in &round.offers {
+        for k in &claims.offers {
             self.offers.insert(k.clone(), top);
         }
         self.decisions += decisions;
-        self.rounds.push_back(round);
+        self.rounds.push_back(Round {
+            top,
+            decisions,
+            claims,
+        });
     }
 
     /// Forgets the rounds the fold has applied (`applied`: its sequence).
@@ -98,13 +93,13 @@ impl InFlight {
             self.decisions -= round.decisions;
             // An entry a later round claimed again (an offer attributed to in
             // both) stays until that round is applied too.
-            for k in &round.conversions {
+            for k in &round.claims.conversions {
                 forget(&mut self.conversions, k, applied);
             }
-            for k in &round.keys {
+            for k in &round.claims.keys {
                 forget(&mut self.keys, k, applied);
             }
-            for k in &round.offers {
+            for k in &round.claims.offers {
                 forget(&mut self.offers, k, applied);
             }
         }

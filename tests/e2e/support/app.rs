@@ -123,6 +123,17 @@ impl System {
         self.wait_ready(addr).await;
     }
 
+    /// Stops click-service and starts it again with its test configuration
+    /// changed by `tweak`; waits until it is ready.
+    pub async fn restart_click_with(&mut self, tweak: impl FnOnce(&mut click_service::Config)) {
+        if let Some(click) = self.click.take() {
+            click.stop().await;
+        }
+        let mut config = self.click_config();
+        tweak(&mut config);
+        self.start_click_with(config).await;
+    }
+
     /// Starts click-service and returns once it serves, ready or not (NATS
     /// may be down).
     pub async fn serve_click(&mut self, config: click_service::Config) -> SocketAddr {
