@@ -120,13 +120,33 @@ pub fn check_url_template(field: &str, template: &str) -> Result<(), ApiError> {
 
 struct Body(Map<String, Value>);
 
+/// Fields a `GET` shows that a `PUT` does not set: the body of a `GET`, edited
+/// and put back, is accepted. They are ignored, save the entity's id, which
+/// must be the one in the path.
+const READ_ONLY: &[&str] = &["created_at", "updated_at"];
+
 impl Body {
-    fn parse(bytes: &[u8], known: &[&str]) -> Result<Self, ApiError> {
+    /// A `PUT` body of the entity whose id (`id_field`) is `id`: fields in
+    /// `known`, and those `GET` shows ([`READ_ONLY`], `id_field`).
+    fn parse(bytes: &[u8], known: &[&str], (id_field, id): (&str, &str)) -> Result<Self, ApiError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| ApiError::invalid("body", format!("invalid JSON: {e}")))?;
-        let Value::Object(map) = value else {
+        let Value::Object(mut map) = value else {
             return Err(ApiError::invalid("body", "must be a JSON object"));
         };
+        match map.remove(id_field) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == id => {}
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    id_field,
+                    format!("must be the id in the path ({id}) or absent"),
+                ))
+            }
+        }
+        for field in READ_ONLY {
+            map.remove(*field);
+        }
         if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ApiError::invalid(unknown.clone(), "unknown field"));
         }
@@ -186,7 +206,7 @@ pub fn offer_from_json(offer_id: &str, bytes: &[u8]) -> Result<OfferUpserted, Ap
         "caps",
         "security",
     ];
-    let body = Body::parse(bytes, KNOWN)?;
+    let body = Body::parse(bytes, KNOWN, ("offer_id", offer_id))?;
     let url = body
         .string("url")?
         .ok_or_else(|| ApiError::invalid("url", "is required"))?;
@@ -469,7 +489,8 @@ pub fn affiliate_from_json(
     affiliate_id: &str,
     bytes: &[u8],
 ) -> Result<AffiliateUpserted, ApiError> {
-    let body = Body::parse(bytes, &["name", "postback_url", "postback_statuses"])?;
+    let known = ["name", "postback_url", "postback_statuses"];
+    let body = Body::parse(bytes, &known, ("affiliate_id", affiliate_id))?;
     let mut postback_statuses = Vec::new();
     match body.0.get("postback_statuses") {
         None | Some(Value::Null) => {}

@@ -159,6 +159,16 @@ async fn bad_catalog_input_is_a_400_naming_the_field() {
         ),
         ("/api/offers/bad.id", json!({"url": OFFER_URL}), "offer_id"),
         (
+            "/api/offers/o1",
+            json!({"url": OFFER_URL, "offer_id": "o2"}),
+            "offer_id",
+        ),
+        (
+            "/api/affiliates/a1",
+            json!({"affiliate_id": "a2"}),
+            "affiliate_id",
+        ),
+        (
             "/api/affiliates/a1",
             json!({"postback_url": "not a url"}),
             "postback_url",
@@ -191,4 +201,73 @@ async fn bad_catalog_input_is_a_400_naming_the_field() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+/// What a `GET` answers, edited and put back, is accepted as it is: its id,
+/// `created_at` and `updated_at` are read-only and ignored, the masked secrets
+/// kept, and every other field reads back as it was.
+#[tokio::test]
+async fn an_entity_read_edited_and_put_back_keeps_everything_else() {
+    let sys = System::start().await;
+    let get = |path: &'static str| {
+        let req = sys.http.get(sys.click_url(path)).bearer_auth("admin");
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    sys.put_offer(
+        "o1",
+        json!({"name": "Shop", "url": OFFER_URL, "payout": "1.5", "revenue": "3", "currency": "EUR",
+               "attribution_window_hours": 48, "fallback_url": "https://fb.example/",
+               "postback_url": "https://adv.example/pb?c={click_id}", "dedup": "unique_txid",
+               "goals": [{"id": "sale", "payout": "2"}, {"id": "lead", "dedup": "all"}],
+               "status_map": {"paid": "approved"}, "min_ctit_seconds": 5,
+               "timezone": "Europe/Berlin", "caps": {"daily_conversions": 7},
+               "security": {"token": "s3cret", "hmac_secret": "k3y", "allowed_ips": ["10.0.0.0/8"]}}),
+    )
+    .await;
+    sys.put_affiliate(
+        "a1",
+        json!({"name": "Aff", "postback_url": "https://aff.example/pb?c={click_id}",
+               "postback_statuses": ["approved", "reversed"]}),
+    )
+    .await;
+    for (path, field) in [
+        ("/api/offers/o1", "offer_id"),
+        ("/api/affiliates/a1", "affiliate_id"),
+    ] {
+        let before = get(path).await;
+        let mut edited = before.clone();
+        edited["name"] = json!("Renamed");
+        let (status, answer) = sys.put(path, edited).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+        let after = get(path).await;
+        assert_eq!(after, answer, "{path}: the answer is what GET shows");
+        assert_eq!(after[field], before[field]);
+        assert_eq!(after["created_at"], before["created_at"]);
+        let unchanged = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            for f in ["name", "updated_at"] {
+                v.as_object_mut().unwrap().remove(f);
+            }
+            v
+        };
+        assert_eq!(
+            unchanged(&after),
+            unchanged(&before),
+            "{path}: only the name changed"
+        );
+        assert_eq!(after["name"], "Renamed");
+    }
+    let security = &get("/api/offers/o1").await["security"];
+    assert_eq!(
+        (&security["token"], &security["hmac_secret"]),
+        (&json!("********"), &json!("********")),
+        "the secrets are still set"
+    );
 }

@@ -135,13 +135,14 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     common::auth::require_bearer(headers, &state.admin_token)
 }
 
-/// Publishes a catalog event and waits for the local projection to apply it.
+/// Publishes a catalog event and waits (up to 2 s) for the local projection
+/// to apply it: whether it did.
 async fn publish_catalog(
     state: &AppState,
     subject: String,
     payload: Vec<u8>,
     event_id: &str,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let seq = common::nats::publish(
         &state.js,
         subject,
@@ -152,8 +153,22 @@ async fn publish_catalog(
     .await
     .map_err(ApiError::Unavailable)?;
     let mut status = state.catalog_status.clone();
-    common::fold::wait_applied(&mut status, seq, Duration::from_secs(2)).await;
-    Ok(())
+    Ok(common::fold::wait_applied(&mut status, seq, Duration::from_secs(2)).await)
+}
+
+/// What a `PUT` answers: the projection's entity once it applied the event;
+/// before (a fold slower than the wait), the event applied to what was
+/// there, not the entity as it was before the `PUT`.
+fn answer<T: Clone>(
+    applied: bool,
+    now: Option<Arc<T>>,
+    prev: Option<Arc<T>>,
+    apply: impl FnOnce(Option<T>) -> T,
+) -> T {
+    match now {
+        Some(now) if applied => Arc::unwrap_or_clone(now),
+        _ => apply(prev.map(Arc::unwrap_or_clone)),
+    }
 }
 
 pub(super) async fn put_offer(
@@ -171,11 +186,11 @@ pub(super) async fn put_offer(
     event.event_id = uuid::Uuid::now_v7().to_string();
     event.occurred_at_ms = common::time::now_ms();
     let subject = proto::subject::offer(&offer_id);
-    publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
-    let offer = state
-        .catalog
-        .offer(&offer_id)?
-        .map_or_else(|| catalog::apply_offer(None, &event), Arc::unwrap_or_clone);
+    let applied = publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
+    let now = state.catalog.offer(&offer_id)?;
+    let offer = answer(applied, now, current, |prev| {
+        catalog::apply_offer(prev, &event)
+    });
     let code = if existed {
         StatusCode::OK
     } else {
@@ -220,15 +235,16 @@ pub(super) async fn put_affiliate(
     authorize(&state, &headers)?;
     check_id("affiliate_id", &affiliate_id)?;
     let mut event = affiliate_from_json(&affiliate_id, &body)?;
-    let existed = state.catalog.affiliate(&affiliate_id)?.is_some();
+    let current = state.catalog.affiliate(&affiliate_id)?;
+    let existed = current.is_some();
     event.event_id = uuid::Uuid::now_v7().to_string();
     event.occurred_at_ms = common::time::now_ms();
     let subject = proto::subject::affiliate(&affiliate_id);
-    publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
-    let affiliate = state.catalog.affiliate(&affiliate_id)?.map_or_else(
-        || catalog::apply_affiliate(None, &event),
-        Arc::unwrap_or_clone,
-    );
+    let applied = publish_catalog(&state, subject, event.encode_to_vec(), &event.event_id).await?;
+    let now = state.catalog.affiliate(&affiliate_id)?;
+    let affiliate = answer(applied, now, current, |prev| {
+        catalog::apply_affiliate(prev, &event)
+    });
     let code = if existed {
         StatusCode::OK
     } else {
@@ -262,4 +278,26 @@ pub(super) async fn list_affiliates(
             .map(Into::into)
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_put_answers_what_it_wrote_even_before_the_projection_has_it() {
+        let (prev, now) = (Some(Arc::new(1)), Some(Arc::new(5)));
+        let add_ten = |p: Option<i32>| p.unwrap_or(0) + 10;
+        assert_eq!(
+            answer(true, now.clone(), prev.clone(), add_ten),
+            5,
+            "applied: as folded"
+        );
+        assert_eq!(
+            answer(false, now, prev, add_ten),
+            11,
+            "not yet applied: the event on what was there, not the old entity"
+        );
+        assert_eq!(answer(false, None, None, add_ten), 10, "a new entity");
+    }
 }
