@@ -22,7 +22,11 @@ async fn click_redirects_with_macros_then_postback_is_attributed_everywhere() {
         .get(sys.click_url(
             "/c/o1?aff=a1&sub1=x%20y&sub2=b%26c&sub3=3&sub4=4&sub5=5&source=fb&aff_click_id=AC-9",
         ))
-        .header("user-agent", "test-agent/1")
+        // Raw UTF-8, as some in-app browsers send their device's name.
+        .header(
+            "user-agent",
+            reqwest::header::HeaderValue::from_bytes("test-agent/1 (Ünï)".as_bytes()).unwrap(),
+        )
         .header("referer", "https://pub.example/page")
         .send()
         .await
@@ -83,7 +87,7 @@ async fn click_redirects_with_macros_then_postback_is_attributed_everywhere() {
     let (status, click) = sys.api(&format!("/api/clicks/{click_id}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(click["click"]["sub1"], "x y");
-    assert_eq!(click["click"]["user_agent"], "test-agent/1");
+    assert_eq!(click["click"]["user_agent"], "test-agent/1 (Ünï)");
     assert_eq!(click["click"]["referer"], "https://pub.example/page");
     assert_eq!(click["click"]["ip"], "127.0.0.1");
     assert_eq!(click["click"]["disposition"], "landing");

@@ -67,11 +67,15 @@ pub(super) async fn record_click(
 
     let click_id = uuid::Uuid::now_v7().to_string();
     let location = click::landing_url(template, &click_id, &offer_id, &params);
+    // Not `to_str`, which refuses any byte past ASCII: a user agent with a
+    // device name in UTF-8 is kept (bytes not UTF-8 become U+FFFD), not
+    // recorded empty, which would count every such visitor behind one IP as
+    // one unique visitor.
     let header_text = |name| {
         headers
             .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .unwrap_or_default()
             .chars()
             .take(1024)
             .collect()
