@@ -227,24 +227,64 @@ async fn alone(
 }
 
 /// Publishes (or spools) one message and answers each of its clicks. A batch
-/// the outbox has no room for (it counts each click) is tried click by click,
-/// so the clicks that fit are kept and only the rest are refused.
+/// the outbox has no room for (it counts each click) keeps the clicks that
+/// fit, and only the rest are refused:
+/// - never sent ([`OutboxError::Full`]): tried click by click, each as the
+///   message it would have been alone;
+/// - sent and not acked in time ([`OutboxError::FullAfterTimeout`]): it may
+///   still reach the log, so its clicks must not go again under other
+///   `Nats-Msg-Id`s, where each would be in the log twice. The first clicks
+///   that fit are spooled as a batch under the batch's own id: JetStream
+///   drops it as a duplicate if the batch did land, and records those clicks
+///   if it did not ([`keep_what_fits`]).
 async fn commit(js: &Context, outbox: &Outbox, mut batch: Vec<Pending>, deadline: Duration) {
     let (subject, msg_id, payload) = message(&mut batch);
     tracing::trace!(clicks = batch.len(), bytes = payload.len(), "click message");
     let durable = outbox
         .publish_or_spool(js, subject, &msg_id, payload, deadline, Order::Independent)
         .await;
-    if matches!(durable, Err(OutboxError::Full(_))) && batch.len() > 1 {
-        for pending in batch {
-            let durable = alone(js, outbox, &pending.click_id, pending.payload, deadline).await;
-            // A request that went away meanwhile has nobody to answer.
-            let _ = pending.done.send(durable);
+    match durable {
+        Err(OutboxError::Full(_)) if batch.len() > 1 => {
+            for pending in batch {
+                let durable = alone(js, outbox, &pending.click_id, pending.payload, deadline).await;
+                // A request that went away meanwhile has nobody to answer.
+                let _ = pending.done.send(durable);
+            }
         }
+        Err(error @ OutboxError::FullAfterTimeout(_)) if batch.len() > 1 => {
+            keep_what_fits(outbox, batch, &msg_id, error).await;
+        }
+        durable => answer(batch, durable.map_err(|e| RecordError::Outbox(Arc::new(e)))),
+    }
+}
+
+/// Spools as many of `batch`'s first clicks as the outbox has room for, as a
+/// batch under `msg_id` (the id of the message `batch` was sent as, which
+/// they share its first click with), and refuses the rest with `full`.
+async fn keep_what_fits(outbox: &Outbox, mut batch: Vec<Pending>, msg_id: &str, full: OutboxError) {
+    let full = RecordError::Outbox(Arc::new(full));
+    let room = usize::try_from(outbox.room()).unwrap_or(usize::MAX);
+    let refused = batch.split_off(room.min(batch.len()));
+    answer(refused, Err(full.clone()));
+    if batch.is_empty() {
         return;
     }
-    let durable = durable.map_err(|e| RecordError::Outbox(Arc::new(e)));
+    let clicks = batch.iter().map(|p| p.payload.clone()).collect();
+    let payload = ClicksRecorded { clicks }.encode_to_vec();
+    let subject = proto::subject::CLICKS_RECORDED_BATCH;
+    let kept = outbox
+        .spool(subject, msg_id, &payload, Order::Independent)
+        .await;
+    let durable = kept
+        .map(|()| Durable::Outbox)
+        .map_err(|e| RecordError::Outbox(Arc::new(e)));
+    answer(batch, durable);
+}
+
+/// Answers each click of `batch` with `durable`.
+fn answer(batch: Vec<Pending>, durable: Result<Durable, RecordError>) {
     for pending in batch {
+        // A request that went away meanwhile has nobody to answer.
         let _ = pending.done.send(durable.clone());
     }
 }
@@ -334,5 +374,38 @@ mod tests {
             .map(|c| c.into_owned())
             .collect();
         assert_eq!(clicks, [b"c1".to_vec(), b"c2".to_vec()], "in order");
+    }
+
+    #[tokio::test]
+    async fn a_batch_perhaps_in_the_log_keeps_its_first_clicks_that_fit_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 3).unwrap();
+        outbox
+            .spool("s", "earlier", b"x", Order::Independent)
+            .await
+            .unwrap();
+        let (batch, answers): (Vec<_>, Vec<_>) = ["c1", "c2", "c3", "c4"]
+            .into_iter()
+            .map(|id| waiting(id, 8))
+            .unzip();
+        let full = OutboxError::FullAfterTimeout(1);
+        keep_what_fits(&outbox, batch, "batch/c1", full).await;
+        let mut got = Vec::new();
+        for answer in answers {
+            got.push(match answer.await.unwrap() {
+                Ok(durable) => format!("{durable:?}"),
+                Err(error) => error.to_string(),
+            });
+        }
+        assert_eq!(
+            got,
+            [
+                "Outbox",
+                "Outbox",
+                "no ack in time, and the outbox holds 1 events, its limit",
+                "no ack in time, and the outbox holds 1 events, its limit",
+            ]
+        );
+        assert_eq!(outbox.depth(), 3, "two clicks, in one record, fill it");
     }
 }

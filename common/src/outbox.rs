@@ -31,6 +31,11 @@ use crate::nats::PublishError;
 pub enum OutboxError {
     #[error("the outbox holds {0} events, its limit")]
     Full(u64),
+    /// JetStream did not acknowledge in time and the outbox is full: the
+    /// event may still reach the log (its ack came late), so it must not be
+    /// sent again in another message.
+    #[error("no ack in time, and the outbox holds {0} events, its limit")]
+    FullAfterTimeout(u64),
     #[error("outbox storage")]
     Store(#[from] sled::Error),
 }
@@ -319,6 +324,11 @@ impl Outbox {
         self.inner.depth.load(Ordering::Relaxed)
     }
 
+    /// Events it could take now.
+    pub fn room(&self) -> u64 {
+        self.inner.max_entries.saturating_sub(self.depth())
+    }
+
     /// Depth, age of the oldest event, limit.
     pub fn status(&self) -> OutboxStatus {
         let now = crate::time::now_ms();
@@ -432,8 +442,11 @@ impl Outbox {
                 }
             }
         }
-        self.spool(subject, msg_id, &payload, order).await?;
-        Ok(Durable::Outbox)
+        match self.spool(subject, msg_id, &payload, order).await {
+            Ok(()) => Ok(Durable::Outbox),
+            Err(OutboxError::Full(depth)) if publish => Err(OutboxError::FullAfterTimeout(depth)),
+            Err(error) => Err(error),
+        }
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {

@@ -262,3 +262,61 @@ async fn clicks_arriving_together_fill_the_outbox_to_its_limit_not_short_of_it()
     let (_, body) = ready(sys, &sys.click_url("/readyz")).await;
     assert_eq!(body["outbox"]["depth"], 3, "{body}");
 }
+
+/// A batch published and not acked in time may still reach the log; with no
+/// room in the outbox its clicks are refused, not sent again one by one under
+/// their own ids, where JetStream would store each a second time.
+#[tokio::test]
+async fn a_batch_not_acked_in_time_is_never_sent_again_as_its_clicks() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.restart_click_with(|c| {
+        // No room at all: every click is published, none spooled.
+        c.ingest.outbox_max_entries = 0;
+        // One message in flight: what arrives meanwhile is one batch.
+        c.click_commits_in_flight = 1;
+    })
+    .await;
+    sys.nats.pause();
+    let sys = &sys;
+    let clicks =
+        (0..12).map(|i| async move { sys.click("o1", &format!("aff=a1&sub1={i}")).await.status() });
+    let statuses = futures::future::join_all(clicks).await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE),
+        "not acked, not spooled: {statuses:?}"
+    );
+    sys.nats.resume();
+    let js = sys.jetstream().await;
+    // What the paused server was sent reaches the log now: the lone first
+    // click and the batch of the rest, each once.
+    let logged = eventually(
+        "the messages sent reach the log",
+        Duration::from_secs(10),
+        || async {
+            let logged = clicks_in_log(&js).await;
+            (logged.len() >= 12).then_some(logged)
+        },
+    )
+    .await;
+    let batched = logged
+        .iter()
+        .filter(|(s, _)| s == proto::subject::CLICKS_RECORDED_BATCH)
+        .count();
+    assert!(
+        batched > 1,
+        "the test needs a batch: {batched} clicks in one"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids: Vec<_> = clicks_in_log(&js)
+        .await
+        .into_iter()
+        .map(|(_, c)| c.click_id)
+        .collect();
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "a click in the log twice");
+}

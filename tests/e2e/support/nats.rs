@@ -85,6 +85,28 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: the server holds its connections and answers nothing (what
+    /// it is sent waits in its sockets) until [`NatsServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: it reads and stores what it was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("nats-server running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "kill {signal} nats-server"
+        );
+    }
+
     /// Starts the server again on the same port with the same data.
     pub fn restart(&mut self) {
         self.kill();
