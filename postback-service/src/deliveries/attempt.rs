@@ -5,6 +5,9 @@ use std::time::{Duration, Instant};
 use super::policy::{classify, Class};
 use super::target::{check_url, GuardedResolver};
 
+/// Most redirects a delivery follows, when it follows any.
+const MAX_REDIRECTS: usize = 5;
+
 /// How much of a response body is kept.
 pub const BODY_LIMIT: usize = 512;
 
@@ -40,7 +43,9 @@ pub fn client(
     install_tls_provider();
     let redirect = if follow_redirects {
         reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 5 {
+            // `previous` starts with the first URL, not a redirect: the
+            // fifth redirect finds 5 there, and is followed.
+            if attempt.previous().len() > MAX_REDIRECTS {
                 attempt.error("refused: too many redirects")
             } else if let Err(why) = check_url(attempt.url().as_str(), allow_private) {
                 attempt.error(why)
@@ -152,5 +157,62 @@ pub async fn send(
         latency_ms: started.elapsed().as_millis() as u64,
         error,
         body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GET /r/{n}` redirects to `/r/{n - 1}`, `/r/0` answers 200.
+    async fn redirect_chain() -> std::net::SocketAddr {
+        use axum::{extract::Path, response::Redirect, routing::get, Router};
+        let app = Router::new().route(
+            "/r/{n}",
+            get(|Path(n): Path<u32>| async move {
+                match n {
+                    0 => Err("landed"),
+                    n => Ok(Redirect::temporary(&format!("/r/{}", n - 1))),
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn five_redirects_are_followed_and_a_sixth_fails_for_good() {
+        let addr = redirect_chain().await;
+        let follows = client(true, true).unwrap();
+        let tag = AttemptTag {
+            delivery_id: "d",
+            generation: 1,
+            attempt: 1,
+        };
+        let get = |hops: usize| {
+            let url = format!("http://{addr}/r/{hops}");
+            let follows = follows.clone();
+            async move { send(&follows, &url, tag, Duration::from_secs(5), true).await }
+        };
+        let five = get(MAX_REDIRECTS).await;
+        assert_eq!(
+            (five.status, five.body.as_slice()),
+            (Some(200), &b"landed"[..]),
+            "{five:?}"
+        );
+        let six = get(MAX_REDIRECTS + 1).await;
+        assert_eq!((six.class, six.status), (Class::Permanent, None), "{six:?}");
+        assert!(six.error.contains("too many redirects"), "{six:?}");
+        let none = send(
+            &client(true, false).unwrap(),
+            &format!("http://{addr}/r/1"),
+            tag,
+            Duration::from_secs(5),
+            true,
+        )
+        .await;
+        assert_eq!(none.status, Some(307), "not followed unless allowed");
     }
 }

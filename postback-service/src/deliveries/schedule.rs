@@ -97,8 +97,22 @@ impl Schedule {
     }
 
     /// A fresh run of attempts (generation `generation`) of a delivery the log
-    /// already knows, to the URL it recorded.
+    /// already knows, to the URL it recorded, telling the status its id is of
+    /// (the outcome does not carry it): a reversal retried stays a reversal,
+    /// and so waits for the approval scheduled before it.
     pub fn again(outcome: super::Outcome, generation: u32) -> Self {
+        use catalog::ConversionStatus::{Approved, Pending, Rejected};
+        let status = [Pending, Approved, Rejected]
+            .into_iter()
+            .find(|&status| {
+                let id = super::status_delivery_id(
+                    &outcome.conversion_id,
+                    &outcome.affiliate_id,
+                    status,
+                );
+                id == outcome.delivery_id
+            })
+            .map_or_else(approved, |status| status.name().to_owned());
         let target = Target {
             delivery_id: outcome.delivery_id,
             conversion_id: outcome.conversion_id,
@@ -106,7 +120,7 @@ impl Schedule {
             offer_id: outcome.offer_id,
             click_id: outcome.click_id,
             url: outcome.url,
-            status: approved(),
+            status,
         };
         Self::fresh(target, generation)
     }
@@ -381,6 +395,31 @@ mod tests {
         Schedule {
             next_at_ms,
             ..Schedule::fresh(target, 1)
+        }
+    }
+
+    #[test]
+    fn a_delivery_sent_again_tells_the_status_it_told_before() {
+        use catalog::ConversionStatus::{Approved, Pending, Rejected};
+        for status in [Pending, Approved, Rejected] {
+            let outcome = crate::deliveries::Outcome {
+                delivery_id: crate::deliveries::status_delivery_id("conv", "aff", status),
+                conversion_id: "conv".into(),
+                affiliate_id: "aff".into(),
+                offer_id: "o".into(),
+                click_id: "k".into(),
+                url: "http://x/".into(),
+                state: crate::deliveries::OutcomeState::Failed,
+                generation: 1,
+                attempts: 3,
+                status_code: 404,
+                latency_ms: None,
+                error: String::new(),
+                body: String::new(),
+                updated_at_ms: 0,
+                history: Vec::new(),
+            };
+            assert_eq!(Schedule::again(outcome, 2).status, status.name());
         }
     }
 
