@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::{eventually, System};
+use serde_json::json;
+
+use crate::support::{eventually, System, OFFER_URL};
 
 /// Sets `CLICKS`' max age, as an operator would on the running stream.
 async fn expire_clicks_after(sys: &System, max_age: Duration) {
@@ -105,4 +107,43 @@ async fn events_deleted_after_the_checkpoint_are_skipped_and_the_next_ones_folde
     assert_eq!(sys.decided(&kept).await["state"], "attributed");
     let gone = sys.postback_ok(&format!("click_id={}", clicks[0])).await;
     assert_eq!(sys.decided(&gone).await["reason"], "unknown_click");
+}
+
+/// A reversal months later, its click gone from the log and the projection:
+/// the offer's security is checked against the conversion's offer, so the
+/// advertiser's tokened chargeback counts (it was answered 200 and then
+/// ignored as unverified), and one without the token is refused at the door.
+#[tokio::test]
+async fn a_secured_reversal_after_its_click_expired_is_verified_by_its_conversion() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "payout": "2.50", "security": {"token": "s3cret"}}),
+    )
+    .await;
+    sys.wait_postback_sees_offer("o1", "2.50").await;
+    expire_clicks_after(&sys, Duration::from_secs(1)).await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let base = format!("click_id={click_id}&txid=T1");
+    let id = sys.postback_ok(&format!("{base}&token=s3cret")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    clicks_expired(&sys).await;
+    // A new instance: it never saw the click.
+    sys.wipe_postback().await;
+    assert_eq!(sys.decided(&id).await["status"], "approved");
+
+    let (status, body) = sys.postback(&format!("{base}&status=chargeback")).await;
+    assert_eq!(
+        (status.as_u16(), body["reason"].as_str()),
+        (401, Some("bad_token")),
+        "{body}"
+    );
+    sys.postback_ok(&format!("{base}&status=chargeback&token=s3cret"))
+        .await;
+    eventually("reversed", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+        (v["status"] == "rejected").then_some(())
+    })
+    .await;
 }

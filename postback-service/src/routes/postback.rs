@@ -139,9 +139,12 @@ fn too_many() -> ApiError {
 }
 
 /// Runs the offer's postback security, when the offer is known at the door: the
-/// click's offer, else the `offer_id` parameter. Returns the offer verified for
-/// (empty: none was checked; the decider rejects the conversion later if its
-/// offer turns out to require security).
+/// click's offer, else that of the conversion the postback reports again (a
+/// status report months later, its click gone from the projection: a CLICKS
+/// max age, a new instance), else the `offer_id` parameter. Returns the offer
+/// verified for (empty: none was checked; the decider rejects the conversion
+/// later if its offer turns out to require security, and ignores an
+/// unverified status report of a secured offer).
 async fn verify(
     state: &AppState,
     input: &PostbackInput,
@@ -151,11 +154,17 @@ async fn verify(
 ) -> Result<String, ApiError> {
     let offer_id = match click_at_door(state, &input.click_id).await? {
         Some(click) => click.offer_id,
-        None => pairs
-            .iter()
-            .find(|(k, _)| k == "offer_id")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
+        None => {
+            let id = crate::postback::conversion_id(&input.click_id, &input.goal, &input.txid);
+            match state.conversions.get(&id)? {
+                Some(known) if !known.offer_id.is_empty() => known.offer_id,
+                _ => pairs
+                    .iter()
+                    .find(|(k, _)| k == "offer_id")
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+            }
+        }
     };
     let Some(offer) = state.catalog.offer(&offer_id)? else {
         return Ok(String::new());
