@@ -10,6 +10,9 @@
 //! | `Refused` | 401, 403, 429 | `{"error": message, "reason": code}` |
 //! | `Unavailable` | 503 | `{"error": "event log unavailable, retry"}` (cause logged) |
 //! | `Internal` | 500 | `{"error": "internal error"}` (cause logged) |
+//!
+//! Errors made before a handler runs (axum's own, the request timeout's) get
+//! the same shape from [`json_errors`].
 
 use axum::{
     http::{header, StatusCode},
@@ -123,5 +126,99 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+/// Gives an error response that is not JSON (axum's own: an unknown route, a
+/// method not allowed, a path that is not UTF-8, a body over the limit; the
+/// request timeout's 503) the shape [`ApiError`] answers with: its text as
+/// `error`, and the part of the request it names as `field` for a 400 or 413.
+/// Everything else passes untouched, so a success costs a status check.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let body = match status {
+        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
+            // axum's path rejections say "Invalid URL"; its others are the body's.
+            let field = if message.starts_with("Invalid URL") {
+                "path"
+            } else {
+                "body"
+            };
+            json!({"error": message, "field": field})
+        }
+        _ => json!({"error": message}),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn mapped(status: StatusCode, body: &'static str) -> (StatusCode, serde_json::Value) {
+        let response = json_errors((status, body).into_response()).await;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn errors_made_outside_the_handlers_are_json_too() {
+        assert_eq!(
+            mapped(StatusCode::BAD_REQUEST, "Invalid URL: not UTF-8").await,
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "Invalid URL: not UTF-8", "field": "path"})
+            )
+        );
+        assert_eq!(
+            mapped(StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded")
+                .await
+                .1["field"],
+            "body"
+        );
+        assert_eq!(
+            mapped(StatusCode::METHOD_NOT_ALLOWED, "").await,
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method not allowed"})
+            )
+        );
+        let ok = json_errors((StatusCode::FOUND, "plain").into_response()).await;
+        assert_eq!(
+            ok.headers()[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8",
+            "success untouched"
+        );
+        let ours = ApiError::not_found("offer_id", "unknown offer").into_response();
+        let ours = json_errors(ours).await;
+        let bytes = axum::body::to_bytes(ours.into_body(), 4096).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            json!({"error": "unknown offer", "field": "offer_id"}),
+            "an ApiError untouched"
+        );
     }
 }

@@ -320,6 +320,9 @@ impl Base {
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 Duration::from_secs(10),
             ))
+            .layer(axum::middleware::map_response(
+                crate::api_error::json_errors,
+            ))
             .layer(TraceLayer::new_for_http());
         crate::http::serve(listener, app, stop, self.header_read_timeout).await;
         self.token.cancel();

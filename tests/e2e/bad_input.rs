@@ -111,6 +111,59 @@ async fn hostile_clicks_and_postbacks_get_4xx_naming_the_field() {
     );
 }
 
+/// What axum answers before any handler runs (a path that is not UTF-8, an
+/// unknown route, a method not allowed, a body over the limit) is JSON too.
+#[tokio::test]
+async fn errors_before_any_handler_are_json_naming_what_they_can() {
+    let sys = System::start().await;
+    sys.demo_catalog().await;
+    let big = vec![b'{'; 3 * 1024 * 1024];
+    let cases = [
+        (
+            sys.http.get(sys.click_url("/c/%FF?aff=a1")),
+            StatusCode::BAD_REQUEST,
+            Some("path"),
+        ),
+        (
+            sys.http.get(sys.click_url("/nowhere")),
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+        (
+            sys.http.get(sys.postback_url("/api/nowhere")),
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+        (
+            sys.http.delete(sys.click_url("/c/o1?aff=a1")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+        ),
+        (
+            sys.http
+                .put(sys.click_url("/api/offers/o1"))
+                .bearer_auth("admin")
+                .body(big),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("body"),
+        ),
+    ];
+    for (request, status, field) in cases {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), status);
+        let allow = r.headers().get("allow").cloned();
+        let body: Value = r.json().await.expect("a JSON body");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+        assert_eq!(body["field"].as_str(), field, "{status}: {body}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(allow.is_some(), "the Allow header is kept");
+        }
+    }
+}
+
 /// A client that opens a connection and never finishes its request head (a
 /// slowloris, a dead peer) is cut off at the header read timeout, on both
 /// services; meanwhile others are served, and it does not hold up a stop.
