@@ -40,7 +40,7 @@ pub fn open_db_with_cache(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled
         |path: &Path| open_waiting(&sled::Config::new().path(path).cache_capacity(cache_bytes));
     match open(&path) {
         Ok(db) => Ok(db),
-        Err(error @ sled::Error::Io(_)) if is_lock_error(&error) => Err(error),
+        Err(error) if is_environmental(&error) => Err(error),
         Err(error) => {
             let aside = dir.join(format!("projection.broken-{}", crate::time::now_ms()));
             tracing::error!(%error, moved_to = %aside.display(),
@@ -53,6 +53,26 @@ pub fn open_db_with_cache(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled
 
 fn is_lock_error(error: &sled::Error) -> bool {
     error.to_string().contains("lock")
+}
+
+/// An open that failed for the machine's sake, not the files': the lock held,
+/// a full disk or quota, no file descriptors or memory, no permission, a
+/// read-only file system. Moving the projection aside would not help, and
+/// would lose what only it holds (the delivery schedule, with its outcomes
+/// not yet published), so the start fails instead and the next one opens it.
+fn is_environmental(error: &sled::Error) -> bool {
+    // ENOMEM, EACCES, ENFILE, EMFILE, ENOSPC, EROFS, EDQUOT (Linux numbers).
+    const ENVIRONMENT: [i32; 7] = [12, 13, 23, 24, 28, 30, 122];
+    match error {
+        sled::Error::Io(io) => {
+            is_lock_error(error)
+                || io.kind() == std::io::ErrorKind::PermissionDenied
+                || io
+                    .raw_os_error()
+                    .is_some_and(|code| ENVIRONMENT.contains(&code))
+        }
+        _ => false,
+    }
 }
 
 /// Opens a sled database, waiting up to 2 s while its file lock is still held.
@@ -700,6 +720,21 @@ impl Sealed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_broken_files_move_a_projection_aside_not_a_full_disk() {
+        let io = |e: std::io::Error| sled::Error::Io(e);
+        for code in [28, 24, 13, 30] {
+            let error = io(std::io::Error::from_raw_os_error(code));
+            assert!(is_environmental(&error), "{error}");
+        }
+        let lock = io(std::io::Error::other("could not acquire lock on \"db\""));
+        assert!(is_environmental(&lock));
+        let torn = io(std::io::ErrorKind::UnexpectedEof.into());
+        assert!(!is_environmental(&torn), "a torn file is the files'");
+        let corrupt = sled::Error::Corruption { at: None, bt: () };
+        assert!(!is_environmental(&corrupt));
+    }
 
     /// A fold Tree `t` in a database of its own, which lives as long as the
     /// directory returned with it.

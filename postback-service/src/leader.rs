@@ -65,19 +65,26 @@ impl Led {
 }
 
 /// Waits until the fold behind `status` has applied the stream's last
-/// sequence as it is now. Gives up after 30 s with a warning: a fold whose
-/// next events expired from the stream never applies that sequence, and the
-/// decider checks the projection, not the log, anyway.
+/// sequence as it is now. Gives up after 30 s of waiting for the fold with a
+/// warning: a fold whose next events expired from the stream never applies
+/// that sequence, and the decider checks the projection, not the log, anyway.
+/// Until NATS says where the log ends it waits on: not knowing is no reason
+/// to decide or send (a JetStream hiccup at a handover used to use the 30 s up
+/// in about a second, and the dispatcher then started on a POSTBACKS fold
+/// that had not seen what the last leader delivered).
 async fn caught_up_with(js: &Context, stream: &str, mut status: watch::Receiver<FoldStatus>) {
-    for _ in 0..6 {
+    let mut waits = 0;
+    while waits < 6 {
         let last = match js.get_stream(stream).await {
             Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).ok(),
             Err(_) => None,
         };
         let Some(last) = last else {
+            tracing::debug!(stream, "taking the lease: asking again where the log ends");
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
+        waits += 1;
         if common::fold::wait_applied(&mut status, last, Duration::from_secs(5)).await {
             return;
         }
