@@ -92,30 +92,44 @@ pub struct Base {
 /// How long a start waits for NATS before it goes on without it.
 pub const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
 
-/// Ensures the streams once the client has connected, retrying until they
-/// are (a start during a NATS outage).
-async fn ensure_streams_once_connected(
+/// Ensures the streams at every connection after `seen` (the count of
+/// connections at the last time they were ensured), retrying until they are:
+/// a start during a NATS outage, and a NATS that came back without its data
+/// (no volume, a new server), whose streams would otherwise not exist until
+/// the services restart: every click and postback would go to the outbox, and
+/// every fold wait, while `/readyz` said ready.
+async fn ensure_streams_at_each_connection(
     js: async_nats::jetstream::Context,
     mut connected: watch::Receiver<u64>,
+    mut seen: u64,
     token: CancellationToken,
 ) {
-    tokio::select! {
-        () = token.cancelled() => return,
-        _ = connected.wait_for(|n| *n > 0) => {}
-    }
     loop {
-        match crate::nats::ensure_streams(&js).await {
-            Ok(()) => {
-                tracing::info!("connected to NATS; streams ready");
-                return;
-            }
-            Err(error) => {
-                tracing::error!(error = %crate::fold::error_chain(&error), "streams not ensured; retrying");
-            }
-        }
         tokio::select! {
             () = token.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            changed = connected.wait_for(|n| *n > seen) => match changed {
+                Ok(n) => seen = *n,
+                Err(_) => return, // the connection's task is gone: stopping
+            },
+        }
+        loop {
+            let ensured = tokio::select! {
+                () = token.cancelled() => return,
+                ensured = crate::nats::ensure_streams(&js) => ensured,
+            };
+            match ensured {
+                Ok(()) => {
+                    tracing::info!("connected to NATS; streams ready");
+                    break;
+                }
+                Err(error) => {
+                    tracing::error!(error = %crate::fold::error_chain(&error), "streams not ensured; retrying");
+                }
+            }
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 }
@@ -169,14 +183,20 @@ impl Base {
         let first = tokio::time::timeout(FIRST_CONNECT_WAIT, connected.wait_for(|n| *n > 0))
             .await
             .is_ok_and(|seen| seen.is_ok());
+        // The connections the streams were ensured at (none yet).
+        let mut seen = 0;
         let ensured = if first {
             tracing::info!(
                 url = nats_url,
                 ms = started.elapsed().as_millis(),
                 "connected to NATS"
             );
+            let at = *connected.borrow();
             match crate::nats::ensure_streams(&base.js).await {
-                Ok(()) => true,
+                Ok(()) => {
+                    seen = at;
+                    true
+                }
                 // No answer in time (a loaded server, a connection lost
                 // meanwhile) is no refusal: go on as when NATS is away.
                 Err(error) if error.is_transient() => {
@@ -196,10 +216,9 @@ impl Base {
         };
         if ensured {
             tracing::info!(ms = started.elapsed().as_millis(), "streams ready");
-        } else {
-            let js = base.js.clone();
-            base.spawn(|token| ensure_streams_once_connected(js, connected, token));
         }
+        let js = base.js.clone();
+        base.spawn(|token| ensure_streams_at_each_connection(js, connected, seen, token));
         Ok(base)
     }
 

@@ -320,3 +320,40 @@ async fn a_batch_not_acked_in_time_is_never_sent_again_as_its_clicks() {
     ids.dedup();
     assert_eq!(ids.len(), all, "a click in the log twice");
 }
+
+/// NATS back without its data (no volume, a new server): the services make
+/// the streams again at once, without a restart of their own, and take clicks
+/// and postbacks into the new log. The catalog went with the log, so the
+/// operator puts it again.
+#[tokio::test]
+async fn nats_back_without_its_data_gets_its_streams_again() {
+    let mut sys = System::start().await;
+    sys.demo_catalog().await;
+    sys.click_ok("o1", "aff=a1").await;
+    sys.nats.restart_empty();
+    let js = sys.jetstream().await;
+    eventually(
+        "the streams made again",
+        Duration::from_secs(15),
+        || async {
+            for stream in ["CATALOG", "CLICKS", "CONVERSIONS", "POSTBACKS"] {
+                js.get_stream(stream).await.ok()?;
+            }
+            Some(())
+        },
+    )
+    .await;
+    sys.demo_catalog().await;
+    let sys = &sys;
+    let click_id = eventually("a click recorded", Duration::from_secs(15), || async {
+        let r = sys.click("o1", "aff=a1").await;
+        (r.status() == StatusCode::FOUND).then(|| {
+            let location = r.headers()["location"].to_str().unwrap();
+            crate::support::app::click_id_in(location).unwrap()
+        })
+    })
+    .await;
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    drained_and_ready(sys).await;
+}

@@ -85,6 +85,23 @@ impl NatsServer {
         }
     }
 
+    /// Starts the server again on the same port with no data: a server
+    /// without a volume, or a new one.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("js"));
+        let port = self.port();
+        self.spawn(&port);
+    }
+
+    fn port(&self) -> String {
+        self.url
+            .rsplit(':')
+            .next()
+            .expect("url has a port")
+            .to_owned()
+    }
+
     /// SIGSTOP: the server holds its connections and answers nothing (what
     /// it is sent waits in its sockets) until [`NatsServer::resume`].
     pub fn pause(&self) {
@@ -110,12 +127,7 @@ impl NatsServer {
     /// Starts the server again on the same port with the same data.
     pub fn restart(&mut self) {
         self.kill();
-        let port = self
-            .url
-            .rsplit(':')
-            .next()
-            .expect("url has a port")
-            .to_owned();
+        let port = self.port();
         self.spawn(&port);
     }
 }
