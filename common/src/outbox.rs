@@ -125,6 +125,29 @@ impl Waiting {
     }
 }
 
+/// How many of the first waiting events (their outbox `keys`, in order) one
+/// drain round sends before it awaits any ack: up to the first that must
+/// follow an earlier one of the round (the same conversion's, or any after a
+/// [`Order::Keep`] event, which itself goes only first). Events in flight
+/// together reach the log in the order sent unless the connection drops with
+/// the first written and lost while the next, still in the client's buffer,
+/// goes out on the new one: a status report must never be in flight with the
+/// report it follows.
+fn pipelined<'k>(keys: impl IntoIterator<Item = &'k [u8]>) -> usize {
+    let mut keyed = std::collections::HashSet::new();
+    let (mut barrier, mut n) = (false, 0);
+    for key in keys {
+        match key.get(8..) {
+            None | Some([]) if n > 0 => break,
+            None | Some([]) => barrier = true,
+            Some([b'k', k @ ..]) if barrier || !keyed.insert(k) => break,
+            Some(_) => {}
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Publish directly when nothing waits; otherwise only an event that need not
 /// follow the waiting ones, and only while JetStream acknowledges (so an
 /// outage does not cost every request the ack deadline before it is spooled).
@@ -547,7 +570,8 @@ impl Outbox {
     /// Publishes waiting events in order, pipelined; removes each once acked.
     /// Returns how many were published.
     async fn drain_once(&self, js: &Context, timeout: Duration) -> Result<usize, PublishError> {
-        let batch = self.first(256);
+        let mut batch = self.first(256);
+        batch.truncate(pipelined(batch.iter().map(|(key, _)| key.as_ref())));
         let mut acks = Vec::with_capacity(batch.len());
         for (key, record) in &batch {
             let ack = crate::nats::send(
@@ -704,6 +728,36 @@ mod tests {
         w.count(conv_a, false);
         assert_eq!(route(Order::PerKey("A"), 1, true, &w), Route::Publish);
         assert!(w.by_key.is_empty(), "forgotten keys leave nothing behind");
+    }
+
+    #[test]
+    fn a_drain_round_never_has_two_events_of_one_conversion_in_flight() {
+        let key = |seq: u8, order: Order<'_>| {
+            [&[0, 0, 0, 0, 0, 0, 0, seq][..], &order_suffix(order)].concat()
+        };
+        let (a, b) = (Order::PerKey("A"), Order::PerKey("B"));
+        let round = |orders: &[Order<'_>]| {
+            let keys: Vec<Vec<u8>> = (1..).zip(orders).map(|(i, o)| key(i, *o)).collect();
+            pipelined(keys.iter().map(Vec::as_slice))
+        };
+        let i = Order::Independent;
+        assert_eq!(
+            round(&[a, i, a, b]),
+            2,
+            "the second of A waits for the first's ack"
+        );
+        assert_eq!(round(&[a, b, i, i]), 4);
+        assert_eq!(
+            round(&[Order::Keep, i, a]),
+            2,
+            "keyed events wait for a barrier's ack"
+        );
+        assert_eq!(
+            round(&[i, Order::Keep, i]),
+            1,
+            "a barrier goes first or not at all"
+        );
+        assert_eq!(round(&[]), 0);
     }
 
     #[tokio::test]
