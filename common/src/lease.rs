@@ -255,13 +255,14 @@ async fn bucket(js: &Context, ttl: Duration) -> Result<(kv::Store, Duration), as
         Ok(store) => store,
         Err(_) => create_bucket(js, ttl).await?,
     };
-    match ttl_of(&store).await {
-        Some(current) if current < ttl => {
-            raise_ttl(js, ttl).await?;
-            Ok((store, ttl))
-        }
-        Some(current) => Ok((store, current)),
-        None => Ok((store, ttl)),
+    // No max age at all (a bucket made by hand without a TTL) is the shortest
+    // there is: its entries never expire, so a crashed holder's would stay.
+    let current = store.status().await?.max_age();
+    if current.is_zero() || current < ttl {
+        raise_ttl(js, ttl).await?;
+        Ok((store, ttl))
+    } else {
+        Ok((store, current))
     }
 }
 
@@ -383,12 +384,6 @@ async fn try_acquire(js: &Context, config: &LeaseConfig) -> Result<Attempt, asyn
         if live { leader } else { String::new() },
         ttl,
     ))
-}
-
-/// The bucket's max age (zero, were it created without one, means ours).
-async fn ttl_of(store: &kv::Store) -> Option<Duration> {
-    let ttl = store.status().await.ok()?.max_age();
-    (!ttl.is_zero()).then_some(ttl)
 }
 
 /// Renews the lease every `ttl / 4`, extending `tenure` with each renewal,

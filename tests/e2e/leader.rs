@@ -152,6 +152,17 @@ async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_o
 
 #[tokio::test]
 async fn a_lease_left_by_a_crashed_holder_is_taken_once_it_expires() {
+    crashed_holder_replaced(false).await;
+}
+
+/// A bucket made by hand without a max age, whose entries would never expire:
+/// the service gives it its lease's.
+#[tokio::test]
+async fn a_lease_bucket_without_a_max_age_gets_one_and_a_crashed_holder_is_replaced() {
+    crashed_holder_replaced(true).await;
+}
+
+async fn crashed_holder_replaced(no_max_age: bool) {
     // 6 s: long enough that the restart below is standing by before the
     // foreign entry expires.
     let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 6_000).await;
@@ -162,6 +173,12 @@ async fn a_lease_left_by_a_crashed_holder_is_taken_once_it_expires() {
     // Another holder that crashed: its entry stays until the bucket's max age
     // (this test's 6 s) ends it.
     let js = sys.jetstream().await;
+    if no_max_age {
+        let mut stream = js.get_stream("KV_leases").await.expect("the leases stream");
+        let mut config = stream.info().await.expect("stream info").config.clone();
+        config.max_age = Duration::ZERO;
+        js.update_stream(config).await.expect("max age removed");
+    }
     let kv = js.get_key_value("leases").await.expect("the leases bucket");
     kv.create("postback-service", "crashed-instance".into())
         .await
