@@ -99,6 +99,11 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 }
 
 /// The rows' format ([`Fold::format`]).
+/// - 9: the same rows, folded otherwise: a status decision folds once (a copy
+///   published again finds its queued update gone), leaves a conversion
+///   reopened since as it is, and a partner's report repeating the word last
+///   decided is queued for the status rules (an unverified HTTP report may
+///   have told that word, and moved nothing).
 /// - 8: the same rows, folded otherwise: a verified report takes the place of
 ///   an unverified one still pending, a status word reported before the
 ///   decision no longer replaces the report's, and the view's word is the one
@@ -124,7 +129,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// [`ReportRow`]'s fields (or to the types inside them) needs a new format,
 /// which `tests::a_packed_view_keeps_its_shape` and
 /// `tests::a_packed_report_row_keeps_its_shape` enforce.
-const FORMAT: u32 = 8;
+const FORMAT: u32 = 9;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -402,14 +407,16 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             }
             ReReport::Same => {
                 // A new status word waits for the decider in the status queue;
-                // so does a verified report (its word may be one an unverified
-                // report already told, which moved nothing on a secured offer).
+                // so does a verified or a partner's (trusted) report: its word
+                // may be one an unverified report already told, which moved
+                // nothing on a secured offer.
                 // The view keeps the word last decided: an undecided
                 // conversion is decided with its report's, and a later one
                 // goes through the status rules once it is, never in place of
                 // the first (see `apply_status_updated`).
                 if view.advertiser_status != known.advertiser_status
                     || !view.verified_offer_id.is_empty()
+                    || view.origin != "http"
                 {
                     let update = StatusUpdate {
                         conversion_id: known.conversion_id.clone(),
@@ -588,11 +595,22 @@ fn apply_status_updated(
     e: &ConversionStatusUpdated,
     seq: u64,
 ) -> Result<(), sled::Error> {
-    staged.remove(status_queue_key(e.update_seq));
+    // Decided once: the same decision published again (past JetStream's
+    // duplicate window) finds its update gone, and moves nothing twice.
+    let queued = status_queue_key(e.update_seq);
+    if !staged.contains(&queued)? {
+        return Ok(());
+    }
+    staged.remove(queued);
     let key = view_key(&e.conversion_id);
     let Some(mut view) = staged.get_packed::<ConversionView>(&key)? else {
         return Ok(());
     };
+    // Pending again since (a verified report reopened it): it is decided with
+    // that report's word, not one decided against what it was.
+    if view.state == ConversionState::Pending {
+        return Ok(());
+    }
     // The word last decided, whether it moved the conversion or not.
     let new_word = view.advertiser_status != e.advertiser_status;
     if new_word {
@@ -1256,6 +1274,123 @@ mod tests {
         assert!(h.reads().status_queue().next().is_none());
     }
 
+    /// A status decision of the update queued at `update_seq`.
+    fn status_decision(
+        id: &str,
+        update_seq: u64,
+        word: &str,
+        move_to: Option<(ConversionStatus, ConversionStatus)>,
+    ) -> Vec<u8> {
+        let (from, to) =
+            move_to.unwrap_or((ConversionStatus::Approved, ConversionStatus::Approved));
+        ConversionStatusUpdated {
+            conversion_id: id.into(),
+            advertiser_status: word.into(),
+            update_seq,
+            changed: move_to.is_some(),
+            from: super::super::view::status_to_proto(from) as i32,
+            to: super::super::view::status_to_proto(to) as i32,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_status_decision_published_again_late_moves_nothing_twice() {
+        use ConversionStatus::{Approved, Rejected};
+        let mut h = Harness::new();
+        let id = h.report(""); // 1
+        h.attribute(&id, 1_000_000); // 2
+        let again = |h: &mut Harness, word: &str| {
+            let e = ConversionReported {
+                click_id: CLICK.into(),
+                status: word.into(),
+                ..Default::default()
+            };
+            h.apply(proto::subject::CONVERSION_REPORTED, e.encode_to_vec());
+        };
+        again(&mut h, "chargeback"); // 3
+        let reversal = status_decision(&id, 3, "chargeback", Some((Approved, Rejected)));
+        h.apply(proto::subject::CONVERSION_STATUS_UPDATED, reversal.clone()); // 4
+        again(&mut h, "approved"); // 5
+        let approval = status_decision(&id, 5, "approved", Some((Rejected, Approved)));
+        h.apply(proto::subject::CONVERSION_STATUS_UPDATED, approval); // 6
+        assert_eq!(h.reads().get(&id).unwrap().unwrap().status, Some(Approved));
+        // The reversal's decision again, past JetStream's duplicate window.
+        h.apply(proto::subject::CONVERSION_STATUS_UPDATED, reversal);
+        let view = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (view.status, view.status_history.len()),
+            (Some(Approved), 2),
+            "{view:?}"
+        );
+    }
+
+    #[test]
+    fn a_status_decision_leaves_a_conversion_reopened_since_as_it_is() {
+        let mut h = Harness::new();
+        let id = conversion_id(CLICK, "", "");
+        let report = |status, verified| http_report(status, verified).encode_to_vec();
+        h.apply(proto::subject::CONVERSION_REPORTED, report("", "")); // 1
+        h.apply(proto::subject::CONVERSION_REPORTED, report("xyz", "")); // 2: queued
+        let rejected = ConversionRejected {
+            conversion_id: id.clone(),
+            reason: RejectReason::Unauthenticated as i32,
+            reported_seq: 1,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            rejected.encode_to_vec(),
+        ); // 3
+        h.apply(proto::subject::CONVERSION_REPORTED, report("", "o1")); // 4: reopens
+                                                                        // The queued word, decided (ignored) against the rejection, folds late.
+        h.apply(
+            proto::subject::CONVERSION_STATUS_UPDATED,
+            status_decision(&id, 2, "xyz", None),
+        );
+        let view = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (
+                view.state,
+                view.advertiser_status.as_str(),
+                view.reported_seq
+            ),
+            (ConversionState::Pending, "", 4),
+            "decided as the verified report, with its word"
+        );
+    }
+
+    #[test]
+    fn a_partner_s_report_of_the_word_last_decided_still_goes_to_the_status_rules() {
+        let mut h = Harness::new();
+        let id = h.report(""); // 1, a partner's
+        h.attribute(&id, 1); // 2
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            http_report("chargeback", "").encode_to_vec(),
+        ); // 3
+           // Ignored: unverified, on a secured offer; the word is the last decided.
+        h.apply(
+            proto::subject::CONVERSION_STATUS_UPDATED,
+            status_decision(&id, 3, "chargeback", None),
+        );
+        assert!(h.reads().status_queue().next().is_none());
+        let partner = ConversionReported {
+            click_id: CLICK.into(),
+            status: "chargeback".into(),
+            origin: ConversionOrigin::Nats as i32,
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, partner.encode_to_vec()); // 5
+        let queued: Vec<(u64, String)> = h
+            .reads()
+            .status_queue()
+            .map(|r| r.map(|(seq, u)| (seq, u.origin)).unwrap())
+            .collect();
+        assert_eq!(queued, [(5, "nats".to_owned())]);
+    }
+
     #[test]
     fn a_malformed_report_is_listed_under_its_click_in_canonical_form() {
         let mut h = Harness::new();
@@ -1411,7 +1546,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (8, PACKED_VIEW),
+            (9, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));
@@ -1434,7 +1569,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (8, PACKED_REPORT_ROW),
+            (9, PACKED_REPORT_ROW),
             "see FORMAT's doc"
         );
         assert_eq!(common::store::unpack::<ReportRow>(&packed), Some(row));
