@@ -15,7 +15,7 @@ pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 /// 400 naming `what` (`query` or `body`) when longer than [`MAX_QUERY_BYTES`] for
 /// a query, or naming the parameter whose name or value is not UTF-8.
 pub fn parse(raw: &[u8], what: &str) -> Result<Vec<(String, String)>, ApiError> {
-    parse_with(raw, what, None)
+    parse_with(raw, what, Keep::All)
 }
 
 /// [`parse`], keeping only the first of each parameter named in `wanted`: the
@@ -30,14 +30,35 @@ pub fn parse_only(
     what: &str,
     wanted: &[&str],
 ) -> Result<Vec<(String, String)>, ApiError> {
-    parse_with(raw, what, Some(wanted))
+    parse_with(raw, what, Keep::FirstOf(wanted))
 }
 
-fn parse_with(
+/// [`parse`], where only the parameters named in `known` must be UTF-8: any
+/// other that is not (an advertiser platform's own parameter in Latin-1) is
+/// skipped, not refused. Every pair that is read is kept, repeats included.
+///
+/// # Errors
+/// As [`parse`], for the known parameters only.
+pub fn parse_known(
     raw: &[u8],
     what: &str,
-    wanted: Option<&[&str]>,
+    known: &[&str],
 ) -> Result<Vec<(String, String)>, ApiError> {
+    parse_with(raw, what, Keep::Readable(known))
+}
+
+/// Which pairs [`parse_with`] keeps.
+#[derive(Clone, Copy)]
+enum Keep<'a> {
+    /// Every pair; any that is not UTF-8 is refused.
+    All,
+    /// The first of each of these; the rest are skipped unread.
+    FirstOf(&'a [&'a str]),
+    /// Every pair that is UTF-8; one of these that is not is refused.
+    Readable(&'a [&'a str]),
+}
+
+fn parse_with(raw: &[u8], what: &str, keep: Keep<'_>) -> Result<Vec<(String, String)>, ApiError> {
     if what == "query" && raw.len() > MAX_QUERY_BYTES {
         return Err(ApiError::invalid(
             "query",
@@ -50,22 +71,27 @@ fn parse_with(
             Some(i) => (&part[..i], &part[i + 1..]),
             None => (part, &b""[..]),
         };
-        let key = match (decode(k), wanted) {
-            (Ok(key), Some(wanted))
+        let key = match (decode(k), keep) {
+            (Ok(key), Keep::FirstOf(wanted))
                 if !wanted.contains(&key.as_str()) || pairs.iter().any(|(k, _)| *k == key) =>
             {
                 continue
             }
             (Ok(key), _) => key,
-            (Err(_), Some(_)) => continue, // not one of the wanted names
-            (Err(_), None) => {
+            // Not one of the wanted or known names.
+            (Err(_), Keep::FirstOf(_) | Keep::Readable(_)) => continue,
+            (Err(_), Keep::All) => {
                 return Err(ApiError::invalid(
                     what,
                     "has a parameter name that is not UTF-8",
                 ))
             }
         };
-        let value = decode(v).map_err(|_| ApiError::invalid(key.clone(), "is not valid UTF-8"))?;
+        let value = match (decode(v), keep) {
+            (Ok(value), _) => value,
+            (Err(_), Keep::Readable(known)) if !known.contains(&key.as_str()) => continue,
+            (Err(_), _) => return Err(ApiError::invalid(key, "is not valid UTF-8")),
+        };
         pairs.push((key, value));
     }
     Ok(pairs)
@@ -113,6 +139,18 @@ mod tests {
             parse(&vec![b'a'; MAX_QUERY_BYTES + 1], "body").is_ok(),
             "bodies are bounded elsewhere"
         );
+    }
+
+    #[test]
+    fn only_known_parameters_must_be_utf8_and_every_readable_pair_is_kept() {
+        let known = ["goal", "txid"];
+        let pairs = parse_known(b"kw=caf%E9&%FF=1&goal=a&x=1&goal=b", "query", &known).unwrap();
+        let expected: Vec<(String, String)> = [("goal", "a"), ("x", "1"), ("goal", "b")]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        assert_eq!(pairs, expected);
+        assert_eq!(field(parse_known(b"txid=caf%E9", "body", &known)), "txid");
     }
 
     #[test]

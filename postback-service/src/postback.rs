@@ -54,6 +54,24 @@ pub struct PostbackInput {
 /// The parameter names accepted for the click id, in order of preference.
 pub const CLICK_ID_ALIASES: [&str; 4] = ["click_id", "cid", "subid", "transaction_id"];
 
+/// Every parameter a postback reads: the input's, then the offer's security
+/// ones. They must be UTF-8; any other parameter is ignored, whatever it holds.
+pub const PARAMETERS: [&str; 13] = [
+    "click_id",
+    "cid",
+    "subid",
+    "transaction_id",
+    "goal",
+    "amount",
+    "currency",
+    "txid",
+    "status",
+    "token",
+    "ts",
+    "sig",
+    "offer_id",
+];
+
 impl PostbackInput {
     /// Parses query and form pairs. Rules: unknown parameters are ignored; a known
     /// parameter given twice must carry the same value; empty values are absent.
@@ -64,20 +82,9 @@ impl PostbackInput {
     pub fn parse<'a>(
         pairs: impl IntoIterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
     ) -> Result<Self, ApiError> {
-        const KNOWN: [&str; 9] = [
-            "click_id",
-            "cid",
-            "subid",
-            "transaction_id",
-            "goal",
-            "amount",
-            "currency",
-            "txid",
-            "status",
-        ];
-        let mut values: [Option<String>; 9] = Default::default();
+        let mut values: [Option<String>; PARAMETERS.len()] = Default::default();
         for (key, value) in pairs {
-            let Some(slot) = KNOWN.iter().position(|k| *k == key) else {
+            let Some(slot) = PARAMETERS.iter().position(|k| *k == key) else {
                 continue;
             };
             let value = value.trim();
@@ -87,14 +94,16 @@ impl PostbackInput {
             match &values[slot] {
                 Some(prev) if prev != value => {
                     return Err(ApiError::invalid(
-                        KNOWN[slot],
+                        PARAMETERS[slot],
                         "given twice with different values",
                     ))
                 }
                 _ => values[slot] = Some(value.to_owned()),
             }
         }
-        let [cid0, cid1, cid2, cid3, goal, amount, currency, txid, status] = values;
+        // The security parameters are read by `security::check`; here only
+        // checked for conflicting repeats.
+        let [cid0, cid1, cid2, cid3, goal, amount, currency, txid, status, ..] = values;
         let status = status.unwrap_or_default().to_ascii_lowercase();
         if status.len() > 32 {
             return Err(ApiError::invalid("status", "is longer than 32 bytes"));

@@ -78,6 +78,11 @@ async fn hostile_clicks_and_postbacks_get_4xx_naming_the_field() {
             StatusCode::BAD_REQUEST,
             "query",
         ),
+        (
+            sys.postback_url(&format!("/postback?click_id={click_id}&token=a&token=b")),
+            StatusCode::BAD_REQUEST,
+            "token",
+        ),
     ];
     for (url, status, field) in cases {
         let r = sys.http.get(&url).send().await.unwrap();
@@ -100,9 +105,12 @@ async fn hostile_clicks_and_postbacks_get_4xx_naming_the_field() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "body");
-    // Unknown parameters are ignored, by rule.
+    // Unknown parameters are ignored, by rule, even when they are not UTF-8
+    // (an advertiser platform's own, in Latin-1).
     let id = sys
-        .postback_ok(&format!("click_id={click_id}&utm_source=x&foo=bar"))
+        .postback_ok(&format!(
+            "click_id={click_id}&utm_source=x&foo=bar&kw=caf%E9&%FF=1"
+        ))
         .await;
     assert_eq!(
         sys.decided(&id).await["state"],

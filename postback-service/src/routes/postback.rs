@@ -40,7 +40,8 @@ pub(super) async fn postback(
         _ => ApiError::invalid("body", rejection.body_text()),
     })?;
     let query = query.unwrap_or_default();
-    let mut pairs = common::params::parse(query.as_bytes(), "query")?;
+    let known = &crate::postback::PARAMETERS;
+    let mut pairs = common::params::parse_known(query.as_bytes(), "query", known)?;
     if method == Method::POST && !body.is_empty() {
         let content_type = headers
             .get(header::CONTENT_TYPE)
@@ -54,7 +55,7 @@ pub(super) async fn postback(
                 "send parameters as application/x-www-form-urlencoded or in the query string",
             ));
         }
-        pairs.extend(common::params::parse(&body, "body")?);
+        pairs.extend(common::params::parse_known(&body, "body", known)?);
     }
     let now = common::time::now_ms();
     let ip = common::client_ip::client_ip(peer.ip(), &headers, &state.trusted_proxy_header);
