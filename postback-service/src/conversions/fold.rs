@@ -1114,22 +1114,12 @@ mod tests {
     fn a_verified_report_opens_an_unauthenticated_rejection_again() {
         let mut h = Harness::new();
         let report = |verified| http_report("", verified);
-        let rejection = |reported_seq| ConversionRejected {
-            conversion_id: conversion_id(CLICK, "", ""),
-            offer_id: "o1".into(),
-            reason: RejectReason::Unauthenticated as i32,
-            reported_seq,
-            ..Default::default()
-        };
         h.apply(
             proto::subject::CONVERSION_REPORTED,
             report("").encode_to_vec(),
         );
         let id = conversion_id(CLICK, "", "");
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            rejection(1).encode_to_vec(),
-        );
+        h.apply(proto::subject::CONVERSION_REJECTED, unauthenticated(&id, 1));
         // Another unverified report changes nothing; a verified one reopens.
         h.apply(
             proto::subject::CONVERSION_REPORTED,
@@ -1154,10 +1144,7 @@ mod tests {
         );
         assert_eq!(h.reads().pending_ids().count(), 1);
         // The first report's rejection, re-published late, is not this one's.
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            rejection(1).encode_to_vec(),
-        );
+        h.apply(proto::subject::CONVERSION_REJECTED, unauthenticated(&id, 1));
         assert_eq!(
             h.reads().get(&id).unwrap().unwrap().state,
             ConversionState::Pending
@@ -1212,16 +1199,7 @@ mod tests {
         assert_eq!(pending, [2], "waiting once, as the verified report");
         // A decision of the unverified report, published before, is not this
         // one's.
-        let rejected = ConversionRejected {
-            conversion_id: id.clone(),
-            reason: RejectReason::Unauthenticated as i32,
-            reported_seq: 1,
-            ..Default::default()
-        };
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            rejected.encode_to_vec(),
-        );
+        h.apply(proto::subject::CONVERSION_REJECTED, unauthenticated(&id, 1));
         assert_eq!(
             h.reads().get(&id).unwrap().unwrap().state,
             ConversionState::Pending
@@ -1272,6 +1250,19 @@ mod tests {
             "aproved"
         );
         assert!(h.reads().status_queue().next().is_none());
+    }
+
+    /// The `unauthenticated` rejection of conversion `id` as reported at
+    /// `reported_seq`.
+    fn unauthenticated(id: &str, reported_seq: u64) -> Vec<u8> {
+        ConversionRejected {
+            conversion_id: id.into(),
+            offer_id: "o1".into(),
+            reason: RejectReason::Unauthenticated as i32,
+            reported_seq,
+            ..Default::default()
+        }
+        .encode_to_vec()
     }
 
     /// A status decision of the update queued at `update_seq`.
@@ -1333,16 +1324,7 @@ mod tests {
         let report = |status, verified| http_report(status, verified).encode_to_vec();
         h.apply(proto::subject::CONVERSION_REPORTED, report("", "")); // 1
         h.apply(proto::subject::CONVERSION_REPORTED, report("xyz", "")); // 2: queued
-        let rejected = ConversionRejected {
-            conversion_id: id.clone(),
-            reason: RejectReason::Unauthenticated as i32,
-            reported_seq: 1,
-            ..Default::default()
-        };
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            rejected.encode_to_vec(),
-        ); // 3
+        h.apply(proto::subject::CONVERSION_REJECTED, unauthenticated(&id, 1)); // 3
         h.apply(proto::subject::CONVERSION_REPORTED, report("", "o1")); // 4: reopens
                                                                         // The queued word, decided (ignored) against the rejection, folds late.
         h.apply(
