@@ -265,7 +265,7 @@ async fn keep_what_fits(outbox: &Outbox, mut batch: Vec<Pending>, msg_id: &str, 
     let full = RecordError::Outbox(Arc::new(full));
     let room = usize::try_from(outbox.room()).unwrap_or(usize::MAX);
     let refused = batch.split_off(room.min(batch.len()));
-    answer(refused, Err(full.clone()));
+    answer(refused, Err(full));
     if batch.is_empty() {
         return;
     }
