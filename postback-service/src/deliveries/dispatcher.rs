@@ -173,6 +173,13 @@ impl Dispatcher {
             OutcomeState::Delivered => return Err(RetryError::NotFailed("delivered")),
             OutcomeState::RetryRequested => return Err(RetryError::NotFailed("pending")),
         }
+        // Failed in the log, but its schedule is still here: the attempt that
+        // failed is still being recorded (its ack came late), and that will
+        // remove or rewrite the schedule under this id, the new generation's
+        // with it. Asked again a moment later, it is retried.
+        if inner.schedules.get(id)?.is_some() {
+            return Err(RetryError::NotFailed("pending"));
+        }
         let generation = outcome.generation + 1;
         let event = PostbackRetryRequested {
             event_id: uuid::Uuid::now_v7().to_string(),
@@ -197,7 +204,13 @@ impl Dispatcher {
         let mut status = inner.postbacks_status.clone();
         common::fold::wait_applied(&mut status, seq, Duration::from_secs(5)).await;
         let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);
-        inner.schedules.put(&schedule).await?;
+        // The retry is in the log: a schedule that cannot be written now is
+        // made again from it by the next rescan.
+        inner.schedules.put(&schedule).await.inspect_err(|_| {
+            inner
+                .recover
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        })?;
         inner.wake.notify_one();
         Ok(generation)
     }
@@ -719,5 +732,69 @@ pub async fn run_dispatcher(
     let run = dispatcher.inner.run;
     if let Err(error) = dispatcher.inner.schedules.release_reservations(run).await {
         tracing::warn!(%error, "attempt reservations not released; the next run skips those numbers");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hand_retry_waits_while_the_failure_is_still_being_recorded() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = |name: &str| db.open_tree(name).unwrap();
+        let config = crate::Config::for_tests("127.0.0.1:1", std::env::temp_dir());
+        // Never used: the retry is refused before anything is published.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        let schedules = ScheduleStore::new(
+            tree("dispatch"),
+            common::store::GroupFlush::new((*db).clone()),
+        );
+        let stores = DispatchStores {
+            conversions: Conversions::new(tree("conversions")),
+            clicks: Clicks::new(tree("clicks")),
+            outcomes: Outcomes::new(tree("postbacks")),
+            schedules: schedules.clone(),
+            postbacks_status: common::fold::status_channel("POSTBACKS").1,
+        };
+        let dispatcher = Dispatcher::new(
+            async_nats::jetstream::new(client),
+            stores,
+            config.dispatch(),
+        )
+        .unwrap();
+        let failed = super::super::Outcome {
+            delivery_id: "d1".into(),
+            conversion_id: "conv".into(),
+            affiliate_id: "aff".into(),
+            offer_id: "o".into(),
+            click_id: "k".into(),
+            url: "http://x/".into(),
+            state: OutcomeState::Failed,
+            generation: 1,
+            attempts: 1,
+            status_code: 410,
+            latency_ms: None,
+            error: String::new(),
+            body: String::new(),
+            updated_at_ms: 0,
+            history: Vec::new(),
+        };
+        tree("postbacks")
+            .insert(
+                super::super::outcome::outcome_key("d1"),
+                common::store::pack(&failed),
+            )
+            .unwrap();
+        // Its attempt's task has not yet removed the schedule (a late ack).
+        schedules.put(&Schedule::again(failed, 1)).await.unwrap();
+        assert!(matches!(
+            dispatcher.request_retry("d1").await,
+            Err(RetryError::NotFailed("pending"))
+        ));
     }
 }

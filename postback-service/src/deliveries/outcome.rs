@@ -145,7 +145,7 @@ pub fn apply_retry_requested(prev: Option<Outcome>, e: &PostbackRetryRequested) 
     Some(next)
 }
 
-fn outcome_key(delivery_id: &str) -> Vec<u8> {
+pub(super) fn outcome_key(delivery_id: &str) -> Vec<u8> {
     [b"o/", delivery_id.as_bytes()].concat()
 }
 
