@@ -767,23 +767,7 @@ mod tests {
             config.dispatch(),
         )
         .unwrap();
-        let failed = super::super::Outcome {
-            delivery_id: "d1".into(),
-            conversion_id: "conv".into(),
-            affiliate_id: "aff".into(),
-            offer_id: "o".into(),
-            click_id: "k".into(),
-            url: "http://x/".into(),
-            state: OutcomeState::Failed,
-            generation: 1,
-            attempts: 1,
-            status_code: 410,
-            latency_ms: None,
-            error: String::new(),
-            body: String::new(),
-            updated_at_ms: 0,
-            history: Vec::new(),
-        };
+        let failed = super::super::Outcome::failed_for_test("d1".into(), "conv", "aff");
         tree("postbacks")
             .insert(
                 super::super::outcome::outcome_key("d1"),

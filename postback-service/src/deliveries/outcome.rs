@@ -54,6 +54,34 @@ pub struct Outcome {
     pub history: Vec<HistoryEntry>,
 }
 
+#[cfg(test)]
+impl Outcome {
+    /// A delivery that failed after one attempt, for tests.
+    pub(crate) fn failed_for_test(
+        delivery_id: String,
+        conversion_id: &str,
+        affiliate_id: &str,
+    ) -> Self {
+        Self {
+            delivery_id,
+            conversion_id: conversion_id.into(),
+            affiliate_id: affiliate_id.into(),
+            offer_id: "o".into(),
+            click_id: "k".into(),
+            url: "http://x/".into(),
+            state: OutcomeState::Failed,
+            generation: 1,
+            attempts: 1,
+            status_code: 404,
+            latency_ms: None,
+            error: String::new(),
+            body: String::new(),
+            updated_at_ms: 0,
+            history: Vec::new(),
+        }
+    }
+}
+
 impl Outcome {
     fn entry(&self) -> HistoryEntry {
         HistoryEntry {

@@ -402,23 +402,8 @@ mod tests {
     fn a_delivery_sent_again_tells_the_status_it_told_before() {
         use catalog::ConversionStatus::{Approved, Pending, Rejected};
         for status in [Pending, Approved, Rejected] {
-            let outcome = crate::deliveries::Outcome {
-                delivery_id: crate::deliveries::status_delivery_id("conv", "aff", status),
-                conversion_id: "conv".into(),
-                affiliate_id: "aff".into(),
-                offer_id: "o".into(),
-                click_id: "k".into(),
-                url: "http://x/".into(),
-                state: crate::deliveries::OutcomeState::Failed,
-                generation: 1,
-                attempts: 3,
-                status_code: 404,
-                latency_ms: None,
-                error: String::new(),
-                body: String::new(),
-                updated_at_ms: 0,
-                history: Vec::new(),
-            };
+            let id = crate::deliveries::status_delivery_id("conv", "aff", status);
+            let outcome = crate::deliveries::Outcome::failed_for_test(id, "conv", "aff");
             assert_eq!(Schedule::again(outcome, 2).status, status.name());
         }
     }
