@@ -62,6 +62,14 @@ pub enum RetryError {
     NotFound,
     #[error("the delivery is {0}, not failed")]
     NotFailed(&'static str),
+    /// A later status of the same conversion was delivered to the affiliate:
+    /// this one told now would arrive after it (an approval after its
+    /// reversal), and an affiliate that applies them in arrival order would
+    /// undo it.
+    #[error(
+        "a later status of this conversion ({0}) was delivered; this one would arrive after it"
+    )]
+    Superseded(&'static str),
     #[error(transparent)]
     Publish(#[from] common::nats::PublishError),
     #[error("schedule storage")]
@@ -179,6 +187,19 @@ impl Dispatcher {
         // with it. Asked again a moment later, it is retried.
         if inner.schedules.get(id)?.is_some() {
             return Err(RetryError::NotFailed("pending"));
+        }
+        let told = super::status_of_delivery(id, &outcome.conversion_id, &outcome.affiliate_id);
+        let later = super::STATUS_ORDER
+            .into_iter()
+            .skip_while(|s| Some(*s) != told)
+            .skip(1);
+        for status in later {
+            let later_id =
+                super::status_delivery_id(&outcome.conversion_id, &outcome.affiliate_id, status);
+            let delivered = inner.outcomes.get(&later_id)?;
+            if delivered.is_some_and(|o| o.state == OutcomeState::Delivered) {
+                return Err(RetryError::Superseded(status.name()));
+            }
         }
         let generation = outcome.generation + 1;
         let event = PostbackRetryRequested {
@@ -738,47 +759,73 @@ pub async fn run_dispatcher(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use catalog::ConversionStatus::{Approved, Rejected};
 
-    #[tokio::test]
-    async fn a_hand_retry_waits_while_the_failure_is_still_being_recorded() {
+    /// A dispatcher over a database of its own, whose NATS is never reached
+    /// (the retries below are refused before anything is published), and the
+    /// outcomes Tree, to plant outcomes in.
+    async fn dispatcher() -> (Dispatcher, sled::Tree) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let tree = |name: &str| db.open_tree(name).unwrap();
         let config = crate::Config::for_tests("127.0.0.1:1", std::env::temp_dir());
-        // Never used: the retry is refused before anything is published.
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect("127.0.0.1:1")
             .await
             .unwrap();
-        let schedules = ScheduleStore::new(
-            tree("dispatch"),
-            common::store::GroupFlush::new((*db).clone()),
-        );
         let stores = DispatchStores {
             conversions: Conversions::new(tree("conversions")),
             clicks: Clicks::new(tree("clicks")),
             outcomes: Outcomes::new(tree("postbacks")),
-            schedules: schedules.clone(),
+            schedules: ScheduleStore::new(
+                tree("dispatch"),
+                common::store::GroupFlush::new((*db).clone()),
+            ),
             postbacks_status: common::fold::status_channel("POSTBACKS").1,
         };
-        let dispatcher = Dispatcher::new(
-            async_nats::jetstream::new(client),
-            stores,
-            config.dispatch(),
-        )
-        .unwrap();
-        let failed = super::super::Outcome::failed_for_test("d1".into(), "conv", "aff");
-        tree("postbacks")
-            .insert(
-                super::super::outcome::outcome_key("d1"),
-                common::store::pack(&failed),
-            )
-            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let dispatcher = Dispatcher::new(js, stores, config.dispatch()).unwrap();
+        (dispatcher, tree("postbacks"))
+    }
+
+    /// An outcome of the delivery of `status` of conversion `conv` to `aff`.
+    fn outcome(status: catalog::ConversionStatus, state: OutcomeState) -> super::super::Outcome {
+        let id = super::super::status_delivery_id("conv", "aff", status);
+        super::super::Outcome {
+            state,
+            ..super::super::Outcome::failed_for_test(id, "conv", "aff")
+        }
+    }
+
+    fn plant(outcomes: &sled::Tree, o: &super::super::Outcome) {
+        let key = super::super::outcome::outcome_key(&o.delivery_id);
+        outcomes.insert(key, common::store::pack(o)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hand_retry_waits_while_the_failure_is_still_being_recorded() {
+        let (dispatcher, outcomes) = dispatcher().await;
+        let failed = outcome(Approved, OutcomeState::Failed);
+        plant(&outcomes, &failed);
         // Its attempt's task has not yet removed the schedule (a late ack).
-        schedules.put(&Schedule::again(failed, 1)).await.unwrap();
+        let id = failed.delivery_id.clone();
+        let schedule = Schedule::again(failed, 1);
+        dispatcher.schedules().put(&schedule).await.unwrap();
         assert!(matches!(
-            dispatcher.request_retry("d1").await,
+            dispatcher.request_retry(&id).await,
             Err(RetryError::NotFailed("pending"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_approval_is_not_told_again_after_its_reversal_was() {
+        let (dispatcher, outcomes) = dispatcher().await;
+        let approval = outcome(Approved, OutcomeState::Failed);
+        plant(&outcomes, &approval);
+        plant(&outcomes, &outcome(Rejected, OutcomeState::Delivered));
+        assert!(matches!(
+            dispatcher.request_retry(&approval.delivery_id).await,
+            Err(RetryError::Superseded("rejected"))
         ));
     }
 }

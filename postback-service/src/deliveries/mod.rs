@@ -34,6 +34,26 @@ pub fn delivery_id(conversion_id: &str, affiliate_id: &str) -> String {
     .to_string()
 }
 
+/// Statuses in the order a conversion can be told them: a later one's
+/// delivery waits for an earlier one's.
+pub const STATUS_ORDER: [catalog::ConversionStatus; 3] = [
+    catalog::ConversionStatus::Pending,
+    catalog::ConversionStatus::Approved,
+    catalog::ConversionStatus::Rejected,
+];
+
+/// The status `delivery_id` tells of `conversion_id` to `affiliate_id`
+/// ([`status_delivery_id`] backwards); `None` for an id of no status.
+pub fn status_of_delivery(
+    delivery_id: &str,
+    conversion_id: &str,
+    affiliate_id: &str,
+) -> Option<catalog::ConversionStatus> {
+    STATUS_ORDER
+        .into_iter()
+        .find(|&status| status_delivery_id(conversion_id, affiliate_id, status) == delivery_id)
+}
+
 /// The id of the delivery of one status event of a conversion to one affiliate:
 /// the approval keeps [`delivery_id`]; other statuses get their own stable id.
 pub fn status_delivery_id(

@@ -101,18 +101,12 @@ impl Schedule {
     /// (the outcome does not carry it): a reversal retried stays a reversal,
     /// and so waits for the approval scheduled before it.
     pub fn again(outcome: super::Outcome, generation: u32) -> Self {
-        use catalog::ConversionStatus::{Approved, Pending, Rejected};
-        let status = [Pending, Approved, Rejected]
-            .into_iter()
-            .find(|&status| {
-                let id = super::status_delivery_id(
-                    &outcome.conversion_id,
-                    &outcome.affiliate_id,
-                    status,
-                );
-                id == outcome.delivery_id
-            })
-            .map_or_else(approved, |status| status.name().to_owned());
+        let status = super::status_of_delivery(
+            &outcome.delivery_id,
+            &outcome.conversion_id,
+            &outcome.affiliate_id,
+        )
+        .map_or_else(approved, |status| status.name().to_owned());
         let target = Target {
             delivery_id: outcome.delivery_id,
             conversion_id: outcome.conversion_id,
