@@ -327,7 +327,7 @@ impl Outbox {
                 "outbox holds events from before the restart; draining them"
             );
         }
-        Ok(Self {
+        let outbox = Self {
             inner: Arc::new(Inner {
                 durable: crate::store::GroupFlush::new(tree.clone()),
                 db,
@@ -339,7 +339,26 @@ impl Outbox {
                 max_entries,
                 wake: Notify::new(),
             }),
-        })
+        };
+        // A split a crash cut short is finished before anything is sent.
+        for row in outbox.inner.tree.iter() {
+            let (key, value) = row?;
+            if let Some(record) = Record::decode(&value) {
+                outbox.finish_split(&key, &record);
+            }
+        }
+        Ok(outbox)
+    }
+
+    /// Finishes the split of the batch of clicks at `key` if one began (a
+    /// storage error, or a crash, cut it short: some of its clicks are stored
+    /// right after it): sent as it is, the batch would put those clicks in
+    /// the log a second time, now that JetStream might take it (its limit
+    /// raised). Whether there was such a split.
+    fn finish_split(&self, key: &[u8], record: &Record) -> bool {
+        let begun = record.subject == proto::subject::CLICKS_RECORDED_BATCH
+            && self.inner.tree.scan_prefix(key).keys().nth(1).is_some();
+        begun && self.split_batch(key, record)
     }
 
     /// Events waiting.
@@ -571,6 +590,12 @@ impl Outbox {
     /// Returns how many were published.
     async fn drain_once(&self, js: &Context, timeout: Duration) -> Result<usize, PublishError> {
         let mut batch = self.first(256);
+        if batch
+            .iter()
+            .any(|(key, record)| self.finish_split(key, record))
+        {
+            return Ok(0); // its clicks are in line now: read the line again
+        }
         batch.truncate(pipelined(batch.iter().map(|(key, _)| key.as_ref())));
         let mut acks = Vec::with_capacity(batch.len());
         for (key, record) in &batch {
@@ -874,6 +899,25 @@ mod tests {
         outbox.flush().await; // as the drain does after each round
         drop(outbox);
         assert_eq!(Outbox::open(dir.path(), 10).unwrap().depth(), 3);
+
+        // A split cut short (one click stored, the batch still there), then a
+        // restart: the split is finished before anything is sent, so a batch
+        // JetStream would take by then never goes with its clicks.
+        {
+            let outbox = Outbox::open(dir.path(), 10).unwrap();
+            let second = [&key[..], &1u32.to_be_bytes()[..]].concat();
+            outbox.inner.tree.remove(second).unwrap();
+            outbox.inner.tree.insert(&key, record.encode()).unwrap();
+            outbox.inner.tree.flush().unwrap();
+        }
+        let reopened = Outbox::open(dir.path(), 10).unwrap();
+        let left: Vec<_> = reopened
+            .first(10)
+            .into_iter()
+            .map(|(_, r)| (r.subject, r.msg_id, r.payload))
+            .collect();
+        assert_eq!(left, expected, "each click once, the batch gone");
+        assert_eq!(reopened.depth(), 3);
     }
 
     #[tokio::test]
