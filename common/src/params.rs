@@ -1,5 +1,6 @@
-//! Strict parsing of query strings and form bodies: unlike a lossy parser, a
-//! value that is not UTF-8 after percent-decoding is refused, naming its field.
+//! Parsing of query strings and form bodies: unlike a lossy parser, a value
+//! of a parameter we read that is not UTF-8 after percent-decoding is refused,
+//! naming its field; any other parameter that is not UTF-8 is skipped.
 
 use percent_encoding::percent_decode;
 
@@ -9,56 +10,45 @@ use crate::ApiError;
 pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 
 /// Parses `application/x-www-form-urlencoded` text (a query string or a form
-/// body) into pairs, in order.
+/// body) into pairs, in order, keeping only the first of each parameter named
+/// in `wanted`: the others, and later copies of a wanted one, are skipped
+/// unread, so one that is not UTF-8 (an ad network's Latin-1 keyword,
+/// appended again) does not refuse the request.
 ///
 /// # Errors
-/// 400 naming `what` (`query` or `body`) when longer than [`MAX_QUERY_BYTES`] for
-/// a query, or naming the parameter whose name or value is not UTF-8.
-pub fn parse(raw: &[u8], what: &str) -> Result<Vec<(String, String)>, ApiError> {
-    parse_with(raw, what, Keep::All)
-}
-
-/// [`parse`], keeping only the first of each parameter named in `wanted`: the
-/// others, and later copies of a wanted one, are skipped unread, so one that is
-/// not UTF-8 (an ad network's Latin-1 keyword, appended again) does not refuse
-/// the request.
-///
-/// # Errors
-/// As [`parse`], for the wanted parameters only.
+/// 400 naming `what` (`query` or `body`) when longer than [`MAX_QUERY_BYTES`]
+/// for a query, or naming the wanted parameter whose value is not UTF-8.
 pub fn parse_only(
     raw: &[u8],
     what: &str,
     wanted: &[&str],
 ) -> Result<Vec<(String, String)>, ApiError> {
-    parse_with(raw, what, Keep::FirstOf(wanted))
+    parse_with(raw, what, wanted, true)
 }
 
-/// [`parse`], where only the parameters named in `known` must be UTF-8: any
-/// other that is not (an advertiser platform's own parameter in Latin-1) is
-/// skipped, not refused. Every pair that is read is kept, repeats included.
+/// Parses it into every pair that is UTF-8, in order, repeats included; only
+/// the parameters named in `known` must be: any other that is not (an
+/// advertiser platform's own parameter in Latin-1) is skipped, not refused.
 ///
 /// # Errors
-/// As [`parse`], for the known parameters only.
+/// As [`parse_only`], for the known parameters.
 pub fn parse_known(
     raw: &[u8],
     what: &str,
     known: &[&str],
 ) -> Result<Vec<(String, String)>, ApiError> {
-    parse_with(raw, what, Keep::Readable(known))
+    parse_with(raw, what, known, false)
 }
 
-/// Which pairs [`parse_with`] keeps.
-#[derive(Clone, Copy)]
-enum Keep<'a> {
-    /// Every pair; any that is not UTF-8 is refused.
-    All,
-    /// The first of each of these; the rest are skipped unread.
-    FirstOf(&'a [&'a str]),
-    /// Every pair that is UTF-8; one of these that is not is refused.
-    Readable(&'a [&'a str]),
-}
-
-fn parse_with(raw: &[u8], what: &str, keep: Keep<'_>) -> Result<Vec<(String, String)>, ApiError> {
+/// The pairs of `raw` whose name and value are UTF-8; a value of one of
+/// `names` that is not is a 400. With `first_only`, only the first of each
+/// of `names` is kept, the rest skipped unread.
+fn parse_with(
+    raw: &[u8],
+    what: &str,
+    names: &[&str],
+    first_only: bool,
+) -> Result<Vec<(String, String)>, ApiError> {
     if what == "query" && raw.len() > MAX_QUERY_BYTES {
         return Err(ApiError::invalid(
             "query",
@@ -71,26 +61,16 @@ fn parse_with(raw: &[u8], what: &str, keep: Keep<'_>) -> Result<Vec<(String, Str
             Some(i) => (&part[..i], &part[i + 1..]),
             None => (part, &b""[..]),
         };
-        let key = match (decode(k), keep) {
-            (Ok(key), Keep::FirstOf(wanted))
-                if !wanted.contains(&key.as_str()) || pairs.iter().any(|(k, _)| *k == key) =>
-            {
-                continue
-            }
-            (Ok(key), _) => key,
-            // Not one of the wanted or known names.
-            (Err(_), Keep::FirstOf(_) | Keep::Readable(_)) => continue,
-            (Err(_), Keep::All) => {
-                return Err(ApiError::invalid(
-                    what,
-                    "has a parameter name that is not UTF-8",
-                ))
-            }
-        };
-        let value = match (decode(v), keep) {
-            (Ok(value), _) => value,
-            (Err(_), Keep::Readable(known)) if !known.contains(&key.as_str()) => continue,
-            (Err(_), _) => return Err(ApiError::invalid(key, "is not valid UTF-8")),
+        // A name that is not UTF-8 is none of `names`.
+        let Ok(key) = decode(k) else { continue };
+        let named = names.contains(&key.as_str());
+        if first_only && (!named || pairs.iter().any(|(k, _)| *k == key)) {
+            continue;
+        }
+        let value = match decode(v) {
+            Ok(value) => value,
+            Err(_) if !named => continue,
+            Err(_) => return Err(ApiError::invalid(key, "is not valid UTF-8")),
         };
         pairs.push((key, value));
     }
@@ -118,7 +98,7 @@ mod tests {
 
     #[test]
     fn decodes_like_forms_do() {
-        let pairs = parse(b"a=1&b=x+y%26z&c&=e&&d=%C3%A9", "query").unwrap();
+        let pairs = parse_known(b"a=1&b=x+y%26z&c&=e&&d=%C3%A9", "query", &[]).unwrap();
         let expected: Vec<(String, String)> =
             [("a", "1"), ("b", "x y&z"), ("c", ""), ("", "e"), ("d", "é")]
                 .iter()
@@ -129,14 +109,14 @@ mod tests {
 
     #[test]
     fn invalid_utf8_and_oversize_are_named() {
-        assert_eq!(field(parse(b"goal=%FF%FE", "query")), "goal");
-        assert_eq!(field(parse(b"%FF=1", "body")), "body");
         assert_eq!(
-            field(parse(&vec![b'a'; MAX_QUERY_BYTES + 1], "query")),
-            "query"
+            field(parse_known(b"goal=%FF%FE", "query", &["goal"])),
+            "goal"
         );
+        let long = vec![b'a'; MAX_QUERY_BYTES + 1];
+        assert_eq!(field(parse_known(&long, "query", &[])), "query");
         assert!(
-            parse(&vec![b'a'; MAX_QUERY_BYTES + 1], "body").is_ok(),
+            parse_known(&long, "body", &[]).is_ok(),
             "bodies are bounded elsewhere"
         );
     }

@@ -156,7 +156,7 @@ pub async fn publish(
     let measure_from = started + warmup;
     let deadline = measure_from + duration;
     let mut measured_at: Option<(Instant, u64, u64, CpuWatch)> = None;
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     while Instant::now() < deadline {
         if measured_at.is_none() && Instant::now() >= measure_from {
@@ -176,11 +176,10 @@ pub async fn publish(
                 .send(&js, BENCH_SUBJECT, &click_id, event.encode_to_vec().into())
                 .await?;
         }
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             eprintln!(
                 "[{label}] {:>5.1}s {:>8} acked/s  errors {}",
-                started.elapsed().as_secs_f64(),
+                at.as_secs_f64(),
                 pipeline.acked - last,
                 pipeline.errors
             );
@@ -241,7 +240,7 @@ pub async fn sled(
     let mut rows: u64 = 0;
     let mut flushes = histogram();
     let mut measured_at: Option<(Instant, u64, CpuWatch)> = None;
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     let now_ms = common::time::now_ms();
     while Instant::now() < deadline {
@@ -266,11 +265,10 @@ pub async fn sled(
         tree.apply_batch(b)?;
         tree.flush_async().await?;
         record(&mut flushes, t0.elapsed());
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             eprintln!(
                 "[{label}] {:>5.1}s {:>8} rows/s",
-                started.elapsed().as_secs_f64(),
+                at.as_secs_f64(),
                 rows - last
             );
             last = rows;

@@ -276,7 +276,7 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
     let mut measuring: Option<CpuWatch> = None;
     let written = || procfs::written_bytes(std::process::id()).unwrap_or(0);
     let mut written_before = 0;
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     std::thread::scope(|threads| -> Result<(), sled::Error> {
         // The commit thread: commits each group sent, in order, and answers.
@@ -324,11 +324,10 @@ fn measure(plan: &Plan, watched: &[Watched]) -> Result<Measurement, BenchError> 
                 None => {}
             }
             applying += t0.elapsed();
-            if Instant::now() >= next_line {
-                next_line += Duration::from_secs(1);
+            if let Some(at) = ticker.due() {
                 eprintln!(
                     "[{label}] {:>5.1}s {:>8} done in the last second (encoding included)",
-                    started.elapsed().as_secs_f64(),
+                    at.as_secs_f64(),
                     done - last
                 );
                 last = done;

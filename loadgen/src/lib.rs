@@ -32,6 +32,7 @@ pub mod scenarios;
 pub mod service;
 pub mod stats;
 pub mod threads;
+pub mod ticker;
 
 pub use cli::{Cli, Command};
 pub use error::BenchError;

@@ -288,7 +288,7 @@ async fn open<P: Plan>(config: &LoadConfig, shared: Arc<Shared<P>>, rate: f64) -
     let measure_from = start + config.warmup;
     let mut progress = Progress::new(&config.label);
     let mut total = histogram();
-    let mut next_line = start + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(start);
     let mut measuring = false;
     let mut cpu = None;
     for i in 0..total_requests {
@@ -302,8 +302,7 @@ async fn open<P: Plan>(config: &LoadConfig, shared: Arc<Shared<P>>, rate: f64) -
             shared.rec.set_measuring(true);
             cpu = Some(CpuWatch::start(&config.watched));
         }
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             let interval = shared.rec.drain();
             let _ = total.add(&interval);
             let backlog = i.saturating_sub(completed.load(Ordering::Relaxed));
@@ -313,7 +312,7 @@ async fn open<P: Plan>(config: &LoadConfig, shared: Arc<Shared<P>>, rate: f64) -
                 "warm-up"
             };
             let extra = format!("  backlog {backlog}");
-            progress.line(start.elapsed(), phase, &shared.rec, &interval, &extra);
+            progress.line(at, phase, &shared.rec, &interval, &extra);
         }
         // Unbounded on purpose: a slow server must not slow the schedule down.
         let _ = tx.send(Job { i, due });

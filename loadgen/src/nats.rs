@@ -233,16 +233,15 @@ pub async fn publish_many(
 ) -> Result<u64, BenchError> {
     let mut pipeline = Pipeline::new(4096);
     let started = Instant::now();
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     for i in 0..count {
         let (subject, msg_id, payload) = make(i);
         pipeline.send(js, subject, &msg_id, payload).await?;
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             eprintln!(
                 "[{label}] {:>5.1}s {:>8} published/s  ({} of {count})",
-                started.elapsed().as_secs_f64(),
+                at.as_secs_f64(),
                 pipeline.acked - last,
                 pipeline.acked
             );

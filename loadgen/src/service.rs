@@ -260,7 +260,7 @@ pub async fn settle(
     timeout: Duration,
 ) -> Result<Duration, BenchError> {
     let started = Instant::now();
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut stall = Stall::new(stall_limit());
     loop {
         let reported = reported(js).await?;
@@ -277,11 +277,10 @@ pub async fn settle(
                 after: timeout,
             });
         }
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             eprintln!(
                 "[settle] {:>5.1}s {} conversions still pending",
-                started.elapsed().as_secs_f64(),
+                at.as_secs_f64(),
                 reported - decided
             );
         }

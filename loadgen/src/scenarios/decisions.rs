@@ -83,7 +83,7 @@ pub async fn run(args: DecisionsArgs, id: &str) -> Result<(), BenchError> {
             (result, started.elapsed())
         })
     };
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     let mut stall = service::Stall::new(service::stall_limit());
     let done = loop {
@@ -100,11 +100,10 @@ pub async fn run(args: DecisionsArgs, id: &str) -> Result<(), BenchError> {
                 after: args.timeout,
             });
         }
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             eprintln!(
                 "[{id}] {:>5.1}s {:>8} decided/s  ({decided} of {count})",
-                started.elapsed().as_secs_f64(),
+                at.as_secs_f64(),
                 decided - last
             );
             last = decided;

@@ -89,7 +89,7 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
         )
     })
     .await?;
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     let mut stall = service::Stall::new(service::stall_limit());
     // When every decision was in the log, and how many deliveries had been
@@ -112,11 +112,10 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
                 after: args.timeout,
             });
         }
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
+        if let Some(at) = ticker.due() {
             eprintln!(
                 "[{id}] {:>5.1}s {:>8} delivered/s  ({d} of {count}, {f} failed, receiver saw {})",
-                started.elapsed().as_secs_f64(),
+                at.as_secs_f64(),
                 d - last,
                 receiver.counts().requests - base_requests
             );

@@ -45,7 +45,7 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     let reported = service::reported(&js).await?;
     let cpu = CpuWatch::start(&args.out.watch);
     let started = Instant::now();
-    let mut next_line = started + Duration::from_secs(1);
+    let mut ticker = crate::ticker::Ticker::from(started);
     let mut last_applied = 0;
     let mut stall = service::Stall::new(service::stall_limit());
     loop {
@@ -62,11 +62,10 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
             if ready.ready && done {
                 break;
             }
-            if Instant::now() >= next_line {
-                next_line += Duration::from_secs(1);
+            if let Some(at) = ticker.due() {
                 eprintln!(
                     "[{id}] {:>5.1}s {:>8} events/s  ({applied} of {events} applied)",
-                    started.elapsed().as_secs_f64(),
+                    at.as_secs_f64(),
                     applied - last_applied
                 );
                 last_applied = applied;

@@ -189,11 +189,8 @@ impl Dispatcher {
             return Err(RetryError::NotFailed("pending"));
         }
         let told = super::status_of_delivery(id, &outcome.conversion_id, &outcome.affiliate_id);
-        let later = super::STATUS_ORDER
-            .into_iter()
-            .skip_while(|s| Some(*s) != told)
-            .skip(1);
-        for status in later {
+        let later = told.map_or(&[][..], |told| super::before_and_after(told).1);
+        for &status in later {
             let later_id =
                 super::status_delivery_id(&outcome.conversion_id, &outcome.affiliate_id, status);
             let delivered = inner.outcomes.get(&later_id)?;
@@ -526,12 +523,8 @@ impl Dispatcher {
     /// affiliate (pending before approved before rejected), still scheduled,
     /// is due next: `None` when there is none.
     fn earlier_status_due(&self, s: &Schedule) -> Result<Option<i64>, sled::Error> {
-        use catalog::ConversionStatus::{Approved, Pending};
-        let earlier: &[catalog::ConversionStatus] = match s.status.as_str() {
-            "approved" => &[Pending],
-            "rejected" => &[Pending, Approved],
-            _ => &[],
-        };
+        let told = catalog::ConversionStatus::parse(&s.status);
+        let earlier = told.map_or(&[][..], |told| super::before_and_after(told).0);
         let mut due = None;
         for &status in earlier {
             let id = super::status_delivery_id(&s.conversion_id, &s.affiliate_id, status);

@@ -36,11 +36,23 @@ pub fn delivery_id(conversion_id: &str, affiliate_id: &str) -> String {
 
 /// Statuses in the order a conversion can be told them: a later one's
 /// delivery waits for an earlier one's.
-pub const STATUS_ORDER: [catalog::ConversionStatus; 3] = [
+pub static STATUS_ORDER: [catalog::ConversionStatus; 3] = [
     catalog::ConversionStatus::Pending,
     catalog::ConversionStatus::Approved,
     catalog::ConversionStatus::Rejected,
 ];
+
+/// The statuses told before `status`, and those told after it
+/// ([`STATUS_ORDER`]).
+pub fn before_and_after(
+    status: catalog::ConversionStatus,
+) -> (
+    &'static [catalog::ConversionStatus],
+    &'static [catalog::ConversionStatus],
+) {
+    let at = STATUS_ORDER.iter().position(|s| *s == status).unwrap_or(0);
+    (&STATUS_ORDER[..at], &STATUS_ORDER[at + 1..])
+}
 
 /// The status `delivery_id` tells of `conversion_id` to `affiliate_id`
 /// ([`status_delivery_id`] backwards); `None` for an id of no status.
@@ -50,7 +62,8 @@ pub fn status_of_delivery(
     affiliate_id: &str,
 ) -> Option<catalog::ConversionStatus> {
     STATUS_ORDER
-        .into_iter()
+        .iter()
+        .copied()
         .find(|&status| status_delivery_id(conversion_id, affiliate_id, status) == delivery_id)
 }
 
