@@ -232,6 +232,19 @@ async fn round(
     tenure: &Tenure,
     (waiting, in_flight, from, walk): (&mut Waiting, &InFlight, u64, &mut Walk),
 ) -> Result<RoundOutcome, RoundError> {
+    if !inputs.catalog_status.borrow().caught_up {
+        // `unknown_offer` is final, and an offer folded from an older version
+        // has older terms: decide nothing until the catalog has reached the
+        // log's end once (a projection rebuilt at start, a slow catalog fold).
+        return Ok(RoundOutcome {
+            top: None,
+            decided: 0,
+            claims: Claims::default(),
+            wait: false,
+            resume_from: from,
+            pending_ended: false,
+        });
+    }
     let now = common::time::now_ms();
     let clicks = inputs.clicks_status.borrow().clone();
     let grace_ms = config.grace.as_millis() as i64;
@@ -548,14 +561,18 @@ mod tests {
             publish_timeout: Duration::from_secs(1),
             scan_limit: 100,
         };
-        let walk_after = |applied_seq| {
+        let walk_after = |applied_seq, catalog_caught_up| {
+            let catalog_status = match catalog_caught_up {
+                true => status(0),
+                false => common::fold::status_channel("CATALOG").1,
+            };
             let inputs = DeciderInputs {
                 conversions: Conversions::new(rows.rows().clone()),
                 clicks: Clicks::new(db.open_tree("clicks").unwrap()),
                 catalog: Catalog::new(db.open_tree("catalog").unwrap()),
                 conversions_status: status(applied_seq),
                 clicks_status: status(0),
-                catalog_status: status(0),
+                catalog_status,
             };
             let (js, config) = (js.clone(), config.clone());
             async move {
@@ -567,14 +584,19 @@ mod tests {
             }
         };
         assert_eq!(
-            walk_after(4).await,
+            walk_after(4, true).await,
             (5, false),
             "its group is being written: the next round starts at it"
         );
         assert_eq!(
-            walk_after(5).await,
+            walk_after(5, true).await,
             (6, true),
             "its group is applied and it has no view: passed, no stall"
+        );
+        assert_eq!(
+            walk_after(5, false).await,
+            (0, false),
+            "the catalog has not reached the log's end: nothing is walked"
         );
     }
 
