@@ -133,7 +133,15 @@ pub enum FoldError {
     Ended,
     #[error("reconnected to NATS")]
     Reconnected,
+    #[error("the stream was created again")]
+    LogReplaced,
 }
+
+/// How often a running fold asks whether its stream is still the one it
+/// folds: a stream deleted and created again while the connection stays up
+/// does not end the consumer (async-nats's ordered consumer quietly starts
+/// again where it was, past the new stream's first events).
+const LOG_CHECK: Duration = Duration::from_secs(5);
 
 /// A channel pair for a fold's status.
 pub fn status_channel(
@@ -203,7 +211,7 @@ pub async fn run<F: Fold>(
         source.connections.mark_unchanged();
         match run_consumer(&mut source, &tree, &spec, &fold, &workers, &status, &token).await {
             Ok(()) => break,
-            Err(FoldError::Reconnected) => {
+            Err(FoldError::Reconnected | FoldError::LogReplaced) => {
                 tracing::info!(
                     stream = spec.stream,
                     "reconnected to NATS; resuming from the checkpoint"
@@ -335,7 +343,7 @@ async fn run_consumer<F: Fold>(
         applied = 0;
     }
     if store::log_of(tree)?.is_none() {
-        tree.insert(store::LOG_KEY, log)?;
+        tree.insert(store::LOG_KEY, log.as_slice())?;
         source.durable.flush().await?;
     }
     let deliver_policy = if applied == 0 {
@@ -395,7 +403,13 @@ async fn run_consumer<F: Fold>(
         started,
     };
     let folded = pipe
-        .fold_groups(&mut messages, source, &mut committing, applied)
+        .fold_groups(
+            &mut messages,
+            source,
+            &mut committing,
+            applied,
+            (&mut stream, &log),
+        )
         .await;
     // However the loop ended, the group being committed lands first: the next
     // consumer starts from the checkpoint it writes, and the last flush at a
@@ -480,13 +494,29 @@ impl<F: Fold> Pipe<'_, F> {
         source: &mut Source,
         committing: &mut Option<Committing>,
         mut applied: u64,
+        (stream, log): (&mut async_nats::jetstream::stream::Stream, &[u8]),
     ) -> Result<(), FoldError> {
         let spec = self.spec;
+        let mut log_check = tokio::time::interval(LOG_CHECK);
+        log_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let waiting = std::time::Instant::now();
             let mut chunk = tokio::select! {
                 () = self.token.cancelled() => return Ok(()),
                 _ = source.connections.changed() => return Err(FoldError::Reconnected),
+                _ = log_check.tick() => {
+                    // Gone or unreadable: the consumer says so, or the stream
+                    // comes back and the next check tells.
+                    let info = tokio::time::timeout(LOG_CHECK / 5, stream.info()).await;
+                    if let Ok(Ok(info)) = info {
+                        if store::log_identity(info.created.unix_timestamp_nanos()) != log {
+                            tracing::warn!(stream = spec.stream,
+                                "the stream was created again while folding; starting over");
+                            return Err(FoldError::LogReplaced);
+                        }
+                    }
+                    continue;
+                }
                 done = committed(committing) => {
                     self.landed(done)?;
                     continue;

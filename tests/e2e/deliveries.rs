@@ -479,9 +479,10 @@ async fn an_offer_postback_url_overrides_the_affiliates() {
 }
 
 /// `before` conversions delivered; then NATS loses CONVERSIONS while
-/// postback-service is down, and `after` reports reach the new stream before
-/// the service is back. Each of those is decided and delivered, once.
-async fn conversions_stream_created_again(before: usize, after: usize) {
+/// postback-service is down (or, `running`, while it runs and stays
+/// connected), and `after` reports reach the new stream before the service is
+/// back. Each of those is decided and delivered, once.
+async fn conversions_stream_created_again(before: usize, after: usize, running: bool) {
     use prost::Message;
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
     let mut sys = System::start().await;
@@ -491,7 +492,9 @@ async fn conversions_stream_created_again(before: usize, after: usize) {
         sys.delivery_in(&delivery_id, "delivered").await;
     }
 
-    sys.stop_postback().await;
+    if !running {
+        sys.stop_postback().await;
+    }
     let js = sys.jetstream().await;
     js.delete_stream("CONVERSIONS").await.expect("deleted");
     common::nats::ensure_streams(&js)
@@ -508,7 +511,9 @@ async fn conversions_stream_created_again(before: usize, after: usize) {
             .await;
         ids.push(postback_service::postback::conversion_id(&click_id, "", ""));
     }
-    sys.start_postback().await;
+    if !running {
+        sys.start_postback().await;
+    }
 
     for id in &ids {
         assert_eq!(sys.decided(id).await["state"], "attributed", "{id}");
@@ -522,14 +527,22 @@ async fn conversions_stream_created_again(before: usize, after: usize) {
 /// stream's creation time tells its events from the old ones.
 #[tokio::test]
 async fn a_conversions_stream_created_again_and_longer_is_folded_from_its_start() {
-    conversions_stream_created_again(1, 3).await;
+    conversions_stream_created_again(1, 3, false).await;
 }
 
 /// The new stream is shorter: the fold starts again on its own, and the new
 /// decisions (sequence 2) come before the dispatcher's old cursor (6).
 #[tokio::test]
 async fn a_conversions_stream_created_again_and_shorter_is_delivered_from_its_start() {
-    conversions_stream_created_again(3, 1).await;
+    conversions_stream_created_again(3, 1, false).await;
+}
+
+/// The same while postback-service runs and its connection stays up: its
+/// fold's consumer would go on past the new stream's first events; the fold
+/// sees the stream's new creation time within seconds and starts over.
+#[tokio::test]
+async fn a_conversions_stream_created_again_while_folding_is_folded_from_its_start() {
+    conversions_stream_created_again(3, 1, true).await;
 }
 
 #[tokio::test]
