@@ -18,8 +18,10 @@ pub fn require_bearer(headers: &HeaderMap, token: &str) -> Result<(), ApiError> 
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        // The scheme's name is case-insensitive (RFC 9110).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map_or("", |(_, given)| given);
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         Ok(())
     } else {
@@ -45,6 +47,8 @@ mod tests {
     #[test]
     fn accepts_only_the_exact_bearer_token() {
         assert!(require_bearer(&headers("Bearer s3cret"), "s3cret").is_ok());
+        assert!(require_bearer(&headers("bearer s3cret"), "s3cret").is_ok());
+        assert!(require_bearer(&headers("Basic s3cret"), "s3cret").is_err());
         assert!(require_bearer(&headers("Bearer s3cre"), "s3cret").is_err());
         assert!(require_bearer(&headers("s3cret"), "s3cret").is_err());
         assert!(require_bearer(&HeaderMap::new(), "s3cret").is_err());

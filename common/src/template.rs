@@ -56,12 +56,15 @@ pub fn fill<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> Str
 }
 
 /// `out` without the dot segments a value is part of. Values are encoded, so
-/// every `/`, `?` and `#` in `out` is the template's own.
+/// every `/`, `\\`, `?` and `#` in `out` is the template's own. Parsers of
+/// http(s) URLs take `\\` for `/` and `%2E` for `.`, and so does this.
 fn empty_dot_segments(out: String, values: &[std::ops::Range<usize>]) -> String {
     let path_start = match out.find("://") {
-        Some(scheme_end) => match out[scheme_end + 3..].find('/') {
-            Some(slash) => scheme_end + 3 + slash,
-            None => return out,
+        Some(scheme_end) => match out[scheme_end + 3..].find(['/', '\\', '?', '#']) {
+            Some(end) if matches!(out.as_bytes()[scheme_end + 3 + end], b'/' | b'\\') => {
+                scheme_end + 3 + end
+            }
+            _ => return out,
         },
         None => 0,
     };
@@ -70,11 +73,11 @@ fn empty_dot_segments(out: String, values: &[std::ops::Range<usize>]) -> String 
         .map_or(out.len(), |end| path_start + end);
     let mut dots = Vec::new();
     let mut start = path_start;
-    for segment in out[path_start..path_end].split('/') {
+    for segment in out[path_start..path_end].split(['/', '\\']) {
         let end = start + segment.len();
         // An empty value counts too: `{sub1}..` with no sub1 is one as well.
         let filled = values.iter().any(|v| v.start <= end && start <= v.end);
-        if matches!(segment, "." | "..") && filled {
+        if filled && is_dot_segment(segment) {
             dots.push(start..end);
         }
         start = end + 1;
@@ -90,6 +93,12 @@ fn empty_dot_segments(out: String, values: &[std::ops::Range<usize>]) -> String 
     }
     emptied.push_str(&out[at..]);
     emptied
+}
+
+/// `.` or `..`, a dot written `%2E` or `%2e` included.
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.replace("%2E", ".").replace("%2e", ".");
+    matches!(decoded.as_str(), "." | "..")
 }
 
 /// The `{name}` macros a template uses, in order.
@@ -166,6 +175,14 @@ mod tests {
             ("https://x.test/a/{s}./b", "", "https://x.test/a//b"),
             // The template's own dot segments are the advertiser's.
             ("https://x.test/a/../{s}", "b", "https://x.test/a/../b"),
+            // The template's `%2E` next to a value, or its `\\` for a `/`.
+            ("https://x.test/a/{s}%2E/b", ".", "https://x.test/a//b"),
+            ("https://x.test/a/%2e{s}/b", ".", "https://x.test/a//b"),
+            ("https://x.test/a\\{s}\\b", "..", "https://x.test/a\\\\b"),
+            ("https://x.test\\{s}\\b", "..", "https://x.test\\\\b"),
+            // No path: a `/` in the query or fragment starts none.
+            ("https://x.test?n=/{s}/x", "..", "https://x.test?n=/../x"),
+            ("https://x.test#/{s}/x", "..", "https://x.test#/../x"),
             // What parsers decode to a dot is encoded, so it stays a name.
             (
                 "https://x.test/a/{s}/b",
@@ -176,8 +193,10 @@ mod tests {
             assert_eq!(fill_with(template, v), filled, "{template} with {v}");
         }
         // What a URL parser makes of it: the request stays under /a/.
-        let url = url::Url::parse(&fill_with("https://x.test/a/{s}/b", "..")).unwrap();
-        assert_eq!(url.path(), "/a//b");
+        for template in ["https://x.test/a/{s}/b", "https://x.test/a\\{s}\\b"] {
+            let url = url::Url::parse(&fill_with(template, "..")).unwrap();
+            assert_eq!(url.path(), "/a//b", "{template}");
+        }
     }
 
     #[test]

@@ -47,9 +47,7 @@ pub(super) async fn postback(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if !content_type.is_empty()
-            && !content_type.starts_with("application/x-www-form-urlencoded")
-        {
+        if !content_type.is_empty() && !is_form(content_type) {
             return Err(ApiError::invalid(
                 "body",
                 "send parameters as application/x-www-form-urlencoded or in the query string",
@@ -131,6 +129,13 @@ async fn click_at_door(
     Ok(state.clicks.get(click_id)?)
 }
 
+/// A form body's media type, parameters (`; charset=UTF-8`) aside; media
+/// types are case-insensitive (RFC 9110).
+fn is_form(content_type: &str) -> bool {
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+}
+
 fn too_many() -> ApiError {
     ApiError::Refused {
         status: 429,
@@ -197,4 +202,25 @@ pub(super) async fn refusals(
 ) -> Result<Json<crate::security::RefusalReport>, ApiError> {
     common::auth::require_bearer(&headers, &state.admin_token)?;
     Ok(Json(state.refusals.report()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_form_body_is_told_by_its_media_type_in_any_case() {
+        for form in [
+            "application/x-www-form-urlencoded",
+            "Application/X-WWW-Form-URLencoded; charset=UTF-8",
+            " application/x-www-form-urlencoded ;charset=utf-8",
+        ] {
+            assert!(super::is_form(form), "{form}");
+        }
+        for other in [
+            "application/json",
+            "application/x-www-form-urlencodedx",
+            "multipart/form-data",
+        ] {
+            assert!(!super::is_form(other), "{other}");
+        }
+    }
 }
