@@ -177,7 +177,8 @@ impl Config {
         Duration::from_millis(self.unknown_click_grace_ms)
     }
 
-    pub(crate) fn dispatch(&self) -> crate::deliveries::DispatchConfig {
+    /// The dispatcher's part of it.
+    pub fn dispatch(&self) -> crate::deliveries::DispatchConfig {
         crate::deliveries::DispatchConfig {
             policy: crate::deliveries::policy::RetryPolicy {
                 first_retry: Duration::from_millis(self.postback_first_retry_ms),

@@ -641,3 +641,82 @@ async fn the_delivery_log_lists_filters_and_pages_newest_first() {
     }
     assert_eq!(&paged, listed);
 }
+
+/// A delivery answered 2xx whose outcome's ack came late (NATS slow) keeps
+/// that outcome in its schedule and publishes it again later; at the end of a
+/// term (a rolling deploy's stop, the lease lost) it is published before the
+/// dispatcher stops, not kept for this instance's next term: the next leader,
+/// another instance, folds POSTBACKS before it sends anything and would
+/// otherwise send the delivery again.
+#[tokio::test]
+async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
+    use postback_service::deliveries::{
+        dispatcher::DispatchStores,
+        schedule::{Target, Unpublished},
+        Dispatcher, Outcomes, Schedule, ScheduleStore,
+    };
+    let nats = crate::support::NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    common::nats::ensure_streams(&js).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("db")).unwrap();
+    let tree = |name: &str| db.open_tree(name).unwrap();
+    let config = postback_service::Config::for_tests(&nats.url, dir.path().into());
+    let stores = DispatchStores {
+        conversions: postback_service::conversions::Conversions::new(tree("conversions")),
+        clicks: postback_service::clicks::Clicks::new(tree("clicks")),
+        outcomes: Outcomes::new(tree("postbacks")),
+        schedules: ScheduleStore::new(
+            tree("dispatch"),
+            common::store::GroupFlush::new((*db).clone()),
+        ),
+        postbacks_status: common::fold::status_channel("POSTBACKS").1,
+    };
+    let dispatcher = Dispatcher::new(js.clone(), stores, config.dispatch()).unwrap();
+    let target = Target {
+        delivery_id: "d1".into(),
+        conversion_id: "conv".into(),
+        affiliate_id: "a1".into(),
+        offer_id: "o1".into(),
+        click_id: "k1".into(),
+        url: "http://127.0.0.1:9/pb".into(),
+        status: "approved".into(),
+    };
+    let delivered = proto::postbacks::v1::PostbackDelivered {
+        delivery_id: "d1".into(),
+        ..Default::default()
+    };
+    let mut schedule = Schedule::fresh(target, 1);
+    schedule.unpublished = Some(Unpublished {
+        subject: proto::subject::POSTBACK_DELIVERED.into(),
+        msg_id: "postback-delivered-d1-1".into(),
+        payload: prost::Message::encode_to_vec(&delivered),
+    });
+    dispatcher.schedules().put(&schedule).await.unwrap();
+
+    // A term that ends at once: no round runs, the lease is not held.
+    let token = tokio_util::sync::CancellationToken::new();
+    token.cancel();
+    let (_, conversions_status) = common::fold::status_channel("CONVERSIONS");
+    let tenure = common::lease::Tenure::default();
+    postback_service::deliveries::run_dispatcher(
+        dispatcher.clone(),
+        conversions_status,
+        tenure,
+        token,
+    )
+    .await;
+
+    let log = crate::support::nats::read_stream(&js, "POSTBACKS").await;
+    let subjects: Vec<_> = log.iter().map(|(subject, _, _)| subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [proto::subject::POSTBACK_DELIVERED],
+        "published once"
+    );
+    assert!(
+        dispatcher.schedules().get("d1").unwrap().is_none(),
+        "and its schedule dropped"
+    );
+}

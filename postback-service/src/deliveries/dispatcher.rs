@@ -609,6 +609,38 @@ impl Dispatcher {
         }
     }
 
+    /// Publishes, once each, the outcomes kept in schedules because their ack
+    /// came late, at the end of a term (a stop, the lease lost): the next
+    /// leader may be another instance, which folds POSTBACKS before it sends
+    /// anything but cannot see this instance's schedules, and would send such
+    /// a delivery again. What still does not land stays stored, for this
+    /// instance's next term.
+    async fn publish_stored(&self) {
+        let stored = match self.inner.schedules.all() {
+            Ok(all) => all,
+            Err(error) => {
+                tracing::error!(%error, "schedules unreadable: outcomes not yet in the log stay unpublished");
+                return;
+            }
+        };
+        let publishes = stored.into_iter().filter_map(|s| {
+            let record = s.unpublished.clone()?;
+            Some(self.record(s, record))
+        });
+        let results = futures::future::join_all(publishes).await;
+        let (count, left) = (
+            results.len(),
+            results.iter().filter(|r| !matches!(r, Ok(None))).count(),
+        );
+        if count > 0 {
+            tracing::info!(
+                count,
+                left,
+                "term ended: outcomes not yet in the log published"
+            );
+        }
+    }
+
     /// Keeps the outcome in the schedule and tries its publish again in a second.
     async fn publish_later(
         &self,
@@ -743,6 +775,7 @@ pub async fn run_dispatcher(
     }
     tracker.close();
     tracker.wait().await;
+    dispatcher.publish_stored().await;
     let run = dispatcher.inner.run;
     if let Err(error) = dispatcher.inner.schedules.release_reservations(run).await {
         tracing::warn!(%error, "attempt reservations not released; the next run skips those numbers");
