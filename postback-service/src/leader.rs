@@ -47,7 +47,7 @@ impl Led {
         for (stream, status) in folds {
             tokio::select! {
                 () = token.cancelled() => return,
-                () = caught_up_with(&self.js, stream, status) => {}
+                () = caught_up_with(&self.js, stream, status, PATIENCE) => {}
             }
         }
         let conversions_status = self.decider_inputs.conversions_status.clone();
@@ -64,15 +64,26 @@ impl Led {
     }
 }
 
+/// How long a new leader waits for a fold that applies nothing.
+const PATIENCE: Duration = Duration::from_secs(30);
+
 /// Waits until the fold behind `status` has applied the stream's last
-/// sequence as it is now. Gives up after 30 s of waiting for the fold with a
-/// warning: a fold whose next events expired from the stream never applies
-/// that sequence, and the decider checks the projection, not the log, anyway.
+/// sequence as it is now. Gives up with a warning after `patience` (30 s) in
+/// which the fold applied nothing: a fold whose next events expired from the
+/// stream never applies that sequence, and the decider checks the
+/// projection, not the log, anyway. A fold still working through a backlog (a
+/// standby that fell behind) is waited for however long it takes: the
+/// dispatcher started on it would send again what the last leader delivered.
 /// Until NATS says where the log ends it waits on: not knowing is no reason
 /// to decide or send (a JetStream hiccup at a handover used to use the 30 s up
 /// in about a second, and the dispatcher then started on a POSTBACKS fold
 /// that had not seen what the last leader delivered).
-async fn caught_up_with(js: &Context, stream: &str, mut status: watch::Receiver<FoldStatus>) {
+pub async fn caught_up_with(
+    js: &Context,
+    stream: &str,
+    mut status: watch::Receiver<FoldStatus>,
+    patience: Duration,
+) {
     let mut waits = 0;
     while waits < 6 {
         let last = match js.get_stream(stream).await {
@@ -84,13 +95,16 @@ async fn caught_up_with(js: &Context, stream: &str, mut status: watch::Receiver<
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        waits += 1;
-        if common::fold::wait_applied(&mut status, last, Duration::from_secs(5)).await {
+        let before = status.borrow().applied_seq;
+        if common::fold::wait_applied(&mut status, last, patience / 6).await {
             return;
         }
+        let applied = status.borrow().applied_seq;
+        waits = if applied > before { 0 } else { waits + 1 };
         tracing::info!(
             stream,
             last,
+            applied,
             "taking the lease: waiting for the fold to reach the log's end"
         );
     }

@@ -375,3 +375,51 @@ async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
     token.cancel();
     task.await.unwrap();
 }
+
+/// A new leader waits for a fold still working through a backlog however
+/// long it takes (here past its patience, which would once have ended the
+/// wait with the fold halfway), and gives up only on a fold that applies
+/// nothing for that long.
+#[tokio::test]
+async fn a_new_leader_waits_for_a_fold_still_catching_up_but_not_for_a_stuck_one() {
+    use postback_service::leader::caught_up_with;
+    let nats = crate::support::NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    common::nats::ensure_streams(&js).await.unwrap();
+    const EVENTS: u64 = 20;
+    for _ in 0..EVENTS {
+        js.publish(proto::subject::POSTBACK_DELIVERED, "".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let patience = Duration::from_millis(600);
+
+    // Catching up: one event applied every 60 ms, 1.2 s in all.
+    let (tx, rx) = common::fold::status_channel("POSTBACKS");
+    let feeder = tokio::spawn(async move {
+        for seq in 1..=EVENTS {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            tx.send_modify(|s| s.applied_seq = seq);
+        }
+        tx
+    });
+    caught_up_with(&js, "POSTBACKS", rx.clone(), patience).await;
+    assert_eq!(
+        rx.borrow().applied_seq,
+        EVENTS,
+        "waited until the fold reached the log's end"
+    );
+    let _tx = feeder.await.unwrap();
+
+    // Stuck at 5: given up once it applied nothing for the patience.
+    let (stuck, rx) = common::fold::status_channel("POSTBACKS");
+    stuck.send_modify(|s| s.applied_seq = 5);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        caught_up_with(&js, "POSTBACKS", rx, patience),
+    )
+    .await
+    .expect("a stuck fold is not waited for forever");
+}
