@@ -168,7 +168,12 @@ impl Body {
         let text = match self.0.get(field) {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
+            // serde_json writes small floats with an exponent (`5e-6`);
+            // Rust's own formatting never does.
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(f) if n.is_f64() => f.to_string(),
+                _ => n.to_string(),
+            },
             Some(_) => {
                 return Err(ApiError::invalid(
                     field,
@@ -248,6 +253,15 @@ pub fn offer_from_json(offer_id: &str, bytes: &[u8]) -> Result<OfferUpserted, Ap
         }
     };
     let rules = offer_rules(&body)?;
+    if u64::from(rules.min_ctit_seconds) >= u64::from(window) * 3600 {
+        return Err(ApiError::invalid(
+            "min_ctit_seconds",
+            format!(
+                "must be shorter than the attribution window ({window} h): \
+                 every conversion would be too_fast or expired"
+            ),
+        ));
+    }
     Ok(OfferUpserted {
         goals: rules.goals,
         dedup: rules.dedup,
@@ -581,6 +595,9 @@ mod tests {
         assert_eq!(o.payout_micros, 2_500_000);
         assert_eq!(o.revenue_micros, 4_000_000);
         assert_eq!(o.currency, "EUR");
+        // A small JSON number, which serde_json would write as `5e-6`.
+        let small = offer_from_json("o1", br#"{"url":"http://a.test/","payout":0.000005}"#);
+        assert_eq!(small.unwrap().payout_micros, 5);
         assert_eq!(o.attribution_window_hours, 48);
         assert_eq!(o.status(), OfferStatus::Paused);
     }
@@ -660,6 +677,10 @@ mod tests {
                 "attribution_window_hours",
             ),
             (br#"{"url":"http://a.test/","status":"on"}"#, "status"),
+            (
+                br#"{"url":"http://a.test/","attribution_window_hours":1,"min_ctit_seconds":3600}"#,
+                "min_ctit_seconds",
+            ),
             (
                 br#"{"url":"http://a.test/","fallback_url":"nope"}"#,
                 "fallback_url",

@@ -105,7 +105,7 @@ ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD 
 JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT \
 MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR \
 RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND \
-TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG";
+TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG";
 
 /// Normalises a currency code to upper case and checks it is an active ISO 4217 code.
 pub fn parse_currency(text: &str) -> Option<String> {
@@ -208,6 +208,7 @@ mod tests {
     fn knows_currencies() {
         assert_eq!(parse_currency("usd").as_deref(), Some("USD"));
         assert_eq!(parse_currency("EUR").as_deref(), Some("EUR"));
+        assert_eq!(parse_currency("ved").as_deref(), Some("VED"));
         assert_eq!(parse_currency("XXX"), None);
         assert_eq!(parse_currency("US"), None);
     }
