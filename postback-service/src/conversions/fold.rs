@@ -99,6 +99,10 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 }
 
 /// The rows' format ([`Fold::format`]).
+/// - 10: the same rows, folded otherwise: a conversion rejected `malformed`
+///   for its status word alone is opened again by a report of it with
+///   another word (the advertiser's corrected retry), as one rejected
+///   `unauthenticated` is by a verified report.
 /// - 9: the same rows, folded otherwise: a status decision folds once (a copy
 ///   published again finds its queued update gone), leaves a conversion
 ///   reopened since as it is, and a partner's report repeating the word last
@@ -129,7 +133,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// [`ReportRow`]'s fields (or to the types inside them) needs a new format,
 /// which `tests::a_packed_view_keeps_its_shape` and
 /// `tests::a_packed_report_row_keeps_its_shape` enforce.
-const FORMAT: u32 = 9;
+const FORMAT: u32 = 10;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -393,16 +397,15 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             // The same conversion reported again: a retry (nothing to do), or
             // a new status word, which waits for the decider in the status
             // queue.
-            ReReport::Same if known.reopens_with(&view.verified_offer_id) => {
+            ReReport::Same if known.reopens_with(&view) => {
                 // Pending again, as this report: decided afresh (decisions of
                 // the earlier report no longer apply, see `apply_decision`).
                 if known.state == ConversionState::Pending {
                     super::pending::remove(staged, known.reported_seq)?;
                 } else {
                     // Its rejection leaves the reports: they count outcomes.
-                    update_reports(staged, &known, |row| {
-                        row.unrejected(Reason::Unauthenticated)
-                    })?;
+                    let reason = known.reason.unwrap_or(Reason::Malformed);
+                    update_reports(staged, &known, |row| row.unrejected(reason))?;
                 }
             }
             ReReport::Same => {
@@ -1174,6 +1177,53 @@ mod tests {
     }
 
     #[test]
+    fn a_report_with_another_word_opens_a_rejection_for_its_word_again() {
+        let mut h = Harness::new();
+        let report = |word| http_report(word, "").encode_to_vec();
+        h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
+        let id = conversion_id(CLICK, "", "");
+        let for_its_word = ConversionRejected {
+            conversion_id: id.clone(),
+            offer_id: "o1".into(),
+            reason: RejectReason::Malformed as i32,
+            reported_seq: 1,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            for_its_word.encode_to_vec(),
+        );
+        // The same word again changes nothing; the corrected one reopens.
+        h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().state,
+            ConversionState::Rejected
+        );
+        h.apply(proto::subject::CONVERSION_REPORTED, report("approved"));
+        let reopened = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (
+                reopened.state,
+                reopened.reported_seq,
+                reopened.advertiser_status.as_str()
+            ),
+            (ConversionState::Pending, 4, "approved")
+        );
+        assert_eq!(h.reads().pending_ids().count(), 1);
+        assert!(
+            h.reads().status_queue().next().is_none(),
+            "not a status change"
+        );
+        let rows = h.reads().reports('o').unwrap();
+        let row = &rows.iter().find(|(id, _)| id == "o1").unwrap().1;
+        assert_eq!(
+            (row.rejected, row.rejected_by_reason.len()),
+            (0, 0),
+            "its rejection no longer counted: {rows:?}"
+        );
+    }
+
+    #[test]
     fn a_verified_report_takes_the_place_of_an_unverified_one_still_pending() {
         let mut h = Harness::new();
         let report = |verified| http_report("", verified);
@@ -1528,7 +1578,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (9, PACKED_VIEW),
+            (10, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));
@@ -1551,7 +1601,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (9, PACKED_REPORT_ROW),
+            (10, PACKED_REPORT_ROW),
             "see FORMAT's doc"
         );
         assert_eq!(common::store::unpack::<ReportRow>(&packed), Some(row));

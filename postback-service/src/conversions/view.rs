@@ -268,20 +268,31 @@ impl ConversionView {
         self
     }
 
-    /// Whether a report verified for `verified_offer_id` (empty: none) opens
-    /// this conversion again, to be decided as that report: one rejected
-    /// `unauthenticated`, or an HTTP report nobody verified still waiting for
-    /// its decision. A report nobody verified (sent while the door could not
-    /// see its click, by anyone who knew the click id) must not keep the
-    /// advertiser's verified one out.
-    pub fn reopens_with(&self, verified_offer_id: &str) -> bool {
+    /// Whether `report`, a report of this same conversion, opens it again, to
+    /// be decided as that report:
+    /// - a report verified for an offer, when this one was rejected
+    ///   `unauthenticated` or is an HTTP report nobody verified still waiting
+    ///   for its decision. A report nobody verified (sent while the door could
+    ///   not see its click, by anyone who knew the click id) must not keep the
+    ///   advertiser's verified one out;
+    /// - a report with another status word, when this one was rejected
+    ///   `malformed` for its word alone (rule 6: a typo, a word the offer's
+    ///   `status_map` did not know). The conversion id leaves the word out,
+    ///   so the advertiser's corrected retry names this conversion, and would
+    ///   otherwise be ignored as a status change of a rejected one.
+    pub fn reopens_with(&self, report: &ConversionView) -> bool {
         let unverified_report = self.state == ConversionState::Pending
             && self.malformed.is_none()
             && self.origin == "http"
             && self.verified_offer_id.is_empty();
-        let rejected_as_such =
-            self.state == ConversionState::Rejected && self.reason == Some(Reason::Unauthenticated);
-        !verified_offer_id.is_empty() && (unverified_report || rejected_as_such)
+        let rejected =
+            |reason| self.state == ConversionState::Rejected && self.reason == Some(reason);
+        let verified = !report.verified_offer_id.is_empty()
+            && (unverified_report || rejected(Reason::Unauthenticated));
+        let word_corrected = rejected(Reason::Malformed)
+            && self.malformed.is_none()
+            && report.advertiser_status != self.advertiser_status;
+        verified || word_corrected
     }
 
     /// The view after a rejection; like [`Self::attributed`], first decision wins.
