@@ -33,19 +33,33 @@ pub const MAX_MICROS: i64 = MAX_UNITS * MICROS;
 /// inner spaces; whitespace around it is ignored), more than 6 decimals, or more
 /// than 10^12 units.
 pub fn parse_micros(text: &str) -> Result<i64, AmountError> {
+    parse(text, false)
+}
+
+/// [`parse_micros`], with more than 6 decimals rounded to 6 (half up) instead
+/// of refused: what an advertiser's server sends is often a float printed in
+/// full (`30.299999999999997` for 10.1 × 3), and refusing it loses the sale.
+///
+/// # Errors
+/// As [`parse_micros`], but never [`AmountError::TooPrecise`].
+pub fn parse_micros_rounded(text: &str) -> Result<i64, AmountError> {
+    parse(text, true)
+}
+
+fn parse(text: &str, round: bool) -> Result<i64, AmountError> {
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('-') {
-        return match parse_unsigned(rest) {
+        return match parse_unsigned(rest, round) {
             Ok(0) => Ok(0),
             Ok(_) => Err(AmountError::Negative),
             Err(e) => Err(e),
         };
     }
-    parse_unsigned(text)
+    parse_unsigned(text, round)
 }
 
-/// [`parse_micros`] after its one optional minus sign.
-fn parse_unsigned(text: &str) -> Result<i64, AmountError> {
+/// [`parse`] after its one optional minus sign.
+fn parse_unsigned(text: &str, round: bool) -> Result<i64, AmountError> {
     let (int, frac) = text.split_once('.').unwrap_or((text, ""));
     let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     if (int.is_empty() && frac.is_empty()) || !all_digits(int) || !all_digits(frac) {
@@ -54,9 +68,15 @@ fn parse_unsigned(text: &str) -> Result<i64, AmountError> {
     if text.ends_with('.') && frac.is_empty() && int.is_empty() {
         return Err(AmountError::NotDecimal);
     }
-    let frac = frac.trim_end_matches('0');
+    let mut frac = frac.trim_end_matches('0');
+    // Half up: the 7th decimal decides.
+    let mut round_up = false;
     if frac.len() > 6 {
-        return Err(AmountError::TooPrecise);
+        if !round {
+            return Err(AmountError::TooPrecise);
+        }
+        round_up = frac.as_bytes()[6] >= b'5';
+        frac = &frac[..6];
     }
     let int = int.trim_start_matches('0');
     if int.len() > 13 {
@@ -74,7 +94,7 @@ fn parse_unsigned(text: &str) -> Result<i64, AmountError> {
     for (i, b) in frac.bytes().enumerate() {
         frac_micros += i64::from(b - b'0') * 10_i64.pow(5 - i as u32);
     }
-    let micros = units * MICROS + frac_micros;
+    let micros = units * MICROS + frac_micros + i64::from(round_up);
     if micros > MAX_MICROS {
         return Err(AmountError::TooLarge);
     }
@@ -187,6 +207,24 @@ mod tests {
             "past 10^12 units by a fraction"
         );
         assert_eq!(parse_micros("1000000000000"), Ok(MAX_MICROS));
+    }
+
+    #[test]
+    fn rounds_past_six_decimals_half_up_when_asked() {
+        assert_eq!(parse_micros_rounded("30.299999999999997"), Ok(30_300_000));
+        assert_eq!(parse_micros_rounded("19.9900001"), Ok(19_990_000));
+        assert_eq!(parse_micros_rounded("0.0000005"), Ok(1));
+        assert_eq!(parse_micros_rounded("0.00000049"), Ok(0));
+        assert_eq!(parse_micros_rounded("0.9999995"), Ok(1_000_000));
+        assert_eq!(parse_micros_rounded("12.5"), Ok(12_500_000));
+        assert_eq!(parse_micros_rounded("-0.0000001"), Ok(0));
+        assert_eq!(parse_micros_rounded("1e3"), Err(AmountError::NotDecimal));
+        assert_eq!(parse_micros_rounded("999999999999.9999999"), Ok(MAX_MICROS));
+        assert_eq!(
+            parse_micros_rounded("1000000000000.0000005"),
+            Err(AmountError::TooLarge),
+            "rounded up past 10^12 units"
+        );
     }
 
     #[test]

@@ -51,11 +51,6 @@ async fn hostile_clicks_and_postbacks_get_4xx_naming_the_field() {
             "amount",
         ),
         (
-            sys.postback_url(&format!("/postback?click_id={click_id}&amount=0.0000001")),
-            StatusCode::BAD_REQUEST,
-            "amount",
-        ),
-        (
             sys.postback_url(&format!("/postback?click_id={click_id}&currency=%00%00%00")),
             StatusCode::BAD_REQUEST,
             "currency",
