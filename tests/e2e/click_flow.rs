@@ -145,6 +145,14 @@ async fn paused_offer_goes_to_its_fallback_or_nowhere() {
         click["click"]["disposition"], "fallback_paused",
         "recorded as such"
     );
+    // A sale reported for it is not the paused offer's.
+    let id = sys.postback_ok(&format!("click_id={click_id}")).await;
+    let decided = sys.decided(&id).await;
+    assert_eq!(
+        (&decided["state"], &decided["reason"]),
+        (&json!("rejected"), &json!("fallback_click")),
+        "{decided}"
+    );
 
     sys.put_offer("o1", json!({"url": OFFER_URL, "status": "paused"}))
         .await;

@@ -316,7 +316,6 @@ async fn postback_errors_name_the_field() {
         ("subid=123".to_owned(), "subid"),
         (format!("click_id={cid}&amount=abc"), "amount"),
         (format!("click_id={cid}&amount=-3"), "amount"),
-        (format!("click_id={cid}&amount=1.1234567"), "amount"),
         (format!("click_id={cid}&currency=XYZ"), "currency"),
         (format!("click_id={cid}&txid=a&txid=b"), "txid"),
         // The status word goes into the report's `Nats-Msg-Id` header.

@@ -9,21 +9,23 @@
 //! 4. the offer requires postback security and this HTTP report did not pass it
 //!    for this offer at the door, or the door verified it for another offer:
 //!    `unauthenticated`;
-//! 5. the offer lists goals and this goal is not one: `unknown_goal`;
-//! 6. the advertiser's status word is unknown to the offer: `malformed`;
-//! 7. faster than the offer's `min_ctit_seconds` after the click, or dated
+//! 5. the click was sent to the offer's fallback URL (the offer was paused or
+//!    its click cap full), not to its landing page: `fallback_click`;
+//! 6. the offer lists goals and this goal is not one: `unknown_goal`;
+//! 7. the advertiser's status word is unknown to the offer: `malformed`;
+//! 8. faster than the offer's `min_ctit_seconds` after the click, or dated
 //!    more than [`CLOCK_SKEW_MS`] before it: `too_fast`;
-//! 8. after click time + the offer's attribution window: `expired`;
-//! 9. a duplicate under the goal's dedup policy: `duplicate`;
-//! 10. a daily conversion cap of the offer (overall or for this affiliate) is
+//! 9. after click time + the offer's attribution window: `expired`;
+//! 10. a duplicate under the goal's dedup policy: `duplicate`;
+//! 11. a daily conversion cap of the offer (overall or for this affiliate) is
 //!     full for the conversion's day in the offer's time zone: `cap_reached`;
-//! 11. otherwise attributed, with the goal's payout; revenue from the postback's
+//! 12. otherwise attributed, with the goal's payout; revenue from the postback's
 //!     amount (in its currency, else the offer's) or else the goal's revenue; the
 //!     status the advertiser sent (default approved); the affiliate postback URL
 //!     and status list in force fixed in the decision.
 
 use catalog::{Affiliate, ConversionStatus, DedupPolicy, Offer};
-use proto::clicks::v1::ClickRecorded;
+use proto::clicks::v1::{ClickDisposition, ClickRecorded};
 
 use super::fold::StatusUpdate;
 use super::view::{ConversionState, ConversionView, Reason};
@@ -128,6 +130,17 @@ fn unverified(offer: &Offer, origin: &str, verified_offer_id: &str) -> Option<St
     })
 }
 
+/// Rule 5: why the click went to its offer's fallback URL, if it did. Its
+/// visitor never saw the offer (paused, or over its click cap: traffic the
+/// advertiser turned away), so a sale reported for it is not the offer's.
+fn fallback(click: &ClickRecorded) -> Option<&'static str> {
+    match click.disposition() {
+        ClickDisposition::FallbackPaused => Some("the offer was paused"),
+        ClickDisposition::FallbackCapped => Some("its daily click cap was full"),
+        ClickDisposition::Landing | ClickDisposition::Unspecified => None,
+    }
+}
+
 /// Decides one reported conversion.
 pub fn decide(input: DecideInput<'_>) -> Verdict {
     let c = input.conversion;
@@ -149,6 +162,15 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
     };
     if let Some(why) = unverified(offer, &c.origin, &c.verified_offer_id) {
         return reject(Reason::Unauthenticated, why);
+    }
+    if let Some(why) = fallback(click) {
+        return reject(
+            Reason::FallbackClick,
+            format!(
+                "the click was sent to offer {}'s fallback URL ({why}), not to its landing page",
+                offer.offer_id
+            ),
+        );
     }
     let goal = if c.goal.is_empty() {
         "default"
@@ -482,6 +504,26 @@ mod tests {
         );
         c.malformed = Some("missing click_id".into());
         assert_eq!(reason(decide(input(&c, None, None))), Reason::Malformed);
+    }
+
+    #[test]
+    fn a_click_sent_to_the_fallback_url_earns_nothing() {
+        let (c, o) = (conversion(2000, "", None, ""), offer());
+        for disposition in [
+            ClickDisposition::FallbackPaused,
+            ClickDisposition::FallbackCapped,
+        ] {
+            let mut k = click();
+            k.set_disposition(disposition);
+            assert_eq!(
+                reason(decide(input(&c, Some(&k), Some(&o)))),
+                Reason::FallbackClick,
+                "{disposition:?}"
+            );
+        }
+        let mut landed = click();
+        landed.set_disposition(ClickDisposition::Landing);
+        attributed(decide(input(&c, Some(&landed), Some(&o))));
     }
 
     #[test]

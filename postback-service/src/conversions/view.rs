@@ -31,6 +31,7 @@ pub enum Reason {
     TooFast,
     CapReached,
     Unauthenticated,
+    FallbackClick,
 }
 
 impl Reason {
@@ -46,6 +47,7 @@ impl Reason {
             Self::TooFast => "too_fast",
             Self::CapReached => "cap_reached",
             Self::Unauthenticated => "unauthenticated",
+            Self::FallbackClick => "fallback_click",
         }
     }
 
@@ -61,6 +63,7 @@ impl Reason {
             Ok(RejectReason::TooFast) => Self::TooFast,
             Ok(RejectReason::CapReached) => Self::CapReached,
             Ok(RejectReason::Unauthenticated) => Self::Unauthenticated,
+            Ok(RejectReason::FallbackClick) => Self::FallbackClick,
             _ => Self::Malformed,
         }
     }
@@ -77,6 +80,7 @@ impl Reason {
             Self::TooFast => RejectReason::TooFast,
             Self::CapReached => RejectReason::CapReached,
             Self::Unauthenticated => RejectReason::Unauthenticated,
+            Self::FallbackClick => RejectReason::FallbackClick,
         }
     }
 }
@@ -276,7 +280,7 @@ impl ConversionView {
     ///   not see its click, by anyone who knew the click id) must not keep the
     ///   advertiser's verified one out;
     /// - a report with another status word, when this one was rejected
-    ///   `malformed` for its word alone (rule 6: a typo, a word the offer's
+    ///   `malformed` for its word alone (rule 7: a typo, a word the offer's
     ///   `status_map` did not know). The conversion id leaves the word out,
     ///   so the advertiser's corrected retry names this conversion, and would
     ///   otherwise be ignored as a status change of a rejected one.
