@@ -174,6 +174,12 @@ pub struct HttpArgs {
     /// How long to wait for those folds.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub settle_timeout: Duration,
+    /// Send as this many visitors in turn (request `i` from visitor
+    /// `i % visitors`, each its own user agent); 0: all as one. A click
+    /// service remembers each visitor (unique clicks), and one visitor's
+    /// clicks cost it less than real traffic's.
+    #[arg(long, default_value_t = 0)]
+    pub visitors: u64,
     #[command(flatten)]
     pub load: LoadArgs,
     #[command(flatten)]

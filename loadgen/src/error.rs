@@ -40,6 +40,10 @@ pub enum BenchError {
     /// A service stopped making progress.
     #[error("{0}")]
     Stalled(String),
+    /// A smoke run found something broken (targets aside: smoke numbers
+    /// mean nothing, but every scenario must run and be answered).
+    #[error("smoke run: {0}")]
+    Smoke(String),
     /// Reading or writing results.
     #[error("JSON")]
     Json(#[from] serde_json::Error),

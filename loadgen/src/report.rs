@@ -479,8 +479,9 @@ pub fn markdown(
     }
     let _ = writeln!(
         md,
-        "\nCeiling 3's latency is send → ack of each pipelined publish; ceiling 4's is per \
-         batch (apply + flush). Ceilings 5 and 6 are not the hardware's but our own folds, \
+        "\nCeiling 3's latency is each pipelined publish's time in the 4,096-deep window \
+         (sent → its ack taken, in order), not the server's ack time; ceiling 4's is per \
+         batch (apply; sled writes its log in the background, as for the folds). Ceilings 5 and 6 are not the hardware's but our own folds, \
          measured alone: one fold (a staging and a commit thread) bounds the decisions and \
          the rebuild, so a ratio \
          to them is what everything around the fold costs (NATS, the decider, the other \
@@ -780,7 +781,40 @@ pub fn run(args: &ReportArgs) -> Result<(), BenchError> {
         args.markdown.display(),
         args.json.display()
     );
+    if args.mode == "smoke" {
+        let broken = smoke_problems(&judged, &all);
+        if !broken.is_empty() {
+            return Err(BenchError::Smoke(broken.join("; ")));
+        }
+    }
     Ok(())
+}
+
+/// What a smoke run (CI) must not have, targets aside: a scenario that did
+/// not run, failed, or completed nothing, and any operation that got no
+/// answer or an answer other than the one expected (a click-service answering
+/// 503 to every click, a postback-service refusing every postback).
+fn smoke_problems(judged: &[Judged], all: &[Measurement]) -> Vec<String> {
+    let not_run = judged
+        .iter()
+        .filter(|j| j.verdict == Verdict::NotRun)
+        .map(|j| format!("{}: not run", j.id));
+    let broken = all
+        .iter()
+        .filter(|m| !m.id.starts_with("memory_"))
+        .filter_map(|m| {
+            let other: u64 = m.unexpected.values().sum();
+            let why = match &m.failed {
+                Some(why) => format!("failed: {why}"),
+                None if m.count == 0 => "nothing completed".to_owned(),
+                None if m.errors > 0 || other > 0 => {
+                    format!("{} errors, {other} unexpected statuses", m.errors)
+                }
+                None => return None,
+            };
+            Some(format!("{}: {why}", m.id))
+        });
+    not_run.chain(broken).collect()
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
@@ -934,6 +968,29 @@ mod tests {
             rate_cell(Some(&behind)),
             "30,000 req/s (all folded 5.0 s after the window: 20,000 folded/s)"
         );
+    }
+
+    #[test]
+    fn a_smoke_run_fails_on_what_is_broken_not_on_missed_targets() {
+        let all: Vec<Measurement> = SCENARIOS
+            .iter()
+            .map(|s| latency(s.id, 999.0, 999.0))
+            .chain([Measurement::new("memory_end", "memory", "")])
+            .collect();
+        let judged: Vec<Judged> = SCENARIOS.iter().map(|s| judge(s, &all)).collect();
+        assert!(judged.iter().any(|j| j.verdict == Verdict::Miss));
+        assert_eq!(smoke_problems(&judged, &all), Vec::<String>::new());
+
+        let mut refused = all;
+        refused[0].unexpected.insert(503, 10);
+        refused[1].count = 0;
+        refused.remove(2);
+        let judged: Vec<Judged> = SCENARIOS.iter().map(|s| judge(s, &refused)).collect();
+        let problems = smoke_problems(&judged, &refused);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("not run"), "{problems:?}");
+        assert!(problems[1].contains("503") || problems[1].contains("unexpected"));
+        assert!(problems[2].contains("nothing completed"), "{problems:?}");
     }
 
     #[test]

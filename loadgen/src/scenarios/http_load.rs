@@ -1,5 +1,6 @@
 //! `loadgen http`: one URL, the same request every time (clicks, the ceiling
-//! servers, the report query).
+//! servers, the report query), from one visitor or, with `--visitors`, from
+//! many (each its own user agent, so a click service tells them apart).
 
 use http::{HeaderValue, StatusCode};
 
@@ -16,11 +17,20 @@ struct Fixed {
     path: String,
     bearer: Option<HeaderValue>,
     expected: StatusCode,
+    /// 0: one user agent for every request; else request `i` comes from
+    /// visitor `i % visitors` (its own user agent).
+    visitors: u64,
 }
 
 impl Plan for Fixed {
-    fn request(&self, _i: u64) -> Result<Req, BoxError> {
-        self.target.get(&self.path, self.bearer.as_ref())
+    fn request(&self, i: u64) -> Result<Req, BoxError> {
+        let mut req = self.target.get(&self.path, self.bearer.as_ref())?;
+        if self.visitors > 0 {
+            let agent = format!("{} visitor/{}", crate::http::USER_AGENT, i % self.visitors);
+            req.headers_mut()
+                .insert(http::header::USER_AGENT, HeaderValue::try_from(agent)?);
+        }
+        Ok(req)
     }
 
     fn expected(&self) -> StatusCode {
@@ -41,6 +51,7 @@ pub async fn run(args: HttpArgs, id: &str) -> Result<(), BenchError> {
         path,
         bearer: args.bearer.as_deref().map(bearer).transpose()?,
         expected,
+        visitors: args.visitors,
     };
     plan.request(0)
         .map_err(|e| BenchError::Usage(format!("{}: {e}", args.url)))?;
@@ -48,7 +59,8 @@ pub async fn run(args: HttpArgs, id: &str) -> Result<(), BenchError> {
     let config = super::load_config(id, target, mode, &args.load, &args.out.watch);
     let outcome = load::run(config, plan).await;
     let mut m = super::measurement(id, &args.title, &outcome, mode, args.load.connections)
-        .extra("url", args.url.as_str());
+        .extra("url", args.url.as_str())
+        .extra("visitors", args.visitors);
     if !args.settle.is_empty() {
         let started = std::time::Instant::now();
         for addr in &args.settle {
