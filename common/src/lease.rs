@@ -271,7 +271,10 @@ async fn bucket(js: &Context, ttl: Duration) -> Result<(kv::Store, Duration), as
 /// (what async-nats's `create_key_value` would make), because that call first
 /// asks for the account's info, whose answer from nats-server 2.9 async-nats
 /// 0.51 cannot read.
-async fn create_bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Error> {
+///
+/// # Errors
+/// JetStream refused the stream, or the bucket cannot be opened.
+pub async fn create_bucket(js: &Context, ttl: Duration) -> Result<kv::Store, async_nats::Error> {
     let created = js
         .create_stream(jetstream::stream::Config {
             name: format!("KV_{BUCKET}"),

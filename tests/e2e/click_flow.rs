@@ -291,7 +291,24 @@ async fn clicks_arriving_together_are_acked_as_one_message_each_intact_and_attri
     let ids = fire_clicks(&sys, 300).await;
 
     let js = sys.jetstream().await;
-    let in_log = clicks_in_log(&js).await;
+    // A 302 given past the ack deadline came from the outbox, which publishes
+    // a moment later.
+    let every_click_in = |count: usize| {
+        let js = js.clone();
+        move || {
+            let js = js.clone();
+            async move {
+                let in_log = clicks_in_log(&js).await;
+                (in_log.len() >= count).then_some(in_log)
+            }
+        }
+    };
+    let in_log = eventually(
+        "300 clicks in the log",
+        Duration::from_secs(10),
+        every_click_in(300),
+    )
+    .await;
     let mut once: HashMap<&str, u32> = HashMap::new();
     for (_, click) in &in_log {
         *once.entry(click.click_id.as_str()).or_default() += 1;
@@ -335,7 +352,12 @@ async fn clicks_arriving_together_are_acked_as_one_message_each_intact_and_attri
     // CLICK_BATCH_MAX=1: one message per click, on clicks.v1.recorded only.
     sys.restart_click_with(|c| c.click_batch_max = 1).await;
     let alone = fire_clicks(&sys, 50).await;
-    let in_log = clicks_in_log(&js).await;
+    let in_log = eventually(
+        "350 clicks in the log",
+        Duration::from_secs(10),
+        every_click_in(350),
+    )
+    .await;
     for id in &alone {
         let subjects: Vec<&str> = in_log
             .iter()

@@ -16,6 +16,29 @@ async fn lease(sys: &System, addr: std::net::SocketAddr) -> Value {
     v["lease"].clone()
 }
 
+/// Waits until the lease entry `watch` follows is deleted: released by its
+/// holder. An entry left to expire vanishes with no delete marker, so this
+/// tells a release from an expiry whatever the timing.
+async fn released(
+    watch: &mut (impl futures::Stream<
+        Item = Result<async_nats::jetstream::kv::Entry, async_nats::jetstream::kv::WatcherError>,
+    > + Unpin),
+) {
+    use futures::StreamExt;
+    let deleted = async {
+        while let Some(entry) = watch.next().await {
+            let entry = entry.expect("watching the lease");
+            if entry.operation == async_nats::jetstream::kv::Operation::Delete {
+                return;
+            }
+        }
+        panic!("the lease watch ended");
+    };
+    tokio::time::timeout(Duration::from_secs(10), deleted)
+        .await
+        .expect("the lease released (deleted), not left to expire");
+}
+
 /// Waits until the instance at `addr` has `role`; returns its lease part.
 async fn role(sys: &System, addr: std::net::SocketAddr, role: &str) -> Value {
     eventually(
@@ -129,16 +152,14 @@ async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_o
     let holder = leader["holder"].as_str().expect("holder");
     assert!(message.contains(holder), "{body}");
 
-    // The leader stops: it releases the lease and the standby leads at its
-    // next ask (well within the 10 s the lease would take to expire).
-    let stopped_at = std::time::Instant::now();
+    // The leader stops: it releases the lease (rather than leaving it to
+    // expire) and the standby leads at its next ask.
+    let js = sys.jetstream().await;
+    let kv = js.get_key_value("leases").await.expect("the leases bucket");
+    let mut watch = kv.watch("postback-service").await.expect("watch");
     sys.stop_postback().await;
+    released(&mut watch).await;
     let now_leader = role(&sys, second.addr, "leader").await;
-    assert!(
-        stopped_at.elapsed() < Duration::from_secs(6),
-        "took over in {:?}",
-        stopped_at.elapsed()
-    );
     assert_eq!(now_leader["holder"], standby["holder"]);
     let (click_id, _) = sys.click_ok("o1", "aff=a1&sub1=after").await;
     let id = postback_via(&sys, second.addr, &click_id).await;
@@ -345,6 +366,8 @@ async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
             child.cancelled().await;
         }
     };
+    let kv = common::lease::create_bucket(&js, config.ttl).await.unwrap();
+    let mut watch = kv.watch("led-work").await.unwrap();
     let task = tokio::spawn(run_led(js.clone(), config, tx, token.clone(), led));
 
     let role = |want: Role| {
@@ -359,15 +382,8 @@ async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
         role(Role::Standby)
     })
     .await;
-    // Released, not left to expire: it was renewed at most a quarter ttl
-    // (750 ms) before the work died, so it would live 2.25 s more.
-    let kv = js.get_key_value("leases").await.unwrap();
-    eventually(
-        "the lease given up",
-        Duration::from_millis(1_500),
-        || async { kv.get("led-work").await.unwrap().is_none().then_some(()) },
-    )
-    .await;
+    // Released, not left to expire.
+    released(&mut watch).await;
     eventually("a second term", Duration::from_secs(10), || async {
         (runs.load(Ordering::SeqCst) == 2 && rx.borrow().role == Role::Leader).then_some(())
     })

@@ -173,8 +173,8 @@ async fn an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_drain() {
     })
     .await;
     assert_eq!(status["outbox"]["depth"], 0, "{status}");
-    let (_, refused) = sys.api(&format!("/api/clicks/{big}")).await;
-    assert_ne!(refused["click"]["click_id"], big.as_str(), "not in the log");
+    let (status, _) = sys.api(&format!("/api/clicks/{big}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not in the log");
 }
 
 #[tokio::test]
@@ -229,8 +229,8 @@ async fn outage_with_outbox_of(limit: u64) -> System {
 
 #[tokio::test]
 async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
-    let sys = outage_with_outbox_of(1).await;
-    sys.click_ok("o1", "aff=a1").await;
+    let mut sys = outage_with_outbox_of(1).await;
+    let (kept, _) = sys.click_ok("o1", "aff=a1").await;
     let r = sys.click("o1", "aff=a1").await;
     assert_eq!(
         r.status(),
@@ -240,6 +240,19 @@ async fn a_full_outbox_refuses_with_503_and_nothing_is_recorded() {
     assert!(r.headers().get("location").is_none());
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["reason"], "not_recorded");
+    let (_, status) = ready(&sys, &sys.click_url("/readyz")).await;
+    assert_eq!(status["outbox"]["depth"], 1, "only the first: {status}");
+
+    // NATS back: the outbox drains, and the log holds the first click alone.
+    sys.nats.restart();
+    eventually("outbox drained", Duration::from_secs(20), || async {
+        let (_, body) = ready(&sys, &sys.click_url("/readyz")).await;
+        (body["outbox"]["depth"] == 0).then_some(())
+    })
+    .await;
+    let in_log = clicks_in_log(&sys.jetstream().await).await;
+    let ids: Vec<_> = in_log.iter().map(|(_, c)| c.click_id.as_str()).collect();
+    assert_eq!(ids, [kept.as_str()], "the refused click is not recorded");
 }
 
 #[tokio::test]

@@ -33,13 +33,14 @@ async fn clicks_expired(sys: &System) -> u64 {
 async fn a_projection_behind_a_log_whose_events_expired_is_ready_and_decides() {
     let mut sys = System::start().await;
     sys.demo_catalog().await;
-    expire_clicks_after(&sys, Duration::from_secs(1)).await;
     let (folded, _) = sys.click_ok("o1", "aff=a1").await;
     eventually("the click folded", Duration::from_secs(10), || async {
         let (status, _) = sys.api(&format!("/api/clicks/{folded}")).await;
         status.is_success().then_some(())
     })
     .await;
+    // Set once it is folded: a slow fold would otherwise never see it.
+    expire_clicks_after(&sys, Duration::from_secs(1)).await;
 
     // Down while clicks come and expire: its checkpoint is behind the log's
     // last sequence, and nothing after it is left to deliver.
@@ -123,11 +124,11 @@ async fn a_secured_reversal_after_its_click_expired_is_verified_by_its_conversio
     )
     .await;
     sys.wait_postback_sees_offer("o1", "2.50").await;
-    expire_clicks_after(&sys, Duration::from_secs(1)).await;
     let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
     let base = format!("click_id={click_id}&txid=T1");
     let id = sys.postback_ok(&format!("{base}&token=s3cret")).await;
     assert_eq!(sys.decided(&id).await["state"], "attributed");
+    expire_clicks_after(&sys, Duration::from_secs(1)).await;
     clicks_expired(&sys).await;
     // A new instance: it never saw the click.
     sys.wipe_postback().await;

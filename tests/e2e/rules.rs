@@ -251,9 +251,13 @@ async fn pending_then_approved_then_reversed_moves_reports_and_affiliate_postbac
 
     // No way back from a reversal; the report says why nothing changed.
     sys.postback_ok(&format!("{base}&status=approved")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
-    assert_eq!(v["status"], "rejected");
+    // Its word decided (ignored) and folded back: the word last decided.
+    let v = eventually("the word decided", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{id}")).await;
+        (v["advertiser_status"] == "approved").then_some(v)
+    })
+    .await;
+    assert_eq!(v["status"], "rejected", "{v}");
     assert_eq!(receiver.seen().len(), 2);
 }
 
