@@ -211,13 +211,15 @@ pub async fn run<F: Fold>(
         source.connections.mark_unchanged();
         match run_consumer(&mut source, &tree, &spec, &fold, &workers, &status, &token).await {
             Ok(()) => break,
-            Err(FoldError::Reconnected | FoldError::LogReplaced) => {
+            Err(FoldError::Reconnected) => {
                 tracing::info!(
                     stream = spec.stream,
                     "reconnected to NATS; resuming from the checkpoint"
                 );
                 backoff = Duration::from_millis(50);
             }
+            // Logged where it was found; the next consumer starts over.
+            Err(FoldError::LogReplaced) => backoff = Duration::from_millis(50),
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), stream = spec.stream, ?backoff,
                     "fold interrupted; resuming from its checkpoint");
@@ -403,13 +405,7 @@ async fn run_consumer<F: Fold>(
         started,
     };
     let folded = pipe
-        .fold_groups(
-            &mut messages,
-            source,
-            &mut committing,
-            applied,
-            (&mut stream, &log),
-        )
+        .fold_groups(&mut messages, source, &mut committing, applied, &log)
         .await;
     // However the loop ended, the group being committed lands first: the next
     // consumer starts from the checkpoint it writes, and the last flush at a
@@ -494,26 +490,36 @@ impl<F: Fold> Pipe<'_, F> {
         source: &mut Source,
         committing: &mut Option<Committing>,
         mut applied: u64,
-        (stream, log): (&mut async_nats::jetstream::stream::Stream, &[u8]),
+        log: &[u8],
     ) -> Result<(), FoldError> {
         let spec = self.spec;
         let mut log_check = tokio::time::interval(LOG_CHECK);
         log_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The stream's identity being asked for, beside the fold's work (a
+        // slow JetStream API must not hold the fold up).
+        let mut asking: Option<futures::future::BoxFuture<'static, Option<Vec<u8>>>> = None;
         loop {
             let waiting = std::time::Instant::now();
             let mut chunk = tokio::select! {
                 () = self.token.cancelled() => return Ok(()),
                 _ = source.connections.changed() => return Err(FoldError::Reconnected),
-                _ = log_check.tick() => {
-                    // Gone or unreadable: the consumer says so, or the stream
-                    // comes back and the next check tells.
-                    let info = tokio::time::timeout(LOG_CHECK / 5, stream.info()).await;
-                    if let Ok(Ok(info)) = info {
-                        if store::log_identity(info.created.unix_timestamp_nanos()) != log {
-                            tracing::warn!(stream = spec.stream,
-                                "the stream was created again while folding; starting over");
-                            return Err(FoldError::LogReplaced);
-                        }
+                _ = log_check.tick(), if asking.is_none() => {
+                    let (js, name) = (source.js.clone(), spec.stream);
+                    asking = Some(Box::pin(async move {
+                        let stream = tokio::time::timeout(LOG_CHECK, js.get_stream(name)).await;
+                        let created = stream.ok()?.ok()?.cached_info().created;
+                        Some(store::log_identity(created.unix_timestamp_nanos()))
+                    }));
+                    continue;
+                }
+                identity = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
+                    asking = None;
+                    // Gone or unreadable (`None`): the consumer says so, or the
+                    // stream comes back and the next check tells.
+                    if identity.is_some_and(|identity| identity != log) {
+                        tracing::warn!(stream = spec.stream,
+                            "the stream was created again while folding; starting over");
+                        return Err(FoldError::LogReplaced);
                     }
                     continue;
                 }

@@ -84,13 +84,17 @@ pub async fn caught_up_with(
     mut status: watch::Receiver<FoldStatus>,
     patience: Duration,
 ) {
-    let mut waits = 0;
+    let (mut waits, mut end) = (0, None);
     while waits < 6 {
-        let last = match js.get_stream(stream).await {
-            Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).ok(),
-            Err(_) => None,
-        };
-        let Some(last) = last else {
+        // Where the log ended when the lease was taken: a log growing faster
+        // than the fold applies it (a burst) is no reason to wait forever.
+        if end.is_none() {
+            end = match js.get_stream(stream).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).ok(),
+                Err(_) => None,
+            };
+        }
+        let Some(last) = end else {
             tracing::debug!(stream, "taking the lease: asking again where the log ends");
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;

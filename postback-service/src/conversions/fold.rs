@@ -102,7 +102,8 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// - 10: the same rows, folded otherwise: a conversion rejected `malformed`
 ///   for its status word alone is opened again by a report of it with
 ///   another word (the advertiser's corrected retry), as one rejected
-///   `unauthenticated` is by a verified report.
+///   `unauthenticated` is by a verified report; so is one whose corrected
+///   word came before that decision, when its queued update is decided.
 /// - 9: the same rows, folded otherwise: a status decision folds once (a copy
 ///   published again finds its queued update gone), leaves a conversion
 ///   reopened since as it is, and a partner's report repeating the word last
@@ -601,9 +602,9 @@ fn apply_status_updated(
     // Decided once: the same decision published again (past JetStream's
     // duplicate window) finds its update gone, and moves nothing twice.
     let queued = status_queue_key(e.update_seq);
-    if !staged.contains(&queued)? {
+    let Some(update) = staged.get_json::<StatusUpdate>(&queued)? else {
         return Ok(());
-    }
+    };
     staged.remove(queued);
     let key = view_key(&e.conversion_id);
     let Some(mut view) = staged.get_packed::<ConversionView>(&key)? else {
@@ -612,6 +613,22 @@ fn apply_status_updated(
     // Pending again since (a verified report reopened it): it is decided with
     // that report's word, not one decided against what it was.
     if view.state == ConversionState::Pending {
+        return Ok(());
+    }
+    // Its first word rejected it, and this one came before that decision (it
+    // waited for it in the queue): the advertiser's correction is decided as
+    // the conversion's report, as it is when it comes after.
+    if view.rejected_for_its_word(&e.advertiser_status) {
+        let reason = view.reason.unwrap_or(Reason::Malformed);
+        update_reports(staged, &view, |row| row.unrejected(reason))?;
+        let view = view.reopened_as(
+            &e.advertiser_status,
+            &update.origin,
+            &update.verified_offer_id,
+            e.update_seq,
+        );
+        super::pending::add(staged, e.update_seq, &view.conversion_id, &view.click_id)?;
+        staged.put_packed(key, &view);
         return Ok(());
     }
     // The word last decided, whether it moved the conversion or not.
@@ -1220,6 +1237,60 @@ mod tests {
             (row.rejected, row.rejected_by_reason.len()),
             (0, 0),
             "its rejection no longer counted: {rows:?}"
+        );
+    }
+
+    #[test]
+    fn a_word_corrected_before_the_decision_reopens_a_rejection_for_its_word() {
+        let mut h = Harness::new();
+        let report = |word| http_report(word, "").encode_to_vec();
+        h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
+        // The correction waits for the first report's decision.
+        h.apply(proto::subject::CONVERSION_REPORTED, report("approved"));
+        let id = conversion_id(CLICK, "", "");
+        let for_its_word = ConversionRejected {
+            conversion_id: id.clone(),
+            offer_id: "o1".into(),
+            reason: RejectReason::Malformed as i32,
+            reported_seq: 1,
+            ..Default::default()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            for_its_word.encode_to_vec(),
+        );
+        // The decider ignores the queued word (the conversion is rejected);
+        // folded, that decision opens the conversion again as its report.
+        h.apply(
+            proto::subject::CONVERSION_STATUS_UPDATED,
+            status_decision(&id, 2, "approved", None),
+        );
+        let reopened = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (
+                reopened.state,
+                reopened.reported_seq,
+                reopened.advertiser_status.as_str(),
+                reopened.origin.as_str()
+            ),
+            (ConversionState::Pending, 2, "approved", "http")
+        );
+        assert_eq!(h.reads().pending_ids().count(), 1);
+        let rows = h.reads().reports('o').unwrap();
+        let row = &rows.iter().find(|(id, _)| id == "o1").unwrap().1;
+        assert_eq!(
+            (row.rejected, row.rejected_by_reason.len()),
+            (0, 0),
+            "{rows:?}"
+        );
+        // The first report's rejection, published again late, is not this one's.
+        h.apply(
+            proto::subject::CONVERSION_REJECTED,
+            for_its_word.encode_to_vec(),
+        );
+        assert_eq!(
+            h.reads().get(&id).unwrap().unwrap().state,
+            ConversionState::Pending
         );
     }
 

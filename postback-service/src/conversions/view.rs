@@ -289,14 +289,45 @@ impl ConversionView {
             && self.malformed.is_none()
             && self.origin == "http"
             && self.verified_offer_id.is_empty();
-        let rejected =
-            |reason| self.state == ConversionState::Rejected && self.reason == Some(reason);
         let verified = !report.verified_offer_id.is_empty()
-            && (unverified_report || rejected(Reason::Unauthenticated));
-        let word_corrected = rejected(Reason::Malformed)
+            && (unverified_report
+                || (self.state == ConversionState::Rejected
+                    && self.reason == Some(Reason::Unauthenticated)));
+        verified || self.rejected_for_its_word(&report.advertiser_status)
+    }
+
+    /// Rejected `malformed` for its status word alone (rule 7: the report
+    /// itself was well formed), and `word` is another one.
+    pub fn rejected_for_its_word(&self, word: &str) -> bool {
+        self.state == ConversionState::Rejected
+            && self.reason == Some(Reason::Malformed)
             && self.malformed.is_none()
-            && report.advertiser_status != self.advertiser_status;
-        verified || word_corrected
+            && word != self.advertiser_status
+    }
+
+    /// Pending again, as the report of the same conversion at `seq` that
+    /// told `word` (its origin and door verification as given): decided
+    /// afresh, as that report.
+    pub fn reopened_as(
+        mut self,
+        word: &str,
+        origin: &str,
+        verified_offer_id: &str,
+        seq: u64,
+    ) -> Self {
+        self.state = ConversionState::Pending;
+        self.reason = None;
+        self.detail.clear();
+        self.offer_id.clear();
+        self.affiliate_id.clear();
+        self.decided_at_ms = None;
+        self.reported_seq = seq;
+        word.clone_into(&mut self.advertiser_status);
+        if !origin.is_empty() {
+            origin.clone_into(&mut self.origin);
+        }
+        verified_offer_id.clone_into(&mut self.verified_offer_id);
+        self
     }
 
     /// The view after a rejection; like [`Self::attributed`], first decision wins.
