@@ -137,7 +137,7 @@ pub const CEILINGS: [(&str, &str); 8] = [
     ),
     (
         "ceiling_sled",
-        "4. sled batched inserts of click rows, a flush per 1024-row batch",
+        "4. sled batched inserts of click rows, 1024-row batches, flushed in the background as the folds are",
     ),
     (
         "fold_clicks",
