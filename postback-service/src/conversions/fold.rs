@@ -1199,17 +1199,8 @@ mod tests {
         let report = |word| http_report(word, "").encode_to_vec();
         h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
         let id = conversion_id(CLICK, "", "");
-        let for_its_word = ConversionRejected {
-            conversion_id: id.clone(),
-            offer_id: "o1".into(),
-            reason: RejectReason::Malformed as i32,
-            reported_seq: 1,
-            ..Default::default()
-        };
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            for_its_word.encode_to_vec(),
-        );
+        let for_its_word = rejected_as(RejectReason::Malformed, &id, 1);
+        h.apply(proto::subject::CONVERSION_REJECTED, for_its_word);
         // The same word again changes nothing; the corrected one reopens.
         h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
         assert_eq!(
@@ -1231,12 +1222,10 @@ mod tests {
             h.reads().status_queue().next().is_none(),
             "not a status change"
         );
-        let rows = h.reads().reports('o').unwrap();
-        let row = &rows.iter().find(|(id, _)| id == "o1").unwrap().1;
         assert_eq!(
-            (row.rejected, row.rejected_by_reason.len()),
+            rejections_of_o1(&h),
             (0, 0),
-            "its rejection no longer counted: {rows:?}"
+            "its rejection no longer counted"
         );
     }
 
@@ -1248,17 +1237,8 @@ mod tests {
         // The correction waits for the first report's decision.
         h.apply(proto::subject::CONVERSION_REPORTED, report("approved"));
         let id = conversion_id(CLICK, "", "");
-        let for_its_word = ConversionRejected {
-            conversion_id: id.clone(),
-            offer_id: "o1".into(),
-            reason: RejectReason::Malformed as i32,
-            reported_seq: 1,
-            ..Default::default()
-        };
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            for_its_word.encode_to_vec(),
-        );
+        let for_its_word = rejected_as(RejectReason::Malformed, &id, 1);
+        h.apply(proto::subject::CONVERSION_REJECTED, for_its_word.clone());
         // The decider ignores the queued word (the conversion is rejected);
         // folded, that decision opens the conversion again as its report.
         h.apply(
@@ -1276,18 +1256,13 @@ mod tests {
             (ConversionState::Pending, 2, "approved", "http")
         );
         assert_eq!(h.reads().pending_ids().count(), 1);
-        let rows = h.reads().reports('o').unwrap();
-        let row = &rows.iter().find(|(id, _)| id == "o1").unwrap().1;
         assert_eq!(
-            (row.rejected, row.rejected_by_reason.len()),
+            rejections_of_o1(&h),
             (0, 0),
-            "{rows:?}"
+            "its rejection no longer counted"
         );
         // The first report's rejection, published again late, is not this one's.
-        h.apply(
-            proto::subject::CONVERSION_REJECTED,
-            for_its_word.encode_to_vec(),
-        );
+        h.apply(proto::subject::CONVERSION_REJECTED, for_its_word);
         assert_eq!(
             h.reads().get(&id).unwrap().unwrap().state,
             ConversionState::Pending
@@ -1376,14 +1351,26 @@ mod tests {
     /// The `unauthenticated` rejection of conversion `id` as reported at
     /// `reported_seq`.
     fn unauthenticated(id: &str, reported_seq: u64) -> Vec<u8> {
+        rejected_as(RejectReason::Unauthenticated, id, reported_seq)
+    }
+
+    /// A rejection of conversion `id` as reported at `reported_seq`, on o1.
+    fn rejected_as(reason: RejectReason, id: &str, reported_seq: u64) -> Vec<u8> {
         ConversionRejected {
             conversion_id: id.into(),
             offer_id: "o1".into(),
-            reason: RejectReason::Unauthenticated as i32,
+            reason: reason as i32,
             reported_seq,
             ..Default::default()
         }
         .encode_to_vec()
+    }
+
+    /// Offer o1's report row: rejections, and the reasons they are counted under.
+    fn rejections_of_o1(h: &Harness) -> (u64, usize) {
+        let rows = h.reads().reports('o').unwrap();
+        let row = &rows.iter().find(|(id, _)| id == "o1").unwrap().1;
+        (row.rejected, row.rejected_by_reason.len())
     }
 
     /// A status decision of the update queued at `update_seq`.
