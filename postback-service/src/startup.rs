@@ -107,6 +107,7 @@ impl Application {
         )?;
         let postbacks_status =
             base.spawn_fold("postbacks", spec(proto::stream::POSTBACKS), PostbacksFold)?;
+        let postbacks_status_for_api = postbacks_status.clone();
         let clicks = Clicks::new(base.db.open_tree("clicks")?);
         let conversions = Conversions::new(base.db.open_tree("conversions")?);
 
@@ -167,6 +168,7 @@ impl Application {
             clicks,
             clicks_status,
             conversions_status,
+            postbacks_status: postbacks_status_for_api,
             door_wait: Duration::from_millis(config.door_wait_ms),
             dispatcher,
             catalog: catalog::Catalog::new(base.db.open_tree("catalog")?),

@@ -439,3 +439,71 @@ async fn a_new_leader_waits_for_a_fold_still_catching_up_but_not_for_a_stuck_one
     .await
     .expect("a stuck fold is not waited for forever");
 }
+
+/// A delivery's schedule is its leader's own: a standby has none, and a
+/// former leader's is as it was when its term ended. Both show a delivery as
+/// the log holds it; one still pending is the leader's to show, and their
+/// 404 says so.
+#[tokio::test]
+async fn a_former_leader_does_not_show_its_old_schedules_as_pending() {
+    let receiver = Receiver::start(vec![], Reply::Status(500, "down")).await;
+    // After its first failed attempt the delivery waits a minute: pending.
+    let mut sys = System::start_configured(500, |c| c.postback_first_retry_ms = 60_000).await;
+    catalog(&sys, &receiver).await;
+    let first = sys.postback.as_ref().expect("running").addr;
+    role(&sys, first, "leader").await;
+    let (click_id, _) = sys.click_ok("o1", "aff=a1").await;
+    let conversion = postback_via(&sys, first, &click_id).await;
+    let delivery = postback_service::deliveries::delivery_id(&conversion, "a1");
+    let http = sys.http.clone();
+    let get = |addr: std::net::SocketAddr| {
+        let (http, delivery) = (http.clone(), delivery.clone());
+        async move {
+            let url = format!("http://{addr}/api/postbacks/{delivery}");
+            let r = http
+                .get(&url)
+                .bearer_auth("admin")
+                .send()
+                .await
+                .expect("GET");
+            (r.status(), r.json::<Value>().await.expect("JSON"))
+        }
+    };
+    eventually(
+        "the first attempt made",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = get(first).await;
+            (v["state"] == "pending" && v["attempts"] == 1).then_some(())
+        },
+    )
+    .await;
+
+    // A second instance takes over from the first, which comes back as a
+    // standby with its old schedule on disk.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let second = sys.start_another_postback(dir.path()).await;
+    standby_of(&sys, second.addr).await;
+    sys.stop_postback().await;
+    let leader = role(&sys, second.addr, "leader").await;
+    sys.start_postback().await;
+    let first = sys.postback.as_ref().expect("running").addr;
+    standby_of(&sys, first).await;
+    let (status, body) = get(first).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "not its old schedule: {body}"
+    );
+    let holder = leader["holder"].as_str().expect("holder");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains(holder),
+        "names the leader: {body}"
+    );
+    let (status, body) = get(second.addr).await;
+    assert_eq!(
+        (status, &body["state"]),
+        (StatusCode::OK, &json!("pending")),
+        "{body}"
+    );
+}

@@ -30,6 +30,9 @@ pub struct AppState {
     pub clicks_status: tokio::sync::watch::Receiver<common::fold::FoldStatus>,
     /// Where the CONVERSIONS fold is, to wait for a conversion not folded yet.
     pub conversions_status: tokio::sync::watch::Receiver<common::fold::FoldStatus>,
+    /// Where the POSTBACKS fold is, to wait for a delivery's outcome not
+    /// folded yet (the leader drops a schedule once its outcome is acked).
+    pub postbacks_status: tokio::sync::watch::Receiver<common::fold::FoldStatus>,
     /// How long a postback waits at the door for its click to be folded, and
     /// an API lookup of a click or conversion not found for its fold.
     pub door_wait: Duration,

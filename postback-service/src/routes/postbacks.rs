@@ -152,8 +152,19 @@ pub(super) fn lookup(
     delivery_id: &str,
 ) -> Result<Option<DeliveryJson>, ApiError> {
     let outcome = state.dispatcher.outcomes().get(delivery_id)?;
-    let schedule = state.dispatcher.schedules().get(delivery_id)?;
+    let schedule = match leading(state) {
+        true => state.dispatcher.schedules().get(delivery_id)?,
+        false => None,
+    };
     Ok(delivery_json(outcome, schedule))
+}
+
+/// Whether this instance leads: only then are its schedules (the pending
+/// deliveries, with their attempts) current. A standby has none, and a former
+/// leader's are as they were when its term ended; both show what the log
+/// holds (delivered, failed, a retry requested).
+fn leading(state: &AppState) -> bool {
+    state.lease.borrow().role == common::lease::Role::Leader
 }
 
 pub(super) async fn get_postback(
@@ -162,9 +173,33 @@ pub(super) async fn get_postback(
     headers: HeaderMap,
 ) -> Result<Json<DeliveryJson>, ApiError> {
     common::auth::require_bearer(&headers, &state.admin_token)?;
-    lookup(&state, &delivery_id)?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("delivery_id", "unknown delivery"))
+    if let Some(delivery) = lookup(&state, &delivery_id)? {
+        return Ok(Json(delivery));
+    }
+    // Its outcome may be in the log and not folded yet: the leader drops a
+    // schedule once its outcome is acked.
+    let stream = proto::stream::POSTBACKS;
+    if super::catch_up::caught_up(&state.js, stream, &state.postbacks_status, state.door_wait).await
+    {
+        if let Some(delivery) = lookup(&state, &delivery_id)? {
+            return Ok(Json(delivery));
+        }
+    }
+    let lease = state.lease.borrow().clone();
+    let message = match lease.role {
+        common::lease::Role::Leader => "unknown delivery".to_owned(),
+        _ => format!(
+            "no outcome of this delivery in the log; pending deliveries are known to the \
+             leader ({}), this instance ({}) stands by",
+            if lease.leader.is_empty() {
+                "none yet"
+            } else {
+                &lease.leader
+            },
+            lease.holder
+        ),
+    };
+    Err(ApiError::not_found("delivery_id", message))
 }
 
 pub(super) async fn list_postbacks(
@@ -256,7 +291,11 @@ impl Row {
 fn listing(state: &AppState) -> Result<impl Iterator<Item = Result<Row, ApiError>> + '_, ApiError> {
     let outcomes = state.dispatcher.outcomes();
     let mut pending: Vec<Row> = Vec::new();
-    for s in state.dispatcher.schedules().all()? {
+    let schedules = match leading(state) {
+        true => state.dispatcher.schedules().all()?,
+        false => Vec::new(),
+    };
+    for s in schedules {
         // A delivered or failed outcome is shown over its schedule (a
         // schedule outlives its outcome's event only until it is removed).
         let shadowed = outcomes
