@@ -183,6 +183,7 @@ impl Application {
                 .start_outbox(config.ingest.outbox_max_entries, config.publish_timeout())?,
             ack_deadline: config.ack_deadline(),
             lease,
+            log_ends: Arc::default(),
         };
         let router = routes::router(state);
         Ok(Self(

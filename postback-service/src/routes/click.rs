@@ -100,13 +100,8 @@ pub(super) async fn get_click(
         // Redirected a moment ago, or reported: perhaps only not folded yet.
         let wait = state.door_wait;
         let (clicks, reports) = tokio::join!(
-            caught_up(&state.js, stream::CLICKS, &state.clicks_status, wait),
-            caught_up(
-                &state.js,
-                stream::CONVERSIONS,
-                &state.conversions_status,
-                wait
-            ),
+            caught_up(&state, stream::CLICKS, &state.clicks_status, wait),
+            caught_up(&state, stream::CONVERSIONS, &state.conversions_status, wait),
         );
         if clicks || reports {
             (click, conversions) = read()?;

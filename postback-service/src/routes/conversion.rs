@@ -98,7 +98,7 @@ pub(super) async fn get_conversion(
     if view.is_none() {
         let stream = proto::stream::CONVERSIONS;
         let status = &state.conversions_status;
-        if super::catch_up::caught_up(&state.js, stream, status, state.door_wait).await {
+        if super::catch_up::caught_up(&state, stream, status, state.door_wait).await {
             view = state.conversions.get(&conversion_id)?;
         }
     }

@@ -17,6 +17,8 @@ use axum::{
 
 use crate::{clicks::Clicks, conversions::Conversions};
 
+pub use catch_up::LogEnds;
+
 /// Largest accepted request body (a postback is a handful of parameters).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -47,6 +49,8 @@ pub struct AppState {
     pub ack_deadline: Duration,
     /// Whether this instance leads (runs the dispatcher) or stands by.
     pub lease: tokio::sync::watch::Receiver<common::lease::LeaseStatus>,
+    /// Where the streams end, asked of NATS once for many reads.
+    pub log_ends: Arc<LogEnds>,
 }
 
 /// The service's routes (health routes are merged in by startup). The state

@@ -117,7 +117,7 @@ async fn click_at_door(
     // Read again even when the fold was already there: it may have applied
     // the click between the first read and the stream info.
     if !super::catch_up::caught_up(
-        &state.js,
+        state,
         proto::stream::CLICKS,
         &state.clicks_status,
         state.door_wait,

@@ -179,8 +179,7 @@ pub(super) async fn get_postback(
     // Its outcome may be in the log and not folded yet: the leader drops a
     // schedule once its outcome is acked.
     let stream = proto::stream::POSTBACKS;
-    if super::catch_up::caught_up(&state.js, stream, &state.postbacks_status, state.door_wait).await
-    {
+    if super::catch_up::caught_up(&state, stream, &state.postbacks_status, state.door_wait).await {
         if let Some(delivery) = lookup(&state, &delivery_id)? {
             return Ok(Json(delivery));
         }
