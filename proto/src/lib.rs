@@ -17,9 +17,10 @@ pub mod clicks {
 
         impl ClicksRecorded {
             /// The clicks a `CLICKS` message carries, each as an encoded
-            /// [`ClickRecorded`]: a batch's (`clicks.v1.recorded_batch`), or
-            /// the message itself (`clicks.v1.recorded`, and any other
-            /// subject, which a click's reader decodes as one click).
+            /// [`ClickRecorded`]: a batch's (`clicks.v1.recorded_batch`), the
+            /// message itself (`clicks.v1.recorded`), or none (any other
+            /// subject: a later version's event, `clicks.v2.recorded` say,
+            /// is not a v1 click to count).
             ///
             /// # Errors
             /// A batch that does not decode.
@@ -27,8 +28,11 @@ pub mod clicks {
                 subject: &str,
                 payload: &'a [u8],
             ) -> Result<Vec<std::borrow::Cow<'a, [u8]>>, prost::DecodeError> {
-                if subject != crate::subject::CLICKS_RECORDED_BATCH {
+                if subject == crate::subject::CLICK_RECORDED {
                     return Ok(vec![std::borrow::Cow::Borrowed(payload)]);
+                }
+                if subject != crate::subject::CLICKS_RECORDED_BATCH {
+                    return Ok(Vec::new());
                 }
                 let batch = <Self as prost::Message>::decode(payload)?;
                 Ok(batch
@@ -131,5 +135,7 @@ mod tests {
         let each = ClicksRecorded::each(crate::subject::CLICK_RECORDED, &lone).unwrap();
         assert_eq!(each, [&lone[..]]);
         assert!(ClicksRecorded::each(crate::subject::CLICKS_RECORDED_BATCH, b"\xff").is_err());
+        let later = ClicksRecorded::each("clicks.v2.recorded", &lone).unwrap();
+        assert!(later.is_empty(), "a later version's event is no v1 click");
     }
 }

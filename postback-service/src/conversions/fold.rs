@@ -32,7 +32,7 @@ use proto::conversions::v1::{
 
 use super::report::{Money, ReportRow};
 use super::view::{ConversionState, ConversionView, Reason};
-use crate::postback::{conversion_id, conversion_id_problem, normalize_reported};
+use crate::postback::{conversion_id_problem, normalize_reported};
 
 /// Tag of an id [`push_id`] wrote as a UUID's 16 bytes.
 const ID_UUID: u8 = 0;
@@ -103,7 +103,11 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 ///   for its status word alone is opened again by a report of it with
 ///   another word (the advertiser's corrected retry), as one rejected
 ///   `unauthenticated` is by a verified report; so is one whose corrected
-///   word came before that decision, when its queued update is decided.
+///   word came before that decision, when its queued update is decided. A
+///   partner's report opens an unverified HTTP one as a verified report
+///   does; partner reports are trimmed, and refused past 32 bytes of status
+///   word; a malformed report gets an id of
+///   its own bytes, never its sale's derived id.
 /// - 9: the same rows, folded otherwise: a status decision folds once (a copy
 ///   published again finds its queued update gone), leaves a conversion
 ///   reopened since as it is, and a partner's report repeating the word last
@@ -374,14 +378,16 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             Ok(e) => ConversionView::reported(&e, entry.seq, entry.log_time_ms),
             Err(why) => {
                 let e = canonical_click(e);
+                // Never the id derived from its click, goal and txid: that
+                // belongs to the well-formed report of the same sale, which
+                // would otherwise find it taken (a retry of it answered as
+                // known, or decided malformed as a conflict).
                 let id = if !e.conversion_id.is_empty()
                     && conversion_id_problem(&e.conversion_id).is_none()
                 {
                     e.conversion_id.clone()
-                } else if !e.click_id.is_empty() && e.click_id.len() <= 128 {
-                    conversion_id(&e.click_id, &e.goal, &e.txid)
                 } else {
-                    malformed_id(entry.seq)
+                    bytes_id(entry.payload)
                 };
                 malformed(id, Some(&e), why)
             }
@@ -495,6 +501,13 @@ impl ReReport {
 /// found again and not decided twice.
 fn conflict_id(payload: &[u8]) -> String {
     let name = [&b"conflicting-report/"[..], payload].concat();
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name).to_string()
+}
+
+/// The id of a malformed report that names no usable conversion id of its
+/// own: stable per bytes, so the same bytes published again are found again.
+fn bytes_id(payload: &[u8]) -> String {
+    let name = [&b"malformed-report-bytes/"[..], payload].concat();
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name).to_string()
 }
 
@@ -856,6 +869,7 @@ impl Conversions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::postback::conversion_id;
     use proto::conversions::v1::{ConversionOrigin, RejectReason};
 
     const CLICK: &str = "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c7d";
@@ -1081,8 +1095,9 @@ mod tests {
         assert_eq!(pending[0].raw_hex, Some(hex(&other)));
         assert_eq!(pending[1].raw_hex, Some(hex(&broken)));
 
-        // A broken first report, then its corrected form under the same
-        // (derived) id.
+        // A broken first report with no id of its own, then its corrected
+        // form: the broken one never takes the id derived from its click,
+        // goal and txid, so the correction is the conversion.
         let mut h = Harness::new();
         let bad = ConversionReported {
             click_id: CLICK.into(),
@@ -1090,14 +1105,19 @@ mod tests {
             ..Default::default()
         };
         h.apply(proto::subject::CONVERSION_REPORTED, bad.encode_to_vec());
-        h.report("");
+        let id = h.report("");
         let pending: Vec<_> = h.reads().pending().collect::<Result<_, _>>().unwrap();
-        assert_eq!(pending.len(), 2, "the correction is not dropped unseen");
-        assert!(pending[1]
-            .malformed
-            .as_deref()
-            .unwrap()
-            .contains("already reported malformed"));
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert!(pending[0].malformed.is_some());
+        assert_ne!(pending[0].conversion_id, id);
+        assert_eq!(
+            (
+                pending[1].conversion_id.as_str(),
+                pending[1].malformed.as_deref()
+            ),
+            (id.as_str(), None),
+            "the correction is well formed, under its own id"
+        );
     }
 
     #[test]
@@ -1267,6 +1287,33 @@ mod tests {
             h.reads().get(&id).unwrap().unwrap().state,
             ConversionState::Pending
         );
+    }
+
+    #[test]
+    fn a_partner_s_report_opens_an_unauthenticated_rejection_again() {
+        let mut h = Harness::new();
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            http_report("", "").encode_to_vec(),
+        );
+        let id = conversion_id(CLICK, "", "");
+        h.apply(proto::subject::CONVERSION_REJECTED, unauthenticated(&id, 1));
+        let partner = ConversionReported {
+            click_id: CLICK.into(),
+            origin: ConversionOrigin::Nats as i32,
+            ..Default::default()
+        };
+        h.apply(proto::subject::CONVERSION_REPORTED, partner.encode_to_vec());
+        let reopened = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (
+                reopened.state,
+                reopened.reported_seq,
+                reopened.origin.as_str()
+            ),
+            (ConversionState::Pending, 3, "nats")
+        );
+        assert_eq!(rejections_of_o1(&h), (0, 0));
     }
 
     #[test]

@@ -229,6 +229,21 @@ impl ConversionView {
         view.malformed = Some(why);
         view.raw_hex = Some(raw.iter().take(4096).map(|b| format!("{b:02x}")).collect());
         view.origin = "nats".to_owned();
+        // What was sent, cut to what a well-formed report may hold: its
+        // rejection carries these, and must fit in a NATS message (a report
+        // of a megabyte would stop every decision behind it). All the bytes
+        // as sent are in `raw_hex`, up to 4 KB.
+        use crate::postback::{MAX_CONVERSION_ID_LEN, MAX_GOAL_LEN, MAX_STATUS_LEN, MAX_TXID_LEN};
+        for (field, max) in [
+            (&mut view.click_id, MAX_CONVERSION_ID_LEN),
+            (&mut view.goal, MAX_GOAL_LEN),
+            (&mut view.txid, MAX_TXID_LEN),
+            (&mut view.advertiser_status, MAX_STATUS_LEN),
+            (&mut view.currency, 8),
+            (&mut view.ip, 64),
+        ] {
+            clip(field, max);
+        }
         view
     }
 
@@ -274,7 +289,8 @@ impl ConversionView {
 
     /// Whether `report`, a report of this same conversion, opens it again, to
     /// be decided as that report:
-    /// - a report verified for an offer, when this one was rejected
+    /// - a report verified for an offer (or a partner's, trusted), when this
+    ///   one was rejected
     ///   `unauthenticated` or is an HTTP report nobody verified still waiting
     ///   for its decision. A report nobody verified (sent while the door could
     ///   not see its click, by anyone who knew the click id) must not keep the
@@ -289,7 +305,9 @@ impl ConversionView {
             && self.malformed.is_none()
             && self.origin == "http"
             && self.verified_offer_id.is_empty();
-        let verified = !report.verified_offer_id.is_empty()
+        // A partner's report on NATS is trusted as a verified one is.
+        let trusted = !report.verified_offer_id.is_empty() || report.origin != "http";
+        let verified = trusted
             && (unverified_report
                 || (self.state == ConversionState::Rejected
                     && self.reason == Some(Reason::Unauthenticated)));
@@ -342,6 +360,17 @@ impl ConversionView {
         self.affiliate_id.clone_from(&e.affiliate_id);
         self.decided_at_ms = Some(e.occurred_at_ms);
         self
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character's boundary.
+fn clip(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
     }
 }
 
