@@ -239,18 +239,8 @@ pub fn normalize_reported(
     e.click_id = Uuid::try_parse(&e.click_id)
         .map_err(|_| format!("click_id {:?} is not a UUID", truncate(&e.click_id)))?
         .to_string();
-    // As the HTTP door reads them: values trimmed, so one sale reported both
-    // ways names one conversion.
-    for value in [&mut e.goal, &mut e.txid] {
-        if value.trim().len() != value.len() {
-            *value = value.trim().to_owned();
-        }
-    }
     if e.goal.len() > MAX_GOAL_LEN || e.txid.len() > MAX_TXID_LEN {
         return Err("goal or txid too long".to_owned());
-    }
-    if e.status.len() > MAX_STATUS_LEN || e.status.chars().any(char::is_control) {
-        return Err("status word longer than 32 bytes or with a control character".to_owned());
     }
     if e.amount_micros.is_some_and(|a| a < 0) {
         return Err("negative amount".to_owned());
@@ -382,16 +372,6 @@ mod tests {
         assert_eq!(n.occurred_at_ms, 42);
         assert_eq!(n.currency, "USD");
         assert_eq!(n.origin(), ConversionOrigin::Nats);
-        // Trimmed as the HTTP door trims: one sale, one conversion either way.
-        let padded = ConversionReported {
-            click_id: CID.into(),
-            goal: " sale ".into(),
-            txid: "T1 ".into(),
-            ..Default::default()
-        };
-        let n = normalize_reported(padded, 42).unwrap();
-        assert_eq!((n.goal.as_str(), n.txid.as_str()), ("sale", "T1"));
-        assert_eq!(n.conversion_id, conversion_id(CID, "sale", "T1"));
     }
 
     #[test]
@@ -453,18 +433,6 @@ mod tests {
             ConversionReported {
                 click_id: CID.into(),
                 conversion_id: "partner\n7".into(),
-                ..Default::default()
-            },
-            // As the HTTP door refuses them: the word goes into the
-            // decision's detail, which must stay publishable.
-            ConversionReported {
-                click_id: CID.into(),
-                status: "a".repeat(33),
-                ..Default::default()
-            },
-            ConversionReported {
-                click_id: CID.into(),
-                status: "paid\u{1}".into(),
                 ..Default::default()
             },
         ];

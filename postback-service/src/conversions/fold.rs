@@ -105,9 +105,8 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 ///   `unauthenticated` is by a verified report; so is one whose corrected
 ///   word came before that decision, when its queued update is decided. A
 ///   partner's report opens an unverified HTTP one as a verified report
-///   does; partner reports are trimmed, and refused past 32 bytes of status
-///   word; a malformed report gets an id of
-///   its own bytes, never its sale's derived id.
+///   does; a malformed report gets an id of its own bytes, never its sale's
+///   derived id.
 /// - 9: the same rows, folded otherwise: a status decision folds once (a copy
 ///   published again finds its queued update gone), leaves a conversion
 ///   reopened since as it is, and a partner's report repeating the word last

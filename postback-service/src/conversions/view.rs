@@ -9,6 +9,8 @@ use proto::conversions::v1::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::postback::MAX_STATUS_LEN;
+
 /// Where a conversion is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -206,8 +208,8 @@ impl ConversionView {
             postback_url: String::new(),
             postback_statuses: Vec::new(),
             status: None,
-            advertiser_status: e.status.trim().to_ascii_lowercase(),
-            verified_offer_id: e.verified_offer_id.clone(),
+            advertiser_status: clipped(e.status.trim().to_ascii_lowercase(), MAX_STATUS_LEN),
+            verified_offer_id: clipped(e.verified_offer_id.clone(), MAX_OFFER_ID_LEN),
             cap_day: String::new(),
             status_history: Vec::new(),
         }
@@ -233,7 +235,7 @@ impl ConversionView {
         // rejection carries these, and must fit in a NATS message (a report
         // of a megabyte would stop every decision behind it). All the bytes
         // as sent are in `raw_hex`, up to 4 KB.
-        use crate::postback::{MAX_CONVERSION_ID_LEN, MAX_GOAL_LEN, MAX_STATUS_LEN, MAX_TXID_LEN};
+        use crate::postback::{MAX_CONVERSION_ID_LEN, MAX_GOAL_LEN, MAX_TXID_LEN};
         for (field, max) in [
             (&mut view.click_id, MAX_CONVERSION_ID_LEN),
             (&mut view.goal, MAX_GOAL_LEN),
@@ -363,6 +365,18 @@ impl ConversionView {
     }
 }
 
+/// Longest offer id (as the catalog takes them).
+const MAX_OFFER_ID_LEN: usize = 64;
+
+/// `text` cut to at most `max` bytes ([`clip`]). A partner's status word or
+/// verified offer, unlike an HTTP report's, comes unchecked, and both go into
+/// decisions (a detail, a status update), which must fit in a NATS message:
+/// a word no offer maps, cut, is still one no offer maps.
+fn clipped(mut text: String, max: usize) -> String {
+    clip(&mut text, max);
+    text
+}
+
 /// `text` cut to at most `max` bytes, at a character's boundary.
 fn clip(text: &mut String, max: usize) {
     if text.len() > max {
@@ -428,6 +442,22 @@ mod tests {
             (ConversionState::Rejected, Some(Reason::Duplicate))
         );
         assert_eq!(r.clone().attributed(&attributed), r);
+    }
+
+    #[test]
+    fn a_partner_s_unchecked_words_are_kept_short_enough_to_decide() {
+        let e = ConversionReported {
+            status: format!(" {}\u{1} ", "é".repeat(600_000)),
+            verified_offer_id: "o".repeat(1_000_000),
+            ..Default::default()
+        };
+        let view = ConversionView::reported(&e, 1, 1);
+        assert!(view.advertiser_status.len() <= MAX_STATUS_LEN);
+        assert!(
+            view.advertiser_status.starts_with("é"),
+            "cut at a character"
+        );
+        assert_eq!(view.verified_offer_id.len(), MAX_OFFER_ID_LEN);
     }
 
     #[test]
