@@ -89,10 +89,12 @@ pub async fn caught_up_with(
         // Where the log ended when the lease was taken: a log growing faster
         // than the fold applies it (a burst) is no reason to wait forever.
         if end.is_none() {
-            end = match js.get_stream(stream).await {
-                Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).ok(),
-                Err(_) => None,
-            };
+            // `get_stream` asks the server for the stream's info, as of now.
+            end = js
+                .get_stream(stream)
+                .await
+                .ok()
+                .map(|s| s.cached_info().state.last_sequence);
         }
         let Some(last) = end else {
             tracing::debug!(stream, "taking the lease: asking again where the log ends");

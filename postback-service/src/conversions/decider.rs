@@ -195,6 +195,7 @@ impl Waiting {
 }
 
 /// What a round did.
+#[derive(Default)]
 struct RoundOutcome {
     /// The highest stream sequence of the decisions published (`None`: none).
     top: Option<u64>,
@@ -237,12 +238,8 @@ async fn round(
         // has older terms: decide nothing until the catalog has reached the
         // log's end once (a projection rebuilt at start, a slow catalog fold).
         return Ok(RoundOutcome {
-            top: None,
-            decided: 0,
-            claims: Claims::default(),
-            wait: false,
             resume_from: from,
-            pending_ended: false,
+            ..RoundOutcome::default()
         });
     }
     let now = common::time::now_ms();

@@ -410,8 +410,7 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                     super::pending::remove(staged, known.reported_seq)?;
                 } else {
                     // Its rejection leaves the reports: they count outcomes.
-                    let reason = known.reason.unwrap_or(Reason::Malformed);
-                    update_reports(staged, &known, |row| row.unrejected(reason))?;
+                    unreject(staged, &known)?;
                 }
             }
             ReReport::Same => {
@@ -631,8 +630,7 @@ fn apply_status_updated(
     // waited for it in the queue): the advertiser's correction is decided as
     // the conversion's report, as it is when it comes after.
     if view.rejected_for_its_word(&e.advertiser_status) {
-        let reason = view.reason.unwrap_or(Reason::Malformed);
-        update_reports(staged, &view, |row| row.unrejected(reason))?;
+        unreject(staged, &view)?;
         let view = view.reopened_as(
             &e.advertiser_status,
             &update.origin,
@@ -664,6 +662,13 @@ fn apply_status_updated(
         staged.put_packed(key, &view);
     }
     Ok(())
+}
+
+/// Takes a rejected conversion's rejection out of the reports, as it is
+/// opened again to be decided afresh.
+fn unreject(staged: &mut Staged<'_>, view: &ConversionView) -> Result<(), sled::Error> {
+    let reason = view.reason.unwrap_or(Reason::Malformed);
+    update_reports(staged, view, |row| row.unrejected(reason))
 }
 
 fn update_reports(

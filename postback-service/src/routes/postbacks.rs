@@ -167,6 +167,14 @@ fn leading(state: &AppState) -> bool {
     state.lease.borrow().role == common::lease::Role::Leader
 }
 
+/// Who leads, as a standby's answer names it.
+fn leader_name(lease: &common::lease::LeaseStatus) -> &str {
+    match lease.leader.as_str() {
+        "" => "none yet",
+        leader => leader,
+    }
+}
+
 pub(super) async fn get_postback(
     State(state): State<Arc<AppState>>,
     Path(delivery_id): Path<String>,
@@ -190,11 +198,7 @@ pub(super) async fn get_postback(
         _ => format!(
             "no outcome of this delivery in the log; pending deliveries are known to the \
              leader ({}), this instance ({}) stands by",
-            if lease.leader.is_empty() {
-                "none yet"
-            } else {
-                &lease.leader
-            },
+            leader_name(&lease),
             lease.holder
         ),
     };
@@ -366,11 +370,7 @@ pub(super) async fn retry_postback(
             message: format!(
                 "this instance ({}) is a standby; ask the leader ({})",
                 lease.holder,
-                if lease.leader.is_empty() {
-                    "none yet"
-                } else {
-                    &lease.leader
-                }
+                leader_name(&lease)
             ),
         });
     }
