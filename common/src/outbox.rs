@@ -619,9 +619,15 @@ impl Outbox {
                 }
             }
         }
-        let mut done = 0;
+        // Every ack is collected, within one deadline for the round: the
+        // events of a round have distinct keys, so one that failed holds none
+        // of the others back, and an event stored but left in line would be
+        // sent again and again behind a head that keeps failing, and stored
+        // twice once NATS's duplicate window (2 minutes) has passed.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (mut done, mut failed) = (0, None);
         for (key, record, ack) in acks {
-            match tokio::time::timeout(timeout, ack).await {
+            match tokio::time::timeout_at(deadline, ack).await {
                 Ok(Ok(_)) => {
                     self.take(key);
                     done += 1;
@@ -630,21 +636,24 @@ impl Outbox {
                     self.set_aside(key, record, &source);
                 }
                 Ok(Err(source)) => {
-                    return Err(PublishError::Send {
+                    failed = failed.or(Some(PublishError::Send {
                         subject: record.subject.clone(),
                         source,
-                    })
+                    }));
                 }
                 Err(_) => {
-                    return Err(PublishError::Timeout {
+                    failed = failed.or(Some(PublishError::Timeout {
                         subject: record.subject.clone(),
                         timeout,
-                    })
+                    }));
                 }
             }
         }
         let _ = crate::store::flush(&self.inner.tree).await;
-        Ok(done)
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(done),
+        }
     }
 
     /// Drains until `token` is cancelled, backing off while NATS does not ack.

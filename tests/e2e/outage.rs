@@ -370,3 +370,52 @@ async fn nats_back_without_its_data_gets_its_streams_again() {
     assert_eq!(sys.decided(&id).await["state"], "attributed");
     drained_and_ready(sys).await;
 }
+
+#[tokio::test]
+async fn a_drain_round_takes_every_acked_event_out_even_behind_one_that_fails() {
+    use common::outbox::{Order, Outbox};
+    let nats = crate::support::nats::NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "T".into(),
+        subjects: vec!["t.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), 10).unwrap();
+    // The head of the line has no stream to take it (yet): it fails every
+    // round, and is not refused for good.
+    outbox
+        .spool("nowhere.x", "m0", b"0", Order::PerKey("c0"))
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        let (id, key) = (format!("m{i}"), format!("c{i}"));
+        outbox
+            .spool("t.x", &id, id.as_bytes(), Order::PerKey(&key))
+            .await
+            .unwrap();
+    }
+    let token = tokio_util::sync::CancellationToken::new();
+    let drainer = tokio::spawn(outbox.clone().run_drainer(
+        js.clone(),
+        Duration::from_secs(2),
+        token.clone(),
+    ));
+    eventually(
+        "the three behind it out",
+        Duration::from_secs(15),
+        || async { (outbox.depth() == 1).then_some(()) },
+    )
+    .await;
+    let status = outbox.status();
+    assert_eq!((status.depth, status.refused), (1, 0), "the head waits");
+    let stored = crate::support::nats::read_stream(&js, "T").await;
+    let ids: Vec<Vec<u8>> = stored.into_iter().map(|(_, p, _)| p).collect();
+    assert_eq!(ids, [b"m1".to_vec(), b"m2".to_vec(), b"m3".to_vec()]);
+    token.cancel();
+    drainer.await.unwrap();
+}
