@@ -90,6 +90,15 @@ pub fn check_url_template(field: &str, template: &str) -> Result<(), ApiError> {
             "must not contain control characters",
         ));
     }
+    // A browser resolves `https:adv.test/…` (no `//`) against the tracking
+    // link when the schemes match: a relative reference, to our own host.
+    let lower = template.get(..8).unwrap_or(template).to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return Err(ApiError::invalid(
+            field,
+            "must be an absolute http(s) URL, starting http:// or https://",
+        ));
+    }
     // Filled twice with different values: where the two differ in scheme,
     // host, port or user, a macro chose them, and whoever sends the value
     // (an affiliate's `sub1`, say) would choose where we redirect or post.
@@ -558,6 +567,7 @@ mod tests {
             "https://adv.test/l?c={click_id}&s={sub1}",
             "https://adv.test:8443/{sub1}/l#{sub2}",
             "http://user:pw@adv.test/{source}",
+            "HTTPS://adv.test/{sub1}",
         ] {
             assert!(check_url_template("url", good).is_ok(), "{good}");
         }
@@ -569,6 +579,10 @@ mod tests {
             "https://{sub1}@adv.test/",
             "https://u:{sub1}@adv.test/",
             "{sub1}://adv.test/",
+            "https:adv.test/p/{sub1}/x?u=http://z",
+            "https:/adv.test/",
+            "https:\\\\adv.test/",
+            " https://adv.test/",
         ] {
             let err = check_url_template("url", bad).expect_err(bad);
             assert_eq!(field_of(err), "url", "{bad}");
