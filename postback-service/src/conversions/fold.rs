@@ -403,16 +403,9 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             // The same conversion reported again: a retry (nothing to do), or
             // a new status word, which waits for the decider in the status
             // queue.
-            ReReport::Same if known.reopens_with(&view) => {
-                // Pending again, as this report: decided afresh (decisions of
-                // the earlier report no longer apply, see `apply_decision`).
-                if known.state == ConversionState::Pending {
-                    super::pending::remove(staged, known.reported_seq)?;
-                } else {
-                    // Its rejection leaves the reports: they count outcomes.
-                    unreject(staged, &known)?;
-                }
-            }
+            ReReport::Same if known.reopens_with(&view) => reopen(staged, &known)?,
+            // A partner's corrected report under the id its broken one took.
+            ReReport::Corrected => reopen(staged, &known)?,
             ReReport::Same => {
                 // A new status word waits for the decider in the status queue;
                 // so does a verified or a partner's (trusted) report: its word
@@ -465,6 +458,10 @@ enum ReReport {
     Same,
     /// The same malformed bytes again (re-published past the duplicate window).
     Retry,
+    /// A well-formed report of the click, goal and txid a malformed one under
+    /// this id named (a partner's corrected report, under its own
+    /// `conversion_id`): decided afresh, as this report.
+    Corrected,
     /// Anything else, and why it is refused.
     Conflict(String),
 }
@@ -483,6 +480,12 @@ impl ReReport {
                 "conversion_id {id:?} already names a conversion of another click, goal or txid"
             )),
             (Some(_), Some(_)) if known.raw_hex == new.raw_hex => Self::Retry,
+            (Some(_), None)
+                if (&known.click_id, &known.goal, &known.txid)
+                    == (&new.click_id, &new.goal, &new.txid) =>
+            {
+                Self::Corrected
+            }
             (_, Some(why)) => Self::Conflict(format!(
                 "{why} (and its conversion_id {id:?} already names an earlier report)"
             )),
@@ -662,6 +665,17 @@ fn apply_status_updated(
         staged.put_packed(key, &view);
     }
     Ok(())
+}
+
+/// Makes way for a report that opens `known` again: its pending row goes, or
+/// its rejection leaves the reports (they count outcomes). Decisions of the
+/// earlier report no longer apply (see `apply_decision`).
+fn reopen(staged: &mut Staged<'_>, known: &ConversionView) -> Result<(), sled::Error> {
+    if known.state == ConversionState::Pending {
+        super::pending::remove(staged, known.reported_seq)
+    } else {
+        unreject(staged, known)
+    }
 }
 
 /// Takes a rejected conversion's rejection out of the reports, as it is
@@ -1122,6 +1136,68 @@ mod tests {
             (id.as_str(), None),
             "the correction is well formed, under its own id"
         );
+    }
+
+    #[test]
+    fn a_partners_corrected_report_under_the_id_its_broken_one_took_is_the_conversion() {
+        for decided_first in [true, false] {
+            let mut h = Harness::new();
+            let order = |amount: i64| ConversionReported {
+                conversion_id: "ORD-1".into(),
+                click_id: CLICK.into(),
+                txid: "T1".into(),
+                amount_micros: Some(amount),
+                ..Default::default()
+            };
+            h.apply(
+                proto::subject::CONVERSION_REPORTED,
+                order(-5).encode_to_vec(),
+            );
+            let broken = h.reads().get("ORD-1").unwrap().unwrap();
+            assert!(broken.malformed.is_some(), "{broken:?}");
+            if decided_first {
+                let rejected = ConversionRejected {
+                    conversion_id: "ORD-1".into(),
+                    reason: RejectReason::Malformed as i32,
+                    reported_seq: broken.reported_seq,
+                    ..Default::default()
+                };
+                h.apply(
+                    proto::subject::CONVERSION_REJECTED,
+                    rejected.encode_to_vec(),
+                );
+            }
+            h.apply(
+                proto::subject::CONVERSION_REPORTED,
+                order(5).encode_to_vec(),
+            );
+            let reads = h.reads();
+            let view = reads.get("ORD-1").unwrap().unwrap();
+            assert_eq!(
+                (view.state, view.malformed.as_deref(), view.amount_micros),
+                (ConversionState::Pending, None, Some(5)),
+                "decided first: {decided_first}"
+            );
+            let pending: Vec<_> = reads.pending().collect::<Result<_, _>>().unwrap();
+            assert_eq!(pending.len(), 1, "only the correction: {pending:?}");
+            assert_eq!(pending[0].reported_seq, view.reported_seq);
+            for (_, row) in reads.reports('o').unwrap() {
+                assert_eq!(row, ReportRow::default(), "no rejection counted");
+            }
+            // A late re-publish of the broken report's rejection does not
+            // decide the correction.
+            let late = ConversionRejected {
+                conversion_id: "ORD-1".into(),
+                reason: RejectReason::Malformed as i32,
+                reported_seq: broken.reported_seq,
+                ..Default::default()
+            };
+            h.apply(proto::subject::CONVERSION_REJECTED, late.encode_to_vec());
+            assert_eq!(
+                h.reads().get("ORD-1").unwrap().unwrap().state,
+                ConversionState::Pending
+            );
+        }
     }
 
     #[test]
