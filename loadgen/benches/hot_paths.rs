@@ -160,6 +160,7 @@ fn decisions(c: &mut Criterion) {
         goal_taken: false,
         txid_taken: false,
         click_wait_over: false,
+        catalog_wait_over: true,
         cap_used: (0, 0),
     };
     assert!(matches!(decide(input), Verdict::Attribute { .. }));

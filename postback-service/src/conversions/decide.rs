@@ -51,6 +51,11 @@ pub struct DecideInput<'a> {
     /// The unknown-click grace has passed and the click fold has applied every
     /// click stored until the grace ran out.
     pub click_wait_over: bool,
+    /// The catalog fold has applied every catalog event stored before the
+    /// click was recorded: an offer or affiliate it lacks is not coming. (A
+    /// click proves both were in the catalog when it was recorded, so a
+    /// catalog fold behind the clicks fold must not make them `unknown`.)
+    pub catalog_wait_over: bool,
     /// Attributions already counted on this conversion's cap day: for the offer,
     /// and for the offer and this affiliate.
     pub cap_used: (u64, u64),
@@ -154,6 +159,9 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
             Verdict::Wait
         };
     };
+    if !input.catalog_wait_over && (input.offer.is_none() || input.affiliate.is_none()) {
+        return Verdict::Wait;
+    }
     let Some(offer) = input.offer else {
         return reject(
             Reason::UnknownOffer,
@@ -408,6 +416,7 @@ mod tests {
             goal_taken: false,
             txid_taken: false,
             click_wait_over: false,
+            catalog_wait_over: true,
             cap_used: (0, 0),
         }
     }
@@ -504,6 +513,39 @@ mod tests {
         );
         c.malformed = Some("missing click_id".into());
         assert_eq!(reason(decide(input(&c, None, None))), Reason::Malformed);
+    }
+
+    #[test]
+    fn a_catalog_fold_behind_the_click_makes_its_offer_and_affiliate_wait_not_unknown() {
+        let (c, k, o) = (conversion(2000, "", None, ""), click(), offer());
+        let lagging = |offer, affiliate| DecideInput {
+            affiliate,
+            catalog_wait_over: false,
+            ..input(&c, Some(&k), offer)
+        };
+        let aff = Affiliate {
+            affiliate_id: "a1".into(),
+            name: String::new(),
+            postback_url: String::new(),
+            postback_statuses: Vec::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        assert_eq!(decide(lagging(None, Some(&aff))), Verdict::Wait);
+        assert_eq!(
+            decide(lagging(Some(&o), None)),
+            Verdict::Wait,
+            "attributed without the affiliate's postback URL otherwise"
+        );
+        attributed(decide(lagging(Some(&o), Some(&aff))));
+        // The click's wait comes first: a conversion without its click is
+        // not held for the catalog.
+        let no_click = DecideInput {
+            click_wait_over: true,
+            catalog_wait_over: false,
+            ..input(&c, None, None)
+        };
+        assert_eq!(reason(decide(no_click)), Reason::UnknownClick);
     }
 
     #[test]

@@ -244,6 +244,7 @@ async fn round(
     }
     let now = common::time::now_ms();
     let clicks = inputs.clicks_status.borrow().clone();
+    let catalog = inputs.catalog_status.borrow().clone();
     let grace_ms = config.grace.as_millis() as i64;
     // What this round's decisions claim; with `in_flight`, what is decided and
     // not yet folded back.
@@ -337,6 +338,10 @@ async fn round(
                 && clicks.caught_up
                 && (clicks.at_tail
                     || clicks.applied_log_time_ms >= conversion.reported_at_ms + grace_ms),
+            catalog_wait_over: catalog.at_tail
+                || click
+                    .as_ref()
+                    .is_some_and(|k| catalog.applied_log_time_ms >= k.occurred_at_ms),
             cap_used,
         };
         let verdict = decide(input);
