@@ -125,7 +125,47 @@ impl<K, V> Pruned<K, V> {
     }
 }
 
+/// A signature the door has just used, for a report not durable yet: it is
+/// forgotten again when dropped unless [`kept`](Self::keep), so the retry a
+/// 503 asks for (or one after a request cut short) is not refused as a
+/// replay of a report that was never recorded.
+#[must_use = "the signature is forgotten when this is dropped"]
+pub struct SignatureUse<'a> {
+    replays: &'a ReplayGuard,
+    sig: Option<String>,
+}
+
+impl SignatureUse<'_> {
+    /// The report is durable: its signature stays used.
+    pub fn keep(mut self) {
+        self.sig = None;
+    }
+}
+
+impl Drop for SignatureUse<'_> {
+    fn drop(&mut self) {
+        if let Some(sig) = self.sig.take() {
+            self.replays
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .map
+                .remove(&sig);
+        }
+    }
+}
+
 impl ReplayGuard {
+    /// The use of the signature in `pairs` (if any) that [`check`] has just
+    /// let through.
+    pub fn pending_use(&self, pairs: &[(String, String)]) -> SignatureUse<'_> {
+        let sig = pairs
+            .iter()
+            .find(|(k, _)| k == "sig")
+            .map(|(_, v)| v.to_ascii_lowercase());
+        SignatureUse { replays: self, sig }
+    }
+
     /// True the first time `sig` is seen before `expires_ms`; false on a replay.
     fn first_use(&self, sig: &str, now_ms: i64, expires_ms: i64) -> bool {
         let mut seen = self
@@ -332,6 +372,25 @@ mod tests {
         );
         let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
         assert_eq!(check(&s, &pairs("token=s3cret"), mapped, 0, &g), Ok(()));
+    }
+
+    #[test]
+    fn a_signature_whose_report_was_not_recorded_may_be_sent_again() {
+        let g = ReplayGuard::default();
+        let s = Security {
+            hmac_secret: "k".into(),
+            ..Security::default()
+        };
+        let now = 1_700_000_000_000;
+        let unsigned = "click_id=c&ts=1700000000";
+        let sig = sign("k", &canonical(&pairs(unsigned)));
+        // Upper-case hex is the same signature.
+        let signed = pairs(&format!("{unsigned}&sig={}", sig.to_ascii_uppercase()));
+        assert_eq!(check(&s, &signed, IP, now, &g), Ok(()));
+        drop(g.pending_use(&signed)); // a 503: not durable
+        assert_eq!(check(&s, &signed, IP, now + 1, &g), Ok(()), "the retry");
+        g.pending_use(&signed).keep(); // durable
+        assert_eq!(check(&s, &signed, IP, now + 2, &g), Err(Refusal::Replayed));
     }
 
     #[test]

@@ -419,3 +419,44 @@ async fn a_drain_round_takes_every_acked_event_out_even_behind_one_that_fails() 
     token.cancel();
     drainer.await.unwrap();
 }
+
+/// The retry a 503 asks for is taken: the signature of a report that was not
+/// recorded is not used up.
+#[tokio::test]
+async fn a_signed_postback_answered_503_is_taken_when_sent_again() {
+    let sys = System::start_configured(500, |c| c.ingest.outbox_max_entries = 0).await;
+    sys.put_offer(
+        "o1",
+        serde_json::json!({"url": crate::support::app::OFFER_URL,
+            "security": {"hmac_secret": "k3y"}}),
+    )
+    .await;
+    sys.put_affiliate("a1", serde_json::json!({})).await;
+    sys.wait_postback_sees_offer("o1", "").await;
+    let (k, _) = sys.click_ok("o1", "aff=a1").await;
+    let (status, _) = sys.api(&format!("/api/clicks/{k}")).await;
+    assert_eq!(status, StatusCode::OK, "the door knows the click's offer");
+    let unsigned = format!("click_id={k}&ts={}", common::time::now_ms() / 1000);
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
+        .into_owned()
+        .collect();
+    let sig =
+        postback_service::security::sign("k3y", &postback_service::security::canonical(&pairs));
+    let signed = format!("{unsigned}&sig={sig}");
+
+    sys.nats.pause();
+    let (status, body) = sys.postback(&signed).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("not_recorded")),
+        "{body}"
+    );
+    sys.nats.resume();
+    let id = eventually("the retry taken", Duration::from_secs(15), || async {
+        let (status, body) = sys.postback(&signed).await;
+        assert_ne!(status, StatusCode::UNAUTHORIZED, "{body}");
+        (status == StatusCode::OK).then(|| body["conversion_id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+}

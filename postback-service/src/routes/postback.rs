@@ -68,6 +68,7 @@ pub(super) async fn postback(
         return Ok(Json(json!({"status": "ok", "recorded": false})));
     }
     let verified = verify(&state, &input, &pairs, ip, now).await?;
+    let signature = state.replays.pending_use(&pairs);
     let event = input.into_event(ip.to_string(), now, verified);
     let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
     if let Some(known) = state.conversions.get(&event.conversion_id)? {
@@ -75,6 +76,7 @@ pub(super) async fn postback(
         // within its duplicate window): the word it repeats may be one only an
         // unverified report told, which moved nothing on a secured offer.
         if known.advertiser_status == event.status && event.verified_offer_id.is_empty() {
+            signature.keep();
             return Ok(Json(accepted)); // a retry of a postback already in the log
         }
     }
@@ -90,6 +92,7 @@ pub(super) async fn postback(
         )
         .await
         .map_err(|e| ApiError::not_durable(&e))?;
+    signature.keep();
     if durable == common::outbox::Durable::Outbox {
         let body = json!({"status": "accepted", "conversion_id": event.conversion_id, "durable": "outbox"});
         return Ok(Json(body));
