@@ -285,16 +285,25 @@ impl Refusals {
         allowed
     }
 
-    /// Whether the caller is over its rate already.
+    /// Whether the caller is over its rate already; if so, its postback is
+    /// counted as refused (`too_many_refusals`, suppressed: answered 429 and
+    /// not logged), so the report shows the size of a flood.
     pub fn over_rate(&self, ip: IpAddr, now_ms: i64) -> bool {
-        let t = self
+        let mut t = self
             .tally
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        t.by_ip
+        let over = t
+            .by_ip
             .map
             .get(&ip)
-            .is_some_and(|(start, n)| now_ms - start < 60_000 && *n > REFUSALS_PER_MINUTE)
+            .is_some_and(|(start, n)| now_ms - start < 60_000 && *n > REFUSALS_PER_MINUTE);
+        if over {
+            t.total += 1;
+            t.suppressed += 1;
+            *t.by_reason.entry("too_many_refusals").or_default() += 1;
+        }
+        over
     }
 
     /// The counts.
@@ -433,12 +442,16 @@ mod tests {
             assert!(r.record(IP, Refusal::BadToken, 0));
         }
         assert!(!r.record(IP, Refusal::BadToken, 1));
-        assert!(r.over_rate(IP, 2));
+        for at in 2..102 {
+            assert!(r.over_rate(IP, at));
+        }
         assert!(!r.over_rate(IP, 61_000), "a minute later it may try again");
         let report = r.report();
         assert_eq!(
             (report.total, report.suppressed),
-            (u64::from(REFUSALS_PER_MINUTE) + 1, 1)
+            (u64::from(REFUSALS_PER_MINUTE) + 101, 101),
+            "each postback answered 429 counts"
         );
+        assert_eq!(report.by_reason["too_many_refusals"], 100);
     }
 }
