@@ -177,7 +177,21 @@ enum RoundError {
 #[derive(Debug, Default)]
 struct Waiting(HashMap<String, (String, i64)>);
 
+/// Most conversions [`Waiting`] remembers (about 200 bytes each): past it,
+/// the rest waiting for their click are looked at as any pending one, a view
+/// decoded each walk. Anyone can send postbacks for click ids nobody saw, and
+/// each waits out the grace (10 minutes by default): the memory must not
+/// grow with their rate.
+const MAX_WAITING: usize = 250_000;
+
 impl Waiting {
+    /// Remembers that `conversion_id` waits for its click, if there is room.
+    fn remember(&mut self, conversion_id: &str, since: (String, i64)) {
+        if self.0.len() < MAX_WAITING || self.0.contains_key(conversion_id) {
+            self.0.insert(conversion_id.to_owned(), since);
+        }
+    }
+
     /// Whether `conversion_id` is known to be still waiting at `now`.
     fn still(
         &self,
@@ -347,7 +361,7 @@ async fn round(
         let verdict = decide(input);
         if matches!(verdict, Verdict::Wait) {
             let since = (conversion.click_id.clone(), conversion.reported_at_ms);
-            waiting.0.insert(conversion.conversion_id.clone(), since);
+            waiting.remember(&conversion.conversion_id, since);
         } else {
             waiting.0.remove(&conversion.conversion_id);
         }
@@ -536,6 +550,19 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_waits_for_its_click_is_remembered_up_to_a_bound() {
+        let mut waiting = Waiting::default();
+        for i in 0..MAX_WAITING + 10 {
+            waiting.remember(&i.to_string(), (String::new(), 0));
+        }
+        assert_eq!(waiting.0.len(), MAX_WAITING);
+        // One already remembered is updated, full or not.
+        waiting.remember("0", ("k".into(), 5));
+        assert_eq!(waiting.0["0"], ("k".to_owned(), 5));
+        assert_eq!(waiting.0.len(), MAX_WAITING);
+    }
 
     #[tokio::test]
     async fn a_report_listed_before_its_view_is_written_is_where_the_next_round_starts() {
