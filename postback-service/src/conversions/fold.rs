@@ -403,7 +403,16 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             // The same conversion reported again: a retry (nothing to do), or
             // a new status word, which waits for the decider in the status
             // queue.
-            ReReport::Same if known.reopens_with(&view) => reopen(staged, &known)?,
+            ReReport::Same if known.reopens_with(&view) => {
+                // An advertiser's corrected word names the sale its first
+                // report dated (the door dates an HTTP report as it takes
+                // it): decided at that time, as a correction that came before
+                // the decision is (`reopened_as`), not as late as the retry.
+                if view.origin == "http" && known.rejected_for_its_word(&view.advertiser_status) {
+                    view.converted_at_ms = known.converted_at_ms;
+                }
+                reopen(staged, &known)?;
+            }
             // A partner's corrected report under the id its broken one took.
             ReReport::Corrected => reopen(staged, &known)?,
             ReReport::Same => {
@@ -1296,26 +1305,45 @@ mod tests {
     #[test]
     fn a_report_with_another_word_opens_a_rejection_for_its_word_again() {
         let mut h = Harness::new();
-        let report = |word| http_report(word, "").encode_to_vec();
-        h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
+        // Each report dated as the door took it: the correction an hour later.
+        let report = |word, at| {
+            ConversionReported {
+                occurred_at_ms: at,
+                ..http_report(word, "")
+            }
+            .encode_to_vec()
+        };
+        let (first, hour_later) = (5_000, 5_000 + 3_600_000);
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("aproved", first),
+        );
         let id = conversion_id(CLICK, "", "");
         let for_its_word = rejected_as(RejectReason::Malformed, &id, 1);
         h.apply(proto::subject::CONVERSION_REJECTED, for_its_word);
         // The same word again changes nothing; the corrected one reopens.
-        h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("aproved", hour_later),
+        );
         assert_eq!(
             h.reads().get(&id).unwrap().unwrap().state,
             ConversionState::Rejected
         );
-        h.apply(proto::subject::CONVERSION_REPORTED, report("approved"));
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("approved", hour_later),
+        );
         let reopened = h.reads().get(&id).unwrap().unwrap();
         assert_eq!(
             (
                 reopened.state,
                 reopened.reported_seq,
-                reopened.advertiser_status.as_str()
+                reopened.advertiser_status.as_str(),
+                reopened.converted_at_ms
             ),
-            (ConversionState::Pending, 4, "approved")
+            (ConversionState::Pending, 4, "approved", first),
+            "the sale as first reported, as a correction before the decision is"
         );
         assert_eq!(h.reads().pending_ids().count(), 1);
         assert!(
