@@ -734,3 +734,67 @@ async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
         "and its schedule dropped"
     );
 }
+
+/// A hand retry whose request is dropped once its `retry_requested` is in the
+/// log (the client gone, the request timeout) still gets its schedule: it is
+/// sent, not left `pending` for good.
+#[tokio::test]
+async fn a_hand_retry_whose_request_is_dropped_midway_is_still_scheduled() {
+    use common::fold::Fold;
+    use postback_service::deliveries::{
+        dispatcher::DispatchStores, Dispatcher, Outcomes, PostbacksFold, ScheduleStore,
+    };
+    let nats = crate::support::NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    common::nats::ensure_streams(&js).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("db")).unwrap();
+    let tree = |name: &str| db.open_tree(name).unwrap();
+    // The failed delivery, as the POSTBACKS fold leaves it.
+    let postbacks = common::store::FoldTree::open(&db, "postbacks").unwrap();
+    let failed = proto::postbacks::v1::PostbackFailed {
+        delivery_id: "d1".into(),
+        conversion_id: "conv".into(),
+        affiliate_id: "a1".into(),
+        url: "http://127.0.0.1:9/pb".into(),
+        generation: 1,
+        attempts: 3,
+        ..Default::default()
+    };
+    let payload = prost::Message::encode_to_vec(&failed);
+    let mut staged = common::store::Staged::new(&postbacks);
+    let entry = common::fold::LogEntry {
+        subject: proto::subject::POSTBACK_FAILED,
+        payload: &payload,
+        seq: 1,
+        log_time_ms: 0,
+    };
+    PostbacksFold.apply(&mut staged, &entry).unwrap();
+    staged.commit(1).unwrap();
+    // A POSTBACKS fold that does not move: the request waits for it.
+    let (_fold, postbacks_status) = common::fold::status_channel("POSTBACKS");
+    let config = postback_service::Config::for_tests(&nats.url, dir.path().into());
+    let stores = DispatchStores {
+        conversions: postback_service::conversions::Conversions::new(tree("conversions")),
+        clicks: postback_service::clicks::Clicks::new(tree("clicks")),
+        outcomes: Outcomes::new(postbacks.rows().clone()),
+        schedules: ScheduleStore::new(
+            tree("dispatch"),
+            common::store::GroupFlush::new((*db).clone()),
+        ),
+        postbacks_status,
+    };
+    let dispatcher = Dispatcher::new(js.clone(), stores, config.dispatch()).unwrap();
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(500), dispatcher.request_retry("d1")).await;
+    assert!(dropped.is_err(), "dropped while it waits: {dropped:?}");
+    let log = crate::support::nats::read_stream(&js, "POSTBACKS").await;
+    let subjects: Vec<_> = log.iter().map(|(subject, _, _)| subject.as_str()).collect();
+    assert_eq!(subjects, [proto::subject::POSTBACK_RETRY_REQUESTED]);
+    let generation = eventually("the retry scheduled", Duration::from_secs(15), || async {
+        Some(dispatcher.schedules().get("d1").unwrap()?.generation)
+    })
+    .await;
+    assert_eq!(generation, 2);
+}

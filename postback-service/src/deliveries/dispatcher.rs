@@ -74,6 +74,8 @@ pub enum RetryError {
     Publish(#[from] common::nats::PublishError),
     #[error("schedule storage")]
     Store(#[from] sled::Error),
+    #[error("the service is stopping")]
+    Stopping,
 }
 
 /// A handle on the dispatcher, shared by its task and the API.
@@ -198,6 +200,25 @@ impl Dispatcher {
                 return Err(RetryError::Superseded(status.name()));
             }
         }
+        // The rest runs to its end even if the request is dropped (its client
+        // gone, the request timeout): a retry once in the log must get its
+        // schedule, or it shows `pending` and is never sent.
+        let this = self.clone();
+        let id = id.to_owned();
+        match tokio::spawn(async move { this.schedule_retry(&id, outcome).await }).await {
+            Ok(done) => done,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Err(RetryError::Stopping),
+        }
+    }
+
+    /// Logs the next generation of a failed delivery and schedules it.
+    async fn schedule_retry(
+        &self,
+        id: &str,
+        outcome: super::outcome::Outcome,
+    ) -> Result<u32, RetryError> {
+        let inner = &self.inner;
         let generation = outcome.generation + 1;
         let event = PostbackRetryRequested {
             event_id: uuid::Uuid::now_v7().to_string(),

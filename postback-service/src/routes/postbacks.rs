@@ -392,5 +392,10 @@ pub(super) async fn retry_postback(
         }),
         Err(RetryError::Publish(e)) => Err(ApiError::Unavailable(e)),
         Err(RetryError::Store(e)) => Err(ApiError::Internal(e)),
+        Err(e @ RetryError::Stopping) => Err(ApiError::Refused {
+            status: 503,
+            reason: "stopping",
+            message: e.to_string(),
+        }),
     }
 }
