@@ -51,16 +51,43 @@ impl Led {
             }
         }
         let conversions_status = self.decider_inputs.conversions_status.clone();
-        tokio::join!(
-            conversions::run_decider(
-                self.js.clone(),
-                self.decider_inputs,
-                self.decider,
-                tenure.clone(),
-                token.clone()
-            ),
-            deliveries::run_dispatcher(self.dispatcher, conversions_status, tenure, token),
+        let decider = conversions::run_decider(
+            self.js.clone(),
+            self.decider_inputs,
+            self.decider,
+            tenure.clone(),
+            token.clone(),
         );
+        let dispatcher =
+            deliveries::run_dispatcher(self.dispatcher, conversions_status, tenure, token.clone());
+        run_both(decider, dispatcher, token).await;
+    }
+}
+
+/// Runs `a` and `b` as tasks of their own until both end. Whichever ends
+/// first (a panic, say) ends the term: `token` is cancelled and the other is
+/// awaited to its end, so the dispatcher finishes its attempts in flight and
+/// publishes the outcomes it holds before the lease can be released (a
+/// standby taking over would send those deliveries again). A panic is raised
+/// again then, once both have ended.
+async fn run_both<A, B>(a: A, b: B, token: CancellationToken)
+where
+    A: std::future::Future<Output = ()> + Send + 'static,
+    B: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (mut a, mut b) = (tokio::spawn(a), tokio::spawn(b));
+    let (first, other) = tokio::select! {
+        ended = &mut a => (ended, b),
+        ended = &mut b => (ended, a),
+    };
+    token.cancel();
+    let second = other.await;
+    for ended in [first, second] {
+        if let Err(join) = ended {
+            if join.is_panic() {
+                std::panic::resume_unwind(join.into_panic());
+            }
+        }
     }
 }
 
@@ -115,4 +142,40 @@ pub async fn caught_up_with(
         );
     }
     tracing::warn!(stream, "taking the lease without the fold at the log's end");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_of_one_stops_the_other_and_is_raised_once_the_other_has_ended() {
+        let token = CancellationToken::new();
+        let drained = Arc::new(AtomicBool::new(false));
+        let dispatcher = {
+            let (token, drained) = (token.clone(), drained.clone());
+            async move {
+                token.cancelled().await;
+                // Its attempts in flight, its outcomes kept for a late ack.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drained.store(true, Ordering::SeqCst);
+            }
+        };
+        let decider = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            panic!("a bug in the decider");
+        };
+        let term = tokio::spawn(run_both(decider, dispatcher, token.clone())).await;
+        assert!(term.is_err_and(|e| e.is_panic()), "the panic is raised");
+        assert!(token.is_cancelled());
+        assert!(
+            drained.load(Ordering::SeqCst),
+            "after the dispatcher has ended"
+        );
+    }
 }
