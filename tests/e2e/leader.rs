@@ -104,9 +104,10 @@ fn sent_per_conversion(receiver: &Receiver) -> HashMap<String, usize> {
 
 #[tokio::test]
 async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_over() {
-    // A 10 s lease: taking over within 6 s of the stop is the release, not
-    // the entry's expiry (the standby asks every quarter ttl).
-    let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 10_000).await;
+    // A 2-minute lease: the standby asks every quarter ttl (30 s), so taking
+    // over within the 10 s `role` waits is the release seen by its watch of
+    // the lease, not its next ask nor the entry's expiry.
+    let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 120_000).await;
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
     catalog(&sys, &receiver).await;
     let first = sys.postback.as_ref().expect("running").addr;
@@ -153,7 +154,7 @@ async fn two_instances_send_each_affiliate_postback_once_and_the_standby_takes_o
     assert!(message.contains(holder), "{body}");
 
     // The leader stops: it releases the lease (rather than leaving it to
-    // expire) and the standby leads at its next ask.
+    // expire) and the standby leads at once.
     let js = sys.jetstream().await;
     let kv = js.get_key_value("leases").await.expect("the leases bucket");
     let mut watch = kv.watch("postback-service").await.expect("watch");
