@@ -120,8 +120,9 @@ impl Tenure {
         until.is_some_and(|d| d.before(tokio::time::Instant::now(), std::time::SystemTime::now()))
     }
 
-    /// A tenure held until `until`.
-    fn until(until: tokio::time::Instant) -> Self {
+    /// A tenure held until `until` ([`run_led`] makes one per term; a test
+    /// of led work without a lease too).
+    pub fn until(until: tokio::time::Instant) -> Self {
         Self(Arc::new(Mutex::new(Some(Deadline::at(until)))))
     }
 

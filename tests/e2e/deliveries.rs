@@ -656,18 +656,22 @@ async fn the_delivery_log_lists_filters_and_pages_newest_first() {
     assert_eq!(&paged, listed);
 }
 
-/// A delivery answered 2xx whose outcome's ack came late (NATS slow) keeps
-/// that outcome in its schedule and publishes it again later; at the end of a
-/// term (a rolling deploy's stop, the lease lost) it is published before the
-/// dispatcher stops, not kept for this instance's next term: the next leader,
-/// another instance, folds POSTBACKS before it sends anything and would
-/// otherwise send the delivery again.
-#[tokio::test]
-async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
+/// A dispatcher over a database of its own and a nats-server of its own, led
+/// by the test: its POSTBACKS rows are folded from `events` (subject,
+/// payload), and the test holds its folds' statuses.
+struct LoneDispatcher {
+    dispatcher: postback_service::deliveries::Dispatcher,
+    js: async_nats::jetstream::Context,
+    postbacks_fold: tokio::sync::watch::Sender<common::FoldStatus>,
+    conversions_fold: tokio::sync::watch::Sender<common::FoldStatus>,
+    _nats: crate::support::NatsServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn lone_dispatcher(events: &[(&str, Vec<u8>)]) -> LoneDispatcher {
+    use common::fold::Fold;
     use postback_service::deliveries::{
-        dispatcher::DispatchStores,
-        schedule::{Target, Unpublished},
-        Dispatcher, Outcomes, Schedule, ScheduleStore,
+        dispatcher::DispatchStores, Dispatcher, Outcomes, PostbacksFold, ScheduleStore,
     };
     let nats = crate::support::NatsServer::start();
     let client = async_nats::connect(&nats.url).await.unwrap();
@@ -676,32 +680,71 @@ async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path().join("db")).unwrap();
     let tree = |name: &str| db.open_tree(name).unwrap();
+    let postbacks = common::store::FoldTree::open(&db, "postbacks").unwrap();
+    for (seq, (subject, payload)) in (1..).zip(events) {
+        let mut staged = common::store::Staged::new(&postbacks);
+        let entry = common::fold::LogEntry {
+            subject,
+            payload,
+            seq,
+            log_time_ms: 0,
+        };
+        PostbacksFold.apply(&mut staged, &entry).unwrap();
+        staged.commit(seq).unwrap();
+    }
+    let (postbacks_fold, postbacks_status) = common::fold::status_channel("POSTBACKS");
+    let (conversions_fold, _) = common::fold::status_channel("CONVERSIONS");
     let config = postback_service::Config::for_tests(&nats.url, dir.path().into());
     let stores = DispatchStores {
         conversions: postback_service::conversions::Conversions::new(tree("conversions")),
         clicks: postback_service::clicks::Clicks::new(tree("clicks")),
-        outcomes: Outcomes::new(tree("postbacks")),
+        outcomes: Outcomes::new(postbacks.rows().clone()),
         schedules: ScheduleStore::new(
             tree("dispatch"),
             common::store::GroupFlush::new((*db).clone()),
         ),
-        postbacks_status: common::fold::status_channel("POSTBACKS").1,
+        postbacks_status,
     };
     let dispatcher = Dispatcher::new(js.clone(), stores, config.dispatch()).unwrap();
-    let target = Target {
-        delivery_id: "d1".into(),
-        conversion_id: "conv".into(),
+    LoneDispatcher {
+        dispatcher,
+        js,
+        postbacks_fold,
+        conversions_fold,
+        _nats: nats,
+        _dir: dir,
+    }
+}
+
+/// A delivery to `url` of conversion `conv-<id>`'s approval.
+fn target(id: &str) -> postback_service::deliveries::schedule::Target {
+    postback_service::deliveries::schedule::Target {
+        delivery_id: id.into(),
+        conversion_id: format!("conv-{id}"),
         affiliate_id: "a1".into(),
         offer_id: "o1".into(),
         click_id: "k1".into(),
         url: "http://127.0.0.1:9/pb".into(),
         status: "approved".into(),
-    };
+    }
+}
+
+/// A delivery answered 2xx whose outcome's ack came late (NATS slow) keeps
+/// that outcome in its schedule and publishes it again later; at the end of a
+/// term (a rolling deploy's stop, the lease lost) it is published before the
+/// dispatcher stops, not kept for this instance's next term: the next leader,
+/// another instance, folds POSTBACKS before it sends anything and would
+/// otherwise send the delivery again.
+#[tokio::test]
+async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
+    use postback_service::deliveries::{schedule::Unpublished, Schedule};
+    let lone = lone_dispatcher(&[]).await;
+    let (dispatcher, js) = (&lone.dispatcher, &lone.js);
     let delivered = proto::postbacks::v1::PostbackDelivered {
         delivery_id: "d1".into(),
         ..Default::default()
     };
-    let mut schedule = Schedule::fresh(target, 1);
+    let mut schedule = Schedule::fresh(target("d1"), 1);
     schedule.unpublished = Some(Unpublished {
         subject: proto::subject::POSTBACK_DELIVERED.into(),
         msg_id: "postback-delivered-d1-1".into(),
@@ -722,7 +765,7 @@ async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
     )
     .await;
 
-    let log = crate::support::nats::read_stream(&js, "POSTBACKS").await;
+    let log = crate::support::nats::read_stream(js, "POSTBACKS").await;
     let subjects: Vec<_> = log.iter().map(|(subject, _, _)| subject.as_str()).collect();
     assert_eq!(
         subjects,
@@ -740,19 +783,6 @@ async fn an_outcome_kept_for_a_late_ack_is_published_when_the_term_ends() {
 /// sent, not left `pending` for good.
 #[tokio::test]
 async fn a_hand_retry_whose_request_is_dropped_midway_is_still_scheduled() {
-    use common::fold::Fold;
-    use postback_service::deliveries::{
-        dispatcher::DispatchStores, Dispatcher, Outcomes, PostbacksFold, ScheduleStore,
-    };
-    let nats = crate::support::NatsServer::start();
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    common::nats::ensure_streams(&js).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path().join("db")).unwrap();
-    let tree = |name: &str| db.open_tree(name).unwrap();
-    // The failed delivery, as the POSTBACKS fold leaves it.
-    let postbacks = common::store::FoldTree::open(&db, "postbacks").unwrap();
     let failed = proto::postbacks::v1::PostbackFailed {
         delivery_id: "d1".into(),
         conversion_id: "conv".into(),
@@ -762,34 +792,14 @@ async fn a_hand_retry_whose_request_is_dropped_midway_is_still_scheduled() {
         attempts: 3,
         ..Default::default()
     };
-    let payload = prost::Message::encode_to_vec(&failed);
-    let mut staged = common::store::Staged::new(&postbacks);
-    let entry = common::fold::LogEntry {
-        subject: proto::subject::POSTBACK_FAILED,
-        payload: &payload,
-        seq: 1,
-        log_time_ms: 0,
-    };
-    PostbacksFold.apply(&mut staged, &entry).unwrap();
-    staged.commit(1).unwrap();
-    // A POSTBACKS fold that does not move: the request waits for it.
-    let (_fold, postbacks_status) = common::fold::status_channel("POSTBACKS");
-    let config = postback_service::Config::for_tests(&nats.url, dir.path().into());
-    let stores = DispatchStores {
-        conversions: postback_service::conversions::Conversions::new(tree("conversions")),
-        clicks: postback_service::clicks::Clicks::new(tree("clicks")),
-        outcomes: Outcomes::new(postbacks.rows().clone()),
-        schedules: ScheduleStore::new(
-            tree("dispatch"),
-            common::store::GroupFlush::new((*db).clone()),
-        ),
-        postbacks_status,
-    };
-    let dispatcher = Dispatcher::new(js.clone(), stores, config.dispatch()).unwrap();
+    let failed = prost::Message::encode_to_vec(&failed);
+    // Its POSTBACKS fold does not move: the request waits for it.
+    let lone = lone_dispatcher(&[(proto::subject::POSTBACK_FAILED, failed)]).await;
+    let (dispatcher, js) = (&lone.dispatcher, &lone.js);
     let dropped =
         tokio::time::timeout(Duration::from_millis(500), dispatcher.request_retry("d1")).await;
     assert!(dropped.is_err(), "dropped while it waits: {dropped:?}");
-    let log = crate::support::nats::read_stream(&js, "POSTBACKS").await;
+    let log = crate::support::nats::read_stream(js, "POSTBACKS").await;
     let subjects: Vec<_> = log.iter().map(|(subject, _, _)| subject.as_str()).collect();
     assert_eq!(subjects, [proto::subject::POSTBACK_RETRY_REQUESTED]);
     let generation = eventually("the retry scheduled", Duration::from_secs(15), || async {
@@ -797,4 +807,60 @@ async fn a_hand_retry_whose_request_is_dropped_midway_is_still_scheduled() {
     })
     .await;
     assert_eq!(generation, 2);
+}
+
+/// A schedule an earlier term of this instance left for a delivery another
+/// leader has finished since (leadership moved away and back) is dropped when
+/// the term starts: it would hold a later status of its conversion back, and
+/// answer a hand retry 409, until it came due.
+#[tokio::test]
+async fn a_term_drops_the_schedules_of_deliveries_the_log_says_are_finished() {
+    use postback_service::deliveries::Schedule;
+    // d1 was delivered by another leader; d2 was not.
+    let delivered = proto::postbacks::v1::PostbackDelivered {
+        delivery_id: "d1".into(),
+        generation: 1,
+        ..Default::default()
+    };
+    let delivered = prost::Message::encode_to_vec(&delivered);
+    let lone = lone_dispatcher(&[(proto::subject::POSTBACK_DELIVERED, delivered)]).await;
+    for fold in [&lone.postbacks_fold, &lone.conversions_fold] {
+        fold.send_modify(|s| (s.caught_up, s.at_tail) = (true, true));
+    }
+    let dispatcher = &lone.dispatcher;
+    // Both on a retry an hour out, from this instance's earlier term.
+    for id in ["d1", "d2"] {
+        let mut schedule = Schedule::fresh(target(id), 1);
+        schedule.next_at_ms = common::time::now_ms() + 3_600_000;
+        dispatcher.schedules().put(&schedule).await.unwrap();
+    }
+
+    let token = tokio_util::sync::CancellationToken::new();
+    let tenure =
+        common::lease::Tenure::until(tokio::time::Instant::now() + Duration::from_secs(60));
+    let term = tokio::spawn(postback_service::deliveries::run_dispatcher(
+        dispatcher.clone(),
+        lone.conversions_fold.subscribe(),
+        tenure,
+        token.clone(),
+    ));
+    eventually(
+        "the finished one dropped",
+        Duration::from_secs(10),
+        || async {
+            dispatcher
+                .schedules()
+                .get("d1")
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        dispatcher.schedules().get("d2").unwrap().is_some(),
+        "the unfinished one kept"
+    );
+    token.cancel();
+    term.await.unwrap();
 }

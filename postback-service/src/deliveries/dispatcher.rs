@@ -559,6 +559,21 @@ impl Dispatcher {
         Ok(due)
     }
 
+    /// Drops the schedules whose outcome the log already records: left by an
+    /// earlier term of this instance (leadership moved away and back, say a
+    /// deploy and its rollback) for deliveries another leader finished. Kept,
+    /// such a schedule would hold a later status of its conversion back
+    /// ([`Self::earlier_status_due`]) and answer a hand retry 409 `pending`
+    /// until it came due, up to the longest backoff.
+    fn drop_recorded(&self) -> Result<(), sled::Error> {
+        for s in self.inner.schedules.all()? {
+            if self.recorded(&s)? {
+                self.inner.schedules.remove(&s.delivery_id)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the log records an outcome of this schedule's generation. (The
     /// dispatcher starts only once the POSTBACKS fold has reached the end of the
     /// log, so every outcome published before a restart is known.)
@@ -771,6 +786,7 @@ pub async fn run_dispatcher(
         }
         let result = async {
             if !recovered {
+                dispatcher.drop_recorded()?;
                 dispatcher.inner.schedules.reindex()?;
                 dispatcher.recover_retries().await?;
                 recovered = true;
