@@ -31,7 +31,7 @@ use super::{
     decide::{decide, decide_status, DecideInput, StatusVerdict, Verdict},
     fold::{cap_key, goal_claim, txid_claim, Conversions, Decision},
     in_flight::{Claims, InFlight},
-    view::{status_to_proto, ConversionView},
+    view::{status_to_proto, ConversionState, ConversionView},
 };
 use crate::clicks::Clicks;
 
@@ -111,7 +111,10 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        in_flight.settle(inputs.conversions_status.borrow().applied_seq);
+        if let Some(at) = in_flight.settle(inputs.conversions_status.borrow().applied_seq) {
+            // Conversions opened again behind the walk: it goes back to them.
+            (resume_from, pending_ended) = (resume_from.min(at), false);
+        }
         let rewalk = !waiting.0.is_empty() && walked_all_at.elapsed() >= tick;
         if pending_ended && (in_flight.rounds() == 0 || rewalk) {
             (resume_from, walked_all_at) = (0, std::time::Instant::now());
@@ -285,13 +288,19 @@ async fn round(
         {
             continue;
         }
-        let Some(conversion) = inputs.conversions.get(&id)? else {
-            // A group commits its rows one by one, in key order, so a report
-            // can be listed pending (`p/`) a moment before its view (`v/`) is
-            // written. Walked past, it would wait for the next walk from the
-            // start, which a steady load (a round always in flight) puts off
-            // until a lull: stop here and start the next round at it. A view
-            // missing from a group already applied is not coming: pass it.
+        // A group commits its rows one by one, in key order, so a report can
+        // be listed pending (`p/`) a moment before its view (`v/`) is written,
+        // or before the view of a conversion opened again is (the view there
+        // is still the decided one, of an earlier report). Walked past, it
+        // would wait for the next walk from the start, which a steady load (a
+        // round always in flight) puts off until a lull: stop here and start
+        // the next round at it. A view missing or stale in a group already
+        // applied is not coming: pass it.
+        let conversion = inputs
+            .conversions
+            .get(&id)?
+            .filter(|c| c.state == ConversionState::Pending && c.reported_seq == seq);
+        let Some(conversion) = conversion else {
             if seq > inputs.conversions_status.borrow().applied_seq {
                 (resume_from, stopped) = (seq, true);
                 break;
@@ -402,6 +411,10 @@ async fn round(
             continue;
         };
         let offer = inputs.catalog.offer(&view.offer_id)?;
+        if view.rejected_for_its_word(&update.advertiser_status) {
+            // Folded, this decision opens the conversion again, pending at `seq`.
+            claims.reopens_at = claims.reopens_at.into_iter().chain([seq]).min();
+        }
         let verdict = decide_status(&view, offer.as_deref(), &update);
         let (from, to, changed, detail) = match verdict {
             StatusVerdict::Wait => continue,
@@ -566,11 +579,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_report_listed_before_its_view_is_written_is_where_the_next_round_starts() {
+        for stale in [false, true] {
+            listed_before_its_view(stale).await;
+        }
+    }
+
+    /// A pending row at 5 with no view (`stale`: with the view of an earlier
+    /// report of its conversion), walked with the fold at 4 and then at 5.
+    async fn listed_before_its_view(stale: bool) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let rows = common::FoldTree::open(&db, "conversions").unwrap();
         let mut staged = common::Staged::new(&rows);
         let conversion = uuid::Uuid::now_v7().to_string();
         super::super::pending::add(&mut staged, 5, &conversion, "").unwrap();
+        if stale {
+            // The view as decided for an earlier report (rejected for its
+            // word), not yet the view opened again at 5.
+            let mut view = ConversionView::reported(&Default::default(), 1, 0);
+            view.conversion_id.clone_from(&conversion);
+            view.state = ConversionState::Rejected;
+            staged.put_packed(super::super::fold::view_key(&conversion), &view);
+        }
         staged.commit(5).unwrap();
         let status = |applied_seq| {
             let (tx, rx) = common::fold::status_channel("CONVERSIONS");

@@ -37,6 +37,11 @@ pub(super) struct Claims {
     pub(super) offers: HashSet<String>,
     /// Cap counts claimed within the round (offers with conversion caps).
     pub(super) caps: HashMap<Vec<u8>, u64>,
+    /// The lowest report sequence at which a status decision of the round
+    /// opens a conversion again (a word corrected before the conversion's
+    /// rejection for its word was folded): its pending row is written there,
+    /// behind where the walk of pending conversions may already be.
+    pub(super) reopens_at: Option<u64>,
 }
 
 /// The claims of the rounds published and not yet folded back, each entry
@@ -85,11 +90,16 @@ impl InFlight {
     }
 
     /// Forgets the rounds the fold has applied (`applied`: its sequence).
-    pub(super) fn settle(&mut self, applied: u64) {
+    /// Returns the lowest sequence at which they opened a conversion again
+    /// ([`Claims::reopens_at`]): the walk of pending conversions must go back
+    /// there.
+    pub(super) fn settle(&mut self, applied: u64) -> Option<u64> {
+        let mut reopened = None;
         while self.rounds.front().is_some_and(|r| r.top <= applied) {
             let Some(round) = self.rounds.pop_front() else {
                 break;
             };
+            reopened = reopened.into_iter().chain(round.claims.reopens_at).min();
             self.decisions -= round.decisions;
             // An entry a later round claimed again (an offer attributed to in
             // both) stays until that round is applied too.
@@ -103,6 +113,7 @@ impl InFlight {
                 forget(&mut self.offers, k, applied);
             }
         }
+        reopened
     }
 
     /// Rounds in flight.
@@ -187,5 +198,22 @@ mod tests {
         assert!(!f.attributed_to("o2"));
         assert_eq!((f.rounds(), f.top(), f.decisions()), (0, None, 0));
         assert!(!f.key_taken(b"d/k2"));
+    }
+
+    #[test]
+    fn settling_tells_the_lowest_sequence_its_rounds_opened_a_conversion_again_at() {
+        let mut f = InFlight::default();
+        let reopening = |at| Claims {
+            reopens_at: Some(at),
+            ..Claims::default()
+        };
+        f.push(10, 1, reopening(7));
+        f.push(20, 1, Claims::default());
+        f.push(30, 1, reopening(3));
+        f.push(40, 1, reopening(5));
+        assert_eq!(f.settle(9), None, "nothing folded back");
+        assert_eq!(f.settle(20), Some(7));
+        assert_eq!(f.settle(40), Some(3), "the lowest of the two");
+        assert_eq!(f.settle(50), None);
     }
 }
