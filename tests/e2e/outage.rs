@@ -460,3 +460,43 @@ async fn a_signed_postback_answered_503_is_taken_when_sent_again() {
     .await;
     assert_eq!(sys.decided(&id).await["state"], "attributed");
 }
+
+/// A postback carrying a token whose click the door cannot look up (NATS
+/// unavailable) is refused with a 503, not taken unchecked: taken, it would be
+/// rejected `unauthenticated` once its click is folded, and its retry
+/// answered as already taken.
+#[tokio::test]
+async fn a_postback_with_a_token_the_door_cannot_check_yet_is_refused_503_not_lost() {
+    let sys = System::start_with_grace(60_000).await;
+    sys.put_offer(
+        "o1",
+        serde_json::json!({"url": crate::support::app::OFFER_URL,
+            "security": {"token": "s3cret"}}),
+    )
+    .await;
+    sys.put_affiliate("a1", serde_json::json!({})).await;
+    sys.wait_postback_sees_offer("o1", "").await;
+    let click_id = uuid::Uuid::now_v7().to_string();
+    let with_token = format!("click_id={click_id}&token=s3cret");
+
+    sys.nats.pause();
+    let (status, body) = sys.postback(&with_token).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("cannot_verify_yet")),
+        "{body}"
+    );
+    // One with no proof is taken as ever (into the outbox): there is nothing
+    // to check that could turn out right later.
+    let (status, body) = sys.postback(&format!("click_id={click_id}&txid=t2")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    sys.nats.resume();
+
+    sys.publish_click(&click_id).await;
+    let id = eventually("the retry taken", Duration::from_secs(15), || async {
+        let (status, body) = sys.postback(&with_token).await;
+        (status == StatusCode::OK).then(|| body["conversion_id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    assert_eq!(sys.decided(&id).await["state"], "attributed");
+}

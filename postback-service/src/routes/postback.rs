@@ -107,15 +107,12 @@ pub(super) async fn postback(
 /// offer's security is checked at the door rather than only later by the
 /// decider. A click id that is in no log costs one stream-info request. The
 /// whole look takes at most the door's wait, NATS down or not.
-async fn click_at_door(
-    state: &AppState,
-    click_id: &str,
-) -> Result<Option<proto::clicks::v1::ClickRecorded>, ApiError> {
+async fn click_at_door(state: &AppState, click_id: &str) -> Result<AtDoor, ApiError> {
     if let Some(click) = state.clicks.get(click_id)? {
-        return Ok(Some(click));
+        return Ok(AtDoor::Click(Box::new(click)));
     }
     if click_id.is_empty() {
-        return Ok(None);
+        return Ok(AtDoor::NotInLog);
     }
     // Read again even when the fold was already there: it may have applied
     // the click between the first read and the stream info.
@@ -127,9 +124,23 @@ async fn click_at_door(
     )
     .await
     {
-        return Ok(None);
+        return Ok(AtDoor::CannotTell);
     }
-    Ok(state.clicks.get(click_id)?)
+    Ok(state
+        .clicks
+        .get(click_id)?
+        .map_or(AtDoor::NotInLog, |click| AtDoor::Click(Box::new(click))))
+}
+
+/// What the door knows of a postback's click.
+enum AtDoor {
+    Click(Box<proto::clicks::v1::ClickRecorded>),
+    /// Not in the log as it ended a moment ago (or no click id).
+    NotInLog,
+    /// It may be in the log, not folded yet: NATS did not say where the log
+    /// ends, or the fold did not get there within the door's wait (a NATS
+    /// outage, a projection being rebuilt).
+    CannotTell,
 }
 
 /// A form body's media type, parameters (`; charset=UTF-8`) aside; media
@@ -161,9 +172,11 @@ async fn verify(
     ip: std::net::IpAddr,
     now: i64,
 ) -> Result<String, ApiError> {
-    let offer_id = match click_at_door(state, &input.click_id).await? {
-        Some(click) => click.offer_id,
-        None => {
+    let at_door = click_at_door(state, &input.click_id).await?;
+    let cannot_tell = matches!(at_door, AtDoor::CannotTell);
+    let offer_id = match at_door {
+        AtDoor::Click(click) => click.offer_id,
+        AtDoor::NotInLog | AtDoor::CannotTell => {
             let id = crate::postback::conversion_id(&input.click_id, &input.goal, &input.txid);
             match state.conversions.get(&id)? {
                 Some(known) if !known.offer_id.is_empty() => known.offer_id,
@@ -175,6 +188,21 @@ async fn verify(
             }
         }
     };
+    // A postback that carries a token or a signature is meant for an offer
+    // with postback security. Taken unchecked now, it would be rejected
+    // `unauthenticated` once its click is folded, and its retry answered as
+    // already taken: lost behind a 200. Refused with a 503, it is sent again.
+    let carries_proof = pairs.iter().any(|(k, _)| k == "token" || k == "sig");
+    if offer_id.is_empty() && cannot_tell && carries_proof {
+        return Err(ApiError::Refused {
+            status: 503,
+            reason: "cannot_verify_yet",
+            message: "this postback's click is not known here yet (NATS unavailable, or the \
+                      projection catching up), so its postback security cannot be checked; \
+                      retry, or name the offer with offer_id"
+                .to_owned(),
+        });
+    }
     let Some(offer) = state.catalog.offer(&offer_id)? else {
         return Ok(String::new());
     };
