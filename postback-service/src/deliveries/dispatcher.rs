@@ -26,7 +26,7 @@ use super::{
     macros,
     outcome::{OutcomeState, Outcomes},
     policy::{seed, Class, RetryPolicy},
-    ready::Ready,
+    ready::{Ready, MAX_WAITING_PER_HOST},
     schedule::{Schedule, ScheduleStore, Target, Unpublished},
     status_delivery_id,
 };
@@ -108,6 +108,10 @@ struct Inner {
 
 /// Most due deliveries held in memory; more wait in the index.
 const MAX_READY: usize = 100_000;
+// Room for the backlogs of more hosts than can hang on the attempt slots at
+// once (256 / 8 = 32 at the defaults), each with its started ones (twice its
+// slots): while fewer hang, a due delivery of any other host is still read.
+const _: () = assert!(48 * (MAX_WAITING_PER_HOST + 2 * 8) <= MAX_READY);
 /// How often the whole due index is read again (see [`Ready::rescan`]).
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
 

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 /// then no other host's due delivery would be read. The scan reads past the
 /// ones refused; once their host's queue is down to half, the index is read
 /// again from the earliest of them.
-pub const MAX_WAITING_PER_HOST: usize = 4096;
+pub const MAX_WAITING_PER_HOST: usize = 2048;
 
 /// Due deliveries by host, and the ones started.
 #[derive(Debug, Default)]
