@@ -815,15 +815,29 @@ async fn a_hand_retry_whose_request_is_dropped_midway_is_still_scheduled() {
 /// answer a hand retry 409, until it came due.
 #[tokio::test]
 async fn a_term_drops_the_schedules_of_deliveries_the_log_says_are_finished() {
-    use postback_service::deliveries::Schedule;
-    // d1 was delivered by another leader; d2 was not.
-    let delivered = proto::postbacks::v1::PostbackDelivered {
-        delivery_id: "d1".into(),
+    use postback_service::deliveries::{schedule::Unpublished, Schedule};
+    // d1 was delivered by another leader; d2 was not; d3 failed there (the
+    // affiliate refused it as a duplicate: this instance had delivered it,
+    // and holds that outcome, its ack lost).
+    let delivered = |id: &str| proto::postbacks::v1::PostbackDelivered {
+        delivery_id: id.into(),
         generation: 1,
         ..Default::default()
     };
-    let delivered = prost::Message::encode_to_vec(&delivered);
-    let lone = lone_dispatcher(&[(proto::subject::POSTBACK_DELIVERED, delivered)]).await;
+    let failed = proto::postbacks::v1::PostbackFailed {
+        delivery_id: "d3".into(),
+        generation: 1,
+        ..Default::default()
+    };
+    let encode = prost::Message::encode_to_vec;
+    let lone = lone_dispatcher(&[
+        (proto::subject::POSTBACK_DELIVERED, encode(&delivered("d1"))),
+        (
+            proto::subject::POSTBACK_FAILED,
+            prost::Message::encode_to_vec(&failed),
+        ),
+    ])
+    .await;
     for fold in [&lone.postbacks_fold, &lone.conversions_fold] {
         fold.send_modify(|s| (s.caught_up, s.at_tail) = (true, true));
     }
@@ -834,6 +848,13 @@ async fn a_term_drops_the_schedules_of_deliveries_the_log_says_are_finished() {
         schedule.next_at_ms = common::time::now_ms() + 3_600_000;
         dispatcher.schedules().put(&schedule).await.unwrap();
     }
+    let mut held = Schedule::fresh(target("d3"), 1);
+    held.unpublished = Some(Unpublished {
+        subject: proto::subject::POSTBACK_DELIVERED.into(),
+        msg_id: "postback-delivered-d3-1".into(),
+        payload: encode(&delivered("d3")),
+    });
+    dispatcher.schedules().put(&held).await.unwrap();
 
     let token = tokio_util::sync::CancellationToken::new();
     let tenure =
@@ -861,6 +882,17 @@ async fn a_term_drops_the_schedules_of_deliveries_the_log_says_are_finished() {
         dispatcher.schedules().get("d2").unwrap().is_some(),
         "the unfinished one kept"
     );
+    eventually(
+        "the success it held published",
+        Duration::from_secs(10),
+        || async {
+            let log = crate::support::nats::read_stream(&lone.js, "POSTBACKS").await;
+            log.iter()
+                .any(|(subject, _, _)| subject == proto::subject::POSTBACK_DELIVERED)
+                .then_some(())
+        },
+    )
+    .await;
     token.cancel();
     term.await.unwrap();
 }

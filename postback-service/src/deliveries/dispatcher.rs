@@ -569,9 +569,12 @@ impl Dispatcher {
     /// such a schedule would hold a later status of its conversion back
     /// ([`Self::earlier_status_due`]) and answer a hand retry 409 `pending`
     /// until it came due, up to the longest backoff.
+    /// One holding an outcome not yet published stays: published, a success
+    /// it holds wins over the log's failure of the same generation (another
+    /// leader's attempt, refused as a duplicate by the affiliate who had it).
     fn drop_recorded(&self) -> Result<(), sled::Error> {
         for s in self.inner.schedules.all()? {
-            if self.recorded(&s)? {
+            if s.unpublished.is_none() && self.recorded(&s)? {
                 self.inner.schedules.remove(&s.delivery_id)?;
             }
         }
@@ -761,18 +764,56 @@ fn failed_event(s: &Schedule, r: &AttemptResult, now: i64, prefix: &str) -> Unpu
 const STATUS_ORDER_WAIT_MS: i64 = 1000;
 
 /// Runs the dispatcher until `token` is cancelled, then lets attempts in flight
-/// finish (each is bounded by the attempt and publish timeouts).
+/// finish (each is bounded by the attempt and publish timeouts) and publishes
+/// the outcomes still held. A panic of its rounds ends the term the same way
+/// before it is raised again: the attempts they started run on, and whoever
+/// leads next would send again what they delivered unless it is in the log.
 pub async fn run_dispatcher(
     dispatcher: Dispatcher,
-    mut conversions_status: watch::Receiver<FoldStatus>,
+    conversions_status: watch::Receiver<FoldStatus>,
     tenure: Tenure,
     token: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let rounds = rounds(&dispatcher, &tracker, conversions_status, &tenure, &token);
+    let end = async {
+        tracker.close();
+        tracker.wait().await;
+        dispatcher.publish_stored().await;
+        let run = dispatcher.inner.run;
+        if let Err(error) = dispatcher.inner.schedules.release_reservations(run).await {
+            tracing::warn!(%error, "attempt reservations not released; the next run skips those numbers");
+        }
+    };
+    then_always(rounds, end).await;
+}
+
+/// Runs `work`, then `end` whether `work` returned or panicked; a panic is
+/// raised again once `end` is over.
+async fn then_always(
+    work: impl std::future::Future<Output = ()>,
+    end: impl std::future::Future<Output = ()>,
+) {
+    use futures::FutureExt;
+    let ended = std::panic::AssertUnwindSafe(work).catch_unwind().await;
+    end.await;
+    if let Err(panic) = ended {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The dispatcher's rounds, until `token` is cancelled.
+async fn rounds(
+    dispatcher: &Dispatcher,
+    tracker: &TaskTracker,
+    mut conversions_status: watch::Receiver<FoldStatus>,
+    tenure: &Tenure,
+    token: &CancellationToken,
 ) {
     let config = &dispatcher.inner.config;
     let tick = (config.policy.first_retry / 4)
         .clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut postbacks_status = dispatcher.inner.postbacks_status.clone();
-    let tracker = TaskTracker::new();
     let mut recovered = false;
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
@@ -807,19 +848,12 @@ pub async fn run_dispatcher(
                     dispatcher.recover_retries().await?;
                 }
             }
-            dispatcher.start_due(&tracker, &token, &tenure)
+            dispatcher.start_due(tracker, token, tenure)
         }
         .await;
         if let Err(error) = result {
             tracing::warn!(%error, "dispatcher round failed; retrying");
         }
-    }
-    tracker.close();
-    tracker.wait().await;
-    dispatcher.publish_stored().await;
-    let run = dispatcher.inner.run;
-    if let Err(error) = dispatcher.inner.schedules.release_reservations(run).await {
-        tracing::warn!(%error, "attempt reservations not released; the next run skips those numbers");
     }
 }
 
@@ -827,6 +861,23 @@ pub async fn run_dispatcher(
 mod tests {
     use super::*;
     use catalog::ConversionStatus::{Approved, Rejected};
+
+    #[tokio::test]
+    async fn the_end_of_a_term_runs_after_rounds_that_panicked_and_the_panic_is_raised_then() {
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let end = {
+            let ended = ended.clone();
+            async move {
+                // Attempts in flight finishing, outcomes held published.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
+        let rounds = async { panic!("a bug in a round") };
+        let term = tokio::spawn(then_always(rounds, end)).await;
+        assert!(term.is_err_and(|e| e.is_panic()), "raised again");
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     /// A dispatcher over a database of its own, whose NATS is never reached
     /// (the retries below are refused before anything is published), and the
