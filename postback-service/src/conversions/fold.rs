@@ -404,11 +404,12 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             // a new status word, which waits for the decider in the status
             // queue.
             ReReport::Same if known.reopens_with(&view) => {
-                // An advertiser's corrected word names the sale its first
-                // report dated (the door dates an HTTP report as it takes
-                // it): decided at that time, as a correction that came before
-                // the decision is (`reopened_as`), not as late as the retry.
-                if view.origin == "http" && known.rejected_for_its_word(&view.advertiser_status) {
+                // A corrected word names the sale its first report dated (the
+                // door dates an HTTP report as it takes it, the log a partner's
+                // that names no time): decided at that time, as a correction
+                // that came before the decision is (`reopened_as`), not as
+                // late as the correction.
+                if known.rejected_for_its_word(&view.advertiser_status) {
                     view.converted_at_ms = known.converted_at_ms;
                 }
                 reopen(staged, &known)?;
@@ -1354,6 +1355,37 @@ mod tests {
             rejections_of_o1(&h),
             (0, 0),
             "its rejection no longer counted"
+        );
+    }
+
+    #[test]
+    fn a_partners_corrected_word_is_dated_as_its_first_report_too() {
+        let mut h = Harness::new();
+        let report = |word: &str, at| {
+            ConversionReported {
+                click_id: CLICK.into(),
+                origin: ConversionOrigin::Nats as i32,
+                status: word.into(),
+                occurred_at_ms: at,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("aproved", 5_000),
+        );
+        let id = conversion_id(CLICK, "", "");
+        let for_its_word = rejected_as(RejectReason::Malformed, &id, 1);
+        h.apply(proto::subject::CONVERSION_REJECTED, for_its_word);
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("approved", 2 * 86_400_000),
+        );
+        let reopened = h.reads().get(&id).unwrap().unwrap();
+        assert_eq!(
+            (reopened.state, reopened.converted_at_ms),
+            (ConversionState::Pending, 5_000)
         );
     }
 
