@@ -349,6 +349,11 @@ async fn acquire(
                 });
                 if releases.is_none() {
                     releases = watch_releases(js, config).await;
+                    if releases.is_some() {
+                        // The watch sees changes from now on: a release made
+                        // since the entry was read is found by asking again.
+                        continue;
+                    }
                 }
             }
             Err(error) => {
