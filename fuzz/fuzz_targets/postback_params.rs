@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(uuid_like(&input.click_id));
         assert!(input.amount_micros.is_none_or(|a| a >= 0));
         assert!(input.goal.len() <= 64 && input.txid.len() <= 256);
-        let event = input.into_event("127.0.0.1".into(), 0, String::new());
+        let event = input.into_event("127.0.0.1".into(), 0, String::new(), String::new());
         assert!(!event.conversion_id.is_empty());
     }
 });

@@ -154,6 +154,7 @@ fn decisions(c: &mut Criterion) {
     let affiliate = affiliate();
     let input = DecideInput {
         conversion: &view,
+        checked_now: false,
         click: Some(&click),
         offer: Some(&offer),
         affiliate: Some(&affiliate),

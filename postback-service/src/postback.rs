@@ -182,6 +182,7 @@ impl PostbackInput {
         ip: String,
         now_ms: i64,
         verified_offer_id: String,
+        unchecked_params: String,
     ) -> ConversionReported {
         let id = conversion_id(&self.click_id, &self.goal, &self.txid);
         ConversionReported {
@@ -197,6 +198,7 @@ impl PostbackInput {
             ip,
             status: self.status,
             verified_offer_id,
+            unchecked_params,
         }
     }
 }

@@ -461,42 +461,68 @@ async fn a_signed_postback_answered_503_is_taken_when_sent_again() {
     assert_eq!(sys.decided(&id).await["state"], "attributed");
 }
 
-/// A postback carrying a token whose click the door cannot look up (NATS
-/// unavailable) is refused with a 503, not taken unchecked: taken, it would be
-/// rejected `unauthenticated` once its click is folded, and its retry
-/// answered as already taken.
+/// A postback carrying a token and a signature whose click the door does not
+/// know yet (not in the log yet, or NATS unavailable) is taken with its
+/// parameters kept, and checked once its click is folded: the right ones
+/// count, wrong or missing ones are rejected `unauthenticated`.
 #[tokio::test]
-async fn a_postback_with_a_token_the_door_cannot_check_yet_is_refused_503_not_lost() {
-    let sys = System::start_with_grace(60_000).await;
+async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known() {
+    let mut sys = System::start_with_grace(60_000).await;
     sys.put_offer(
         "o1",
         serde_json::json!({"url": crate::support::app::OFFER_URL,
-            "security": {"token": "s3cret"}}),
+            "security": {"token": "s3cret", "hmac_secret": "k3y"}}),
     )
     .await;
     sys.put_affiliate("a1", serde_json::json!({})).await;
     sys.wait_postback_sees_offer("o1", "").await;
-    let click_id = uuid::Uuid::now_v7().to_string();
-    let with_token = format!("click_id={click_id}&token=s3cret");
-
+    let signed = |unsigned: String| {
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
+            .into_owned()
+            .collect();
+        let canonical = postback_service::security::canonical(&pairs);
+        format!(
+            "{unsigned}&sig={}",
+            postback_service::security::sign("k3y", &canonical)
+        )
+    };
+    let clicked_at = common::time::now_ms() - 1000;
+    let now = common::time::now_ms() / 1000;
+    let first = uuid::Uuid::now_v7().to_string();
+    let second = uuid::Uuid::now_v7().to_string();
+    // The first click is in no log yet: its postback comes first.
+    let early = signed(format!("click_id={first}&token=s3cret&ts={now}"));
+    let early = sys.postback_ok(&early).await;
+    // With NATS gone, the door cannot look the second click up at all.
     sys.nats.pause();
-    let (status, body) = sys.postback(&with_token).await;
-    assert_eq!(
-        (status, body["reason"].as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("cannot_verify_yet")),
-        "{body}"
-    );
-    // One with no proof is taken as ever (into the outbox): there is nothing
-    // to check that could turn out right later.
-    let (status, body) = sys.postback(&format!("click_id={click_id}&txid=t2")).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ids = Vec::new();
+    for query in [
+        signed(format!("click_id={second}&token=s3cret&ts={now}")),
+        signed(format!("click_id={second}&txid=t2&token=wrong&ts={now}")),
+        format!("click_id={second}&txid=t3&token=s3cret&ts={now}&sig=00"),
+        format!("click_id={second}&txid=t4"),
+    ] {
+        let (status, body) = sys.postback(&query).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        ids.push(body["conversion_id"].as_str().unwrap().to_owned());
+    }
     sys.nats.resume();
-
-    sys.publish_click(&click_id).await;
-    let id = eventually("the retry taken", Duration::from_secs(15), || async {
-        let (status, body) = sys.postback(&with_token).await;
-        (status == StatusCode::OK).then(|| body["conversion_id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    assert_eq!(sys.decided(&id).await["state"], "attributed");
+    // The clicks were made before their postbacks, and reach the log late.
+    sys.publish_click_at(&first, clicked_at).await;
+    sys.publish_click_at(&second, clicked_at).await;
+    let v = sys.decided(&early).await;
+    assert_eq!(v["state"], "attributed", "{v}");
+    assert_eq!(sys.decided(&ids[0]).await["state"], "attributed");
+    for id in &ids[1..] {
+        let v = sys.decided(id).await;
+        assert_eq!(
+            (v["state"].as_str(), v["reason"].as_str()),
+            (Some("rejected"), Some("unauthenticated")),
+            "{v}"
+        );
+    }
+    // Checked as of when the door took it: a signature of then still
+    // passes after a restart, whatever the clock says now.
+    sys.restart_postback().await;
+    assert_eq!(sys.decided(&ids[0]).await["state"], "attributed");
 }

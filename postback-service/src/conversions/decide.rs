@@ -40,6 +40,9 @@ pub(crate) const CLOCK_SKEW_MS: i64 = 5_000;
 #[derive(Debug, Clone, Copy)]
 pub struct DecideInput<'a> {
     pub conversion: &'a ConversionView,
+    /// An HTTP report the door could not check (it did not know the offer)
+    /// whose kept parameters pass the offer's postback security now.
+    pub checked_now: bool,
     pub click: Option<&'a ClickRecorded>,
     pub offer: Option<&'a Offer>,
     /// The click's affiliate, for its postback URL and status list.
@@ -168,7 +171,11 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
             format!("offer {:?} is not in the catalog", click.offer_id),
         );
     };
-    if let Some(why) = unverified(offer, &c.origin, &c.verified_offer_id) {
+    let verified_for = match input.checked_now {
+        true => &offer.offer_id,
+        false => &c.verified_offer_id,
+    };
+    if let Some(why) = unverified(offer, &c.origin, verified_for) {
         return reject(Reason::Unauthenticated, why);
     }
     if let Some(why) = fallback(click) {
@@ -410,6 +417,7 @@ mod tests {
     ) -> DecideInput<'a> {
         DecideInput {
             conversion: c,
+            checked_now: false,
             click,
             offer,
             affiliate: None,
@@ -736,6 +744,11 @@ mod tests {
             reason(decide(input(&c, Some(&k), Some(&o)))),
             Reason::Unauthenticated
         );
+        // Unchecked at the door, its kept parameters pass now.
+        attributed(decide(DecideInput {
+            checked_now: true,
+            ..input(&c, Some(&k), Some(&o))
+        }));
         c.verified_offer_id = "o1".into();
         attributed(decide(input(&c, Some(&k), Some(&o))));
         c.verified_offer_id = "other".into();

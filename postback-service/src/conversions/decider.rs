@@ -166,6 +166,8 @@ pub async fn run_decider(
 enum RoundError {
     #[error("projection read")]
     Store(#[from] sled::Error),
+    #[error("reading a report back from the log: {0}")]
+    ReadBack(String),
     #[error(transparent)]
     Publish(#[from] common::nats::PublishError),
     #[error("the lease's tenure ended (was this process frozen?): nothing published")]
@@ -350,8 +352,21 @@ async fn round(
             Some((offer_key, aff_key)) => (used(offer_key)?, used(aff_key)?),
             None => (0, 0),
         };
+        // Unchecked at the door (it did not know the offer yet): the
+        // parameters the report kept, if any, are checked now.
+        let checked_now = match (&offer, &click) {
+            (Some(o), Some(_))
+                if conversion.origin == "http"
+                    && conversion.verified_offer_id.is_empty()
+                    && o.security.is_required() =>
+            {
+                kept_params_pass(js, &conversion, o).await?
+            }
+            _ => false,
+        };
         let input = DecideInput {
             conversion: &conversion,
+            checked_now,
             click: click.as_ref(),
             offer: offer.as_deref(),
             affiliate: affiliate.as_deref(),
@@ -452,6 +467,45 @@ async fn round(
         resume_from,
         pending_ended,
     })
+}
+
+/// Whether the postback parameters the door kept, unchecked, in the report of
+/// `c` pass `offer`'s postback security, as of the time the door took the
+/// report (its address, token and signature window; a replay is not checked
+/// then). A report no longer in the log, or that kept none, does not.
+async fn kept_params_pass(
+    js: &Context,
+    c: &ConversionView,
+    offer: &catalog::Offer,
+) -> Result<bool, RoundError> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    use prost::Message;
+    let read_back = |e: &dyn std::fmt::Display| RoundError::ReadBack(e.to_string());
+    let stream = js
+        .get_stream(proto::stream::CONVERSIONS)
+        .await
+        .map_err(|e| read_back(&e))?;
+    let message = match stream.get_raw_message(c.reported_seq).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(false),
+        Err(e) => return Err(read_back(&e)),
+    };
+    let Ok(report) = proto::conversions::v1::ConversionReported::decode(message.payload) else {
+        return Ok(false);
+    };
+    let Ok(ip) = c.ip.parse() else {
+        return Ok(false);
+    };
+    if report.unchecked_params.is_empty() || report.conversion_id != c.conversion_id {
+        return Ok(false);
+    }
+    let pairs: Vec<(String, String)> =
+        url::form_urlencoded::parse(report.unchecked_params.as_bytes())
+            .into_owned()
+            .collect();
+    let replays = crate::security::ReplayGuard::default();
+    let at = report.occurred_at_ms;
+    Ok(crate::security::check(&offer.security, &pairs, ip, at, &replays).is_ok())
 }
 
 /// Publishes pipelined: send all, then collect the acks.

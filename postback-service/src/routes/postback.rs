@@ -67,9 +67,24 @@ pub(super) async fn postback(
     if method == Method::HEAD {
         return Ok(Json(json!({"status": "ok", "recorded": false})));
     }
-    let verified = verify(&state, &input, &pairs, ip, now).await?;
+    let checked = verify(&state, &input, &pairs, ip, now).await?;
     let signature = state.replays.pending_use(&pairs);
-    let event = input.into_event(ip.to_string(), now, verified);
+    // Unchecked, but carrying a token or a signature: meant for an offer with
+    // postback security. Its parameters go with its report, for the decider
+    // to check once the click is known; taken without them, it would be
+    // rejected `unauthenticated` then, and its retry answered as known.
+    let (verified, unchecked_params) = match checked {
+        DoorCheck::Verified(offer_id) => (offer_id, String::new()),
+        DoorCheck::NotNeeded => (String::new(), String::new()),
+        DoorCheck::OfferUnknown if pairs.iter().any(|(k, _)| k == "token" || k == "sig") => {
+            let params = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&pairs)
+                .finish();
+            (String::new(), params)
+        }
+        DoorCheck::OfferUnknown => (String::new(), String::new()),
+    };
+    let event = input.into_event(ip.to_string(), now, verified, unchecked_params);
     let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
     if let Some(known) = state.conversions.get(&event.conversion_id)? {
         // A verified report always goes to the log (JetStream drops a repeat
@@ -107,12 +122,15 @@ pub(super) async fn postback(
 /// offer's security is checked at the door rather than only later by the
 /// decider. A click id that is in no log costs one stream-info request. The
 /// whole look takes at most the door's wait, NATS down or not.
-async fn click_at_door(state: &AppState, click_id: &str) -> Result<AtDoor, ApiError> {
+async fn click_at_door(
+    state: &AppState,
+    click_id: &str,
+) -> Result<Option<proto::clicks::v1::ClickRecorded>, ApiError> {
     if let Some(click) = state.clicks.get(click_id)? {
-        return Ok(AtDoor::Click(Box::new(click)));
+        return Ok(Some(click));
     }
     if click_id.is_empty() {
-        return Ok(AtDoor::NotInLog);
+        return Ok(None);
     }
     // Read again even when the fold was already there: it may have applied
     // the click between the first read and the stream info.
@@ -124,23 +142,9 @@ async fn click_at_door(state: &AppState, click_id: &str) -> Result<AtDoor, ApiEr
     )
     .await
     {
-        return Ok(AtDoor::CannotTell);
+        return Ok(None);
     }
-    Ok(state
-        .clicks
-        .get(click_id)?
-        .map_or(AtDoor::NotInLog, |click| AtDoor::Click(Box::new(click))))
-}
-
-/// What the door knows of a postback's click.
-enum AtDoor {
-    Click(Box<proto::clicks::v1::ClickRecorded>),
-    /// Not in the log as it ended a moment ago (or no click id).
-    NotInLog,
-    /// It may be in the log, not folded yet: NATS did not say where the log
-    /// ends, or the fold did not get there within the door's wait (a NATS
-    /// outage, a projection being rebuilt).
-    CannotTell,
+    Ok(state.clicks.get(click_id)?)
 }
 
 /// A form body's media type, parameters (`; charset=UTF-8`) aside; media
@@ -158,25 +162,34 @@ fn too_many() -> ApiError {
     }
 }
 
+/// What the door made of a postback's security.
+enum DoorCheck {
+    /// It passed the checks of this offer.
+    Verified(String),
+    /// Its offer is known and asks for none.
+    NotNeeded,
+    /// Its offer is not known here (yet): nothing was checked.
+    OfferUnknown,
+}
+
 /// Runs the offer's postback security, when the offer is known at the door: the
 /// click's offer, else that of the conversion the postback reports again (a
 /// status report months later, its click gone from the projection: a CLICKS
-/// max age, a new instance), else the `offer_id` parameter. Returns the offer
-/// verified for (empty: none was checked; the decider rejects the conversion
-/// later if its offer turns out to require security, and ignores an
-/// unverified status report of a secured offer).
+/// max age, a new instance), else the `offer_id` parameter. A postback whose
+/// offer is not known here is taken unchecked: the decider rejects it later
+/// if its offer turns out to require security, unless the parameters it
+/// carried (kept in its report) pass that offer's checks then; it ignores an
+/// unverified status report of a secured offer.
 async fn verify(
     state: &AppState,
     input: &PostbackInput,
     pairs: &[(String, String)],
     ip: std::net::IpAddr,
     now: i64,
-) -> Result<String, ApiError> {
-    let at_door = click_at_door(state, &input.click_id).await?;
-    let cannot_tell = matches!(at_door, AtDoor::CannotTell);
-    let offer_id = match at_door {
-        AtDoor::Click(click) => click.offer_id,
-        AtDoor::NotInLog | AtDoor::CannotTell => {
+) -> Result<DoorCheck, ApiError> {
+    let offer_id = match click_at_door(state, &input.click_id).await? {
+        Some(click) => click.offer_id,
+        None => {
             let id = crate::postback::conversion_id(&input.click_id, &input.goal, &input.txid);
             match state.conversions.get(&id)? {
                 Some(known) if !known.offer_id.is_empty() => known.offer_id,
@@ -188,29 +201,14 @@ async fn verify(
             }
         }
     };
-    // A postback that carries a token or a signature is meant for an offer
-    // with postback security. Taken unchecked now, it would be rejected
-    // `unauthenticated` once its click is folded, and its retry answered as
-    // already taken: lost behind a 200. Refused with a 503, it is sent again.
-    let carries_proof = pairs.iter().any(|(k, _)| k == "token" || k == "sig");
-    if offer_id.is_empty() && cannot_tell && carries_proof {
-        return Err(ApiError::Refused {
-            status: 503,
-            reason: "cannot_verify_yet",
-            message: "this postback's click is not known here yet (NATS unavailable, or the \
-                      projection catching up), so its postback security cannot be checked; \
-                      retry, or name the offer with offer_id"
-                .to_owned(),
-        });
-    }
     let Some(offer) = state.catalog.offer(&offer_id)? else {
-        return Ok(String::new());
+        return Ok(DoorCheck::OfferUnknown);
     };
     if !offer.security.is_required() {
-        return Ok(String::new());
+        return Ok(DoorCheck::NotNeeded);
     }
     match crate::security::check(&offer.security, pairs, ip, now, &state.replays) {
-        Ok(()) => Ok(offer.offer_id.clone()),
+        Ok(()) => Ok(DoorCheck::Verified(offer.offer_id.clone())),
         Err(refusal) => {
             if !state.refusals.record(ip, refusal, now) {
                 return Err(too_many());

@@ -303,13 +303,20 @@ impl System {
     /// Publishes a `ClickRecorded` of `click_id` (offer o1, affiliate a1, a
     /// second old) straight onto CLICKS, as click-service would have.
     pub async fn publish_click(&self, click_id: &str) {
+        self.publish_click_at(click_id, common::time::now_ms() - 1000)
+            .await;
+    }
+
+    /// [`Self::publish_click`] of a click made at `occurred_at_ms` (one that
+    /// waited in click-service's outbox reaches the log late).
+    pub async fn publish_click_at(&self, click_id: &str, occurred_at_ms: i64) {
         use prost::Message;
         let click = proto::clicks::v1::ClickRecorded {
             event_id: click_id.to_owned(),
             click_id: click_id.to_owned(),
             offer_id: "o1".into(),
             affiliate_id: "a1".into(),
-            occurred_at_ms: common::time::now_ms() - 1000,
+            occurred_at_ms,
             ..Default::default()
         };
         self.publish("clicks.v1.recorded", click.encode_to_vec())
