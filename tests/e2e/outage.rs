@@ -467,15 +467,22 @@ async fn a_signed_postback_answered_503_is_taken_when_sent_again() {
 /// count, wrong or missing ones are rejected `unauthenticated`.
 #[tokio::test]
 async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known() {
-    let mut sys = System::start_with_grace(60_000).await;
+    let sys = System::start_with_grace(60_000).await;
     sys.put_offer(
         "o1",
         serde_json::json!({"url": crate::support::app::OFFER_URL,
             "security": {"token": "s3cret", "hmac_secret": "k3y"}}),
     )
     .await;
+    // An offer whose only check is the caller's address.
+    sys.put_offer(
+        "o2",
+        serde_json::json!({"url": crate::support::app::OFFER_URL,
+            "security": {"allowed_ips": ["127.0.0.0/8"]}}),
+    )
+    .await;
     sys.put_affiliate("a1", serde_json::json!({})).await;
-    sys.wait_postback_sees_offer("o1", "").await;
+    sys.wait_postback_sees_offer("o2", "").await;
     let signed = |unsigned: String| {
         let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
             .into_owned()
@@ -490,6 +497,7 @@ async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known
     let now = common::time::now_ms() / 1000;
     let first = uuid::Uuid::now_v7().to_string();
     let second = uuid::Uuid::now_v7().to_string();
+    let third = uuid::Uuid::now_v7().to_string();
     // The first click is in no log yet: its postback comes first.
     let early = signed(format!("click_id={first}&token=s3cret&ts={now}"));
     let early = sys.postback_ok(&early).await;
@@ -501,6 +509,12 @@ async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known
         signed(format!("click_id={second}&txid=t2&token=wrong&ts={now}")),
         format!("click_id={second}&txid=t3&token=s3cret&ts={now}&sig=00"),
         format!("click_id={second}&txid=t4"),
+        // The first one's reversal, in the same window.
+        signed(format!(
+            "click_id={second}&status=rejected&token=s3cret&ts={now}"
+        )),
+        // On the offer that checks the address only.
+        format!("click_id={third}"),
     ] {
         let (status, body) = sys.postback(&query).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -510,10 +524,23 @@ async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known
     // The clicks were made before their postbacks, and reach the log late.
     sys.publish_click_at(&first, clicked_at).await;
     sys.publish_click_at(&second, clicked_at).await;
+    let on_o2 = proto::clicks::v1::ClickRecorded {
+        event_id: third.clone(),
+        click_id: third.clone(),
+        offer_id: "o2".into(),
+        affiliate_id: "a1".into(),
+        occurred_at_ms: clicked_at,
+        ..Default::default()
+    };
+    sys.publish(
+        proto::subject::CLICK_RECORDED,
+        prost::Message::encode_to_vec(&on_o2),
+    )
+    .await;
     let v = sys.decided(&early).await;
     assert_eq!(v["state"], "attributed", "{v}");
     assert_eq!(sys.decided(&ids[0]).await["state"], "attributed");
-    for id in &ids[1..] {
+    for id in &ids[1..4] {
         let v = sys.decided(id).await;
         assert_eq!(
             (v["state"].as_str(), v["reason"].as_str()),
@@ -521,8 +548,12 @@ async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known
             "{v}"
         );
     }
-    // Checked as of when the door took it: a signature of then still
-    // passes after a restart, whatever the clock says now.
-    sys.restart_postback().await;
-    assert_eq!(sys.decided(&ids[0]).await["state"], "attributed");
+    assert_eq!(ids[4], ids[0], "a status report of the same conversion");
+    let v = sys.decided(&ids[5]).await;
+    assert_eq!(v["state"], "attributed", "the address passes: {v}");
+    eventually("the reversal applied", Duration::from_secs(10), || async {
+        let (_, v) = sys.api(&format!("/api/conversions/{}", ids[0])).await;
+        (v["status"] == "rejected").then_some(())
+    })
+    .await;
 }

@@ -360,7 +360,7 @@ async fn round(
                     && conversion.verified_offer_id.is_empty()
                     && o.security.is_required() =>
             {
-                kept_params_pass(js, &conversion, o).await?
+                kept_params_pass(js, conversion.reported_seq, &conversion.conversion_id, o).await?
             }
             _ => false,
         };
@@ -426,6 +426,21 @@ async fn round(
             continue;
         };
         let offer = inputs.catalog.offer(&view.offer_id)?;
+        let mut update = update;
+        // A status report the door could not check (its click was not
+        // folded there yet) of an attributed conversion: checked now, as a
+        // conversion's first report is (a pending one waits for its
+        // decision; a rejected one moves no status).
+        if let Some(o) = offer.as_deref().filter(|o| {
+            view.state == ConversionState::Attributed
+                && update.origin == "http"
+                && update.verified_offer_id.is_empty()
+                && o.security.is_required()
+        }) {
+            if kept_params_pass(js, seq, &update.conversion_id, o).await? {
+                update.verified_offer_id.clone_from(&o.offer_id);
+            }
+        }
         if view.rejected_for_its_word(&update.advertiser_status) {
             // Folded, this decision opens the conversion again, pending at `seq`.
             claims.reopens_at = claims.reopens_at.into_iter().chain([seq]).min();
@@ -469,13 +484,15 @@ async fn round(
     })
 }
 
-/// Whether the postback parameters the door kept, unchecked, in the report of
-/// `c` pass `offer`'s postback security, as of the time the door took the
-/// report (its address, token and signature window; a replay is not checked
-/// then). A report no longer in the log, or that kept none, does not.
+/// Whether the HTTP report at `seq` (of conversion `conversion_id`), which the
+/// door could not check, passes `offer`'s postback security now: the caller's
+/// address it recorded, and the parameters it kept (a token, a signature,
+/// whose time window is taken as of when the door took the report; a replay
+/// is not caught then). A report no longer in the log does not pass.
 async fn kept_params_pass(
     js: &Context,
-    c: &ConversionView,
+    seq: u64,
+    conversion_id: &str,
     offer: &catalog::Offer,
 ) -> Result<bool, RoundError> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
@@ -485,7 +502,7 @@ async fn kept_params_pass(
         .get_stream(proto::stream::CONVERSIONS)
         .await
         .map_err(|e| read_back(&e))?;
-    let message = match stream.get_raw_message(c.reported_seq).await {
+    let message = match stream.get_raw_message(seq).await {
         Ok(message) => message,
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(false),
         Err(e) => return Err(read_back(&e)),
@@ -493,10 +510,12 @@ async fn kept_params_pass(
     let Ok(report) = proto::conversions::v1::ConversionReported::decode(message.payload) else {
         return Ok(false);
     };
-    let Ok(ip) = c.ip.parse() else {
+    // The report's own address: a conversion opened again by a later report
+    // keeps the first one's in its view.
+    let Ok(ip) = report.ip.parse() else {
         return Ok(false);
     };
-    if report.unchecked_params.is_empty() || report.conversion_id != c.conversion_id {
+    if report.conversion_id != conversion_id {
         return Ok(false);
     }
     let pairs: Vec<(String, String)> =
