@@ -271,3 +271,79 @@ async fn an_entity_read_edited_and_put_back_keeps_everything_else() {
         "the secrets are still set"
     );
 }
+
+/// A secret sent back masked keeps the one the log holds last, not the one
+/// this instance had folded: another instance rotated it a moment before.
+#[tokio::test]
+async fn a_masked_secret_keeps_the_latest_one_written_through_any_instance() {
+    use prost::Message;
+    use proto::catalog::v1::{OfferStatus, OfferUpserted, PostbackSecurity};
+    let sys = System::start().await;
+    sys.put_offer(
+        "o1",
+        json!({"url": OFFER_URL, "security": {"token": "old"}}),
+    )
+    .await;
+    let shown: serde_json::Value = sys
+        .http
+        .get(sys.click_url("/api/offers/o1"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["security"]["token"], "********");
+    // Another instance: a burst of other offers, then o1's token rotated.
+    let js = sys.jetstream().await;
+    let offer = |id: &str, token: &str| OfferUpserted {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at_ms: common::time::now_ms(),
+        offer_id: id.into(),
+        url: OFFER_URL.into(),
+        status: OfferStatus::Active as i32,
+        security: Some(PostbackSecurity {
+            token: token.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut acks = Vec::new();
+    for i in 0..2000 {
+        let id = format!("x{i}");
+        let e = offer(&id, "");
+        acks.push(
+            js.publish(proto::subject::offer(&id), e.encode_to_vec().into())
+                .await
+                .unwrap(),
+        );
+    }
+    let rotated = offer("o1", "new").encode_to_vec();
+    acks.push(
+        js.publish(proto::subject::offer("o1"), rotated.into())
+            .await
+            .unwrap(),
+    );
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    // At once, through this instance, the offer as GET showed it, renamed.
+    let mut edited = shown.clone();
+    edited["name"] = json!("Renamed");
+    let (status, body) = sys.put("/api/offers/o1", edited).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let stream = js.get_stream("CATALOG").await.unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject(&proto::subject::offer("o1"))
+        .await
+        .unwrap();
+    let written = OfferUpserted::decode(last.payload).unwrap();
+    assert_eq!(
+        (
+            written.name.as_str(),
+            written.security.unwrap().token.as_str()
+        ),
+        ("Renamed", "new")
+    );
+}

@@ -135,6 +135,21 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     common::auth::require_bearer(headers, &state.admin_token)
 }
 
+/// Waits (up to 2 s) for this instance's catalog fold to apply the CATALOG
+/// stream as it ends now, so what a `PUT` keeps of the entity as it is (a
+/// secret sent back masked, whether it is created) is what any instance wrote
+/// last, not what this one had folded: a token rotated through another
+/// instance a moment before was otherwise written back over, and postbacks
+/// carrying the new one refused. NATS not answering: as it is.
+async fn catch_up(state: &AppState) {
+    let Ok(stream) = state.js.get_stream(proto::stream::CATALOG).await else {
+        return;
+    };
+    let last = stream.cached_info().state.last_sequence;
+    let mut status = state.catalog_status.clone();
+    common::fold::wait_applied(&mut status, last, Duration::from_secs(2)).await;
+}
+
 /// Publishes a catalog event and waits (up to 2 s) for the local projection
 /// to apply it: whether it did.
 async fn publish_catalog(
@@ -180,6 +195,7 @@ pub(super) async fn put_offer(
     authorize(&state, &headers)?;
     check_id("offer_id", &offer_id)?;
     let mut event = offer_from_json(&offer_id, &body)?;
+    catch_up(&state).await;
     let current = state.catalog.offer(&offer_id)?;
     crate::catalog_input::keep_masked_secrets(&mut event, current.as_ref().map(|o| &o.security))?;
     let existed = current.is_some();
@@ -235,6 +251,7 @@ pub(super) async fn put_affiliate(
     authorize(&state, &headers)?;
     check_id("affiliate_id", &affiliate_id)?;
     let mut event = affiliate_from_json(&affiliate_id, &body)?;
+    catch_up(&state).await;
     let current = state.catalog.affiliate(&affiliate_id)?;
     let existed = current.is_some();
     event.event_id = uuid::Uuid::now_v7().to_string();
