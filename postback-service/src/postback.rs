@@ -203,6 +203,17 @@ impl PostbackInput {
     }
 }
 
+/// The value of parameter `name` as [`PostbackInput::parse`] reads one: the
+/// first given that is not empty once trimmed, trimmed (`token=&token=x`,
+/// `token=x%20` are `x`; parse refuses two different ones).
+pub fn param<'p>(pairs: &'p [(String, String)], name: &str) -> Option<&'p str> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.trim())
+        .find(|v| !v.is_empty())
+}
+
 /// The `Nats-Msg-Id` of a report: the conversion id, plus the status word when
 /// one is given, so a later status report is not dropped as a retry, plus the
 /// offer it was verified for, so a verified report is not dropped as a retry

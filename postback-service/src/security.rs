@@ -159,10 +159,7 @@ impl ReplayGuard {
     /// The use of the signature in `pairs` (if any) that [`check`] has just
     /// let through.
     pub fn pending_use(&self, pairs: &[(String, String)]) -> SignatureUse<'_> {
-        let sig = pairs
-            .iter()
-            .find(|(k, _)| k == "sig")
-            .map(|(_, v)| v.to_ascii_lowercase());
+        let sig = crate::postback::param(pairs, "sig").map(str::to_ascii_lowercase);
         SignatureUse { replays: self, sig }
     }
 
@@ -194,12 +191,7 @@ pub fn check(
     now_ms: i64,
     replays: &ReplayGuard,
 ) -> Result<(), Refusal> {
-    let param = |name: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let param = |name: &str| crate::postback::param(pairs, name);
     if !security.allowed_ips.is_empty() && !ip_allowed(ip, &security.allowed_ips) {
         return Err(Refusal::IpNotAllowed);
     }
@@ -381,6 +373,11 @@ mod tests {
         );
         let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
         assert_eq!(check(&s, &pairs("token=s3cret"), mapped, 0, &g), Ok(()));
+        // Read as the rest of the postback is: the first value not empty
+        // once trimmed.
+        for sent in ["token=&token=s3cret", "token=s3cret%20", "token=+s3cret"] {
+            assert_eq!(check(&s, &pairs(sent), IP, 0, &g), Ok(()), "{sent}");
+        }
     }
 
     #[test]

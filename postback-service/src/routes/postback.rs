@@ -193,11 +193,9 @@ async fn verify(
             let id = crate::postback::conversion_id(&input.click_id, &input.goal, &input.txid);
             match state.conversions.get(&id)? {
                 Some(known) if !known.offer_id.is_empty() => known.offer_id,
-                _ => pairs
-                    .iter()
-                    .find(|(k, _)| k == "offer_id")
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default(),
+                _ => crate::postback::param(pairs, "offer_id")
+                    .unwrap_or_default()
+                    .to_owned(),
             }
         }
     };
