@@ -127,6 +127,9 @@ pub async fn run_decider(
             Ok(outcome) => {
                 resume_from = outcome.resume_from;
                 pending_ended = outcome.pending_ended;
+                for (id, seq) in &outcome.reopened_behind {
+                    in_flight.walk_back_to(id, *seq);
+                }
                 if let Some(top) = outcome.top {
                     in_flight.push(top, outcome.decided, outcome.claims);
                 }
@@ -228,6 +231,9 @@ struct RoundOutcome {
     resume_from: u64,
     /// The pending walk reached the last pending conversion.
     pending_ended: bool,
+    /// Later reports of conversions decided in flight, passed: (conversion
+    /// id, report sequence).
+    reopened_behind: Vec<(String, u64)>,
 }
 
 /// A walk of the status queue, over as many rounds as it takes.
@@ -270,6 +276,7 @@ async fn round(
     let mut claims = Claims::default();
     let (mut wait, mut resume_from) = (false, from);
     let mut decisions = Vec::new();
+    let mut reopened_behind = Vec::new();
     let (mut scanned, mut stopped) = (0, false);
     for row in inputs
         .conversions
@@ -284,10 +291,15 @@ async fn round(
         (resume_from, scanned) = (seq + 1, scanned + 1);
         // Decided and in flight, or in this round: a report opened again
         // (a verified one in place of an unverified one) may be met twice.
-        if in_flight.decided(&id)
-            || claims.conversions.contains(&id)
-            || waiting.still(&id, &inputs.clicks, now, grace_ms)?
-        {
+        // A later report of one decided in flight (opened again) is decided
+        // once that decision is folded back: the walk comes back to it then.
+        if in_flight.decided(&id) {
+            if in_flight.is_later_report(&id, seq) {
+                reopened_behind.push((id, seq));
+            }
+            continue;
+        }
+        if claims.conversions.contains(&id) || waiting.still(&id, &inputs.clicks, now, grace_ms)? {
             continue;
         }
         // A group commits its rows one by one, in key order, so a report can
@@ -399,6 +411,7 @@ async fn round(
         }
         if let Some(decision) = decision_event(&conversion, click.as_ref(), verdict, now) {
             claims.conversions.insert(conversion.conversion_id.clone());
+            claims.reports.insert(conversion.conversion_id.clone(), seq);
             decisions.push(decision);
         }
     }
@@ -481,6 +494,7 @@ async fn round(
         wait,
         resume_from,
         pending_ended,
+        reopened_behind,
     })
 }
 

@@ -31,6 +31,8 @@ pub(super) struct Claims {
     /// Conversions decided (a report or a later status): their pending or
     /// status-queue rows stay until the fold removes them.
     pub(super) conversions: HashSet<String>,
+    /// Of those, the ones decided as a report: the report's sequence.
+    pub(super) reports: HashMap<String, u64>,
     /// Dedup keys (goal, txid) claimed by attributions.
     pub(super) keys: HashSet<Vec<u8>>,
     /// Offers attributed to.
@@ -54,6 +56,8 @@ pub(super) struct InFlight {
     /// Decisions in flight: the rounds' counts summed.
     decisions: usize,
     conversions: HashMap<String, u64>,
+    /// Conversions decided as a report: the report's sequence.
+    reports: HashMap<String, u64>,
     keys: HashMap<Vec<u8>, u64>,
     offers: HashMap<String, u64>,
 }
@@ -74,6 +78,9 @@ impl InFlight {
     pub(super) fn push(&mut self, top: u64, decisions: usize, claims: Claims) {
         for k in &claims.conversions {
             self.conversions.insert(k.clone(), top);
+        }
+        for (k, seq) in &claims.reports {
+            self.reports.insert(k.clone(), *seq);
         }
         for k in &claims.keys {
             self.keys.insert(k.clone(), top);
@@ -105,6 +112,9 @@ impl InFlight {
             // both) stays until that round is applied too.
             for k in &round.claims.conversions {
                 forget(&mut self.conversions, k, applied);
+                if !self.conversions.contains_key(k) {
+                    self.reports.remove(k);
+                }
             }
             for k in &round.claims.keys {
                 forget(&mut self.keys, k, applied);
@@ -139,6 +149,27 @@ impl InFlight {
     /// Whether an unfolded round decided this conversion.
     pub(super) fn decided(&self, conversion_id: &str) -> bool {
         self.conversions.contains_key(conversion_id)
+    }
+
+    /// Whether the pending row at `seq` of a conversion an unfolded round
+    /// decided is a report of it that came after (it was opened again). The
+    /// walk passes it while that decision is in flight; [`Self::walk_back_to`]
+    /// sends the walk back to it once the round is folded back.
+    pub(super) fn is_later_report(&self, conversion_id: &str, seq: u64) -> bool {
+        self.conversions.contains_key(conversion_id)
+            && self.reports.get(conversion_id) != Some(&seq)
+    }
+
+    /// Makes the round that last decided `conversion_id` send the walk back
+    /// to `seq` when it is settled ([`Claims::reopens_at`]).
+    pub(super) fn walk_back_to(&mut self, conversion_id: &str, seq: u64) {
+        let Some(top) = self.conversions.get(conversion_id).copied() else {
+            return;
+        };
+        if let Some(round) = self.rounds.iter_mut().find(|r| r.top == top) {
+            let at = &mut round.claims.reopens_at;
+            *at = Some(at.map_or(seq, |at| at.min(seq)));
+        }
     }
 
     /// Whether an unfolded attribution claimed this dedup key.
@@ -198,6 +229,20 @@ mod tests {
         assert!(!f.attributed_to("o2"));
         assert_eq!((f.rounds(), f.top(), f.decisions()), (0, None, 0));
         assert!(!f.key_taken(b"d/k2"));
+    }
+
+    #[test]
+    fn a_later_report_of_a_conversion_decided_in_flight_is_walked_again_once_folded_back() {
+        let mut f = InFlight::default();
+        let mut decided = claims("c", b"d/k", "o1");
+        decided.reports.insert("c".into(), 5);
+        f.push(10, 1, decided);
+        assert!(!f.is_later_report("c", 5), "the report decided");
+        assert!(!f.is_later_report("other", 7), "nothing in flight");
+        assert!(f.is_later_report("c", 8), "opened again at 8");
+        f.walk_back_to("c", 8);
+        assert_eq!(f.settle(10), Some(8));
+        assert!(!f.decided("c") && !f.is_later_report("c", 8));
     }
 
     #[test]
