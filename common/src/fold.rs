@@ -135,6 +135,18 @@ pub enum FoldError {
     Reconnected,
     #[error("the stream was created again")]
     LogReplaced,
+    #[error("the consumer delivered only events already applied")]
+    Replaying,
+}
+
+/// Whether every message of a delivered chunk is one the fold has applied
+/// (at or before `applied`): a consumer replaying the log, not one message
+/// delivered twice among new ones.
+fn replays_only(delivered: &[async_nats::jetstream::Message], applied: u64) -> bool {
+    !delivered.is_empty()
+        && delivered
+            .iter()
+            .all(|m| m.info().is_ok_and(|i| i.stream_sequence <= applied))
 }
 
 /// How often a running fold asks whether its stream is still the one it
@@ -218,8 +230,11 @@ pub async fn run<F: Fold>(
                 );
                 backoff = Duration::from_millis(50);
             }
-            // Logged where it was found; the next consumer starts over.
-            Err(FoldError::LogReplaced) => backoff = Duration::from_millis(50),
+            // Logged where it was found; the next consumer starts over, or
+            // from the checkpoint.
+            Err(FoldError::LogReplaced | FoldError::Replaying) => {
+                backoff = Duration::from_millis(50);
+            }
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), stream = spec.stream, ?backoff,
                     "fold interrupted; resuming from its checkpoint");
@@ -545,6 +560,18 @@ impl<F: Fold> Pipe<'_, F> {
                     }
                 }
             }
+            // The client made its consumer again by itself (the server's was
+            // gone: deleted, or a stream leader moved) before anything was
+            // delivered to it: it starts from the stream's first event, and
+            // skipping the whole log would hold the fold up meanwhile.
+            if replays_only(&delivered, applied) {
+                tracing::warn!(
+                    stream = spec.stream,
+                    applied,
+                    "the consumer delivers what is applied; starting one from the checkpoint"
+                );
+                return Err(FoldError::Replaying);
+            }
             let (events, staging) = (delivered.len(), std::time::Instant::now());
             let waited = staging - waiting;
             let base = committing.as_ref().map(|c| Arc::clone(&c.sealed));
@@ -745,21 +772,23 @@ fn thread_failed(error: &WorkerError) -> FoldError {
 /// at once: a fold that started over after a reconnection (a stream created
 /// again under a running service) is no longer caught up, and what waits for
 /// `caught_up` (the decider, the dispatcher, the door) must not act on a
-/// half-rebuilt projection as if it were whole.
+/// half-rebuilt projection as if it were whole. It says so before anything
+/// is cleared: a clear whose flush fails is retried with the format row
+/// already matching, so this is not called again for it.
 async fn start_over(
     tree: &FoldTree,
     format: u32,
     source: &Source,
     status: &watch::Sender<FoldStatus>,
 ) -> Result<(), FoldError> {
-    store::start_format(tree, format)?;
-    source.durable.flush().await?;
     status.send_modify(|s| {
         s.applied_seq = 0;
         s.caught_up = false;
         s.at_tail = false;
         s.applied_log_time_ms = 0;
     });
+    store::start_format(tree, format)?;
+    source.durable.flush().await?;
     Ok(())
 }
 
@@ -874,6 +903,34 @@ pub async fn wait_applied(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_chunk_of_only_applied_events_is_a_replay() {
+        // Never connected: the messages only need a context.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let msg = |seq: u64| async_nats::jetstream::Message {
+            message: async_nats::Message {
+                subject: "s".into(),
+                reply: Some(format!("$JS.ACK.S.c.1.{seq}.{seq}.0.0").into()),
+                payload: bytes::Bytes::new(),
+                headers: None,
+                status: None,
+                description: None,
+                length: 0,
+            },
+            context: js.clone(),
+        };
+        assert!(replays_only(&[msg(1), msg(2)], 5), "a log delivered again");
+        assert!(replays_only(&[msg(5)], 5));
+        assert!(!replays_only(&[msg(5), msg(6)], 5), "one new among them");
+        assert!(!replays_only(&[msg(6)], 5));
+        assert!(!replays_only(&[], 5));
+    }
 
     #[test]
     fn a_retried_commit_does_not_write_onto_a_tree_recover_cleared() {
