@@ -133,6 +133,16 @@ pub async fn operate(
     Ok(())
 }
 
+/// `InUse` for an open refused by the lock (the service runs); any other
+/// failure is the files'.
+fn in_use_or_broken(error: sled::Error) -> RebuildError {
+    if crate::store::is_lock_error(&error) {
+        RebuildError::InUse(error)
+    } else {
+        RebuildError::Store(error)
+    }
+}
+
 /// Prints the checksum of the projection under `data_dir` (service stopped).
 ///
 /// # Errors
@@ -141,7 +151,7 @@ pub fn print_checksum(
     data_dir: &Path,
     jobs: &[(&str, Option<Checksummed>)],
 ) -> Result<String, RebuildError> {
-    let db = sled::open(data_dir.join("projection")).map_err(RebuildError::InUse)?;
+    let db = sled::open(data_dir.join("projection")).map_err(in_use_or_broken)?;
     let sum = checksum(&db, jobs)?;
     println!("projection checksum {sum}");
     Ok(sum)
@@ -163,7 +173,18 @@ pub async fn rebuild(
 ) -> Result<String, RebuildError> {
     let live_path = data_dir.join("projection");
     let live = if live_path.exists() {
-        Some(sled::open(&live_path).map_err(RebuildError::InUse)?)
+        match sled::open(&live_path) {
+            Ok(live) => Some(live),
+            Err(error) if crate::store::is_lock_error(&error) => {
+                return Err(RebuildError::InUse(error))
+            }
+            // Broken: what it kept apart from the log (`keep`) is lost; the
+            // rest is the log's, folded afresh. It is kept aside as ever.
+            Err(error) => {
+                eprintln!("the projection does not open ({error}); rebuilding without what it kept apart from the log ({})", keep.join(", "));
+                None
+            }
+        }
     } else {
         None
     };
@@ -267,4 +288,31 @@ pub async fn rebuild(
     let secs = started.elapsed().as_secs_f64();
     println!("rebuilt {total} events in {secs:.1} s; projection checksum {sum}");
     Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broken_projection_is_not_said_to_be_in_use_and_does_not_stop_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("projection");
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("conf"), b"garbage that is not a sled config").unwrap();
+        std::fs::write(path.join("db"), vec![0xFFu8; 4096]).unwrap();
+        let err = print_checksum(dir.path(), &[]).unwrap_err();
+        assert!(matches!(err, RebuildError::Store(_)), "{err}");
+        // The rebuild goes on past it, to NATS (nothing listens there).
+        let err = rebuild("nats://127.0.0.1:1", "t", dir.path(), Vec::new(), &["kept"])
+            .await
+            .unwrap_err();
+        assert!(!matches!(err, RebuildError::InUse(_)), "{err}");
+
+        // One a running service holds is in use.
+        let held = tempfile::tempdir().unwrap();
+        let _db = sled::open(held.path().join("projection")).unwrap();
+        let err = print_checksum(held.path(), &[]).unwrap_err();
+        assert!(matches!(err, RebuildError::InUse(_)), "{err}");
+    }
 }

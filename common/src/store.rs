@@ -51,7 +51,8 @@ pub fn open_db_with_cache(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled
     }
 }
 
-fn is_lock_error(error: &sled::Error) -> bool {
+/// Whether a sled open failed on its lock: another process has it open.
+pub(crate) fn is_lock_error(error: &sled::Error) -> bool {
     error.to_string().contains("lock")
 }
 
