@@ -141,12 +141,12 @@ pub enum FoldError {
 
 /// Whether every message of a delivered chunk is one the fold has applied
 /// (at or before `applied`): a consumer replaying the log, not one message
-/// delivered twice among new ones.
+/// delivered twice among new ones. A consumer delivers in log order, so the
+/// last one tells.
 fn replays_only(delivered: &[async_nats::jetstream::Message], applied: u64) -> bool {
-    !delivered.is_empty()
-        && delivered
-            .iter()
-            .all(|m| m.info().is_ok_and(|i| i.stream_sequence <= applied))
+    delivered
+        .last()
+        .is_some_and(|m| m.info().is_ok_and(|i| i.stream_sequence <= applied))
 }
 
 /// How often a running fold asks whether its stream is still the one it
