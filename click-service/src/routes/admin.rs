@@ -140,14 +140,19 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 /// secret sent back masked, whether it is created) is what any instance wrote
 /// last, not what this one had folded: a token rotated through another
 /// instance a moment before was otherwise written back over, and postbacks
-/// carrying the new one refused. NATS not answering: as it is.
-async fn catch_up(state: &AppState) {
-    let Ok(stream) = state.js.get_stream(proto::stream::CATALOG).await else {
-        return;
+/// carrying the new one refused. Whether it got there (NATS not answering,
+/// the fold still behind: not), all within the 2 s.
+async fn catch_up(state: &AppState) -> bool {
+    let wait = Duration::from_secs(2);
+    let deadline = tokio::time::Instant::now() + wait;
+    let ask = state.js.get_stream(proto::stream::CATALOG);
+    let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, ask).await else {
+        return false;
     };
     let last = stream.cached_info().state.last_sequence;
     let mut status = state.catalog_status.clone();
-    common::fold::wait_applied(&mut status, last, Duration::from_secs(2)).await;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    common::fold::wait_applied(&mut status, last, left).await
 }
 
 /// Publishes a catalog event and waits (up to 2 s) for the local projection
@@ -195,8 +200,22 @@ pub(super) async fn put_offer(
     authorize(&state, &headers)?;
     check_id("offer_id", &offer_id)?;
     let mut event = offer_from_json(&offer_id, &body)?;
-    catch_up(&state).await;
+    let caught_up = catch_up(&state).await;
     let current = state.catalog.offer(&offer_id)?;
+    // A secret sent back masked is the one stored: not known for sure, it is
+    // not guessed from what this instance had folded.
+    let masked = event.security.as_ref().is_some_and(|s| {
+        s.token == crate::catalog_input::MASK || s.hmac_secret == crate::catalog_input::MASK
+    });
+    if masked && !caught_up {
+        return Err(ApiError::Refused {
+            status: 503,
+            reason: "catalog_behind",
+            message: "this instance cannot tell yet which secret is stored; send the secret \
+                      itself, or retry"
+                .to_owned(),
+        });
+    }
     crate::catalog_input::keep_masked_secrets(&mut event, current.as_ref().map(|o| &o.security))?;
     let existed = current.is_some();
     event.event_id = uuid::Uuid::now_v7().to_string();
