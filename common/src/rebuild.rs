@@ -178,6 +178,11 @@ pub async fn rebuild(
             Err(error) if crate::store::is_lock_error(&error) => {
                 return Err(RebuildError::InUse(error))
             }
+            // Not the files' fault (no permission, a full disk, no file
+            // descriptors): rebuilding would lose what it keeps apart.
+            Err(error) if crate::store::is_environmental(&error) => {
+                return Err(RebuildError::Store(error))
+            }
             // Broken: what it kept apart from the log (`keep`) is lost; the
             // rest is the log's, folded afresh. It is kept aside as ever.
             Err(error) => {

@@ -61,7 +61,7 @@ pub(crate) fn is_lock_error(error: &sled::Error) -> bool {
 /// read-only file system. Moving the projection aside would not help, and
 /// would lose what only it holds (the delivery schedule, with its outcomes
 /// not yet published), so the start fails instead and the next one opens it.
-fn is_environmental(error: &sled::Error) -> bool {
+pub(crate) fn is_environmental(error: &sled::Error) -> bool {
     // ENOMEM, EACCES, ENFILE, EMFILE, ENOSPC, EROFS, EDQUOT (Linux numbers).
     const ENVIRONMENT: [i32; 7] = [12, 13, 23, 24, 28, 30, 122];
     match error {

@@ -293,13 +293,23 @@ async fn round(
         // (a verified one in place of an unverified one) may be met twice.
         // A later report of one decided in flight (opened again) is decided
         // once that decision is folded back: the walk comes back to it then.
+        // A status decision of this round that opens one again does the same
+        // (its `reopens_at`, below).
         if in_flight.decided(&id) {
             if in_flight.is_later_report(&id, seq) {
                 reopened_behind.push((id, seq));
             }
             continue;
         }
-        if claims.conversions.contains(&id) || waiting.still(&id, &inputs.clicks, now, grace_ms)? {
+        // Decided in this round: a later report of it (opened again while the
+        // round walked) sends the walk back to it once the round is folded.
+        if claims.conversions.contains(&id) {
+            if claims.reports.get(&id) != Some(&seq) {
+                claims.reopens_at = Some(claims.reopens_at.map_or(seq, |at| at.min(seq)));
+            }
+            continue;
+        }
+        if waiting.still(&id, &inputs.clicks, now, grace_ms)? {
             continue;
         }
         // A group commits its rows one by one, in key order, so a report can
