@@ -5,6 +5,19 @@ use serde_json::json;
 
 use crate::support::{System, OFFER_URL};
 
+/// A `GET` on click-service's admin API, its JSON.
+async fn admin_get(sys: &System, path: &str) -> serde_json::Value {
+    sys.http
+        .get(sys.click_url(path))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn admin_api_needs_the_bearer_token() {
     let sys = System::start().await;
@@ -64,16 +77,7 @@ async fn offers_and_affiliates_are_created_updated_and_listed() {
     )
     .await;
 
-    let offers: serde_json::Value = sys
-        .http
-        .get(sys.click_url("/api/offers"))
-        .bearer_auth("admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let offers = admin_get(&sys, "/api/offers").await;
     let ids: Vec<_> = offers
         .as_array()
         .unwrap()
@@ -81,30 +85,12 @@ async fn offers_and_affiliates_are_created_updated_and_listed() {
         .map(|o| o["offer_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["o1", "o2"]);
-    let affs: serde_json::Value = sys
-        .http
-        .get(sys.click_url("/api/affiliates"))
-        .bearer_auth("admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let affs = admin_get(&sys, "/api/affiliates").await;
     assert_eq!(
         affs[0]["postback_url"],
         "https://aff.example/pb?c={click_id}"
     );
-    let one: serde_json::Value = sys
-        .http
-        .get(sys.click_url("/api/offers/o2"))
-        .bearer_auth("admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = admin_get(&sys, "/api/offers/o2").await;
     assert_eq!(
         one["attribution_window_hours"], 720,
         "default window is 30 days"
@@ -209,17 +195,7 @@ async fn bad_catalog_input_is_a_400_naming_the_field() {
 #[tokio::test]
 async fn an_entity_read_edited_and_put_back_keeps_everything_else() {
     let sys = System::start().await;
-    let get = |path: &'static str| {
-        let req = sys.http.get(sys.click_url(path)).bearer_auth("admin");
-        async move {
-            req.send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
-        }
-    };
+    let get = |path: &'static str| admin_get(&sys, path);
     sys.put_offer(
         "o1",
         json!({"name": "Shop", "url": OFFER_URL, "payout": "1.5", "revenue": "3", "currency": "EUR",
@@ -284,16 +260,7 @@ async fn a_masked_secret_keeps_the_latest_one_written_through_any_instance() {
         json!({"url": OFFER_URL, "security": {"token": "old"}}),
     )
     .await;
-    let shown: serde_json::Value = sys
-        .http
-        .get(sys.click_url("/api/offers/o1"))
-        .bearer_auth("admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown = admin_get(&sys, "/api/offers/o1").await;
     assert_eq!(shown["security"]["token"], "********");
     // Another instance: a burst of other offers, then o1's token rotated.
     let js = sys.jetstream().await;
