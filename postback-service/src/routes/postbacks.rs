@@ -106,7 +106,7 @@ pub(super) fn delivery_json(
         (_, Some(s)) => {
             let updated = s.first_attempt_ms.max(s.created_at_ms);
             Some(DeliveryJson {
-                state: "pending",
+                state: scheduled_state(&s),
                 delivery_id: s.delivery_id,
                 conversion_id: s.conversion_id,
                 click_id: s.click_id,
@@ -291,6 +291,17 @@ impl Row {
 /// affiliate are in it), merged with the schedules still pending. Costs a walk
 /// of the index plus one read per pending schedule, and memory for the
 /// pending ones only.
+/// The state a delivery with a schedule shows: `pending`, unless the
+/// schedule holds its outcome for a late ack (the affiliate already answered):
+/// that outcome, `delivered` or `failed`, though not yet in the log.
+fn scheduled_state(s: &crate::deliveries::Schedule) -> &'static str {
+    match s.unpublished.as_ref().map(|u| u.subject.as_str()) {
+        Some(proto::subject::POSTBACK_DELIVERED) => "delivered",
+        Some(proto::subject::POSTBACK_FAILED) => "failed",
+        _ => "pending",
+    }
+}
+
 fn listing(state: &AppState) -> Result<impl Iterator<Item = Result<Row, ApiError>> + '_, ApiError> {
     let outcomes = state.dispatcher.outcomes();
     let mut pending: Vec<Row> = Vec::new();
@@ -307,9 +318,9 @@ fn listing(state: &AppState) -> Result<impl Iterator<Item = Result<Row, ApiError
         if !shadowed {
             pending.push(Row {
                 at_ms: s.first_attempt_ms.max(s.created_at_ms),
+                state: scheduled_state(&s),
                 delivery_id: s.delivery_id,
                 affiliate_id: s.affiliate_id,
-                state: "pending",
             });
         }
     }
@@ -397,5 +408,45 @@ pub(super) async fn retry_postback(
             reason: "stopping",
             message: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::deliveries::{
+        schedule::{Target, Unpublished},
+        Schedule,
+    };
+
+    #[test]
+    fn a_delivery_whose_outcome_waits_for_its_ack_shows_that_outcome() {
+        let target = Target {
+            delivery_id: "d1".into(),
+            conversion_id: "c1".into(),
+            affiliate_id: "a1".into(),
+            offer_id: "o1".into(),
+            click_id: "k1".into(),
+            url: "http://aff.example/pb".into(),
+            status: "approved".into(),
+        };
+        let mut s = Schedule::fresh(target, 1);
+        let state = |s: &Schedule| super::delivery_json(None, Some(s.clone())).unwrap().state;
+        assert_eq!(state(&s), "pending");
+        for (subject, shown) in [
+            (proto::subject::POSTBACK_DELIVERED, "delivered"),
+            (proto::subject::POSTBACK_FAILED, "failed"),
+        ] {
+            s.unpublished = Some(Unpublished {
+                subject: subject.into(),
+                msg_id: "m".into(),
+                payload: Vec::new(),
+            });
+            assert_eq!(state(&s), shown);
+            assert_eq!(
+                super::scheduled_state(&s),
+                shown,
+                "the listing's filter too"
+            );
+        }
     }
 }
