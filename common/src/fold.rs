@@ -889,6 +889,22 @@ pub fn stage_new<F: Fold>(
     Ok((top > checkpoint).then(|| staged.seal(top)))
 }
 
+/// Waits until the fold behind `status` has applied where the log ends as
+/// `last` answers it (`None`: NATS did not say), both within `wait`: whether
+/// it got there in time.
+pub async fn reaches_end(
+    last: impl std::future::Future<Output = Option<u64>>,
+    status: &watch::Receiver<FoldStatus>,
+    wait: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let Ok(Some(last)) = tokio::time::timeout_at(deadline, last).await else {
+        return false;
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    wait_applied(&mut status.clone(), last, left).await
+}
+
 /// Waits until the fold has applied `seq` (true) or `timeout` passes (false).
 pub async fn wait_applied(
     status: &mut watch::Receiver<FoldStatus>,

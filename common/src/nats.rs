@@ -181,6 +181,13 @@ pub async fn ensure_streams(js: &Context) -> Result<(), ConnectError> {
     Ok(())
 }
 
+/// Where `stream` ends now: its last sequence, from a stream-info request
+/// (`get_stream` asks the server); `None` when NATS did not answer.
+pub async fn last_sequence(js: &Context, stream: &str) -> Option<u64> {
+    let stream = js.get_stream(stream).await.ok()?;
+    Some(stream.cached_info().state.last_sequence)
+}
+
 fn stream_name(name: &str) -> &'static str {
     [
         proto::stream::CATALOG,

@@ -116,12 +116,7 @@ pub async fn caught_up_with(
         // Where the log ended when the lease was taken: a log growing faster
         // than the fold applies it (a burst) is no reason to wait forever.
         if end.is_none() {
-            // `get_stream` asks the server for the stream's info, as of now.
-            end = js
-                .get_stream(stream)
-                .await
-                .ok()
-                .map(|s| s.cached_info().state.last_sequence);
+            end = common::nats::last_sequence(js, stream).await;
         }
         let Some(last) = end else {
             tracing::debug!(stream, "taking the lease: asking again where the log ends");

@@ -437,12 +437,7 @@ async fn a_signed_postback_answered_503_is_taken_when_sent_again() {
     let (status, _) = sys.api(&format!("/api/clicks/{k}")).await;
     assert_eq!(status, StatusCode::OK, "the door knows the click's offer");
     let unsigned = format!("click_id={k}&ts={}", common::time::now_ms() / 1000);
-    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
-        .into_owned()
-        .collect();
-    let sig =
-        postback_service::security::sign("k3y", &postback_service::security::canonical(&pairs));
-    let signed = format!("{unsigned}&sig={sig}");
+    let signed = crate::support::app::signed("k3y", &unsigned);
 
     sys.nats.pause();
     let (status, body) = sys.postback(&signed).await;
@@ -483,16 +478,7 @@ async fn a_postback_the_door_cannot_check_yet_is_checked_once_its_click_is_known
     .await;
     sys.put_affiliate("a1", serde_json::json!({})).await;
     sys.wait_postback_sees_offer("o2", "").await;
-    let signed = |unsigned: String| {
-        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
-            .into_owned()
-            .collect();
-        let canonical = postback_service::security::canonical(&pairs);
-        format!(
-            "{unsigned}&sig={}",
-            postback_service::security::sign("k3y", &canonical)
-        )
-    };
+    let signed = |unsigned: String| crate::support::app::signed("k3y", &unsigned);
     let clicked_at = common::time::now_ms() - 1000;
     let now = common::time::now_ms() / 1000;
     let first = uuid::Uuid::now_v7().to_string();

@@ -551,14 +551,7 @@ async fn hmac_signatures_good_bad_expired_replayed_and_refusals_rate_limited() {
     )
     .await;
     let (k, _) = sys.click_ok("o1", "aff=a1").await;
-    let sign = |unsigned: String| {
-        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
-            .into_owned()
-            .collect();
-        let sig =
-            postback_service::security::sign("k3y", &postback_service::security::canonical(&pairs));
-        format!("{unsigned}&sig={sig}")
-    };
+    let sign = |unsigned: String| crate::support::app::signed("k3y", &unsigned);
     let now = common::time::now_ms() / 1000;
     let good = sign(format!("click_id={k}&amount=9.5&ts={now}"));
     let (status, body) = sys.postback(&good).await;

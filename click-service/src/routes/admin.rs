@@ -143,16 +143,8 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 /// carrying the new one refused. Whether it got there (NATS not answering,
 /// the fold still behind: not), all within the 2 s.
 async fn catch_up(state: &AppState) -> bool {
-    let wait = Duration::from_secs(2);
-    let deadline = tokio::time::Instant::now() + wait;
-    let ask = state.js.get_stream(proto::stream::CATALOG);
-    let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, ask).await else {
-        return false;
-    };
-    let last = stream.cached_info().state.last_sequence;
-    let mut status = state.catalog_status.clone();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    common::fold::wait_applied(&mut status, last, left).await
+    let last = common::nats::last_sequence(&state.js, proto::stream::CATALOG);
+    common::fold::reaches_end(last, &state.catalog_status, Duration::from_secs(2)).await
 }
 
 /// Publishes a catalog event and waits (up to 2 s) for the local projection

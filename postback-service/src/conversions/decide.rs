@@ -171,9 +171,10 @@ pub fn decide(input: DecideInput<'_>) -> Verdict {
             format!("offer {:?} is not in the catalog", click.offer_id),
         );
     };
-    let verified_for = match input.checked_now {
-        true => &offer.offer_id,
-        false => &c.verified_offer_id,
+    let verified_for = if input.checked_now {
+        &offer.offer_id
+    } else {
+        &c.verified_offer_id
     };
     if let Some(why) = unverified(offer, &c.origin, verified_for) {
         return reject(Reason::Unauthenticated, why);

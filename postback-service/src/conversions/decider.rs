@@ -305,7 +305,7 @@ async fn round(
         // round walked) sends the walk back to it once the round is folded.
         if claims.conversions.contains(&id) {
             if claims.reports.get(&id) != Some(&seq) {
-                claims.reopens_at = Some(claims.reopens_at.map_or(seq, |at| at.min(seq)));
+                claims.reopen_at(seq);
             }
             continue;
         }
@@ -378,9 +378,7 @@ async fn round(
         // parameters the report kept, if any, are checked now.
         let checked_now = match (&offer, &click) {
             (Some(o), Some(_))
-                if conversion.origin == "http"
-                    && conversion.verified_offer_id.is_empty()
-                    && o.security.is_required() =>
+                if unchecked_at_door(&conversion.origin, &conversion.verified_offer_id, o) =>
             {
                 kept_params_pass(js, conversion.reported_seq, &conversion.conversion_id, o).await?
             }
@@ -456,9 +454,7 @@ async fn round(
         // decision; a rejected one moves no status).
         if let Some(o) = offer.as_deref().filter(|o| {
             view.state == ConversionState::Attributed
-                && update.origin == "http"
-                && update.verified_offer_id.is_empty()
-                && o.security.is_required()
+                && unchecked_at_door(&update.origin, &update.verified_offer_id, o)
         }) {
             if kept_params_pass(js, seq, &update.conversion_id, o).await? {
                 update.verified_offer_id.clone_from(&o.offer_id);
@@ -466,7 +462,7 @@ async fn round(
         }
         if view.rejected_for_its_word(&update.advertiser_status) {
             // Folded, this decision opens the conversion again, pending at `seq`.
-            claims.reopens_at = claims.reopens_at.into_iter().chain([seq]).min();
+            claims.reopen_at(seq);
         }
         let verdict = decide_status(&view, offer.as_deref(), &update);
         let (from, to, changed, detail) = match verdict {
@@ -506,6 +502,12 @@ async fn round(
         pending_ended,
         reopened_behind,
     })
+}
+
+/// Whether a report is an HTTP one the door did not check against `offer`,
+/// which requires postback security: [`kept_params_pass`] checks it now.
+fn unchecked_at_door(origin: &str, verified_offer_id: &str, offer: &catalog::Offer) -> bool {
+    origin == "http" && verified_offer_id.is_empty() && offer.security.is_required()
 }
 
 /// Whether the HTTP report at `seq` (of conversion `conversion_id`), which the

@@ -46,6 +46,14 @@ pub(super) struct Claims {
     pub(super) reopens_at: Option<u64>,
 }
 
+impl Claims {
+    /// Records that the round opens a conversion again at `seq`
+    /// ([`Self::reopens_at`] keeps the lowest).
+    pub(super) fn reopen_at(&mut self, seq: u64) {
+        self.reopens_at = Some(self.reopens_at.map_or(seq, |at| at.min(seq)));
+    }
+}
+
 /// The claims of the rounds published and not yet folded back, each entry
 /// tagged with the stream sequence of its round's last decision. One map per
 /// kind, so a lookup costs the same however many rounds are in flight.
@@ -167,8 +175,7 @@ impl InFlight {
             return;
         };
         if let Some(round) = self.rounds.iter_mut().find(|r| r.top == top) {
-            let at = &mut round.claims.reopens_at;
-            *at = Some(at.map_or(seq, |at| at.min(seq)));
+            round.claims.reopen_at(seq);
         }
     }
 

@@ -44,11 +44,7 @@ impl LogEnds {
     async fn last_sequence(&self, js: &Context, stream: &'static str) -> Option<u64> {
         let js = js.clone();
         self.shared(stream, move || {
-            async move {
-                let stream = js.get_stream(stream).await.ok()?;
-                Some(stream.cached_info().state.last_sequence)
-            }
-            .boxed()
+            async move { common::nats::last_sequence(&js, stream).await }.boxed()
         })
         .await
     }
@@ -95,13 +91,8 @@ pub(super) async fn caught_up(
     status: &watch::Receiver<FoldStatus>,
     wait: Duration,
 ) -> bool {
-    let deadline = tokio::time::Instant::now() + wait;
     let asked = state.log_ends.last_sequence(&state.js, stream);
-    let Ok(Some(last)) = tokio::time::timeout_at(deadline, asked).await else {
-        return false;
-    };
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    common::fold::wait_applied(&mut status.clone(), last, left).await
+    common::fold::reaches_end(asked, status, wait).await
 }
 
 #[cfg(test)]

@@ -511,6 +511,17 @@ pub async fn update_stream(
 }
 
 /// The click id a redirect's Location carries (the demo offers' `cid`).
+/// `unsigned` (a postback's query) with its `sig`: HMAC-SHA256 under `secret`
+/// of its canonical form, as an advertiser signs it.
+pub fn signed(secret: &str, unsigned: &str) -> String {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(unsigned.as_bytes())
+        .into_owned()
+        .collect();
+    let canonical = postback_service::security::canonical(&pairs);
+    let sig = postback_service::security::sign(secret, &canonical);
+    format!("{unsigned}&sig={sig}")
+}
+
 pub fn click_id_in(location: &str) -> Option<String> {
     url_params(location)
         .into_iter()
