@@ -313,4 +313,15 @@ async fn a_masked_secret_keeps_the_latest_one_written_through_any_instance() {
         ),
         ("Renamed", "new")
     );
+
+    // Not knowing which secret is stored (NATS not answering), it does not
+    // guess from what it had folded.
+    sys.nats.pause();
+    let (status, body) = sys.put("/api/offers/o1", shown).await;
+    sys.nats.resume();
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("catalog_behind")),
+        "{body}"
+    );
 }

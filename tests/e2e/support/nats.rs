@@ -105,7 +105,7 @@ impl NatsServer {
     /// SIGSTOP: the server holds its connections and answers nothing (what
     /// it is sent waits in its sockets) until [`NatsServer::resume`].
     pub fn pause(&self) {
-        self.signal("-STOP");
+        super::process::stop(self.child.as_ref().expect("nats-server running").id());
     }
 
     /// SIGCONT: it reads and stores what it was sent meanwhile.

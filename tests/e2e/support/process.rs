@@ -93,6 +93,42 @@ fn stacks(pid: u32) -> String {
     }
 }
 
+/// Sends SIGSTOP to `pid` and returns once every one of its threads is
+/// stopped. `kill` returns before that: the signal stops the other threads
+/// only once one thread has run to take it, and on a loaded machine the
+/// rest (a nats-server's socket reader, say) go on answering for a while,
+/// so a request sent "after the pause" was answered.
+pub fn stop(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -STOP {pid}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} not stopped within 10 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped), from
+/// `/proc/<pid>/task/*/stat` (the state is the field after the name, which
+/// ends at the last `)`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state == 'T')
+        })
+    })
+}
+
 /// How long a service may take to answer `/readyz` with 200. Generous: on a
 /// loaded 2-core machine a fresh JetStream server's stream creation and the
 /// first fsyncs can take seconds; a service that exits fails at once instead.
@@ -275,7 +311,7 @@ impl Process {
     /// freezes it, until [`Process::resume`]. It holds its sockets and locks
     /// meanwhile and runs nothing.
     pub fn pause(&self) {
-        assert_eq!(self.signal("-STOP"), Some(true), "SIGSTOP {}", self.name);
+        stop(self.child.as_ref().expect("running").id());
     }
 
     /// SIGCONT: a paused process runs again, its timers long overdue.
