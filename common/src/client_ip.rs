@@ -11,7 +11,9 @@ use axum::http::HeaderMap;
 /// Only the header's last line counts (a proxy may add a line of its own after
 /// the client's), and only its right-most entry, as an IP or `IP:port`: an
 /// entry there that does not read as one (`unknown`) gives the peer, never an
-/// entry further left, which the client wrote.
+/// entry further left, which the client wrote. The line is split as bytes:
+/// a byte past ASCII the client wrote further left (a proxy appending to the
+/// client's line passes it on) does not make the whole line unreadable.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_header: &str) -> IpAddr {
     if trusted_header.is_empty() {
         return peer;
@@ -20,8 +22,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_header: &str) -> IpA
         .get_all(trusted_header)
         .iter()
         .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+        .and_then(|last| std::str::from_utf8(last).ok())
         .map(str::trim)
         .and_then(|s| {
             s.parse::<IpAddr>()
@@ -63,6 +65,16 @@ mod tests {
             "an unreadable last entry is not skipped for the client's"
         );
         assert_eq!(forwarded(&["1.1.1.1, 203.0.113.7:443"]), IP);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_bytes(b"\xff, 203.0.113.7").unwrap(),
+        );
+        assert_eq!(
+            client_ip(peer, &h, "x-forwarded-for"),
+            IP,
+            "a byte past ASCII the client wrote further left"
+        );
         assert_eq!(
             forwarded(&["[2001:db8::1]:443"]),
             "2001:db8::1".parse::<IpAddr>().unwrap()
