@@ -693,6 +693,47 @@ async fn a_verified_postback_is_not_kept_out_by_an_unverified_one_still_waiting(
     );
 }
 
+/// Before its click is known, a postback's `offer_id` is only the
+/// advertiser's word: an advertiser's own offer number may be another offer's
+/// id here. Its token and signature are checked against the click's offer
+/// once the click is folded, whether the offer it named asks for no security
+/// or passed them.
+#[tokio::test]
+async fn a_postback_naming_another_offer_before_its_click_is_checked_against_the_clicks() {
+    let sys = System::start_with_grace(60_000).await;
+    let secured = json!({"token": "s3cret", "hmac_secret": "k3y"});
+    sys.put_offer("o1", json!({"url": OFFER_URL, "security": secured}))
+        .await;
+    sys.put_offer("o2", json!({"url": OFFER_URL})).await;
+    sys.put_offer("o3", json!({"url": OFFER_URL, "security": secured}))
+        .await;
+    sys.put_affiliate("a1", json!({})).await;
+    sys.wait_postback_sees_offer("o3", "").await;
+    let now = common::time::now_ms() / 1000;
+    let mut ids = Vec::new();
+    let mut clicks = Vec::new();
+    for named in ["o2", "o3"] {
+        let click_id = uuid::Uuid::now_v7().to_string();
+        let query = format!("click_id={click_id}&token=s3cret&ts={now}&offer_id={named}");
+        ids.push(
+            sys.postback_ok(&crate::support::app::signed("k3y", &query))
+                .await,
+        );
+        clicks.push(click_id);
+    }
+    for click_id in &clicks {
+        sys.publish_click(click_id).await; // on o1
+    }
+    for id in &ids {
+        let v = sys.decided(id).await;
+        assert_eq!(
+            (v["state"].as_str(), v["reason"].as_str()),
+            (Some("attributed"), None),
+            "{v}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_rebuild_reproduces_every_rule_decision_and_report_figure() {
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;

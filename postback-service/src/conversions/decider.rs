@@ -505,9 +505,12 @@ async fn round(
 }
 
 /// Whether a report is an HTTP one the door did not check against `offer`,
-/// which requires postback security: [`kept_params_pass`] checks it now.
+/// which requires postback security: [`kept_params_pass`] checks it now. The
+/// door may have checked it against another offer, one its `offer_id`
+/// parameter named before its click was known; then it kept the parameters
+/// too.
 fn unchecked_at_door(origin: &str, verified_offer_id: &str, offer: &catalog::Offer) -> bool {
-    origin == "http" && verified_offer_id.is_empty() && offer.security.is_required()
+    origin == "http" && verified_offer_id != offer.offer_id && offer.security.is_required()
 }
 
 /// Whether the HTTP report at `seq` (of conversion `conversion_id`), which the

@@ -73,16 +73,21 @@ pub(super) async fn postback(
     // postback security. Its parameters go with its report, for the decider
     // to check once the click is known; taken without them, it would be
     // rejected `unauthenticated` then, and its retry answered as known.
-    let (verified, unchecked_params) = match checked {
-        DoorCheck::Verified(offer_id) => (offer_id, String::new()),
-        DoorCheck::NotNeeded => (String::new(), String::new()),
-        DoorCheck::OfferUnknown if pairs.iter().any(|(k, _)| k == "token" || k == "sig") => {
-            let params = url::form_urlencoded::Serializer::new(String::new())
+    let kept = || {
+        if pairs.iter().any(|(k, _)| k == "token" || k == "sig") {
+            url::form_urlencoded::Serializer::new(String::new())
                 .extend_pairs(&pairs)
-                .finish();
-            (String::new(), params)
+                .finish()
+        } else {
+            String::new()
         }
-        DoorCheck::OfferUnknown => (String::new(), String::new()),
+    };
+    let (verified, unchecked_params) = match checked {
+        DoorCheck::Verified { offer_id, named } => {
+            (offer_id, if named { kept() } else { String::new() })
+        }
+        DoorCheck::NotNeeded => (String::new(), String::new()),
+        DoorCheck::OfferUnknown => (String::new(), kept()),
     };
     let event = input.into_event(ip.to_string(), now, verified, unchecked_params);
     let accepted = json!({"status": "accepted", "conversion_id": event.conversion_id});
@@ -164,11 +169,14 @@ fn too_many() -> ApiError {
 
 /// What the door made of a postback's security.
 enum DoorCheck {
-    /// It passed the checks of this offer.
-    Verified(String),
-    /// Its offer is known and asks for none.
+    /// It passed the checks of this offer; `named`: an offer only the
+    /// postback's `offer_id` parameter named (its click not known yet), which
+    /// may not be the click's, so its parameters are kept for the decider.
+    Verified { offer_id: String, named: bool },
+    /// Its offer is known (from its click or its conversion) and asks for none.
     NotNeeded,
-    /// Its offer is not known here (yet): nothing was checked.
+    /// Its offer is not known here (yet), or only named by its `offer_id`
+    /// parameter and asking for none: nothing that binds was checked.
     OfferUnknown,
 }
 
@@ -179,7 +187,11 @@ enum DoorCheck {
 /// offer is not known here is taken unchecked: the decider rejects it later
 /// if its offer turns out to require security, unless the parameters it
 /// carried (kept in its report) pass that offer's checks then; it ignores an
-/// unverified status report of a secured offer.
+/// unverified status report of a secured offer. An offer only the parameter
+/// names is the advertiser's word, not the click's: one asking for no
+/// security does not make the postback's token or signature moot (an
+/// advertiser's own offer number may be another offer's id here), so they
+/// are kept as for an unknown offer, and kept too when they pass its checks.
 async fn verify(
     state: &AppState,
     input: &PostbackInput,
@@ -187,15 +199,16 @@ async fn verify(
     ip: std::net::IpAddr,
     now: i64,
 ) -> Result<DoorCheck, ApiError> {
-    let offer_id = match click_at_door(state, &input.click_id).await? {
-        Some(click) => click.offer_id,
+    let (offer_id, named) = match click_at_door(state, &input.click_id).await? {
+        Some(click) => (click.offer_id, false),
         None => {
             let id = crate::postback::conversion_id(&input.click_id, &input.goal, &input.txid);
             match state.conversions.get(&id)? {
-                Some(known) if !known.offer_id.is_empty() => known.offer_id,
-                _ => crate::postback::param(pairs, "offer_id")
-                    .unwrap_or_default()
-                    .to_owned(),
+                Some(known) if !known.offer_id.is_empty() => (known.offer_id, false),
+                _ => {
+                    let named = crate::postback::param(pairs, "offer_id").unwrap_or_default();
+                    (named.to_owned(), true)
+                }
             }
         }
     };
@@ -203,10 +216,17 @@ async fn verify(
         return Ok(DoorCheck::OfferUnknown);
     };
     if !offer.security.is_required() {
-        return Ok(DoorCheck::NotNeeded);
+        return Ok(if named {
+            DoorCheck::OfferUnknown
+        } else {
+            DoorCheck::NotNeeded
+        });
     }
     match crate::security::check(&offer.security, pairs, ip, now, &state.replays) {
-        Ok(()) => Ok(DoorCheck::Verified(offer.offer_id.clone())),
+        Ok(()) => Ok(DoorCheck::Verified {
+            offer_id: offer.offer_id.clone(),
+            named,
+        }),
         Err(refusal) => {
             if !state.refusals.record(ip, refusal, now) {
                 return Err(too_many());
