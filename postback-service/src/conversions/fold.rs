@@ -117,6 +117,12 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 ///   decision no longer replaces the report's, and the view's word is the one
 ///   last decided. A projection of format 7 could hold what format 8 never
 ///   folds, so it is folded again.
+/// - 11: a partner's corrected report under the id its malformed one took
+///   opens that conversion again; a corrected status word is dated by the
+///   conversion's first report; a correction that came before the rejection
+///   is decided with its own amount and currency; a report that does not
+///   decode takes an id from its bytes, not its log position, so the same
+///   bytes again are one malformed conversion.
 /// - 7: report rows (`r/`) are packed, not JSON: each decision decodes and
 ///   encodes two of them.
 /// - 6: a click's conversions are listed by their pending, dedup or rejected
@@ -137,7 +143,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// [`ReportRow`]'s fields (or to the types inside them) needs a new format,
 /// which `tests::a_packed_view_keeps_its_shape` and
 /// `tests::a_packed_report_row_keeps_its_shape` enforce.
-const FORMAT: u32 = 10;
+const FORMAT: u32 = 11;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -232,6 +238,13 @@ pub struct StatusUpdate {
     /// (empty: none).
     #[serde(default)]
     pub verified_offer_id: String,
+    /// The report's amount and currency: a report that comes to correct the
+    /// word its conversion was rejected for is decided with them, as it is
+    /// when it comes after that rejection.
+    #[serde(default)]
+    pub amount_micros: Option<i64>,
+    #[serde(default)]
+    pub currency: String,
 }
 
 pub(crate) fn report_key(kind: char, id: &str) -> Vec<u8> {
@@ -392,7 +405,7 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
             }
         },
         Err(error) => malformed(
-            malformed_id(entry.seq),
+            bytes_id(entry.payload),
             None,
             format!("undecodable ConversionReported: {error}"),
         ),
@@ -434,6 +447,8 @@ fn apply_reported(staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), s
                         advertiser_status: view.advertiser_status.clone(),
                         origin: view.origin.clone(),
                         verified_offer_id: view.verified_offer_id.clone(),
+                        amount_micros: view.amount_micros,
+                        currency: view.currency.clone(),
                     };
                     staged.put_json(status_queue_key(entry.seq), &update);
                 }
@@ -520,15 +535,6 @@ fn conflict_id(payload: &[u8]) -> String {
 fn bytes_id(payload: &[u8]) -> String {
     let name = [&b"malformed-report-bytes/"[..], payload].concat();
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name).to_string()
-}
-
-/// The id of a report too broken to name its conversion: stable per log position.
-fn malformed_id(seq: u64) -> String {
-    uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        format!("malformed-report/{seq}").as_bytes(),
-    )
-    .to_string()
 }
 
 fn apply_decision(
@@ -644,12 +650,7 @@ fn apply_status_updated(
     // the conversion's report, as it is when it comes after.
     if view.rejected_for_its_word(&e.advertiser_status) {
         unreject(staged, &view)?;
-        let view = view.reopened_as(
-            &e.advertiser_status,
-            &update.origin,
-            &update.verified_offer_id,
-            e.update_seq,
-        );
+        let view = view.reopened_as(&update, e.update_seq);
         super::pending::add(staged, e.update_seq, &view.conversion_id, &view.click_id)?;
         staged.put_packed(key, &view);
         return Ok(());
@@ -1232,6 +1233,8 @@ mod tests {
                 advertiser_status: "chargeback".into(),
                 origin: "http".into(),
                 verified_offer_id: String::new(),
+                amount_micros: None,
+                currency: String::new(),
             }]
         );
         // A row queued before these fields existed still reads.
@@ -1392,10 +1395,24 @@ mod tests {
     #[test]
     fn a_word_corrected_before_the_decision_reopens_a_rejection_for_its_word() {
         let mut h = Harness::new();
-        let report = |word| http_report(word, "").encode_to_vec();
-        h.apply(proto::subject::CONVERSION_REPORTED, report("aproved"));
-        // The correction waits for the first report's decision.
-        h.apply(proto::subject::CONVERSION_REPORTED, report("approved"));
+        let report = |word, amount_micros| {
+            ConversionReported {
+                amount_micros,
+                currency: "EUR".into(),
+                ..http_report(word, "")
+            }
+            .encode_to_vec()
+        };
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("aproved", Some(10)),
+        );
+        // The correction (its amount corrected too) waits for the first
+        // report's decision.
+        h.apply(
+            proto::subject::CONVERSION_REPORTED,
+            report("approved", Some(49_900_000)),
+        );
         let id = conversion_id(CLICK, "", "");
         let for_its_word = rejected_as(RejectReason::Malformed, &id, 1);
         h.apply(proto::subject::CONVERSION_REJECTED, for_its_word.clone());
@@ -1414,6 +1431,11 @@ mod tests {
                 reopened.origin.as_str()
             ),
             (ConversionState::Pending, 2, "approved", "http")
+        );
+        assert_eq!(
+            (reopened.amount_micros, reopened.currency.as_str()),
+            (Some(49_900_000), "EUR"),
+            "decided with the correction's amount, as when it comes after"
         );
         assert_eq!(h.reads().pending_ids().count(), 1);
         assert_eq!(
@@ -1759,6 +1781,9 @@ mod tests {
     fn garbage_becomes_a_pending_malformed_conversion() {
         let mut h = Harness::new();
         h.apply(proto::subject::CONVERSION_REPORTED, vec![0xff, 0x01]);
+        // The same bytes again (a plain NATS publish retried, no message
+        // id): the same malformed conversion, decided once.
+        h.apply(proto::subject::CONVERSION_REPORTED, vec![0xff, 0x01]);
         let pending: Vec<_> = h.reads().pending().collect::<Result<_, _>>().unwrap();
         assert_eq!(pending.len(), 1);
         assert!(pending[0]
@@ -1823,7 +1848,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (10, PACKED_VIEW),
+            (11, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));
@@ -1846,7 +1871,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (10, PACKED_REPORT_ROW),
+            (11, PACKED_REPORT_ROW),
             "see FORMAT's doc"
         );
         assert_eq!(common::store::unpack::<ReportRow>(&packed), Some(row));

@@ -326,15 +326,9 @@ impl ConversionView {
     }
 
     /// Pending again, as the report of the same conversion at `seq` that
-    /// told `word` (its origin and door verification as given): decided
-    /// afresh, as that report.
-    pub fn reopened_as(
-        mut self,
-        word: &str,
-        origin: &str,
-        verified_offer_id: &str,
-        seq: u64,
-    ) -> Self {
+    /// `update` tells (its word, origin, door verification, amount and
+    /// currency): decided afresh, as that report.
+    pub fn reopened_as(mut self, update: &super::fold::StatusUpdate, seq: u64) -> Self {
         self.state = ConversionState::Pending;
         self.reason = None;
         self.detail.clear();
@@ -342,11 +336,17 @@ impl ConversionView {
         self.affiliate_id.clear();
         self.decided_at_ms = None;
         self.reported_seq = seq;
-        word.clone_into(&mut self.advertiser_status);
-        if !origin.is_empty() {
-            origin.clone_into(&mut self.origin);
+        update
+            .advertiser_status
+            .clone_into(&mut self.advertiser_status);
+        if !update.origin.is_empty() {
+            update.origin.clone_into(&mut self.origin);
         }
-        verified_offer_id.clone_into(&mut self.verified_offer_id);
+        update
+            .verified_offer_id
+            .clone_into(&mut self.verified_offer_id);
+        self.amount_micros = update.amount_micros;
+        update.currency.clone_into(&mut self.currency);
         self
     }
 
