@@ -137,6 +137,8 @@ pub enum FoldError {
     LogReplaced,
     #[error("the consumer delivered only events already applied")]
     Replaying,
+    #[error("reading an event back")]
+    ReadBack(#[from] async_nats::jetstream::stream::RawMessageError),
 }
 
 /// Whether every message of a delivered chunk is one the fold has applied
@@ -345,10 +347,15 @@ async fn run_consumer<F: Fold>(
     let info = stream.info().await?;
     let last = info.state.last_sequence;
     let log = store::log_identity(info.created.unix_timestamp_nanos());
-    // The stream was created again since this projection was folded: its
-    // creation time says so, and for a projection folded before that was
-    // recorded, a checkpoint past the log's end.
-    if store::log_of(tree)?.is_some_and(|known| known != log[..]) || applied > last {
+    // The stream is not the log this projection was folded from: it holds
+    // another event at the checkpoint (a stream created again, or restored
+    // from a backup and written to since), or it ends before the checkpoint,
+    // or its creation time changed and that event cannot be read to tell
+    // (nats-server 2.9 gives an edited stream another creation time once it
+    // restarts: then the event applied last is still there, and it is kept).
+    let created_again = store::log_of(tree)?.is_some_and(|known| known != log[..]);
+    let at = at_checkpoint(&stream, tree, applied).await?;
+    if another_log(applied, last, &at, created_again) {
         tracing::warn!(
             stream = spec.stream,
             checkpoint = applied,
@@ -358,6 +365,15 @@ async fn run_consumer<F: Fold>(
         );
         start_over(tree, format, source, status).await?;
         applied = 0;
+    } else if created_again {
+        tracing::warn!(
+            stream = spec.stream,
+            checkpoint = applied,
+            "the stream's creation time changed, but it still holds the last event \
+             this projection applied (a stream edited, then NATS restarted): kept"
+        );
+        tree.insert(store::LOG_KEY, log.as_slice())?;
+        source.durable.flush().await?;
     }
     if store::log_of(tree)?.is_none() {
         tree.insert(store::LOG_KEY, log.as_slice())?;
@@ -512,7 +528,7 @@ impl<F: Fold> Pipe<'_, F> {
         log_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The stream's identity being asked for, beside the fold's work (a
         // slow JetStream API must not hold the fold up).
-        let mut asking: Option<futures::future::BoxFuture<'static, Option<Vec<u8>>>> = None;
+        let mut asking: Option<futures::future::BoxFuture<'static, Option<bool>>> = None;
         loop {
             let waiting = std::time::Instant::now();
             let mut chunk = tokio::select! {
@@ -520,20 +536,27 @@ impl<F: Fold> Pipe<'_, F> {
                 _ = source.connections.changed() => return Err(FoldError::Reconnected),
                 _ = log_check.tick(), if asking.is_none() => {
                     let (js, name) = (source.js.clone(), spec.stream);
+                    // Every event up to `applied` was in the stream before the
+                    // ask: an answer that ends before it is of another log.
+                    let (asked_at, log_now) = (applied, log.to_vec());
                     asking = Some(Box::pin(async move {
                         let stream = tokio::time::timeout(LOG_CHECK, js.get_stream(name)).await;
-                        let created = stream.ok()?.ok()?.cached_info().created;
-                        Some(store::log_identity(created.unix_timestamp_nanos()))
+                        let stream = stream.ok()?.ok()?;
+                        Some(log_changed(stream.cached_info(), &log_now, asked_at))
                     }));
                     continue;
                 }
-                identity = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
+                changed = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
                     asking = None;
                     // Gone or unreadable (`None`): the consumer says so, or the
-                    // stream comes back and the next check tells.
-                    if identity.is_some_and(|identity| identity != log) {
+                    // stream comes back and the next check tells. Changed: the
+                    // consumer starts again, and its start tells a stream
+                    // created again (or restored from a backup) from one
+                    // whose creation time only changed.
+                    if changed == Some(true) {
                         tracing::warn!(stream = spec.stream,
-                            "the stream was created again while folding; starting over");
+                            "the stream's creation time or end changed while folding; \
+                             checking it from the checkpoint");
                         return Err(FoldError::LogReplaced);
                     }
                     continue;
@@ -865,6 +888,70 @@ pub fn apply_new<F: Fold>(
     }
 }
 
+/// The running check: whether the stream `info` describes may not be the log
+/// `log` names any more, asked once the fold had applied `asked_at` (every
+/// event up to it was in the stream before the ask, so a stream that ends
+/// before it is another one, a backup restored, say, whose creation time is
+/// the old one's).
+fn log_changed(info: &async_nats::jetstream::stream::Info, log: &[u8], asked_at: u64) -> bool {
+    let identity = store::log_identity(info.created.unix_timestamp_nanos());
+    ends_elsewhere(&identity, info.state.last_sequence, log, asked_at)
+}
+
+/// [`log_changed`] of a stream of identity `identity` that ends at `last`.
+fn ends_elsewhere(identity: &[u8], last: u64, log: &[u8], asked_at: u64) -> bool {
+    identity != log || last < asked_at
+}
+
+/// What a stream holds at a fold's checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum AtCheckpoint {
+    /// The event the fold applied there: its log time is the one recorded.
+    Applied,
+    /// Another event: the stream is another log.
+    Other,
+    /// Cannot tell: nothing applied, no time recorded (a checkpoint written
+    /// before it was), or no event there any more (expired, purged, deleted).
+    Unknown,
+}
+
+/// Whether a stream is another log than the one a projection with
+/// checkpoint `applied` was folded from: it ends before that checkpoint
+/// (created again, or restored from a backup), or holds another event there,
+/// or its creation time changed (`created_again`) and the event there cannot
+/// be read to tell.
+fn another_log(applied: u64, last: u64, at: &AtCheckpoint, created_again: bool) -> bool {
+    applied > last
+        || match at {
+            AtCheckpoint::Applied => false,
+            AtCheckpoint::Other => true,
+            AtCheckpoint::Unknown => created_again,
+        }
+}
+
+/// What `stream` holds at the checkpoint `applied` of `tree`.
+///
+/// # Errors
+/// NATS did not answer (the fold retries, neither keeping nor clearing).
+async fn at_checkpoint(
+    stream: &async_nats::jetstream::stream::Stream,
+    tree: &sled::Tree,
+    applied: u64,
+) -> Result<AtCheckpoint, FoldError> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let Some(time) = store::checkpoint_time(tree)?.filter(|_| applied > 0) else {
+        return Ok(AtCheckpoint::Unknown);
+    };
+    match stream.get_raw_message(applied).await {
+        Ok(message) if (message.time.unix_timestamp_nanos() / 1_000_000) as i64 == time => {
+            Ok(AtCheckpoint::Applied)
+        }
+        Ok(_) => Ok(AtCheckpoint::Other),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(AtCheckpoint::Unknown),
+        Err(e) => Err(FoldError::ReadBack(e)),
+    }
+}
+
 /// Stages the entries not applied yet (as [`apply_new`]) over `base`, the
 /// group before, not yet committed perhaps; `None` when none is new.
 ///
@@ -878,15 +965,15 @@ pub fn stage_new<F: Fold>(
 ) -> Result<Option<Sealed>, sled::Error> {
     let mut staged = Staged::over(tree, base);
     let checkpoint = staged.checkpoint()?;
-    let mut top = checkpoint;
+    let (mut top, mut top_time) = (checkpoint, None);
     for entry in entries {
         if entry.seq <= top {
             continue;
         }
         fold.apply(&mut staged, entry)?;
-        top = entry.seq;
+        (top, top_time) = (entry.seq, Some(entry.log_time_ms));
     }
-    Ok((top > checkpoint).then(|| staged.seal(top)))
+    Ok((top > checkpoint).then(|| staged.seal_at(top, top_time)))
 }
 
 /// Waits until the fold behind `status` has applied where the log ends as
@@ -946,6 +1033,41 @@ mod tests {
         assert!(!replays_only(&[msg(5), msg(6)], 5), "one new among them");
         assert!(!replays_only(&[msg(6)], 5));
         assert!(!replays_only(&[], 5));
+    }
+
+    #[test]
+    fn a_stream_is_another_log_by_its_events_first_then_its_creation_time() {
+        use AtCheckpoint::{Applied, Other, Unknown};
+        assert!(!another_log(5, 9, &Applied, true), "edited, then restarted");
+        assert!(
+            another_log(5, 9, &Other, false),
+            "restored, then written to"
+        );
+        assert!(
+            another_log(5, 3, &Unknown, false),
+            "ends before the checkpoint"
+        );
+        assert!(
+            another_log(5, 9, &Unknown, true),
+            "cannot tell, created again"
+        );
+        assert!(!another_log(5, 9, &Unknown, false));
+        assert!(!another_log(0, 0, &Unknown, false), "nothing applied");
+    }
+
+    #[test]
+    fn a_running_fold_sees_a_stream_that_ends_before_what_it_applied() {
+        let log = store::log_identity(1_000);
+        assert!(!ends_elsewhere(&log, 10, &log, 10));
+        assert!(
+            ends_elsewhere(&store::log_identity(2_000), 10, &log, 10),
+            "created again"
+        );
+        assert!(
+            ends_elsewhere(&log, 7, &log, 10),
+            "a backup restored under the fold"
+        );
+        assert!(!ends_elsewhere(&log, 7, &log, 7));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-/// Key of the checkpoint row (the last applied stream sequence) in a fold's Tree.
+/// Key of the checkpoint row (the last applied stream sequence, 8 bytes BE,
+/// then that event's log time in ms, 8 bytes BE, when known) in a fold's Tree.
 /// Starts with `~`, after every row prefix we use, so prefix scans never meet it.
 pub const CHECKPOINT_KEY: &[u8] = b"~meta/last_seq";
 
@@ -230,6 +231,19 @@ pub fn checkpoint(tree: &sled::Tree) -> Result<u64, sled::Error> {
         .get(CHECKPOINT_KEY)?
         .map(|v| decode_u64(&v))
         .unwrap_or(0))
+}
+
+/// The log time (ms) of the event at the checkpoint, as the fold recorded it
+/// ([`Staged::seal_at`]); `None` when nothing is applied, or for a checkpoint
+/// written without it.
+///
+/// # Errors
+/// sled read failure.
+pub fn checkpoint_time(tree: &sled::Tree) -> Result<Option<i64>, sled::Error> {
+    Ok(tree.get(CHECKPOINT_KEY)?.and_then(|v| {
+        let time: [u8; 8] = v.get(8..16)?.try_into().ok()?;
+        Some(i64::from_be_bytes(time))
+    }))
 }
 
 /// Big-endian u64 from the first 8 bytes (missing bytes read as zero).
@@ -662,11 +676,19 @@ impl<'a> Staged<'a> {
     /// ([`Sealed::commit`]) and to stage the next group over
     /// ([`Staged::over`]). The group before, if any, is not included: it is
     /// committed on its own, first.
-    pub fn seal(mut self, checkpoint: u64) -> Sealed {
-        self.writes.insert(
-            CHECKPOINT_KEY.to_vec(),
-            Some(checkpoint.to_be_bytes().to_vec()),
-        );
+    pub fn seal(self, checkpoint: u64) -> Sealed {
+        self.seal_at(checkpoint, None)
+    }
+
+    /// [`Self::seal`], recording the log time (ms) of the event at
+    /// `checkpoint` too ([`checkpoint_time`]): what tells, when the stream's
+    /// creation time changes, whether it still holds the events applied.
+    pub fn seal_at(mut self, checkpoint: u64, log_time_ms: Option<i64>) -> Sealed {
+        let mut value = checkpoint.to_be_bytes().to_vec();
+        if let Some(time) = log_time_ms {
+            value.extend_from_slice(&time.to_be_bytes());
+        }
+        self.writes.insert(CHECKPOINT_KEY.to_vec(), Some(value));
         Sealed {
             writes: self.writes,
         }

@@ -115,3 +115,54 @@ async fn projections_of_an_older_format_are_folded_again_from_the_log() {
         );
     }
 }
+
+/// nats-server 2.9 gives a stream edited (a max age set on CLICKS, as the
+/// README suggests) another creation time once it restarts. Same events,
+/// same sequences: the projections are kept, not cleared and folded again
+/// (every instance unready at once, clicks expired since lost from them).
+#[tokio::test]
+async fn a_stream_edited_then_nats_restarted_keeps_its_projections() {
+    let mut sys = System::start().await;
+    let clicks = traffic(&sys).await;
+    let before = sys.snapshot(&clicks).await;
+    sys.stop_postback().await;
+    let created = |js: async_nats::jetstream::Context| async move {
+        let mut stream = js.get_stream("CLICKS").await.expect("CLICKS");
+        stream.info().await.expect("its info").created
+    };
+    let first = created(sys.jetstream().await).await;
+    sys.nats.restart();
+    let js = sys.jetstream().await;
+    crate::support::app::update_stream(&js, "CLICKS", |c| {
+        c.max_age = std::time::Duration::from_secs(30 * 86_400);
+    })
+    .await;
+    sys.nats.restart();
+    assert_ne!(
+        created(sys.jetstream().await).await,
+        first,
+        "nats-server gives the edited stream another creation time (2.9.10 does)"
+    );
+    // A row no fold writes: it goes if the projection is cleared.
+    let marker = b"~test/kept";
+    {
+        let db = common::store::open_db(&sys.postback_data_dir()).unwrap();
+        db.open_tree("clicks")
+            .unwrap()
+            .insert(marker, b"x")
+            .unwrap();
+        db.flush().unwrap();
+    }
+    sys.start_postback().await;
+    assert_eq!(sys.snapshot(&clicks).await, before);
+    sys.stop_postback().await;
+    let db = common::store::open_db(&sys.postback_data_dir()).unwrap();
+    assert!(
+        db.open_tree("clicks")
+            .unwrap()
+            .get(marker)
+            .unwrap()
+            .is_some(),
+        "the clicks projection was kept"
+    );
+}
