@@ -203,6 +203,14 @@ async fn a_2xx_whose_body_stalls_is_delivered_once_not_retried() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.seen().len(), 1, "not sent again");
+    // The note stays with the delivery once its outcome is in the log.
+    let delivery = sys.delivery_in(&delivery_id, "delivered").await;
+    assert!(
+        delivery["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("body not read whole")),
+        "{delivery}"
+    );
 }
 
 #[tokio::test]

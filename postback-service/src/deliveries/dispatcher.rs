@@ -725,6 +725,7 @@ fn delivered_event(s: &Schedule, r: &AttemptResult, now: i64) -> Unpublished {
         offer_id: s.offer_id.clone(),
         click_id: s.click_id.clone(),
         generation: s.generation,
+        error: r.error.clone(),
     };
     Unpublished {
         subject: proto::subject::POSTBACK_DELIVERED.to_owned(),

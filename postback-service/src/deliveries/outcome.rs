@@ -124,7 +124,7 @@ pub fn apply_delivered(prev: Option<Outcome>, e: &PostbackDelivered) -> Option<O
         attempts: e.attempts,
         status_code: e.status_code,
         latency_ms: Some(e.latency_ms),
-        error: String::new(),
+        error: e.error.clone(),
         body: String::new(),
         updated_at_ms: e.occurred_at_ms,
         history: Vec::new(),
