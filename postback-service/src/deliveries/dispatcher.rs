@@ -70,6 +70,14 @@ pub enum RetryError {
         "a later status of this conversion ({0}) was delivered; this one would arrive after it"
     )]
     Superseded(&'static str),
+    /// A later status of the same conversion is still being delivered (its
+    /// attempt may be in flight, or its success held for a late ack): this
+    /// one sent now could reach the affiliate after it.
+    #[error(
+        "a later status of this conversion ({0}) is still being delivered; this one could \
+         arrive after it; ask again once that one is recorded"
+    )]
+    LaterPending(&'static str),
     #[error(transparent)]
     Publish(#[from] common::nats::PublishError),
     #[error("schedule storage")]
@@ -202,6 +210,9 @@ impl Dispatcher {
             let delivered = inner.outcomes.get(&later_id)?;
             if delivered.is_some_and(|o| o.state == OutcomeState::Delivered) {
                 return Err(RetryError::Superseded(status.name()));
+            }
+            if inner.schedules.get(&later_id)?.is_some() {
+                return Err(RetryError::LaterPending(status.name()));
             }
         }
         // The rest runs to its end even if the request is dropped (its client
@@ -945,6 +956,22 @@ mod tests {
         assert!(matches!(
             dispatcher.request_retry(&approval.delivery_id).await,
             Err(RetryError::Superseded("rejected"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_approval_is_not_told_again_while_its_reversal_is_being_told() {
+        let (dispatcher, outcomes) = dispatcher().await;
+        let approval = outcome(Approved, OutcomeState::Failed);
+        plant(&outcomes, &approval);
+        // The reversal's attempt is in flight, or its success waits for its
+        // ack: nothing in the log says it was delivered yet.
+        let reversal = outcome(Rejected, OutcomeState::Failed);
+        let schedule = Schedule::again(reversal, 1);
+        dispatcher.schedules().put(&schedule).await.unwrap();
+        assert!(matches!(
+            dispatcher.request_retry(&approval.delivery_id).await,
+            Err(RetryError::LaterPending("rejected"))
         ));
     }
 }

@@ -397,10 +397,12 @@ pub(super) async fn retry_postback(
             field: "delivery_id".into(),
             message: format!("{e}; only failed deliveries can be retried"),
         }),
-        Err(e @ RetryError::Superseded(_)) => Err(ApiError::Conflict {
-            field: "delivery_id".into(),
-            message: e.to_string(),
-        }),
+        Err(e @ (RetryError::Superseded(_) | RetryError::LaterPending(_))) => {
+            Err(ApiError::Conflict {
+                field: "delivery_id".into(),
+                message: e.to_string(),
+            })
+        }
         Err(RetryError::Publish(e)) => Err(ApiError::Unavailable(e)),
         Err(RetryError::Store(e)) => Err(ApiError::Internal(e)),
         Err(e @ RetryError::Stopping) => Err(ApiError::Refused {
