@@ -672,8 +672,28 @@ struct LoneDispatcher {
     js: async_nats::jetstream::Context,
     postbacks_fold: tokio::sync::watch::Sender<common::FoldStatus>,
     conversions_fold: tokio::sync::watch::Sender<common::FoldStatus>,
+    postbacks: common::store::FoldTree,
     _nats: crate::support::NatsServer,
     _dir: tempfile::TempDir,
+}
+
+impl LoneDispatcher {
+    /// Folds one more POSTBACKS event, at `seq`, and says so.
+    fn fold(&self, seq: u64, subject: &str, payload: &[u8]) {
+        use common::fold::Fold;
+        let mut staged = common::store::Staged::new(&self.postbacks);
+        let entry = common::fold::LogEntry {
+            subject,
+            payload,
+            seq,
+            log_time_ms: 0,
+        };
+        postback_service::deliveries::PostbacksFold
+            .apply(&mut staged, &entry)
+            .unwrap();
+        staged.commit(seq).unwrap();
+        self.postbacks_fold.send_modify(|s| s.applied_seq = seq);
+    }
 }
 
 async fn lone_dispatcher(events: &[(&str, Vec<u8>)]) -> LoneDispatcher {
@@ -719,6 +739,7 @@ async fn lone_dispatcher(events: &[(&str, Vec<u8>)]) -> LoneDispatcher {
         js,
         postbacks_fold,
         conversions_fold,
+        postbacks,
         _nats: nats,
         _dir: dir,
     }
@@ -901,6 +922,85 @@ async fn a_term_drops_the_schedules_of_deliveries_the_log_says_are_finished() {
         },
     )
     .await;
+    token.cancel();
+    term.await.unwrap();
+}
+
+/// A retry found without its schedule at a term's start may have been
+/// delivered a moment before (its schedule goes once its outcome is acked,
+/// before the POSTBACKS fold applies it): it is scheduled only once the fold
+/// has reached the log's end and still shows it requested, so it is never
+/// sent again after its success; one not delivered is sent then.
+#[tokio::test]
+async fn a_retry_found_without_its_schedule_is_not_sent_again_after_its_success() {
+    use proto::postbacks::v1::{PostbackDelivered, PostbackFailed, PostbackRetryRequested};
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let failed = |id: &str| {
+        prost::Message::encode_to_vec(&PostbackFailed {
+            delivery_id: id.into(),
+            conversion_id: format!("conv-{id}"),
+            affiliate_id: "a1".into(),
+            url: receiver.url(&format!("/pb?d={id}")),
+            generation: 1,
+            ..Default::default()
+        })
+    };
+    let retry = |id: &str| {
+        prost::Message::encode_to_vec(&PostbackRetryRequested {
+            delivery_id: id.into(),
+            generation: 2,
+            ..Default::default()
+        })
+    };
+    let events = [
+        (proto::subject::POSTBACK_FAILED, failed("d1")),
+        (proto::subject::POSTBACK_RETRY_REQUESTED, retry("d1")),
+        (proto::subject::POSTBACK_FAILED, failed("d2")),
+        (proto::subject::POSTBACK_RETRY_REQUESTED, retry("d2")),
+    ];
+    let lone = lone_dispatcher(&events).await;
+    // The log holds those and d1's second generation delivered, which the
+    // fold has not applied yet.
+    let delivered = prost::Message::encode_to_vec(&PostbackDelivered {
+        delivery_id: "d1".into(),
+        generation: 2,
+        status_code: 200,
+        ..Default::default()
+    });
+    for (subject, payload) in events
+        .iter()
+        .cloned()
+        .chain([(proto::subject::POSTBACK_DELIVERED, delivered.clone())])
+    {
+        let ack = lone.js.publish(subject, payload.into()).await.unwrap();
+        ack.await.unwrap();
+    }
+    for fold in [&lone.postbacks_fold, &lone.conversions_fold] {
+        fold.send_modify(|s| (s.caught_up, s.at_tail, s.applied_seq) = (true, true, 4));
+    }
+    let token = tokio_util::sync::CancellationToken::new();
+    let tenure =
+        common::lease::Tenure::until(tokio::time::Instant::now() + Duration::from_secs(60));
+    let term = tokio::spawn(postback_service::deliveries::run_dispatcher(
+        lone.dispatcher.clone(),
+        lone.conversions_fold.subscribe(),
+        tenure,
+        token.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        receiver.seen().len(),
+        0,
+        "nothing sent before the fold is at the end"
+    );
+    lone.fold(5, proto::subject::POSTBACK_DELIVERED, &delivered);
+    eventually("d2 sent", Duration::from_secs(10), || async {
+        (!receiver.seen().is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent: Vec<String> = receiver.seen().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(sent, ["/pb?d=d2"], "d1 not sent again");
     token.cancel();
     term.await.unwrap();
 }

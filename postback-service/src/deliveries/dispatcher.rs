@@ -331,33 +331,49 @@ impl Dispatcher {
     }
 
     /// Schedules for retry-requested outcomes that lost theirs (a stop between
-    /// the request and its schedule).
-    async fn recover_retries(&self) -> Result<(), sled::Error> {
+    /// the request and its schedule): whether it could tell. A schedule goes
+    /// once its outcome is acked, before the POSTBACKS fold applies it, so a
+    /// retry found without one may have been delivered a moment ago: the fold
+    /// must first reach the log's end as it is after that look (within a
+    /// second; else `false`, asked again next round), and the outcome is read
+    /// again then. Made from the stale request, the schedule sent the
+    /// delivery again after its success.
+    async fn recover_retries(&self) -> Result<bool, sled::Error> {
         let inner = &self.inner;
-        let requested: Vec<String> = inner
-            .outcomes
-            .newest_first()
-            .filter_map(|l| match l {
-                Ok(l) if l.state == OutcomeState::RetryRequested => Some(Ok(l.delivery_id)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()?;
-        for id in requested {
-            let Some(outcome) = inner.outcomes.get(&id)? else {
-                continue;
+        // Its retry requested, and no schedule for it, or one of an older
+        // generation (see `run_attempt`).
+        let lost = |id: &str| -> Result<Option<super::outcome::Outcome>, sled::Error> {
+            let Some(outcome) = inner.outcomes.get(id)? else {
+                return Ok(None);
             };
-            // No schedule, or one of an older generation (see `run_attempt`).
-            let scheduled = inner.schedules.get(&id)?;
-            if outcome.state == OutcomeState::RetryRequested
-                && scheduled.is_none_or(|s| s.generation < outcome.generation)
+            let scheduled = inner.schedules.get(id)?;
+            Ok((outcome.state == OutcomeState::RetryRequested
+                && scheduled.is_none_or(|s| s.generation < outcome.generation))
+            .then_some(outcome))
+        };
+        let mut candidates = Vec::new();
+        for listed in inner.outcomes.newest_first() {
+            let listed = listed?;
+            if listed.state == OutcomeState::RetryRequested && lost(&listed.delivery_id)?.is_some()
             {
+                candidates.push(listed.delivery_id);
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(true);
+        }
+        let end = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS);
+        if !common::fold::reaches_end(end, &inner.postbacks_status, Duration::from_secs(1)).await {
+            return Ok(false);
+        }
+        for id in candidates {
+            if let Some(outcome) = lost(&id)? {
                 let generation = outcome.generation;
                 let schedule = Schedule::again(outcome, generation).reserved_for(inner.run);
                 inner.schedules.put(&schedule).await?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reads newly due schedules into the per-host queues, then starts what
@@ -827,6 +843,9 @@ async fn rounds(
         .clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut postbacks_status = dispatcher.inner.postbacks_status.clone();
     let mut recovered = false;
+    // Retries to find without their schedules: at the term's start, and after
+    // a retry request whose ack did not come in time.
+    let mut recovering = false;
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
@@ -845,8 +864,7 @@ async fn rounds(
             if !recovered {
                 dispatcher.drop_recorded()?;
                 dispatcher.inner.schedules.reindex()?;
-                dispatcher.recover_retries().await?;
-                recovered = true;
+                (recovered, recovering) = (true, true);
             }
             let applied = conversions_status.borrow().applied_seq;
             dispatcher.enqueue_new(applied).await?;
@@ -856,9 +874,10 @@ async fn rounds(
                 // A retry request whose ack did not come in time may be in
                 // the log without its schedule: found here within a minute.
                 let recover = &dispatcher.inner.recover;
-                if recover.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                    dispatcher.recover_retries().await?;
-                }
+                recovering |= recover.swap(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            if recovering {
+                recovering = !dispatcher.recover_retries().await?;
             }
             dispatcher.start_due(tracker, token, tenure)
         }
