@@ -844,8 +844,11 @@ async fn rounds(
     let mut postbacks_status = dispatcher.inner.postbacks_status.clone();
     let mut recovered = false;
     // Retries to find without their schedules: at the term's start, and after
-    // a retry request whose ack did not come in time.
+    // a retry request whose ack did not come in time; a look that could not
+    // tell (NATS away) is made again 5 s later, not every round (it reads
+    // every outcome).
     let mut recovering = false;
+    let mut recover_at = tokio::time::Instant::now();
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
@@ -876,7 +879,8 @@ async fn rounds(
                 let recover = &dispatcher.inner.recover;
                 recovering |= recover.swap(false, std::sync::atomic::Ordering::Relaxed);
             }
-            if recovering {
+            if recovering && tokio::time::Instant::now() >= recover_at {
+                recover_at = tokio::time::Instant::now() + Duration::from_secs(5);
                 recovering = !dispatcher.recover_retries().await?;
             }
             dispatcher.start_due(tracker, token, tenure)
