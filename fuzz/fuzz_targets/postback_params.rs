@@ -5,9 +5,14 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(pairs) = common::params::parse(data, "query") else { return };
+    let known = &postback_service::postback::PARAMETERS;
+    let Ok(pairs) = common::params::parse_known(data, "query", known) else {
+        return;
+    };
     if let Ok(input) = postback_service::postback::PostbackInput::parse(
-        pairs.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())),
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), v.as_str().into())),
     ) {
         assert!(uuid_like(&input.click_id));
         assert!(input.amount_micros.is_none_or(|a| a >= 0));
