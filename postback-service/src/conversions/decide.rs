@@ -124,7 +124,9 @@ pub fn is_duplicate(
 /// (its `offer_id=` named one whose security the sender passes). Partner
 /// events on NATS are trusted.
 fn unverified(offer: &Offer, origin: &str, verified_offer_id: &str) -> Option<String> {
-    if origin != "http" || verified_offer_id == offer.offer_id {
+    // An offer asking for no security takes any postback, one verified for
+    // another offer (its `offer_id=` named that one) too.
+    if origin != "http" || verified_offer_id == offer.offer_id || !offer.security.is_required() {
         return None;
     }
     if !verified_offer_id.is_empty() {
@@ -761,15 +763,17 @@ mod tests {
         attributed(decide(input(&c, Some(&k), Some(&o))));
 
         // Verified for another offer (its `offer_id=` named one whose security
-        // the sender passes): not for the click's, even one without security.
-        let mut c = conversion(2000, "", None, "");
-        attributed(decide(input(&c, Some(&k), Some(&offer()))));
-        c.verified_offer_id = "other".into();
-        let Verdict::Reject { reason, detail } = decide(input(&c, Some(&k), Some(&offer()))) else {
+        // the sender passes): not for the click's secured one...
+        c.origin = "http".into();
+        let Verdict::Reject { reason, detail } = decide(input(&c, Some(&k), Some(&o))) else {
             panic!("attributed a report verified for another offer");
         };
         assert_eq!(reason, Reason::Unauthenticated);
         assert!(detail.contains("offer other"), "{detail}");
+        // ...but an offer asking for none takes it, as it takes any postback.
+        let mut c = conversion(2000, "", None, "");
+        c.verified_offer_id = "other".into();
+        attributed(decide(input(&c, Some(&k), Some(&offer()))));
     }
 
     #[test]
