@@ -100,6 +100,12 @@ pub async fn run_decider(
     // again once it has seen the whole queue.
     let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
     let (mut pending_ended, mut status_walk) = (true, Walk::default());
+    // A round whose publish failed part-way may have decisions in the log it
+    // holds no claims for: the next round waits until the fold has applied
+    // them (the log's end as it is then), or it would decide their
+    // conversions again and count their claims beside their folded selves
+    // (a cap read as fuller than it is).
+    let mut unsure = false;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -110,6 +116,19 @@ pub async fn run_decider(
         }
         if !inputs.conversions_status.borrow().caught_up {
             continue;
+        }
+        if unsure {
+            let end = common::nats::last_sequence(&js, proto::stream::CONVERSIONS);
+            let status = &inputs.conversions_status;
+            tokio::select! {
+                () = token.cancelled() => return,
+                reached = common::fold::reaches_end(end, status, Duration::from_secs(5)) => {
+                    if !reached {
+                        continue;
+                    }
+                }
+            }
+            unsure = false;
         }
         if let Some(at) = in_flight.settle(inputs.conversions_status.borrow().applied_seq) {
             // Conversions opened again behind the walk: it goes back to them.
@@ -152,8 +171,10 @@ pub async fn run_decider(
             }
             Err(error) => {
                 tracing::warn!(%error, "decider round failed; retrying");
-                // What it walked past was not published: walk it again.
+                // What it walked past was not published, or not all of it:
+                // walk it again, once what was is folded.
                 status_walk = Walk::default();
+                unsure |= matches!(error, RoundError::Publish(_));
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
                 tokio::select! {
