@@ -82,6 +82,10 @@ impl ConversionStatus {
     }
 }
 
+/// Longest advertiser status word: the postback door refuses a longer one
+/// and a partner's is cut to it, so a `status_map` word past it never matches.
+pub const MAX_STATUS_LEN: usize = 32;
+
 /// Built-in advertiser status words; an offer's `status_map` adds to them.
 pub fn default_status(word: &str) -> Option<ConversionStatus> {
     use ConversionStatus::{Approved, Pending, Rejected};

@@ -393,8 +393,19 @@ fn offer_rules(body: &Body) -> Result<OfferRules, ApiError> {
         Some(Value::Object(map)) => {
             for (word, to) in map {
                 let field = format!("status_map.{word}");
+                let word_len = word.trim().len();
+                if word_len > catalog::terms::MAX_STATUS_LEN || word.chars().any(char::is_control) {
+                    return Err(ApiError::invalid(
+                        field,
+                        format!(
+                            "a status word is at most {} bytes, with no control characters: \
+                             a postback's word is refused or cut past that, and never matches",
+                            catalog::terms::MAX_STATUS_LEN
+                        ),
+                    ));
+                }
                 match to.as_str().and_then(ConversionStatus::parse) {
-                    Some(s) if !word.trim().is_empty() => {
+                    Some(s) if word_len > 0 => {
                         status_map.insert(word.trim().to_ascii_lowercase(), s.name().to_owned());
                     }
                     _ => {
@@ -637,6 +648,23 @@ mod tests {
         assert_eq!(o.goals[1].dedup, "all");
         assert_eq!(o.caps.unwrap().daily_conversions, 5);
         assert_eq!(o.security.unwrap().allowed_ips.len(), 2);
+    }
+
+    #[test]
+    fn a_status_map_word_no_postback_can_carry_is_refused() {
+        let long = "w".repeat(33);
+        for word in [long.as_str(), "tab\\tword"] {
+            let body =
+                format!(r#"{{"url":"http://a.test/","status_map":{{"{word}":"approved"}}}}"#);
+            let err = offer_from_json("o1", body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&err, ApiError::Invalid { field, .. } if field.starts_with("status_map.")),
+                "{err}"
+            );
+        }
+        let ok = "w".repeat(32);
+        let body = format!(r#"{{"url":"http://a.test/","status_map":{{"{ok}":"approved"}}}}"#);
+        assert!(offer_from_json("o1", body.as_bytes()).is_ok());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub const MAX_TXID_LEN: usize = 256;
 /// Longest conversion id a partner may give.
 pub const MAX_CONVERSION_ID_LEN: usize = 128;
 /// Longest advertiser status word.
-pub const MAX_STATUS_LEN: usize = 32;
+pub const MAX_STATUS_LEN: usize = catalog::terms::MAX_STATUS_LEN;
 
 /// Why a partner's conversion id cannot name a conversion: it becomes part of
 /// `Nats-Msg-Id` headers (decisions, deliveries) and of the affiliate
