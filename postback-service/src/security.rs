@@ -76,17 +76,32 @@ pub fn sign(secret: &str, text: &str) -> String {
         .collect()
 }
 
+/// Whether `ip` is one of `allowed`'s addresses or in one of its CIDRs. An
+/// IPv4 address and its IPv4-mapped IPv6 form (`::ffff:203.0.113.5`, as a
+/// dual-stack listener sees IPv4 callers and our logs show them) are one
+/// address, on either side.
 fn ip_allowed(ip: IpAddr, allowed: &[String]) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = ip.to_canonical();
     allowed
         .iter()
         .any(|entry| match entry.parse::<ipnet::IpNet>() {
-            Ok(net) => net.contains(&ip),
-            Err(_) => entry.parse::<IpAddr>().is_ok_and(|a| a == ip),
+            Ok(net) => canonical_net(net).contains(&ip),
+            Err(_) => entry
+                .parse::<IpAddr>()
+                .is_ok_and(|a| a.to_canonical() == ip),
         })
+}
+
+/// An IPv4-mapped IPv6 network (within `::ffff:0:0/96`) as the IPv4 one.
+fn canonical_net(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, ipnet::IpNet::V4),
+        other => other,
+    }
 }
 
 /// Remembers signatures seen within their window, to refuse replays.
@@ -373,6 +388,17 @@ mod tests {
         );
         let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
         assert_eq!(check(&s, &pairs("token=s3cret"), mapped, 0, &g), Ok(()));
+        // The allowlist written in the mapped form our logs show.
+        for entry in ["::ffff:203.0.113.9", "::ffff:203.0.113.0/120"] {
+            let allowed = [entry.to_owned()];
+            assert!(ip_allowed(mapped, &allowed), "{entry}");
+            assert!(
+                ip_allowed("203.0.113.9".parse().unwrap(), &allowed),
+                "{entry}"
+            );
+            assert!(!ip_allowed(other, &allowed), "{entry}");
+        }
+        assert!(!ip_allowed(IP, &["::ffff:203.0.113.9".into()]));
         // Read as the rest of the postback is: the first value not empty
         // once trimmed.
         for sent in ["token=&token=s3cret", "token=s3cret%20", "token=+s3cret"] {
