@@ -77,6 +77,18 @@ pub struct DeciderInputs {
     pub catalog_status: watch::Receiver<FoldStatus>,
 }
 
+/// Whether the conversions fold has applied the log as it ends now (within
+/// 5 s); `None` when NATS did not say where it ends.
+async fn settled(js: &Context, status: &watch::Receiver<FoldStatus>) -> Option<bool> {
+    let end = common::nats::last_sequence(js, proto::stream::CONVERSIONS).await?;
+    Some(common::fold::wait_applied(&mut status.clone(), end, Duration::from_secs(5)).await)
+}
+
+/// How long the decider waits, after a failed publish, for a conversions
+/// fold that does not move (while NATS answers) to reach the log's end
+/// before it decides on.
+const UNSURE_FOR: Duration = Duration::from_secs(30);
+
 /// Runs until `token` is cancelled.
 pub async fn run_decider(
     js: Context,
@@ -104,8 +116,10 @@ pub async fn run_decider(
     // holds no claims for: the next round waits until the fold has applied
     // them (the log's end as it is then), or it would decide their
     // conversions again and count their claims beside their folded selves
-    // (a cap read as fuller than it is).
-    let mut unsure = false;
+    // (a cap read as fuller than it is). Not for ever: a fold that has not
+    // moved for `UNSURE_FOR` while NATS answers (the log's last events
+    // deleted before it applied them) is decided on.
+    let mut unsure: Option<(std::time::Instant, u64)> = None;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -117,18 +131,29 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        if unsure {
-            let end = common::nats::last_sequence(&js, proto::stream::CONVERSIONS);
-            let status = &inputs.conversions_status;
-            tokio::select! {
+        if let Some((since, applied)) = unsure {
+            let settled = tokio::select! {
                 () = token.cancelled() => return,
-                reached = common::fold::reaches_end(end, status, Duration::from_secs(5)) => {
-                    if !reached {
-                        continue;
-                    }
+                settled = settled(&js, &inputs.conversions_status) => settled,
+            };
+            let now = inputs.conversions_status.borrow().applied_seq;
+            match settled {
+                Some(true) => unsure = None,
+                Some(false) if now == applied && since.elapsed() >= UNSURE_FOR => {
+                    tracing::warn!(
+                        ?UNSURE_FOR,
+                        applied,
+                        "the conversions fold has not reached \
+                        the log's end since a failed publish, nor moved; deciding on"
+                    );
+                    unsure = None;
                 }
+                Some(false) if now != applied => {
+                    unsure = Some((std::time::Instant::now(), now)); // it moves: wait on
+                    continue;
+                }
+                _ => continue, // NATS away: a round would fail to publish anyway
             }
-            unsure = false;
         }
         if let Some(at) = in_flight.settle(inputs.conversions_status.borrow().applied_seq) {
             // Conversions opened again behind the walk: it goes back to them.
@@ -174,7 +199,10 @@ pub async fn run_decider(
                 // What it walked past was not published, or not all of it:
                 // walk it again, once what was is folded.
                 status_walk = Walk::default();
-                unsure |= matches!(error, RoundError::Publish(_));
+                if matches!(error, RoundError::Publish(_)) {
+                    let applied = inputs.conversions_status.borrow().applied_seq;
+                    unsure = unsure.or(Some((std::time::Instant::now(), applied)));
+                }
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
                 tokio::select! {

@@ -337,8 +337,11 @@ impl Dispatcher {
     /// must first reach the log's end as it is after that look (within a
     /// second; else `false`, asked again next round), and the outcome is read
     /// again then. Made from the stale request, the schedule sent the
-    /// delivery again after its success.
-    async fn recover_retries(&self) -> Result<bool, sled::Error> {
+    /// delivery again after its success. `anyway`: the fold has not moved
+    /// for long while short of the end NATS tells (the log's last events
+    /// deleted before it applied them): look without it, rather than leave a
+    /// retry unsent for good.
+    async fn recover_retries(&self, anyway: bool) -> Result<bool, sled::Error> {
         let inner = &self.inner;
         // Its retry requested, and no schedule for it, or one of an older
         // generation (see `run_attempt`).
@@ -362,8 +365,15 @@ impl Dispatcher {
         if candidates.is_empty() {
             return Ok(true);
         }
-        let end = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS);
-        if !common::fold::reaches_end(end, &inner.postbacks_status, Duration::from_secs(1)).await {
+        // NATS silent: no look at all (a blip would read outcomes acked a
+        // moment ago as still requested).
+        let Some(end) = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS).await
+        else {
+            return Ok(false);
+        };
+        let mut status = inner.postbacks_status.clone();
+        let reached = common::fold::wait_applied(&mut status, end, Duration::from_secs(1)).await;
+        if !reached && !anyway {
             return Ok(false);
         }
         for id in candidates {
@@ -849,6 +859,8 @@ async fn rounds(
     // every outcome).
     let mut recovering = false;
     let mut recover_at = tokio::time::Instant::now();
+    // Since when the POSTBACKS fold has stood still at what it had applied.
+    let mut still_since = (recover_at, 0);
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
@@ -879,9 +891,14 @@ async fn rounds(
                 let recover = &dispatcher.inner.recover;
                 recovering |= recover.swap(false, std::sync::atomic::Ordering::Relaxed);
             }
+            let applied = postbacks_status.borrow().applied_seq;
+            if applied != still_since.1 {
+                still_since = (tokio::time::Instant::now(), applied);
+            }
             if recovering && tokio::time::Instant::now() >= recover_at {
                 recover_at = tokio::time::Instant::now() + Duration::from_secs(5);
-                recovering = !dispatcher.recover_retries().await?;
+                let anyway = still_since.0.elapsed() >= Duration::from_secs(60);
+                recovering = !dispatcher.recover_retries(anyway).await?;
             }
             dispatcher.start_due(tracker, token, tenure)
         }
