@@ -393,8 +393,12 @@ fn offer_rules(body: &Body) -> Result<OfferRules, ApiError> {
         Some(Value::Object(map)) => {
             for (word, to) in map {
                 let field = format!("status_map.{word}");
-                let word_len = word.trim().len();
-                if word_len > catalog::terms::MAX_STATUS_LEN || word.chars().any(char::is_control) {
+                // Trimmed, as the door trims a postback's word.
+                let trimmed = word.trim();
+                let word_len = trimmed.len();
+                if word_len > catalog::terms::MAX_STATUS_LEN
+                    || trimmed.chars().any(char::is_control)
+                {
                     return Err(ApiError::invalid(
                         field,
                         format!(
@@ -664,6 +668,9 @@ mod tests {
         }
         let ok = "w".repeat(32);
         let body = format!(r#"{{"url":"http://a.test/","status_map":{{"{ok}":"approved"}}}}"#);
+        assert!(offer_from_json("o1", body.as_bytes()).is_ok());
+        // Trimmed first, as a postback's word is.
+        let body = r#"{"url":"http://a.test/","status_map":{"paid\n":"approved"}}"#;
         assert!(offer_from_json("o1", body.as_bytes()).is_ok());
     }
 

@@ -15,6 +15,14 @@ use axum::http::HeaderMap;
 /// a byte past ASCII the client wrote further left (a proxy appending to the
 /// client's line passes it on) does not make the whole line unreadable.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_header: &str) -> IpAddr {
+    from_header(peer, headers, trusted_header).to_canonical()
+}
+
+/// [`client_ip`] as sent: an IPv4 caller may be `::ffff:a.b.c.d` (a
+/// dual-stack listener's peer, or a proxy's header), which [`client_ip`]
+/// makes plain IPv4, so one visitor is one address to unique clicks and
+/// allowlists whichever way it came.
+fn from_header(peer: IpAddr, headers: &HeaderMap, trusted_header: &str) -> IpAddr {
     if trusted_header.is_empty() {
         return peer;
     }
@@ -45,6 +53,8 @@ mod tests {
         h.insert("x-forwarded-for", "1.1.1.1, 203.0.113.7".parse().unwrap());
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         assert_eq!(client_ip(peer, &h, ""), peer);
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(client_ip(mapped, &h, ""), IP, "a dual-stack peer, as IPv4");
         assert_eq!(client_ip(peer, &h, "x-forwarded-for"), IP);
 
         let forwarded = |lines: &[&str]| {
