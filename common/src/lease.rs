@@ -11,8 +11,10 @@
 //! work then, half a `ttl` before the entry can expire and another process
 //! can take it. A holder that stops releases the lease (deletes its entry), so
 //! a standby takes over at once; one that crashed is replaced once its entry
-//! expires, or at once by a restart with the same holder name (the same data
-//! dir), which recognises its own entry.
+//! expires, or sooner by a restart with the same holder name (the same data
+//! dir), which takes back its own entry once it has not been renewed for half
+//! a `ttl` (a twin holding it under the same name, a copied data dir, renews
+//! it meanwhile, so two processes never lead by turns).
 //!
 //! While it holds the lease, a process runs its led work ([`run_led`]); while
 //! it does not, it waits as a standby and serves everything else.
@@ -332,9 +334,10 @@ async fn acquire(
     // While another holds it: its entry, watched, so a release is taken at
     // once rather than at the next ask (a quarter ttl later).
     let mut releases = None;
+    let mut own = None;
     loop {
         let asked = tokio::time::Instant::now();
-        match try_acquire(js, config).await {
+        match try_acquire(js, config, &mut own).await {
             Ok(Attempt::Acquired(store, ttl, revision)) => {
                 return Some((*store, ttl, Written { revision, asked }))
             }
@@ -400,7 +403,15 @@ enum Attempt {
     HeldBy(String, Duration),
 }
 
-async fn try_acquire(js: &Context, config: &LeaseConfig) -> Result<Attempt, async_nats::Error> {
+/// An entry under this process's own name, as first seen: its revision, and
+/// when.
+type OwnEntry = Option<(u64, tokio::time::Instant)>;
+
+async fn try_acquire(
+    js: &Context,
+    config: &LeaseConfig,
+    own: &mut OwnEntry,
+) -> Result<Attempt, async_nats::Error> {
     let (store, ttl) = bucket(js, config.ttl).await?;
     let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
     match store.create(&config.key, holder.clone()).await {
@@ -415,10 +426,20 @@ async fn try_acquire(js: &Context, config: &LeaseConfig) -> Result<Attempt, asyn
     let leader = String::from_utf8_lossy(&entry.value).into_owned();
     let live = entry.operation == kv::Operation::Put;
     if live && leader == config.holder {
-        // Our own entry, left by this holder's previous process (a crash or a
-        // kill): take it back at once, expecting its revision.
-        if let Ok(revision) = store.update(&config.key, holder, entry.revision).await {
-            return Ok(Attempt::Acquired(Box::new(store), ttl, revision));
+        // An entry under our own name: left by this holder's previous process
+        // (a crash, a kill), or held live by a twin (a data dir copied with
+        // its instance-id). Taken back, expecting its revision, once it has
+        // not been renewed for half a ttl: its writer's tenure has ended by
+        // then, and a live holder renews every quarter ttl.
+        match *own {
+            Some((revision, seen)) if revision == entry.revision => {
+                if seen.elapsed() >= ttl / 2 {
+                    if let Ok(revision) = store.update(&config.key, holder, entry.revision).await {
+                        return Ok(Attempt::Acquired(Box::new(store), ttl, revision));
+                    }
+                }
+            }
+            _ => *own = Some((entry.revision, tokio::time::Instant::now())),
         }
     }
     Ok(Attempt::HeldBy(

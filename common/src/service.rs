@@ -63,46 +63,6 @@ pub fn write_addr_file(path: &Path, addr: SocketAddr) -> Result<(), StartupError
 
 /// Writes `contents` to `path` through a temporary file renamed over it, so a
 /// reader (or a crash) never sees half of it.
-/// The id of the instance whose data dir is `dir`: made once, kept in its
-/// `instance-id` with the dir's inode (not its device, which may change
-/// across a reboot). One read from another dir
-/// (a data dir copied to seed a replica, its id with it) is not this one's:
-/// a new id is made, or two instances would hold one lease by turns, each
-/// taking it back from the other as its own.
-///
-/// # Errors
-/// The file cannot be read or written, or the dir's metadata read.
-pub fn instance_id_in(dir: &Path) -> Result<String, std::io::Error> {
-    use std::os::unix::fs::MetadataExt;
-    let path = dir.join("instance-id");
-    let meta = std::fs::metadata(dir)?;
-    let place = format!("inode {}", meta.ino());
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mut lines = text.lines().map(str::trim);
-            let (id, at) = (lines.next().unwrap_or(""), lines.next());
-            match at {
-                _ if id.is_empty() => {}
-                Some(at) if at == place => return Ok(id.to_owned()),
-                // Written before the place was: this dir's, kept.
-                None => {
-                    replace_file(&path, &format!("{id}\n{place}\n"))?;
-                    return Ok(id.to_owned());
-                }
-                Some(_) => tracing::warn!(
-                    path = %path.display(),
-                    "instance-id was made for another data dir (a copy?): making a new one"
-                ),
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    replace_file(&path, &format!("{id}\n{place}\n"))?;
-    Ok(id)
-}
-
 fn replace_file(path: &Path, contents: &str) -> Result<(), std::io::Error> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -323,9 +283,18 @@ impl Base {
         Ok(rx)
     }
 
-    /// This instance's id ([`instance_id_in`] its data dir).
+    /// This instance's id: made once, kept in the data dir's `instance-id`.
     fn instance_id(&self) -> Result<String, std::io::Error> {
-        instance_id_in(&self.data_dir)
+        let path = self.data_dir.join("instance-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        replace_file(&path, &format!("{id}\n"))?;
+        Ok(id)
     }
 
     /// Opens the durable outbox under the data dir and starts its drainer.
@@ -460,31 +429,6 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_instance_id_is_kept_by_its_data_dir_and_not_by_a_copy_of_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let id = instance_id_in(dir.path()).unwrap();
-        assert_eq!(instance_id_in(dir.path()).unwrap(), id, "kept");
-        // One written before the dir was recorded beside it stays.
-        std::fs::write(dir.path().join("instance-id"), format!("{id}\n")).unwrap();
-        assert_eq!(instance_id_in(dir.path()).unwrap(), id);
-        assert_eq!(instance_id_in(dir.path()).unwrap(), id);
-        // A replica seeded with a copy of this data dir is another instance.
-        let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(
-            dir.path().join("instance-id"),
-            copy.path().join("instance-id"),
-        )
-        .unwrap();
-        let other = instance_id_in(copy.path()).unwrap();
-        assert_ne!(other, id);
-        assert_eq!(
-            instance_id_in(copy.path()).unwrap(),
-            other,
-            "kept there too"
-        );
-    }
 
     #[test]
     fn the_addr_file_holds_the_address_alone_and_is_replaced_whole() {

@@ -234,21 +234,35 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
         .to_owned();
     sys.stop_postback().await;
 
-    // This instance's own entry, as a crash of it leaves it: a restart on the
-    // same data dir leads at once.
+    // An entry under this instance's own name, renewed as a live holder
+    // renews it: a twin (a copy of this data dir, its instance-id with it).
+    // It is not taken from it.
     let js = sys.jetstream().await;
     let kv = js.get_key_value("leases").await.expect("the leases bucket");
-    kv.create("postback-service", mine.clone().into())
+    let mut revision = kv
+        .create("postback-service", mine.clone().into())
         .await
-        .expect("our own lease, as a crash leaves it");
-    let restarted = std::time::Instant::now();
+        .expect("our own name's lease");
     sys.start_postback().await;
     let addr = sys.postback.as_ref().expect("running").addr;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        revision = kv
+            .update("postback-service", mine.clone().into(), revision)
+            .await
+            .expect("the twin renews: nobody wrote over it");
+    }
+    assert_eq!(lease(&sys, addr).await["role"], "standby", "the twin leads");
+
+    // The twin gone, the entry is as a crash of this instance leaves it: it
+    // is taken back once it has not moved for half a lease, before it
+    // expires.
+    let left = std::time::Instant::now();
     assert_eq!(role(&sys, addr, "leader").await["holder"], mine.as_str());
     assert!(
-        restarted.elapsed() < Duration::from_secs(4),
+        left.elapsed() < Duration::from_secs(7),
         "its own entry taken back, not waited out: {:?}",
-        restarted.elapsed()
+        left.elapsed()
     );
 
     // Another process writes the entry (a leader it could not see, say): the
