@@ -231,8 +231,14 @@ enum RoundError {
 /// not run out, the verdict cannot change (it depends on nothing else), so a
 /// round passes over them without decoding their views: a flood of postbacks
 /// for clicks we never saw costs a key lookup each per round, not a decode.
+/// And, per click, the earliest of them (report sequence, conversion id):
+/// once the click is in, that one is decided before any later report of the
+/// click (its dedup claim comes first in log order).
 #[derive(Debug, Default)]
-struct Waiting(HashMap<String, (String, i64)>);
+struct Waiting(
+    HashMap<String, (String, i64)>,
+    HashMap<String, (u64, String)>,
+);
 
 /// Most conversions [`Waiting`] remembers (about 200 bytes each): past it,
 /// the rest waiting for their click are looked at as any pending one, a view
@@ -242,11 +248,40 @@ struct Waiting(HashMap<String, (String, i64)>);
 const MAX_WAITING: usize = 250_000;
 
 impl Waiting {
-    /// Remembers that `conversion_id` waits for its click, if there is room.
-    fn remember(&mut self, conversion_id: &str, since: (String, i64)) {
-        if self.0.len() < MAX_WAITING || self.0.contains_key(conversion_id) {
-            self.0.insert(conversion_id.to_owned(), since);
+    /// Remembers that `conversion_id`, reported at `seq`, waits for its
+    /// click, if there is room.
+    fn remember(&mut self, conversion_id: &str, since: (String, i64), seq: u64) {
+        if self.0.len() >= MAX_WAITING && !self.0.contains_key(conversion_id) {
+            return;
         }
+        if !since.0.is_empty() {
+            let earliest = self.1.entry(since.0.clone());
+            let earliest = earliest.or_insert_with(|| (seq, conversion_id.to_owned()));
+            if seq < earliest.0 {
+                *earliest = (seq, conversion_id.to_owned());
+            }
+        }
+        self.0.insert(conversion_id.to_owned(), since);
+    }
+
+    /// Forgets `conversion_id` (decided, or not waiting any more).
+    fn forget(&mut self, conversion_id: &str) {
+        let Some((click_id, _)) = self.0.remove(conversion_id) else {
+            return;
+        };
+        if self
+            .1
+            .get(&click_id)
+            .is_some_and(|(_, id)| id == conversion_id)
+        {
+            self.1.remove(&click_id);
+        }
+    }
+
+    /// The earliest conversion remembered waiting for `click_id` and reported
+    /// before `seq`: (its report sequence, its id).
+    fn earlier(&self, click_id: &str, seq: u64) -> Option<(u64, String)> {
+        self.1.get(click_id).filter(|(at, _)| *at < seq).cloned()
     }
 
     /// Whether `conversion_id` is known to be still waiting at `now`.
@@ -384,6 +419,24 @@ async fn round(
             "" => None,
             id => inputs.clicks.get(id)?,
         };
+        // An earlier report of this click waited for it, and the walk is
+        // past it (or the click came in while this round walked): that one
+        // is decided first, as the log has them (under `first_per_goal`, the
+        // first of a goal counts, a later one only with its own txid).
+        if let Some((at, earlier)) = click
+            .as_ref()
+            .and_then(|k| waiting.earlier(&k.click_id, seq))
+        {
+            let pending = inputs
+                .conversions
+                .get(&earlier)?
+                .is_some_and(|c| c.state == ConversionState::Pending && c.reported_seq == at);
+            if pending && !in_flight.decided(&earlier) && !claims.conversions.contains(&earlier) {
+                (resume_from, stopped) = (at, true);
+                break;
+            }
+            waiting.forget(&earlier);
+        }
         let (offer, affiliate) = match &click {
             Some(c) => (
                 inputs.catalog.offer(&c.offer_id)?,
@@ -454,9 +507,9 @@ async fn round(
         let verdict = decide(input);
         if matches!(verdict, Verdict::Wait) {
             let since = (conversion.click_id.clone(), conversion.reported_at_ms);
-            waiting.remember(&conversion.conversion_id, since);
+            waiting.remember(&conversion.conversion_id, since, seq);
         } else {
-            waiting.0.remove(&conversion.conversion_id);
+            waiting.forget(&conversion.conversion_id);
         }
         if let Verdict::Attribute { offer_id, .. } = &verdict {
             claims.offers.insert(offer_id.clone());
@@ -719,11 +772,11 @@ mod tests {
     fn what_waits_for_its_click_is_remembered_up_to_a_bound() {
         let mut waiting = Waiting::default();
         for i in 0..MAX_WAITING + 10 {
-            waiting.remember(&i.to_string(), (String::new(), 0));
+            waiting.remember(&i.to_string(), (String::new(), 0), i as u64);
         }
         assert_eq!(waiting.0.len(), MAX_WAITING);
         // One already remembered is updated, full or not.
-        waiting.remember("0", ("k".into(), 5));
+        waiting.remember("0", ("k".into(), 5), 0);
         assert_eq!(waiting.0["0"], ("k".to_owned(), 5));
         assert_eq!(waiting.0.len(), MAX_WAITING);
     }
@@ -806,6 +859,129 @@ mod tests {
             walk_after(5, false).await,
             (0, false),
             "the catalog has not reached the log's end: nothing is walked"
+        );
+    }
+
+    /// Applies one event with `fold` at `seq`, in a group of its own.
+    fn fold_one<F: common::fold::Fold>(
+        tree: &common::FoldTree,
+        mut fold: F,
+        subject: &str,
+        payload: &[u8],
+        seq: u64,
+    ) {
+        let mut staged = common::Staged::new(tree);
+        let entry = common::fold::LogEntry {
+            subject,
+            payload,
+            seq,
+            log_time_ms: 0,
+        };
+        fold.apply(&mut staged, &entry).unwrap();
+        staged.commit(seq).unwrap();
+    }
+
+    /// A (no txid) waited for its click; the walk went on past it; the click
+    /// came, then B (the same click and goal, a txid). Under `first_per_goal`
+    /// A counts and B too: B decided first would make A a duplicate.
+    #[tokio::test]
+    async fn a_report_that_waited_for_its_click_is_decided_before_a_later_one_of_it() {
+        use prost::Message;
+        use proto::conversions::v1::{ConversionOrigin, ConversionReported};
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let trees = |name| common::FoldTree::open(&db, name).unwrap();
+        let (rows, clicks, catalog) = (trees("conversions"), trees("clicks"), trees("catalog"));
+        let offer = proto::catalog::v1::OfferUpserted {
+            offer_id: "o1".into(),
+            url: "https://o.test/".into(),
+            ..Default::default()
+        };
+        let offer_subject = proto::subject::offer("o1");
+        fold_one(
+            &catalog,
+            catalog::CatalogFold,
+            &offer_subject,
+            &offer.encode_to_vec(),
+            1,
+        );
+        let affiliate = proto::catalog::v1::AffiliateUpserted {
+            affiliate_id: "a1".into(),
+            ..Default::default()
+        };
+        let subject = proto::subject::affiliate("a1");
+        fold_one(
+            &catalog,
+            catalog::CatalogFold,
+            &subject,
+            &affiliate.encode_to_vec(),
+            2,
+        );
+        let click_id = uuid::Uuid::now_v7().to_string();
+        let now = common::time::now_ms();
+        let report = |txid: &str| ConversionReported {
+            click_id: click_id.clone(),
+            txid: txid.into(),
+            origin: ConversionOrigin::Http as i32,
+            occurred_at_ms: now,
+            ..Default::default()
+        };
+        let reported = proto::subject::CONVERSION_REPORTED;
+        let fold = || super::super::fold::ConversionsFold;
+        fold_one(&rows, fold(), reported, &report("").encode_to_vec(), 3);
+        let click = proto::clicks::v1::ClickRecorded {
+            event_id: click_id.clone(),
+            click_id: click_id.clone(),
+            offer_id: "o1".into(),
+            affiliate_id: "a1".into(),
+            occurred_at_ms: now - 1_000,
+            ..Default::default()
+        };
+        let recorded = proto::subject::CLICK_RECORDED;
+        fold_one(
+            &clicks,
+            crate::clicks::ClicksFold,
+            recorded,
+            &click.encode_to_vec(),
+            1,
+        );
+        fold_one(&rows, fold(), reported, &report("T").encode_to_vec(), 7);
+        let status = |applied_seq| {
+            let (tx, rx) = common::fold::status_channel("S");
+            tx.send_modify(|s| (s.applied_seq, s.caught_up, s.at_tail) = (applied_seq, true, true));
+            rx
+        };
+        let inputs = DeciderInputs {
+            conversions: Conversions::new(rows.rows().clone()),
+            clicks: Clicks::new(clicks.rows().clone()),
+            catalog: Catalog::new(catalog.rows().clone()),
+            conversions_status: status(7),
+            clicks_status: status(1),
+            catalog_status: status(2),
+        };
+        // Never used: nothing is published.
+        let js = async_nats::jetstream::new(
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect("127.0.0.1:1")
+                .await
+                .unwrap(),
+        );
+        let config = DeciderConfig {
+            grace: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(1),
+            scan_limit: 100,
+        };
+        let mut waiting = Waiting::default();
+        let first = crate::postback::conversion_id(&click_id, "", "");
+        waiting.remember(&first, (click_id.clone(), now), 3);
+        let (in_flight, mut walk) = Default::default();
+        let tenure = Tenure::default();
+        let walk = (&mut waiting, &in_flight, 4, &mut walk);
+        let outcome = round(&js, &inputs, &config, &tenure, walk).await;
+        assert!(
+            matches!(&outcome, Ok(o) if o.decided == 0 && o.resume_from == 3),
+            "{:?}",
+            outcome.map(|o| (o.decided, o.resume_from))
         );
     }
 
