@@ -11,10 +11,8 @@
 //! work then, half a `ttl` before the entry can expire and another process
 //! can take it. A holder that stops releases the lease (deletes its entry), so
 //! a standby takes over at once; one that crashed is replaced once its entry
-//! expires, or sooner by a restart with the same holder name (the same data
-//! dir), which takes back its own entry once it has not been renewed for half
-//! a `ttl` (a twin holding it under the same name, a copied data dir, renews
-//! it meanwhile, so two processes never lead by turns).
+//! expires, by a standby or by its own restart alike (an entry under one's own
+//! name may be a twin's, a copied data dir's, still leading).
 //!
 //! While it holds the lease, a process runs its led work ([`run_led`]); while
 //! it does not, it waits as a standby and serves everything else.
@@ -334,10 +332,9 @@ async fn acquire(
     // While another holds it: its entry, watched, so a release is taken at
     // once rather than at the next ask (a quarter ttl later).
     let mut releases = None;
-    let mut own = None;
     loop {
         let asked = tokio::time::Instant::now();
-        match try_acquire(js, config, &mut own).await {
+        match try_acquire(js, config).await {
             Ok(Attempt::Acquired(store, ttl, revision)) => {
                 return Some((*store, ttl, Written { revision, asked }))
             }
@@ -403,15 +400,7 @@ enum Attempt {
     HeldBy(String, Duration),
 }
 
-/// An entry under this process's own name, as first seen: its revision, and
-/// when.
-type OwnEntry = Option<(u64, tokio::time::Instant)>;
-
-async fn try_acquire(
-    js: &Context,
-    config: &LeaseConfig,
-    own: &mut OwnEntry,
-) -> Result<Attempt, async_nats::Error> {
+async fn try_acquire(js: &Context, config: &LeaseConfig) -> Result<Attempt, async_nats::Error> {
     let (store, ttl) = bucket(js, config.ttl).await?;
     let holder = bytes::Bytes::from(config.holder.clone().into_bytes());
     match store.create(&config.key, holder.clone()).await {
@@ -425,23 +414,10 @@ async fn try_acquire(
     };
     let leader = String::from_utf8_lossy(&entry.value).into_owned();
     let live = entry.operation == kv::Operation::Put;
-    if live && leader == config.holder {
-        // An entry under our own name: left by this holder's previous process
-        // (a crash, a kill), or held live by a twin (a data dir copied with
-        // its instance-id). Taken back, expecting its revision, once it has
-        // not been renewed for half a ttl: its writer's tenure has ended by
-        // then, and a live holder renews every quarter ttl.
-        match *own {
-            Some((revision, seen)) if revision == entry.revision => {
-                if seen.elapsed() >= ttl / 2 {
-                    if let Ok(revision) = store.update(&config.key, holder, entry.revision).await {
-                        return Ok(Attempt::Acquired(Box::new(store), ttl, revision));
-                    }
-                }
-            }
-            _ => *own = Some((entry.revision, tokio::time::Instant::now())),
-        }
-    }
+    // An entry under our own name is not taken back: it may be a twin's (a
+    // data dir copied with its instance-id) still leading, its attempts in
+    // flight up to a postback timeout past its tenure; a crashed process of
+    // ours is replaced once its entry expires, like anyone's.
     Ok(Attempt::HeldBy(
         if live { leader } else { String::new() },
         ttl,

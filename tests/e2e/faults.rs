@@ -45,6 +45,8 @@ fn env(nats: &NatsServer, data_dir: &std::path::Path) -> Vec<(String, String)> {
         ("POSTBACK_FIRST_RETRY_MS", "100".to_owned()),
         ("POSTBACK_TIMEOUT_MS", "1000".to_owned()),
         ("UNKNOWN_CLICK_GRACE_MS", "10000".to_owned()),
+        // A SIGKILLed leader's entry is waited out: 4 s, not the default 20.
+        ("LEADER_LEASE_MS", "4000".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -222,9 +222,8 @@ async fn crashed_holder_replaced(no_max_age: bool) {
 }
 
 #[tokio::test]
-async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down() {
-    // 8 s: renewed every 2 s, and long enough that leading again within 4 s
-    // of the restart is taking the entry back, not its expiry.
+async fn an_entry_under_its_own_name_is_waited_out_and_an_overwritten_leader_steps_down() {
+    // 8 s: renewed every 2 s.
     let mut sys = System::start_configured(500, |c| c.leader_lease_ms = 8_000).await;
     sys.demo_catalog().await;
     let addr = sys.postback.as_ref().expect("running").addr;
@@ -235,8 +234,8 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
     sys.stop_postback().await;
 
     // An entry under this instance's own name, renewed as a live holder
-    // renews it: a twin (a copy of this data dir, its instance-id with it).
-    // It is not taken from it.
+    // renews it: a twin (a copy of this data dir, its instance-id with it),
+    // or this instance's crashed process. It is not taken from it.
     let js = sys.jetstream().await;
     let kv = js.get_key_value("leases").await.expect("the leases bucket");
     let mut revision = kv
@@ -245,7 +244,7 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
         .expect("our own name's lease");
     sys.start_postback().await;
     let addr = sys.postback.as_ref().expect("running").addr;
-    for _ in 0..6 {
+    for _ in 0..4 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         revision = kv
             .update("postback-service", mine.clone().into(), revision)
@@ -254,14 +253,18 @@ async fn a_restart_takes_its_own_lease_back_and_an_overwritten_leader_steps_down
     }
     assert_eq!(lease(&sys, addr).await["role"], "standby", "the twin leads");
 
-    // The twin gone, the entry is as a crash of this instance leaves it: it
-    // is taken back once it has not moved for half a lease, before it
-    // expires.
+    // The twin gone (or crashed): its entry is waited out, as anyone's is; a
+    // twin's attempts in flight may outlive its tenure by a postback timeout.
     let left = std::time::Instant::now();
-    assert_eq!(role(&sys, addr, "leader").await["holder"], mine.as_str());
+    eventually(
+        "leading once it expired",
+        Duration::from_secs(20),
+        || async { (lease(&sys, addr).await["role"] == "leader").then_some(()) },
+    )
+    .await;
     assert!(
-        left.elapsed() < Duration::from_secs(7),
-        "its own entry taken back, not waited out: {:?}",
+        left.elapsed() >= Duration::from_millis(7_500),
+        "led before the entry expired: {:?}",
         left.elapsed()
     );
 
