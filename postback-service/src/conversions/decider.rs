@@ -231,13 +231,13 @@ enum RoundError {
 /// not run out, the verdict cannot change (it depends on nothing else), so a
 /// round passes over them without decoding their views: a flood of postbacks
 /// for clicks we never saw costs a key lookup each per round, not a decode.
-/// And, per click, the earliest of them (report sequence, conversion id):
-/// once the click is in, that one is decided before any later report of the
-/// click (its dedup claim comes first in log order).
+/// And, per click, those waiting for it by report sequence: once the click
+/// is in, they are decided before any later report of the click (their dedup
+/// claims come first in log order).
 #[derive(Debug, Default)]
 struct Waiting(
     HashMap<String, (String, i64)>,
-    HashMap<String, (u64, String)>,
+    HashMap<String, std::collections::BTreeMap<u64, String>>,
 );
 
 /// Most conversions [`Waiting`] remembers (about 200 bytes each): past it,
@@ -255,11 +255,9 @@ impl Waiting {
             return;
         }
         if !since.0.is_empty() {
-            let earliest = self.1.entry(since.0.clone());
-            let earliest = earliest.or_insert_with(|| (seq, conversion_id.to_owned()));
-            if seq < earliest.0 {
-                *earliest = (seq, conversion_id.to_owned());
-            }
+            let of_click = self.1.entry(since.0.clone()).or_default();
+            of_click.retain(|_, id| id != conversion_id);
+            of_click.insert(seq, conversion_id.to_owned());
         }
         self.0.insert(conversion_id.to_owned(), since);
     }
@@ -269,19 +267,19 @@ impl Waiting {
         let Some((click_id, _)) = self.0.remove(conversion_id) else {
             return;
         };
-        if self
-            .1
-            .get(&click_id)
-            .is_some_and(|(_, id)| id == conversion_id)
-        {
-            self.1.remove(&click_id);
+        if let Some(of_click) = self.1.get_mut(&click_id) {
+            of_click.retain(|_, id| id != conversion_id);
+            if of_click.is_empty() {
+                self.1.remove(&click_id);
+            }
         }
     }
 
-    /// The earliest conversion remembered waiting for `click_id` and reported
-    /// before `seq`: (its report sequence, its id).
-    fn earlier(&self, click_id: &str, seq: u64) -> Option<(u64, String)> {
-        self.1.get(click_id).filter(|(at, _)| *at < seq).cloned()
+    /// The earliest conversion remembered waiting for `click_id`, reported
+    /// before `seq`: its id.
+    fn earlier(&self, click_id: &str, seq: u64) -> Option<String> {
+        let of_click = self.1.get(click_id)?;
+        of_click.range(..seq).next().map(|(_, id)| id.clone())
     }
 
     /// Whether `conversion_id` is known to be still waiting at `now`.
@@ -423,19 +421,31 @@ async fn round(
         // past it (or the click came in while this round walked): that one
         // is decided first, as the log has them (under `first_per_goal`, the
         // first of a goal counts, a later one only with its own txid).
-        if let Some((at, earlier)) = click
+        let mut earlier_at = None;
+        while let Some(earlier) = click
             .as_ref()
             .and_then(|k| waiting.earlier(&k.click_id, seq))
         {
-            let pending = inputs
+            // Where it is pending now: its report, or a later one of it
+            // (opened again) still before this one.
+            let at = inputs
                 .conversions
                 .get(&earlier)?
-                .is_some_and(|c| c.state == ConversionState::Pending && c.reported_seq == at);
-            if pending && !in_flight.decided(&earlier) && !claims.conversions.contains(&earlier) {
-                (resume_from, stopped) = (at, true);
-                break;
+                .filter(|c| c.state == ConversionState::Pending && c.reported_seq < seq)
+                .map(|c| c.reported_seq);
+            match at {
+                Some(at)
+                    if !in_flight.decided(&earlier) && !claims.conversions.contains(&earlier) =>
+                {
+                    earlier_at = Some(at);
+                    break;
+                }
+                _ => waiting.forget(&earlier),
             }
-            waiting.forget(&earlier);
+        }
+        if let Some(at) = earlier_at {
+            (resume_from, stopped) = (at, true);
+            break;
         }
         let (offer, affiliate) = match &click {
             Some(c) => (
@@ -767,6 +777,24 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_conversion_waiting_for_a_click_is_found_by_it_in_log_order() {
+        let mut waiting = Waiting::default();
+        let since = || ("k".to_owned(), 0);
+        waiting.remember("e", since(), 3);
+        waiting.remember("w", since(), 5);
+        assert_eq!(waiting.earlier("k", 9).as_deref(), Some("e"));
+        assert_eq!(waiting.earlier("k", 3), None, "none before it");
+        // The earliest decided (its grace ran out): the next is still found.
+        waiting.forget("e");
+        assert_eq!(waiting.earlier("k", 9).as_deref(), Some("w"));
+        // Remembered again at a later report: found there.
+        waiting.remember("w", since(), 7);
+        assert_eq!(waiting.earlier("k", 6), None);
+        waiting.forget("w");
+        assert!(waiting.1.is_empty(), "nothing left for the click");
+    }
 
     #[test]
     fn what_waits_for_its_click_is_remembered_up_to_a_bound() {

@@ -859,8 +859,9 @@ async fn rounds(
     // every outcome).
     let mut recovering = false;
     let mut recover_at = tokio::time::Instant::now();
-    // Since when the POSTBACKS fold has stood still at what it had applied.
-    let mut still_since = (recover_at, 0);
+    // Since when looks have found the POSTBACKS fold short of the log's end,
+    // standing still at what it had applied (`None`: the last look did not).
+    let mut short_since: Option<(tokio::time::Instant, u64)> = None;
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
@@ -891,14 +892,17 @@ async fn rounds(
                 let recover = &dispatcher.inner.recover;
                 recovering |= recover.swap(false, std::sync::atomic::Ordering::Relaxed);
             }
-            let applied = postbacks_status.borrow().applied_seq;
-            if applied != still_since.1 {
-                still_since = (tokio::time::Instant::now(), applied);
-            }
             if recovering && tokio::time::Instant::now() >= recover_at {
-                recover_at = tokio::time::Instant::now() + Duration::from_secs(5);
-                let anyway = still_since.0.elapsed() >= Duration::from_secs(60);
+                let now = tokio::time::Instant::now();
+                recover_at = now + Duration::from_secs(5);
+                let applied = postbacks_status.borrow().applied_seq;
+                if short_since.is_some_and(|(_, at)| at != applied) {
+                    short_since = None; // it moved
+                }
+                let anyway = short_since
+                    .is_some_and(|(since, _)| since.elapsed() >= Duration::from_secs(60));
                 recovering = !dispatcher.recover_retries(anyway).await?;
+                short_since = recovering.then(|| short_since.unwrap_or((now, applied)));
             }
             dispatcher.start_due(tracker, token, tenure)
         }
