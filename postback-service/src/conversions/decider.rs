@@ -809,6 +809,22 @@ mod tests {
         assert_eq!(waiting.0.len(), MAX_WAITING);
     }
 
+    /// A context on a NATS that never answers (nothing is to be published),
+    /// and the decider's settings.
+    async fn unconnected() -> (Context, DeciderConfig) {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        let config = DeciderConfig {
+            grace: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(1),
+            scan_limit: 100,
+        };
+        (async_nats::jetstream::new(client), config)
+    }
+
     #[tokio::test]
     async fn a_report_listed_before_its_view_is_written_is_where_the_next_round_starts() {
         for stale in [false, true] {
@@ -839,18 +855,7 @@ mod tests {
             rx
         };
         // Never used: nothing is decided.
-        let js = async_nats::jetstream::new(
-            async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
-                .connect("127.0.0.1:1")
-                .await
-                .unwrap(),
-        );
-        let config = DeciderConfig {
-            grace: Duration::from_secs(60),
-            publish_timeout: Duration::from_secs(1),
-            scan_limit: 100,
-        };
+        let (js, config) = unconnected().await;
         let walk_after = |applied_seq, catalog_caught_up| {
             let catalog_status = match catalog_caught_up {
                 true => status(0),
@@ -987,18 +992,7 @@ mod tests {
             catalog_status: status(2),
         };
         // Never used: nothing is published.
-        let js = async_nats::jetstream::new(
-            async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
-                .connect("127.0.0.1:1")
-                .await
-                .unwrap(),
-        );
-        let config = DeciderConfig {
-            grace: Duration::from_secs(60),
-            publish_timeout: Duration::from_secs(1),
-            scan_limit: 100,
-        };
+        let (js, config) = unconnected().await;
         let mut waiting = Waiting::default();
         let first = crate::postback::conversion_id(&click_id, "", "");
         waiting.remember(&first, (click_id.clone(), now), 3);
