@@ -233,11 +233,14 @@ enum RoundError {
 /// for clicks we never saw costs a key lookup each per round, not a decode.
 /// And, per click, those waiting for it by report sequence: once the click
 /// is in, they are decided before any later report of the click (their dedup
-/// claims come first in log order).
+/// claims come first in log order). The report sequence each was remembered
+/// at is the third map (id → sequence), so both updates are a lookup, not a
+/// scan of the click's list (anyone may send many reports for one click).
 #[derive(Debug, Default)]
 struct Waiting(
     HashMap<String, (String, i64)>,
     HashMap<String, std::collections::BTreeMap<u64, String>>,
+    HashMap<String, u64>,
 );
 
 /// Most conversions [`Waiting`] remembers (about 200 bytes each): past it,
@@ -254,23 +257,33 @@ impl Waiting {
         if self.0.len() >= MAX_WAITING && !self.0.contains_key(conversion_id) {
             return;
         }
+        if let Some((click_id, _)) = self.0.get(conversion_id).cloned() {
+            self.unlist(conversion_id, &click_id);
+        }
         if !since.0.is_empty() {
             let of_click = self.1.entry(since.0.clone()).or_default();
-            of_click.retain(|_, id| id != conversion_id);
             of_click.insert(seq, conversion_id.to_owned());
+            self.2.insert(conversion_id.to_owned(), seq);
         }
         self.0.insert(conversion_id.to_owned(), since);
     }
 
     /// Forgets `conversion_id` (decided, or not waiting any more).
     fn forget(&mut self, conversion_id: &str) {
-        let Some((click_id, _)) = self.0.remove(conversion_id) else {
+        if let Some((click_id, _)) = self.0.remove(conversion_id) {
+            self.unlist(conversion_id, &click_id);
+        }
+    }
+
+    /// Takes `conversion_id` out of `click_id`'s list.
+    fn unlist(&mut self, conversion_id: &str, click_id: &str) {
+        let Some(seq) = self.2.remove(conversion_id) else {
             return;
         };
-        if let Some(of_click) = self.1.get_mut(&click_id) {
-            of_click.retain(|_, id| id != conversion_id);
+        if let Some(of_click) = self.1.get_mut(click_id) {
+            of_click.remove(&seq);
             if of_click.is_empty() {
-                self.1.remove(&click_id);
+                self.1.remove(click_id);
             }
         }
     }
@@ -793,7 +806,10 @@ mod tests {
         waiting.remember("w", since(), 7);
         assert_eq!(waiting.earlier("k", 6), None);
         waiting.forget("w");
-        assert!(waiting.1.is_empty(), "nothing left for the click");
+        assert!(
+            waiting.1.is_empty() && waiting.2.is_empty(),
+            "nothing left for the click"
+        );
     }
 
     #[test]

@@ -86,6 +86,17 @@ pub enum RetryError {
     Stopping,
 }
 
+/// What a look for retries without their schedule came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Done: any it found are scheduled.
+    Done,
+    /// The POSTBACKS fold is short of the end NATS tells: look again later.
+    Short,
+    /// NATS did not say where the log ends: look again later.
+    Silent,
+}
+
 /// A handle on the dispatcher, shared by its task and the API.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -331,17 +342,17 @@ impl Dispatcher {
     }
 
     /// Schedules for retry-requested outcomes that lost theirs (a stop between
-    /// the request and its schedule): whether it could tell. A schedule goes
+    /// the request and its schedule): whether it could tell ([`Recovery`]). A schedule goes
     /// once its outcome is acked, before the POSTBACKS fold applies it, so a
     /// retry found without one may have been delivered a moment ago: the fold
     /// must first reach the log's end as it is after that look (within a
-    /// second; else `false`, asked again next round), and the outcome is read
+    /// second; else asked again 5 s later), and the outcome is read
     /// again then. Made from the stale request, the schedule sent the
     /// delivery again after its success. `anyway`: the fold has not moved
     /// for long while short of the end NATS tells (the log's last events
     /// deleted before it applied them): look without it, rather than leave a
     /// retry unsent for good.
-    async fn recover_retries(&self, anyway: bool) -> Result<bool, sled::Error> {
+    async fn recover_retries(&self, anyway: bool) -> Result<Recovery, sled::Error> {
         let inner = &self.inner;
         // Its retry requested, and no schedule for it, or one of an older
         // generation (see `run_attempt`).
@@ -363,18 +374,18 @@ impl Dispatcher {
             }
         }
         if candidates.is_empty() {
-            return Ok(true);
+            return Ok(Recovery::Done);
         }
         // NATS silent: no look at all (a blip would read outcomes acked a
         // moment ago as still requested).
         let Some(end) = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS).await
         else {
-            return Ok(false);
+            return Ok(Recovery::Silent);
         };
         let mut status = inner.postbacks_status.clone();
         let reached = common::fold::wait_applied(&mut status, end, Duration::from_secs(1)).await;
         if !reached && !anyway {
-            return Ok(false);
+            return Ok(Recovery::Short);
         }
         for id in candidates {
             if let Some(outcome) = lost(&id)? {
@@ -383,7 +394,7 @@ impl Dispatcher {
                 inner.schedules.put(&schedule).await?;
             }
         }
-        Ok(true)
+        Ok(Recovery::Done)
     }
 
     /// Reads newly due schedules into the per-host queues, then starts what
@@ -901,8 +912,14 @@ async fn rounds(
                 }
                 let anyway = short_since
                     .is_some_and(|(since, _)| since.elapsed() >= Duration::from_secs(60));
-                recovering = !dispatcher.recover_retries(anyway).await?;
-                short_since = recovering.then(|| short_since.unwrap_or((now, applied)));
+                match dispatcher.recover_retries(anyway).await? {
+                    Recovery::Done => (recovering, short_since) = (false, None),
+                    Recovery::Short => {
+                        short_since = short_since.or(Some((now, applied)));
+                    }
+                    // Time with NATS silent is no evidence the fold is stuck.
+                    Recovery::Silent => short_since = None,
+                }
             }
             dispatcher.start_due(tracker, token, tenure)
         }
