@@ -77,11 +77,23 @@ pub struct DeciderInputs {
     pub catalog_status: watch::Receiver<FoldStatus>,
 }
 
-/// Whether the conversions fold has applied the log as it ends now (within
-/// 5 s); `None` when NATS did not say where it ends.
-async fn settled(js: &Context, status: &watch::Receiver<FoldStatus>) -> Option<bool> {
-    let end = common::nats::last_sequence(js, proto::stream::CONVERSIONS).await?;
-    Some(common::fold::wait_applied(&mut status.clone(), end, Duration::from_secs(5)).await)
+/// Whether the conversions fold has applied the log up to `end`, or as it
+/// ends now when `end` is not known yet (within 5 s), and that end; `None`
+/// when NATS did not say where it ends. Every decision of the failed round
+/// that reached the log is before the first end told after it: later
+/// reports (a burst goes on) need not be waited for.
+async fn settled(
+    js: &Context,
+    status: &watch::Receiver<FoldStatus>,
+    end: Option<u64>,
+) -> Option<(bool, u64)> {
+    let end = match end {
+        Some(end) => end,
+        None => common::nats::last_sequence(js, proto::stream::CONVERSIONS).await?,
+    };
+    let reached =
+        common::fold::wait_applied(&mut status.clone(), end, Duration::from_secs(5)).await;
+    Some((reached, end))
 }
 
 /// How long the decider waits, after a failed publish, for a conversions
@@ -119,7 +131,9 @@ pub async fn run_decider(
     // (a cap read as fuller than it is). Not for ever: a fold that has not
     // moved for `UNSURE_FOR` while NATS answers (the log's last events
     // deleted before it applied them) is decided on.
-    let mut unsure: Option<(std::time::Instant, u64)> = None;
+    // (since the fold last moved, what it had applied, the log's end as the
+    // first answer after the failure told it).
+    let mut unsure: Option<(std::time::Instant, u64, Option<u64>)> = None;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -131,15 +145,15 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        if let Some((since, applied)) = unsure {
+        if let Some((since, applied, end)) = unsure {
             let settled = tokio::select! {
                 () = token.cancelled() => return,
-                settled = settled(&js, &inputs.conversions_status) => settled,
+                settled = settled(&js, &inputs.conversions_status, end) => settled,
             };
             let now = inputs.conversions_status.borrow().applied_seq;
             match settled {
-                Some(true) => unsure = None,
-                Some(false) if now == applied && since.elapsed() >= UNSURE_FOR => {
+                Some((true, _)) => unsure = None,
+                Some((false, _)) if now == applied && since.elapsed() >= UNSURE_FOR => {
                     tracing::warn!(
                         ?UNSURE_FOR,
                         applied,
@@ -148,11 +162,16 @@ pub async fn run_decider(
                     );
                     unsure = None;
                 }
-                Some(false) if now != applied => {
-                    unsure = Some((std::time::Instant::now(), now)); // it moves: wait on
+                Some((false, end)) => {
+                    if now != applied {
+                        // It moves: wait on.
+                        unsure = Some((std::time::Instant::now(), now, Some(end)));
+                    } else {
+                        unsure = Some((since, applied, Some(end)));
+                    }
                     continue;
                 }
-                _ => continue, // NATS away: a round would fail to publish anyway
+                None => continue, // NATS away: a round would fail to publish anyway
             }
         }
         if let Some(at) = in_flight.settle(inputs.conversions_status.borrow().applied_seq) {
@@ -200,8 +219,9 @@ pub async fn run_decider(
                 // walk it again, once what was is folded.
                 status_walk = Walk::default();
                 if matches!(error, RoundError::Publish(_)) {
+                    // The end to wait for is read after this failure.
                     let applied = inputs.conversions_status.borrow().applied_seq;
-                    unsure = unsure.or(Some((std::time::Instant::now(), applied)));
+                    unsure = Some((std::time::Instant::now(), applied, None));
                 }
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
