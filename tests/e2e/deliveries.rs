@@ -993,6 +993,19 @@ async fn a_retry_found_without_its_schedule_is_not_sent_again_after_its_success(
         0,
         "nothing sent before the fold is at the end"
     );
+    // The log goes on (a burst): the look waits for the end it read after
+    // listing its candidates, not for the end at each look.
+    let later = prost::Message::encode_to_vec(&PostbackFailed {
+        delivery_id: "d9".into(),
+        generation: 1,
+        ..Default::default()
+    });
+    let ack = lone
+        .js
+        .publish(proto::subject::POSTBACK_FAILED, later.into())
+        .await
+        .unwrap();
+    ack.await.unwrap();
     lone.fold(5, proto::subject::POSTBACK_DELIVERED, &delivered);
     eventually("d2 sent", Duration::from_secs(10), || async {
         (!receiver.seen().is_empty()).then_some(())

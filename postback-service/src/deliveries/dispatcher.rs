@@ -352,7 +352,11 @@ impl Dispatcher {
     /// for long while short of the end NATS tells (the log's last events
     /// deleted before it applied them): look without it, rather than leave a
     /// retry unsent for good.
-    async fn recover_retries(&self, anyway: bool) -> Result<Recovery, sled::Error> {
+    async fn recover_retries(
+        &self,
+        anyway: bool,
+        carried: &mut Option<(Vec<String>, u64)>,
+    ) -> Result<Recovery, sled::Error> {
         let inner = &self.inner;
         // Its retry requested, and no schedule for it, or one of an older
         // generation (see `run_attempt`).
@@ -365,26 +369,37 @@ impl Dispatcher {
                 && scheduled.is_none_or(|s| s.generation < outcome.generation))
             .then_some(outcome))
         };
-        let mut candidates = Vec::new();
-        for listed in inner.outcomes.newest_first() {
-            let listed = listed?;
-            if listed.state == OutcomeState::RetryRequested && lost(&listed.delivery_id)?.is_some()
-            {
-                candidates.push(listed.delivery_id);
+        // The candidates and the end read after listing them, kept across
+        // looks: waiting for that end, not for the end at each look, which a
+        // burst keeps moving ahead of a lagging fold.
+        let (candidates, end) = match carried.take() {
+            Some(carried) => carried,
+            None => {
+                let mut candidates = Vec::new();
+                for listed in inner.outcomes.newest_first() {
+                    let listed = listed?;
+                    if listed.state == OutcomeState::RetryRequested
+                        && lost(&listed.delivery_id)?.is_some()
+                    {
+                        candidates.push(listed.delivery_id);
+                    }
+                }
+                if candidates.is_empty() {
+                    return Ok(Recovery::Done);
+                }
+                // NATS silent: no look at all (a blip would read outcomes
+                // acked a moment ago as still requested).
+                let end = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS).await;
+                let Some(end) = end else {
+                    return Ok(Recovery::Silent);
+                };
+                (candidates, end)
             }
-        }
-        if candidates.is_empty() {
-            return Ok(Recovery::Done);
-        }
-        // NATS silent: no look at all (a blip would read outcomes acked a
-        // moment ago as still requested).
-        let Some(end) = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS).await
-        else {
-            return Ok(Recovery::Silent);
         };
         let mut status = inner.postbacks_status.clone();
         let reached = common::fold::wait_applied(&mut status, end, Duration::from_secs(1)).await;
         if !reached && !anyway {
+            *carried = Some((candidates, end));
             return Ok(Recovery::Short);
         }
         for id in candidates {
@@ -873,6 +888,8 @@ async fn rounds(
     // Since when looks have found the POSTBACKS fold short of the log's end,
     // standing still at what it had applied (`None`: the last look did not).
     let mut short_since: Option<(tokio::time::Instant, u64)> = None;
+    // A look's candidates and the log's end it waits for ([`Dispatcher::recover_retries`]).
+    let mut carried = None;
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
@@ -912,7 +929,7 @@ async fn rounds(
                 }
                 let anyway = short_since
                     .is_some_and(|(since, _)| since.elapsed() >= Duration::from_secs(60));
-                match dispatcher.recover_retries(anyway).await? {
+                match dispatcher.recover_retries(anyway, &mut carried).await? {
                     Recovery::Done => (recovering, short_since) = (false, None),
                     Recovery::Short => {
                         short_since = short_since.or(Some((now, applied)));
