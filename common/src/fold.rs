@@ -976,6 +976,49 @@ pub fn stage_new<F: Fold>(
     Ok((top > checkpoint).then(|| staged.seal_at(top, top_time)))
 }
 
+/// Waits until the fold behind `status` has applied the stream's last
+/// sequence as it is now (`why`: what waits, for the logs). Gives up with a
+/// warning after `patience` in which the fold applied nothing: a fold whose
+/// next events expired from the stream (or were deleted) never applies that
+/// sequence. A fold still working through a backlog is waited for however
+/// long it takes, and the end is asked for once: a log growing faster than
+/// the fold applies it (a burst) is no reason to wait forever. Until NATS
+/// says where the log ends it waits on: not knowing is no reason to go on
+/// (a JetStream hiccup used to use the patience up in about a second).
+pub async fn caught_up_with(
+    js: &Context,
+    stream: &str,
+    mut status: watch::Receiver<FoldStatus>,
+    patience: Duration,
+    why: &str,
+) {
+    let (mut waits, mut end) = (0, None);
+    while waits < 6 {
+        if end.is_none() {
+            end = crate::nats::last_sequence(js, stream).await;
+        }
+        let Some(last) = end else {
+            tracing::debug!(stream, why, "asking again where the log ends");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let before = status.borrow().applied_seq;
+        if wait_applied(&mut status, last, patience / 6).await {
+            return;
+        }
+        let applied = status.borrow().applied_seq;
+        waits = if applied > before { 0 } else { waits + 1 };
+        tracing::info!(
+            stream,
+            why,
+            last,
+            applied,
+            "waiting for the fold to reach the log's end"
+        );
+    }
+    tracing::warn!(stream, why, "going on without the fold at the log's end");
+}
+
 /// Waits until the fold behind `status` has applied where the log ends as
 /// `last` answers it (`None`: NATS did not say), both within `wait`: whether
 /// it got there in time.

@@ -287,10 +287,7 @@ impl Base {
     fn instance_id(&self) -> Result<String, std::io::Error> {
         let path = self.data_dir.join("instance-id");
         match std::fs::read_to_string(&path) {
-            // Its first line: later ones are for later versions.
-            Ok(text) if text.lines().next().is_some_and(|id| !id.trim().is_empty()) => {
-                return Ok(text.lines().next().unwrap_or_default().trim().to_owned());
-            }
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),

@@ -94,49 +94,14 @@ where
 /// How long a new leader waits for a fold that applies nothing.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Waits until the fold behind `status` has applied the stream's last
-/// sequence as it is now. Gives up with a warning after `patience` (30 s) in
-/// which the fold applied nothing: a fold whose next events expired from the
-/// stream never applies that sequence, and the decider checks the
-/// projection, not the log, anyway. A fold still working through a backlog (a
-/// standby that fell behind) is waited for however long it takes: the
-/// dispatcher started on it would send again what the last leader delivered.
-/// Until NATS says where the log ends it waits on: not knowing is no reason
-/// to decide or send (a JetStream hiccup at a handover used to use the 30 s up
-/// in about a second, and the dispatcher then started on a POSTBACKS fold
-/// that had not seen what the last leader delivered).
+/// [`common::fold::caught_up_with`], as a new leader waits for its folds.
 pub async fn caught_up_with(
     js: &Context,
     stream: &str,
-    mut status: watch::Receiver<FoldStatus>,
+    status: watch::Receiver<FoldStatus>,
     patience: Duration,
 ) {
-    let (mut waits, mut end) = (0, None);
-    while waits < 6 {
-        // Where the log ended when the lease was taken: a log growing faster
-        // than the fold applies it (a burst) is no reason to wait forever.
-        if end.is_none() {
-            end = common::nats::last_sequence(js, stream).await;
-        }
-        let Some(last) = end else {
-            tracing::debug!(stream, "taking the lease: asking again where the log ends");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let before = status.borrow().applied_seq;
-        if common::fold::wait_applied(&mut status, last, patience / 6).await {
-            return;
-        }
-        let applied = status.borrow().applied_seq;
-        waits = if applied > before { 0 } else { waits + 1 };
-        tracing::info!(
-            stream,
-            last,
-            applied,
-            "taking the lease: waiting for the fold to reach the log's end"
-        );
-    }
-    tracing::warn!(stream, "taking the lease without the fold at the log's end");
+    common::fold::caught_up_with(js, stream, status, patience, "taking the lease").await;
 }
 
 #[cfg(test)]

@@ -680,18 +680,14 @@ struct LoneDispatcher {
 impl LoneDispatcher {
     /// Folds one more POSTBACKS event, at `seq`, and says so.
     fn fold(&self, seq: u64, subject: &str, payload: &[u8]) {
-        use common::fold::Fold;
-        let mut staged = common::store::Staged::new(&self.postbacks);
         let entry = common::fold::LogEntry {
             subject,
             payload,
             seq,
             log_time_ms: 0,
         };
-        postback_service::deliveries::PostbacksFold
-            .apply(&mut staged, &entry)
-            .unwrap();
-        staged.commit(seq).unwrap();
+        let mut fold = postback_service::deliveries::PostbacksFold;
+        common::fold::apply_new(&self.postbacks, &mut fold, &[entry]).unwrap();
         self.postbacks_fold.send_modify(|s| s.applied_seq = seq);
     }
 }

@@ -77,27 +77,8 @@ pub struct DeciderInputs {
     pub catalog_status: watch::Receiver<FoldStatus>,
 }
 
-/// Whether the conversions fold has applied the log up to `end`, or as it
-/// ends now when `end` is not known yet (within 5 s), and that end; `None`
-/// when NATS did not say where it ends. Every decision of the failed round
-/// that reached the log is before the first end told after it: later
-/// reports (a burst goes on) need not be waited for.
-async fn settled(
-    js: &Context,
-    status: &watch::Receiver<FoldStatus>,
-    end: Option<u64>,
-) -> Option<(bool, u64)> {
-    let end = match end {
-        Some(end) => end,
-        None => common::nats::last_sequence(js, proto::stream::CONVERSIONS).await?,
-    };
-    let reached =
-        common::fold::wait_applied(&mut status.clone(), end, Duration::from_secs(5)).await;
-    Some((reached, end))
-}
-
 /// How long the decider waits, after a failed publish, for a conversions
-/// fold that does not move (while NATS answers) to reach the log's end
+/// fold that applies nothing (while NATS answers) to reach the log's end
 /// before it decides on.
 const UNSURE_FOR: Duration = Duration::from_secs(30);
 
@@ -124,16 +105,6 @@ pub async fn run_decider(
     // again once it has seen the whole queue.
     let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
     let (mut pending_ended, mut status_walk) = (true, Walk::default());
-    // A round whose publish failed part-way may have decisions in the log it
-    // holds no claims for: the next round waits until the fold has applied
-    // them (the log's end as it is then), or it would decide their
-    // conversions again and count their claims beside their folded selves
-    // (a cap read as fuller than it is). Not for ever: a fold that has not
-    // moved for `UNSURE_FOR` while NATS answers (the log's last events
-    // deleted before it applied them) is decided on.
-    // (since the fold last moved, what it had applied, the log's end as the
-    // first answer after the failure told it).
-    let mut unsure: Option<(std::time::Instant, u64, Option<u64>)> = None;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -144,35 +115,6 @@ pub async fn run_decider(
         }
         if !inputs.conversions_status.borrow().caught_up {
             continue;
-        }
-        if let Some((since, applied, end)) = unsure {
-            let settled = tokio::select! {
-                () = token.cancelled() => return,
-                settled = settled(&js, &inputs.conversions_status, end) => settled,
-            };
-            let now = inputs.conversions_status.borrow().applied_seq;
-            match settled {
-                Some((true, _)) => unsure = None,
-                Some((false, _)) if now == applied && since.elapsed() >= UNSURE_FOR => {
-                    tracing::warn!(
-                        ?UNSURE_FOR,
-                        applied,
-                        "the conversions fold has not reached \
-                        the log's end since a failed publish, nor moved; deciding on"
-                    );
-                    unsure = None;
-                }
-                Some((false, end)) => {
-                    if now != applied {
-                        // It moves: wait on.
-                        unsure = Some((std::time::Instant::now(), now, Some(end)));
-                    } else {
-                        unsure = Some((since, applied, Some(end)));
-                    }
-                    continue;
-                }
-                None => continue, // NATS away: a round would fail to publish anyway
-            }
         }
         if let Some(at) = in_flight.settle(inputs.conversions_status.borrow().applied_seq) {
             // Conversions opened again behind the walk: it goes back to them.
@@ -219,9 +161,19 @@ pub async fn run_decider(
                 // walk it again, once what was is folded.
                 status_walk = Walk::default();
                 if matches!(error, RoundError::Publish(_)) {
-                    // The end to wait for is read after this failure.
-                    let applied = inputs.conversions_status.borrow().applied_seq;
-                    unsure = Some((std::time::Instant::now(), applied, None));
+                    // A round whose publish failed part-way may have
+                    // decisions in the log it holds no claims for: the next
+                    // round waits until the fold has applied the log as it
+                    // ends after the failure, or it would decide their
+                    // conversions again and count their claims beside their
+                    // folded selves (a cap read as fuller than it is).
+                    let status = inputs.conversions_status.clone();
+                    let why = "after a failed publish";
+                    let stream = proto::stream::CONVERSIONS;
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        () = common::fold::caught_up_with(&js, stream, status, UNSURE_FOR, why) => {}
+                    }
                 }
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
@@ -939,15 +891,13 @@ mod tests {
         payload: &[u8],
         seq: u64,
     ) {
-        let mut staged = common::Staged::new(tree);
         let entry = common::fold::LogEntry {
             subject,
             payload,
             seq,
             log_time_ms: 0,
         };
-        fold.apply(&mut staged, &entry).unwrap();
-        staged.commit(seq).unwrap();
+        common::fold::apply_new(tree, &mut fold, &[entry]).unwrap();
     }
 
     /// A (no txid) waited for its click; the walk went on past it; the click

@@ -86,17 +86,6 @@ pub enum RetryError {
     Stopping,
 }
 
-/// What a look for retries without their schedule came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recovery {
-    /// Done: any it found are scheduled.
-    Done,
-    /// The POSTBACKS fold is short of the end NATS tells: look again later.
-    Short,
-    /// NATS did not say where the log ends: look again later.
-    Silent,
-}
-
 /// A handle on the dispatcher, shared by its task and the API.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -342,21 +331,17 @@ impl Dispatcher {
     }
 
     /// Schedules for retry-requested outcomes that lost theirs (a stop between
-    /// the request and its schedule): whether it could tell ([`Recovery`]). A schedule goes
-    /// once its outcome is acked, before the POSTBACKS fold applies it, so a
-    /// retry found without one may have been delivered a moment ago: the fold
-    /// must first reach the log's end as it is after that look (within a
-    /// second; else asked again 5 s later), and the outcome is read
-    /// again then. Made from the stale request, the schedule sent the
-    /// delivery again after its success. `anyway`: the fold has not moved
-    /// for long while short of the end NATS tells (the log's last events
-    /// deleted before it applied them): look without it, rather than leave a
-    /// retry unsent for good.
-    async fn recover_retries(
-        &self,
-        anyway: bool,
-        carried: &mut Option<(Vec<String>, u64)>,
-    ) -> Result<Recovery, sled::Error> {
+    /// the request and its schedule). A schedule goes once its outcome is
+    /// acked, before the POSTBACKS fold applies it, so a retry found without
+    /// one may have been delivered a moment ago: the fold must first reach
+    /// the log's end as NATS tells it after the listing, and the outcome is
+    /// read again then; made from the stale request, the schedule sent the
+    /// delivery again after its success. NATS silent, it waits; a fold that
+    /// applies nothing for a minute short of that end (the log's last events
+    /// deleted before it applied them) is not waited for, rather than leave a
+    /// retry unsent for good ([`common::fold::caught_up_with`]). Runs beside
+    /// the rounds, which go on meanwhile.
+    async fn recover_retries(&self) -> Result<(), sled::Error> {
         let inner = &self.inner;
         // Its retry requested, and no schedule for it, or one of an older
         // generation (see `run_attempt`).
@@ -369,39 +354,21 @@ impl Dispatcher {
                 && scheduled.is_none_or(|s| s.generation < outcome.generation))
             .then_some(outcome))
         };
-        // The candidates and the end read after listing them, kept across
-        // looks: waiting for that end, not for the end at each look, which a
-        // burst keeps moving ahead of a lagging fold.
-        let (candidates, end) = match carried.take() {
-            Some(carried) => carried,
-            None => {
-                let mut candidates = Vec::new();
-                for listed in inner.outcomes.newest_first() {
-                    let listed = listed?;
-                    if listed.state == OutcomeState::RetryRequested
-                        && lost(&listed.delivery_id)?.is_some()
-                    {
-                        candidates.push(listed.delivery_id);
-                    }
-                }
-                if candidates.is_empty() {
-                    return Ok(Recovery::Done);
-                }
-                // NATS silent: no look at all (a blip would read outcomes
-                // acked a moment ago as still requested).
-                let end = common::nats::last_sequence(&inner.js, proto::stream::POSTBACKS).await;
-                let Some(end) = end else {
-                    return Ok(Recovery::Silent);
-                };
-                (candidates, end)
+        let mut candidates = Vec::new();
+        for listed in inner.outcomes.newest_first() {
+            let listed = listed?;
+            if listed.state == OutcomeState::RetryRequested && lost(&listed.delivery_id)?.is_some()
+            {
+                candidates.push(listed.delivery_id);
             }
-        };
-        let mut status = inner.postbacks_status.clone();
-        let reached = common::fold::wait_applied(&mut status, end, Duration::from_secs(1)).await;
-        if !reached && !anyway {
-            *carried = Some((candidates, end));
-            return Ok(Recovery::Short);
         }
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let status = inner.postbacks_status.clone();
+        let (stream, patience) = (proto::stream::POSTBACKS, Duration::from_secs(60));
+        common::fold::caught_up_with(&inner.js, stream, status, patience, "recovering retries")
+            .await;
         for id in candidates {
             if let Some(outcome) = lost(&id)? {
                 let generation = outcome.generation;
@@ -409,7 +376,8 @@ impl Dispatcher {
                 inner.schedules.put(&schedule).await?;
             }
         }
-        Ok(Recovery::Done)
+        inner.wake.notify_one();
+        Ok(())
     }
 
     /// Reads newly due schedules into the per-host queues, then starts what
@@ -880,16 +848,10 @@ async fn rounds(
     let mut postbacks_status = dispatcher.inner.postbacks_status.clone();
     let mut recovered = false;
     // Retries to find without their schedules: at the term's start, and after
-    // a retry request whose ack did not come in time; a look that could not
-    // tell (NATS away) is made again 5 s later, not every round (it reads
-    // every outcome).
+    // a retry request whose ack did not come in time; looked for beside the
+    // rounds, one look at a time.
     let mut recovering = false;
-    let mut recover_at = tokio::time::Instant::now();
-    // Since when looks have found the POSTBACKS fold short of the log's end,
-    // standing still at what it had applied (`None`: the last look did not).
-    let mut short_since: Option<(tokio::time::Instant, u64)> = None;
-    // A look's candidates and the log's end it waits for ([`Dispatcher::recover_retries`]).
-    let mut carried = None;
+    let mut recovery: Option<tokio::task::JoinHandle<Result<(), sled::Error>>> = None;
     let mut rescan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
         tokio::select! {
@@ -920,23 +882,26 @@ async fn rounds(
                 let recover = &dispatcher.inner.recover;
                 recovering |= recover.swap(false, std::sync::atomic::Ordering::Relaxed);
             }
-            if recovering && tokio::time::Instant::now() >= recover_at {
-                let now = tokio::time::Instant::now();
-                recover_at = now + Duration::from_secs(5);
-                let applied = postbacks_status.borrow().applied_seq;
-                if short_since.is_some_and(|(_, at)| at != applied) {
-                    short_since = None; // it moved
-                }
-                let anyway = short_since
-                    .is_some_and(|(since, _)| since.elapsed() >= Duration::from_secs(60));
-                match dispatcher.recover_retries(anyway, &mut carried).await? {
-                    Recovery::Done => (recovering, short_since) = (false, None),
-                    Recovery::Short => {
-                        short_since = short_since.or(Some((now, applied)));
+            if let Some(done) = recovery.take_if(|r| r.is_finished()) {
+                match done.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "looking for retries without their schedule; again");
+                        recovering = true;
                     }
-                    // Time with NATS silent is no evidence the fold is stuck.
-                    Recovery::Silent => short_since = None,
+                    Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                    Err(_) => {}
                 }
+            }
+            if recovering && recovery.is_none() {
+                recovering = false;
+                let (dispatcher, token) = (dispatcher.clone(), token.clone());
+                recovery = Some(tracker.spawn(async move {
+                    tokio::select! {
+                        () = token.cancelled() => Ok(()),
+                        done = dispatcher.recover_retries() => done,
+                    }
+                }));
             }
             dispatcher.start_due(tracker, token, tenure)
         }
