@@ -1,10 +1,11 @@
-//! Any bytes as a message on conversions.v1.reported, clicks.v1.recorded or
-//! clicks.v1.recorded_batch: the decode-and-normalise path never panics; what
-//! it accepts is well formed, what it refuses becomes a `malformed` conversion.
+//! Any bytes as a message on conversions.v1.reported, clicks.v1.recorded,
+//! clicks.v1.recorded_batch or conversions.v1.decided_batch: the
+//! decode-and-normalise path never panics; what it accepts is well formed,
+//! what it refuses becomes a `malformed` conversion.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postback_service::conversions::ConversionView;
+use postback_service::conversions::{ConversionView, Decision};
 use prost::Message;
 use proto::{
     clicks::v1::{ClickRecorded, ClicksRecorded},
@@ -17,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
         for click in clicks {
             let _ = ClickRecorded::decode(&click[..]);
         }
+    }
+    for decision in Decision::all_in(proto::subject::CONVERSIONS_DECIDED_BATCH, data) {
+        let _ = decision.msg_id();
     }
     match ConversionReported::decode(data) {
         Ok(e) => match postback_service::postback::normalize_reported(e.clone(), 1_000) {

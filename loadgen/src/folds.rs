@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use std::sync::{mpsc, Arc};
 
 use common::{fold::stage_new, store::Sealed, LogEntry};
-use postback_service::{clicks::ClicksFold, conversions::ConversionsFold};
+use postback_service::{
+    clicks::ClicksFold,
+    conversions::{batch, ConversionsFold, Decision},
+};
 use prost::Message;
 use proto::conversions::v1::{ConversionAttributed, ConversionStatus};
 
@@ -37,7 +40,7 @@ pub enum Shape {
     /// and 50 affiliates.
     Clicks,
     /// Per conversion a ConversionReported, then (in the next group) its
-    /// ConversionAttributed, as the decider publishes it.
+    /// ConversionAttributed, in batches as the decider publishes them.
     Conversions,
 }
 
@@ -60,7 +63,7 @@ impl Shape {
     fn title(self) -> &'static str {
         match self {
             Self::Clicks => "Ceiling 5: postback-service's clicks fold alone (no NATS, one thread, as in the service): ClickRecorded events from distinct visitors applied to sled",
-            Self::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider; a staging and a commit thread, as in the service): a ConversionReported, then its ConversionAttributed",
+            Self::Conversions => "Ceiling 6: postback-service's conversions fold alone (no NATS, no decider; a staging and a commit thread, as in the service): a ConversionReported, then its ConversionAttributed, in batches as the decider publishes them",
         }
     }
 
@@ -167,20 +170,23 @@ impl Source {
                 self.reported.push_back(reported);
                 (events, 0)
             }
+            // The decisions of a group of reports go as the decider publishes
+            // a round's: in batches.
             Shape::Conversions => {
                 let reported = self.reported.pop_front().unwrap_or_default();
                 let done = reported.len() as u64;
-                let events = reported
+                let decisions: Vec<Decision> = reported
                     .into_iter()
-                    .map(|(reported_seq, r)| {
-                        self.seq += 1;
-                        let n = self.seq;
-                        (
-                            proto::subject::CONVERSION_ATTRIBUTED,
-                            attribution(&r, reported_seq, n, self.now_ms).encode_to_vec(),
-                        )
+                    .zip(self.seq..)
+                    .map(|((reported_seq, r), n)| {
+                        Decision::Attributed(attribution(&r, reported_seq, n, self.now_ms))
                     })
                     .collect();
+                let events: Encoded = batch::messages(&decisions, batch::MOST_PER_BATCH)
+                    .into_iter()
+                    .map(|m| (m.subject, m.payload))
+                    .collect();
+                self.seq += events.len() as u64;
                 (events, done)
             }
         }
@@ -374,12 +380,13 @@ mod tests {
             .all(|(subject, _)| *subject == proto::subject::CONVERSION_REPORTED));
         let (decisions, done) = s.next();
         assert_eq!(done, 3);
-        let seqs: Vec<u64> = decisions
-            .iter()
-            .map(|(_, b)| ConversionAttributed::decode(&b[..]).unwrap().reported_seq)
-            .collect();
-        assert_eq!(seqs, [1, 2, 3], "each attribution names its report");
-        assert_eq!(s.seq, 6);
+        assert_eq!(decisions.len(), 1, "the three in one batch");
+        assert_eq!(
+            reported_seqs(&decisions),
+            [1, 2, 3],
+            "each names its report"
+        );
+        assert_eq!(s.seq, 4);
     }
 
     #[test]
@@ -392,12 +399,20 @@ mod tests {
             [0, 0, 0, 2, 0, 2],
             "three groups of reports first"
         );
-        let seqs: Vec<u64> = groups[3]
-            .0
+        assert_eq!(
+            reported_seqs(&groups[3].0),
+            [1, 2],
+            "the oldest reports first"
+        );
+    }
+
+    /// The reports the decisions of `group` name, in order.
+    fn reported_seqs(group: &Encoded) -> Vec<u64> {
+        group
             .iter()
-            .map(|(_, b)| ConversionAttributed::decode(&b[..]).unwrap().reported_seq)
-            .collect();
-        assert_eq!(seqs, [1, 2], "the oldest reports first");
+            .flat_map(|(subject, b)| Decision::all_in(subject, b))
+            .filter_map(|d| d.reported_seq())
+            .collect()
     }
 
     /// Folds the source's next group: (what it completes, its events).

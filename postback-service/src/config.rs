@@ -56,6 +56,13 @@ pub struct Config {
     /// there in the next round. Tuning only.
     #[arg(long, env = "DECIDER_SCAN_LIMIT", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub decider_scan_limit: u64,
+    /// Most decisions published together in one `conversions.v1.decided_batch`
+    /// message (README "Decisions are published in batches"); 1: each alone on
+    /// its own subject, as before batches (for a reader of CONVERSIONS that
+    /// cannot read batches yet, or while older postback-services run beside).
+    #[arg(long, env = "DECISION_BATCH_MAX", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=512))]
+    pub decision_batch_max: u64,
     /// Take the advertiser's IP from this header (the right-most address, as
     /// appended by our own reverse proxy) for postback IP allowlists; empty:
     /// the TCP peer. Set it only behind a proxy that sets it.
@@ -146,6 +153,7 @@ impl Config {
             ingest: common::config::IngestArgs::for_tests(),
             unknown_click_grace_ms: 1000,
             decider_scan_limit: 100_000,
+            decision_batch_max: 512,
             // A loaded test machine may take over a second to fold a click.
             door_wait_ms: 3000,
             leader_lease_ms: 2000,

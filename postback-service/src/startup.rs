@@ -123,6 +123,7 @@ impl Application {
             grace: config.grace(),
             publish_timeout: config.publish_timeout(),
             scan_limit: usize::try_from(config.decider_scan_limit).unwrap_or(usize::MAX),
+            batch_max: usize::try_from(config.decision_batch_max).unwrap_or(1),
         };
 
         let stores = DispatchStores {

@@ -15,7 +15,8 @@ use proptest::prelude::*;
 use prost::Message;
 use proto::clicks::v1::{ClickRecorded, ClicksRecorded};
 use proto::conversions::v1::{
-    ConversionAttributed, ConversionRejected, ConversionReported, ConversionStatusUpdated,
+    conversion_decision, ConversionAttributed, ConversionDecision, ConversionRejected,
+    ConversionReported, ConversionStatusUpdated, ConversionsDecided,
 };
 use proto::postbacks::v1::{PostbackDelivered, PostbackFailed, PostbackRetryRequested};
 
@@ -25,10 +26,54 @@ const CLICKS: [&str; 3] = [
     "0190a0b4-7c6e-7a2b-9c1d-2e3f4a5b6c72",
 ];
 
+/// One generated decision, as a batch holds it (alone, it is the message of
+/// its own subject).
+fn decision() -> impl Strategy<Value = ConversionDecision> {
+    use conversion_decision::Decision as D;
+    let click = 0..CLICKS.len();
+    let conv = 0..4usize;
+    let id = |c: usize, v: usize| {
+        postback_service::postback::conversion_id(CLICKS[c], "", ["", "a", "b", "x"][v])
+    };
+    prop_oneof![
+        (click.clone(), conv.clone(), 0..2u32).prop_map(move |(c, v, st)| D::Attributed(
+            ConversionAttributed {
+                conversion_id: id(c, v),
+                offer_id: "o1".into(),
+                affiliate_id: "a1".into(),
+                payout_micros: 2_000_000,
+                payout_currency: "USD".into(),
+                revenue_currency: "USD".into(),
+                affiliate_postback_url: "http://aff.test/{click_id}".into(),
+                status: st as i32 + 1,
+                cap_day: "2026-01-01".into(),
+                ..Default::default()
+            }
+        )),
+        (click.clone(), conv.clone(), 1..6i32).prop_map(move |(c, v, reason)| D::Rejected(
+            ConversionRejected {
+                conversion_id: id(c, v),
+                reason,
+                ..Default::default()
+            }
+        )),
+        (click, conv, 1..4i32, any::<bool>(), 0..30u64).prop_map(
+            move |(c, v, to, changed, seq)| D::StatusUpdated(ConversionStatusUpdated {
+                conversion_id: id(c, v),
+                from: 2,
+                to,
+                changed,
+                update_seq: seq,
+                ..Default::default()
+            })
+        ),
+    ]
+    .prop_map(|d| ConversionDecision { decision: Some(d) })
+}
+
 /// One generated event: (subject, payload).
 fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
     let click = 0..CLICKS.len();
-    let conv = 0..4usize;
     let txid = prop_oneof![Just(String::new()), "[ab]"];
     let status = prop_oneof![
         Just(String::new()),
@@ -49,7 +94,7 @@ fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
             }
             .encode_to_vec()
         )),
-        (click.clone(), txid, status).prop_map(|(c, txid, status)| (
+        (click, txid, status).prop_map(|(c, txid, status)| (
             "conversions.v1.reported".to_owned(),
             ConversionReported {
                 click_id: CLICKS[c].into(),
@@ -59,54 +104,20 @@ fn event() -> impl Strategy<Value = (String, Vec<u8>)> {
             }
             .encode_to_vec()
         )),
-        (click.clone(), conv.clone(), 0..2u32).prop_map(|(c, v, st)| (
-            "conversions.v1.attributed".to_owned(),
-            ConversionAttributed {
-                conversion_id: postback_service::postback::conversion_id(
-                    CLICKS[c],
-                    "",
-                    ["", "a", "b", "x"][v]
+        decision().prop_map(|d| {
+            use conversion_decision::Decision as D;
+            match d.decision.expect("always set") {
+                D::Attributed(e) => ("conversions.v1.attributed".to_owned(), e.encode_to_vec()),
+                D::Rejected(e) => ("conversions.v1.rejected".to_owned(), e.encode_to_vec()),
+                D::StatusUpdated(e) => (
+                    "conversions.v1.status_updated".to_owned(),
+                    e.encode_to_vec(),
                 ),
-                offer_id: "o1".into(),
-                affiliate_id: "a1".into(),
-                payout_micros: 2_000_000,
-                payout_currency: "USD".into(),
-                revenue_currency: "USD".into(),
-                affiliate_postback_url: "http://aff.test/{click_id}".into(),
-                status: st as i32 + 1,
-                cap_day: "2026-01-01".into(),
-                ..Default::default()
             }
-            .encode_to_vec()
-        )),
-        (click.clone(), conv.clone(), 1..6i32).prop_map(|(c, v, reason)| (
-            "conversions.v1.rejected".to_owned(),
-            ConversionRejected {
-                conversion_id: postback_service::postback::conversion_id(
-                    CLICKS[c],
-                    "",
-                    ["", "a", "b", "x"][v]
-                ),
-                reason,
-                ..Default::default()
-            }
-            .encode_to_vec()
-        )),
-        (click, conv, 1..4i32, any::<bool>(), 0..30u64).prop_map(|(c, v, to, changed, seq)| (
-            "conversions.v1.status_updated".to_owned(),
-            ConversionStatusUpdated {
-                conversion_id: postback_service::postback::conversion_id(
-                    CLICKS[c],
-                    "",
-                    ["", "a", "b", "x"][v]
-                ),
-                from: 2,
-                to,
-                changed,
-                update_seq: seq,
-                ..Default::default()
-            }
-            .encode_to_vec()
+        }),
+        prop::collection::vec(decision(), 0..4).prop_map(|decisions| (
+            "conversions.v1.decided_batch".to_owned(),
+            ConversionsDecided { decisions }.encode_to_vec()
         )),
         (0..3usize, 1..3u32).prop_map(|(d, g)| (
             "postbacks.v1.delivered".to_owned(),

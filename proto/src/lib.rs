@@ -64,6 +64,8 @@ pub mod subject {
     pub const CONVERSION_ATTRIBUTED: &str = "conversions.v1.attributed";
     pub const CONVERSION_REJECTED: &str = "conversions.v1.rejected";
     pub const CONVERSION_STATUS_UPDATED: &str = "conversions.v1.status_updated";
+    /// Several decisions in one message (`ConversionsDecided`), acked once.
+    pub const CONVERSIONS_DECIDED_BATCH: &str = "conversions.v1.decided_batch";
     pub const POSTBACK_DELIVERED: &str = "postbacks.v1.delivered";
     pub const POSTBACK_FAILED: &str = "postbacks.v1.failed";
     pub const POSTBACK_RETRY_REQUESTED: &str = "postbacks.v1.retry_requested";

@@ -390,6 +390,74 @@ async fn a_slow_receiver_does_not_delay_a_fast_one() {
     );
 }
 
+/// A burst of reports is decided in one round, whose decisions go to the log
+/// together (`conversions.v1.decided_batch`): each conversion is decided once,
+/// each postback owed is sent once, and a projection rebuilt from that log
+/// sends none again.
+#[tokio::test]
+async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild() {
+    use postback_service::conversions::Decision;
+    use prost::Message;
+    const BURST: usize = 20;
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let mut clicks = Vec::new();
+    for _ in 0..BURST {
+        clicks.push(sys.click_ok("o1", "aff=a1").await.0);
+    }
+    // Reported while postback-service is down: its first round finds them all.
+    sys.stop_postback().await;
+    let mut ids = Vec::new();
+    for click_id in &clicks {
+        let report = proto::conversions::v1::ConversionReported {
+            click_id: click_id.clone(),
+            ..Default::default()
+        };
+        sys.publish("conversions.v1.reported", report.encode_to_vec())
+            .await;
+        ids.push(postback_service::postback::conversion_id(click_id, "", ""));
+    }
+    sys.start_postback().await;
+    let deliveries: Vec<String> = ids
+        .iter()
+        .map(|id| postback_service::deliveries::delivery_id(id, "a1"))
+        .collect();
+    for (id, delivery) in ids.iter().zip(&deliveries) {
+        assert_eq!(sys.decided(id).await["state"], "attributed", "{id}");
+        sys.delivery_in(delivery, "delivered").await;
+    }
+
+    let js = sys.jetstream().await;
+    let mut carried_by: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (subject, payload, _) in crate::support::nats::read_stream(&js, "CONVERSIONS").await {
+        for decision in Decision::all_in(&subject, &payload) {
+            let id = decision.conversion_id().to_owned();
+            carried_by.entry(id).or_default().push(subject.clone());
+        }
+    }
+    for id in &ids {
+        assert_eq!(
+            carried_by.get(id).map(Vec::len),
+            Some(1),
+            "{id} decided once"
+        );
+    }
+    let batched = ids
+        .iter()
+        .filter(|id| carried_by[*id][0] == "conversions.v1.decided_batch")
+        .count();
+    assert!(batched > 1, "decided together: {carried_by:?}");
+    assert_eq!(receiver.seen().len(), BURST, "each delivered once");
+
+    sys.wipe_postback().await;
+    for delivery in &deliveries {
+        sys.delivery_in(delivery, "delivered").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.seen().len(), BURST, "the rebuild sent none again");
+}
+
 #[tokio::test]
 async fn private_targets_are_refused_unless_allowed() {
     let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;

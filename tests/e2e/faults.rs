@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use postback_service::conversions::Decision;
 use prost::Message;
 use proto::{conversions::v1::ConversionReported, postbacks::v1::PostbackDelivered};
 use reqwest::StatusCode;
@@ -320,30 +321,24 @@ async fn run(fault: &str, inject: impl AsyncFnOnce(&mut Cluster)) {
     let mut attributed_ids = std::collections::HashSet::new();
     let mut reported_ids = std::collections::HashSet::new();
     for (subject, payload, _) in read_stream(&js, "CONVERSIONS").await {
-        let id = match subject.as_str() {
-            "conversions.v1.reported" => {
-                reported_ids.insert(
-                    ConversionReported::decode(&payload[..])
-                        .unwrap()
-                        .conversion_id,
-                );
-                continue;
-            }
-            "conversions.v1.attributed" => {
-                let id = proto::conversions::v1::ConversionAttributed::decode(&payload[..])
+        if subject == "conversions.v1.reported" {
+            reported_ids.insert(
+                ConversionReported::decode(&payload[..])
                     .unwrap()
-                    .conversion_id;
-                attributed_ids.insert(id.clone());
-                id
-            }
-            "conversions.v1.rejected" => {
-                proto::conversions::v1::ConversionRejected::decode(&payload[..])
-                    .unwrap()
-                    .conversion_id
-            }
-            _ => continue,
-        };
-        *decisions.entry(id).or_default() += 1;
+                    .conversion_id,
+            );
+            continue;
+        }
+        // Alone, or several in one `conversions.v1.decided_batch` message.
+        for decision in Decision::all_in(&subject, &payload) {
+            let id = decision.conversion_id().to_owned();
+            match decision {
+                Decision::Attributed(_) => attributed_ids.insert(id.clone()),
+                Decision::Rejected(_) => false,
+                Decision::StatusUpdated(_) => continue,
+            };
+            *decisions.entry(id).or_default() += 1;
+        }
     }
     for id in &conversions {
         assert_eq!(

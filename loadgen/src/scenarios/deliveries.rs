@@ -31,13 +31,6 @@ use crate::{
     service,
 };
 
-/// Decisions (attributed or rejected) in the log.
-async fn decided(js: &async_nats::jetstream::Context) -> Result<u64, BenchError> {
-    let counts = nats::subject_counts(js, proto::stream::CONVERSIONS, "conversions.v1.*").await?;
-    let of = |s: &str| counts.get(s).copied().unwrap_or(0);
-    Ok(of(proto::subject::CONVERSION_ATTRIBUTED) + of(proto::subject::CONVERSION_REJECTED))
-}
-
 async fn delivered(js: &async_nats::jetstream::Context) -> Result<(u64, u64), BenchError> {
     let counts = nats::subject_counts(js, proto::stream::POSTBACKS, "postbacks.v1.*").await?;
     let of = |s: &str| counts.get(s).copied().unwrap_or(0);
@@ -72,7 +65,7 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
     )
     .await?;
     let (base_delivered, base_failed) = delivered(&js).await?;
-    let base_decided = decided(&js).await?;
+    let base_decided = service::decided(&target, &token).await?;
     let base_requests = receiver.counts().requests;
 
     let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
@@ -92,13 +85,15 @@ pub async fn run(args: DeliveriesArgs, id: &str) -> Result<(), BenchError> {
     let mut ticker = crate::ticker::Ticker::from(started);
     let mut last = 0;
     let mut stall = service::Stall::new(service::stall_limit());
-    // When every decision was in the log, and how many deliveries had been
-    // recorded then.
+    // When every decision was in the log and folded (the report API counts
+    // decisions, which go to the log in batches), and how many deliveries had
+    // been recorded then.
     let mut all_decided: Option<(Instant, u64)> = None;
     let (done, failed) = loop {
         let (d, f) = delivered(&js).await?;
         let (d, f) = (d - base_delivered, f - base_failed);
-        if all_decided.is_none() && decided(&js).await? - base_decided >= count {
+        if all_decided.is_none() && service::decided(&target, &token).await? - base_decided >= count
+        {
             all_decided = Some((Instant::now(), d));
         }
         if d + f >= count {

@@ -18,8 +18,7 @@ use std::{
 use async_nats::jetstream::{consumer, Context};
 use futures::StreamExt;
 use http::{HeaderValue, StatusCode};
-use prost::Message;
-use proto::conversions::v1::{ConversionAttributed, ConversionRejected};
+use postback_service::conversions::Decision;
 
 use crate::{
     cli::PostbacksArgs,
@@ -220,22 +219,20 @@ async fn decision_latency(
     while !due.is_empty() && Instant::now() < until {
         let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
         let Ok(Some(Ok(msg))) = next else { break };
-        let conversion_id = match msg.subject.as_str() {
-            proto::subject::CONVERSION_ATTRIBUTED => ConversionAttributed::decode(&*msg.payload)
-                .map(|e| e.conversion_id)
-                .ok(),
-            proto::subject::CONVERSION_REJECTED => ConversionRejected::decode(&*msg.payload)
-                .map(|e| e.conversion_id)
-                .ok(),
-            _ => None,
-        };
-        let Some(at) = conversion_id.and_then(|c| due.remove(&c)) else {
-            continue;
-        };
+        // Alone or in a batch (`conversions.v1.decided_batch`): each
+        // decision is stored when its message is.
         let Ok(info) = msg.info() else { continue };
         let stored_ns = info.published.unix_timestamp_nanos();
-        let us = ((stored_ns - at) / 1000).max(1);
-        crate::stats::record(&mut h, Duration::from_micros(us as u64));
+        for decision in Decision::all_in(&msg.subject, &msg.payload) {
+            if decision.reported_seq().is_none() {
+                continue; // a status decision
+            }
+            let Some(at) = due.remove(decision.conversion_id()) else {
+                continue;
+            };
+            let us = ((stored_ns - at) / 1000).max(1);
+            crate::stats::record(&mut h, Duration::from_micros(us as u64));
+        }
     }
     let mut m = Measurement::new(
         id,

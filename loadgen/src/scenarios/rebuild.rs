@@ -30,16 +30,20 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     let (_client, js) = nats::connect(&args.system.nats_url).await?;
     let mut goal = Vec::new();
     let mut events = 0;
-    // A CLICKS message may carry many clicks (`clicks.v1.recorded_batch`):
-    // the clicks are counted once the rebuilt projection has them, and every
-    // click is an event, as a lone click's message is.
-    let mut click_messages = 0;
+    // A CLICKS message may carry many clicks (`clicks.v1.recorded_batch`),
+    // and a CONVERSIONS message many decisions (`conversions.v1.decided_batch`):
+    // they are counted once the rebuilt projection has them, and every click,
+    // report and decision is an event, as a lone one's message is.
+    let (mut click_messages, mut conversion_messages) = (0, 0);
     for stream in STREAMS {
         let (messages, last) = nats::stream_state(&js, stream).await?;
         goal.push((stream, last));
         events += messages;
         if stream == proto::stream::CLICKS {
             click_messages = messages;
+        }
+        if stream == proto::stream::CONVERSIONS {
+            conversion_messages = messages;
         }
     }
     let reported = service::reported(&js).await?;
@@ -88,8 +92,11 @@ pub async fn run(args: RebuildArgs, id: &str) -> Result<(), BenchError> {
     }
     let ms = (common::time::now_ms() - args.since_ms).max(1);
     let cpu = cpu.stop();
-    let clicks = service::clicks(&target, &bearer(&args.system.admin_token)?).await?;
-    let events = events - click_messages + clicks;
+    let token = bearer(&args.system.admin_token)?;
+    let clicks = service::clicks(&target, &token).await?;
+    // Status decisions (none in the benchmark) are not counted.
+    let decided = service::decided(&target, &token).await?;
+    let events = events - click_messages + clicks - conversion_messages + reported + decided;
     let memory = procfs::memory(args.pid);
     // Since the process started on its empty data dir: the whole rebuild.
     let written = procfs::written_bytes(args.pid);

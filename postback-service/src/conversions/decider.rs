@@ -8,10 +8,11 @@
 //! round to be folded back before deciding the next: it reads the projection
 //! together with what its unfolded rounds claimed ([`InFlight`]), and waits only
 //! where that cannot be exact (cap counts; see there) or when
-//! [`MAX_DECISIONS_IN_FLIGHT`] decisions are unfolded. Decisions are published with
-//! `Nats-Msg-Id = decision-<conversion_id>-<report sequence>`, and the fold
-//! keeps only the first decision per report, so even a publish whose ack was
-//! lost cannot give a conversion two outcomes.
+//! [`MAX_DECISIONS_IN_FLIGHT`] decisions are unfolded. A round's decisions are
+//! published together, in batches ([`super::batch`]); a decision alone carries
+//! `Nats-Msg-Id = decision-<conversion_id>-<report sequence>`, a batch an id of
+//! its decisions' ids. The fold keeps only the first decision per report, so
+//! even a publish whose ack was lost cannot give a conversion two outcomes.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -64,6 +65,8 @@ pub struct DeciderConfig {
     /// Most pending conversions, and most queued status reports, looked at
     /// per round.
     pub scan_limit: usize,
+    /// Most decisions in one batch message ([`super::batch`]); 1: each alone.
+    pub batch_max: usize,
 }
 
 /// The projections and fold statuses the decider reads.
@@ -589,7 +592,7 @@ async fn round(
     if !decisions.is_empty() && !tenure.held() {
         return Err(RoundError::TenureEnded);
     }
-    let top = publish_all(js, &decisions, config.publish_timeout).await?;
+    let top = publish_all(js, &decisions, config).await?;
     Ok(RoundOutcome {
         top,
         decided: decisions.len(),
@@ -653,18 +656,19 @@ async fn kept_params_pass(
     Ok(crate::security::check(&offer.security, &pairs, ip, at, &replays).is_ok())
 }
 
-/// Publishes pipelined: send all, then collect the acks.
+/// Publishes pipelined, in batches ([`super::batch`]): send all, then
+/// collect the acks.
 async fn publish_all(
     js: &Context,
     decisions: &[Decision],
-    timeout: Duration,
+    config: &DeciderConfig,
 ) -> Result<Option<u64>, RoundError> {
-    let mut acks = Vec::with_capacity(decisions.len());
-    for d in decisions {
-        let msg_id = d.msg_id();
-        let ack =
-            common::nats::send(js, d.subject().to_owned(), &msg_id, d.encode().into()).await?;
-        acks.push((d.subject(), ack));
+    let timeout = config.publish_timeout;
+    let messages = super::batch::messages(decisions, config.batch_max);
+    let mut acks = Vec::with_capacity(messages.len());
+    for m in messages {
+        let ack = common::nats::send(js, m.subject.to_owned(), &m.msg_id, m.payload.into()).await?;
+        acks.push((m.subject, ack));
     }
     let mut top = None;
     for (subject, ack) in acks {
@@ -761,6 +765,7 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::batch::MOST_PER_BATCH;
     use super::*;
 
     #[test]
@@ -809,6 +814,7 @@ mod tests {
             grace: Duration::from_secs(60),
             publish_timeout: Duration::from_secs(1),
             scan_limit: 100,
+            batch_max: MOST_PER_BATCH,
         };
         (async_nats::jetstream::new(client), config)
     }

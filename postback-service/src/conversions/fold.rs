@@ -27,7 +27,8 @@ use catalog::{terms::affiliate_wants, ConversionStatus};
 use common::{fold::Fold, LogEntry, Staged};
 use prost::Message;
 use proto::conversions::v1::{
-    ConversionAttributed, ConversionRejected, ConversionReported, ConversionStatusUpdated,
+    conversion_decision, ConversionAttributed, ConversionDecision, ConversionRejected,
+    ConversionReported, ConversionStatusUpdated, ConversionsDecided,
 };
 
 use super::report::{Money, ReportRow};
@@ -99,6 +100,10 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 }
 
 /// The rows' format ([`Fold::format`]).
+/// - 12: the delivery queue is keyed by queue position ([`queue_position`]:
+///   the decision's stream sequence and its index in a batch), so decisions
+///   published together in one message (`conversions.v1.decided_batch`) each
+///   have a queue row.
 /// - 10: the same rows, folded otherwise: a conversion rejected `malformed`
 ///   for its status word alone is opened again by a report of it with
 ///   another word (the advertiser's corrected retry), as one rejected
@@ -143,7 +148,7 @@ fn by_click_prefix(click_id: &str) -> Vec<u8> {
 /// [`ReportRow`]'s fields (or to the types inside them) needs a new format,
 /// which `tests::a_packed_view_keeps_its_shape` and
 /// `tests::a_packed_report_row_keeps_its_shape` enforce.
-const FORMAT: u32 = 11;
+const FORMAT: u32 = 12;
 
 /// Prefix of the dedup rows of (click, goal): the goal's length first, so no
 /// goal's prefix is another goal's.
@@ -200,9 +205,26 @@ pub(crate) fn txid_claim(click_id: &str, goal: &str, txid: &str) -> Vec<u8> {
 }
 
 /// Attributed conversions owed an affiliate postback, in log order (the
-/// dispatcher's queue; it keeps its own cursor and never deletes rows here).
-pub(crate) fn delivery_queue_key(seq: u64) -> Vec<u8> {
-    [&b"q/"[..], &seq.to_be_bytes()].concat()
+/// dispatcher's queue; it keeps its own cursor and never deletes rows here),
+/// by [`queue_position`].
+pub(crate) fn delivery_queue_key(position: u64) -> Vec<u8> {
+    [&b"q/"[..], &position.to_be_bytes()].concat()
+}
+
+/// Bits of a queue position that number a decision within its message.
+const INDEX_BITS: u32 = 16;
+
+/// Where the decision at `index` of the message at stream sequence `seq` is
+/// in the delivery queue: log order, then batch order (a lone decision is at
+/// index 0). Stream sequences stay below 2^48.
+pub fn queue_position(seq: u64, index: u16) -> u64 {
+    (seq << INDEX_BITS) | u64::from(index)
+}
+
+/// The last queue position of the message at stream sequence `seq`: a fold
+/// that has applied `seq` has queued everything up to it.
+pub fn queue_end(seq: u64) -> u64 {
+    queue_position(seq, u16::MAX)
 }
 
 /// Queue of later status reports waiting for the decider, in log order.
@@ -306,6 +328,63 @@ impl Decision {
             Self::StatusUpdated(e) => e.encode_to_vec(),
         }
     }
+
+    /// The decision a lone message of `subject` carries (`None`: not a
+    /// decision's subject, or bytes that do not decode).
+    pub fn decode(subject: &str, payload: &[u8]) -> Option<Self> {
+        match subject {
+            proto::subject::CONVERSION_ATTRIBUTED => ConversionAttributed::decode(payload)
+                .ok()
+                .map(Self::Attributed),
+            proto::subject::CONVERSION_REJECTED => {
+                ConversionRejected::decode(payload).ok().map(Self::Rejected)
+            }
+            proto::subject::CONVERSION_STATUS_UPDATED => ConversionStatusUpdated::decode(payload)
+                .ok()
+                .map(Self::StatusUpdated),
+            _ => None,
+        }
+    }
+
+    /// Every decision a message of `subject` carries, alone or batched, in
+    /// order (empty: none, or bytes that do not decode).
+    pub fn all_in(subject: &str, payload: &[u8]) -> Vec<Self> {
+        if subject != proto::subject::CONVERSIONS_DECIDED_BATCH {
+            return Self::decode(subject, payload).into_iter().collect();
+        }
+        ConversionsDecided::decode(payload).map_or_else(
+            |_| Vec::new(),
+            |batch| {
+                batch
+                    .decisions
+                    .into_iter()
+                    .filter_map(Self::from_proto)
+                    .collect()
+            },
+        )
+    }
+
+    /// The decision a batch entry holds (`None`: an empty entry).
+    pub fn from_proto(entry: ConversionDecision) -> Option<Self> {
+        use conversion_decision::Decision as D;
+        Some(match entry.decision? {
+            D::Attributed(e) => Self::Attributed(e),
+            D::Rejected(e) => Self::Rejected(e),
+            D::StatusUpdated(e) => Self::StatusUpdated(e),
+        })
+    }
+
+    /// As a batch entry.
+    pub fn to_proto(&self) -> ConversionDecision {
+        use conversion_decision::Decision as D;
+        ConversionDecision {
+            decision: Some(match self {
+                Self::Attributed(e) => D::Attributed(e.clone()),
+                Self::Rejected(e) => D::Rejected(e.clone()),
+                Self::StatusUpdated(e) => D::StatusUpdated(e.clone()),
+            }),
+        }
+    }
 }
 
 /// The dedup questions of one conversion, as the projection answers them.
@@ -329,26 +408,38 @@ impl Fold for ConversionsFold {
     fn apply(&mut self, staged: &mut Staged<'_>, entry: &LogEntry<'_>) -> Result<(), sled::Error> {
         match entry.subject {
             proto::subject::CONVERSION_REPORTED => apply_reported(staged, entry),
-            proto::subject::CONVERSION_ATTRIBUTED => {
-                match ConversionAttributed::decode(entry.payload) {
-                    Ok(e) => apply_decision(staged, &Decision::Attributed(e), entry.seq),
-                    Err(_) => skip(entry),
+            proto::subject::CONVERSIONS_DECIDED_BATCH => {
+                let Ok(batch) = ConversionsDecided::decode(entry.payload) else {
+                    return skip(entry);
+                };
+                for (index, decision) in batch.decisions.into_iter().enumerate() {
+                    let (Ok(index), Some(decision)) =
+                        (u16::try_from(index), Decision::from_proto(decision))
+                    else {
+                        tracing::warn!(seq = entry.seq, index, "batched decision skipped");
+                        continue;
+                    };
+                    apply_any(staged, &decision, queue_position(entry.seq, index))?;
                 }
+                Ok(())
             }
-            proto::subject::CONVERSION_REJECTED => {
-                match ConversionRejected::decode(entry.payload) {
-                    Ok(e) => apply_decision(staged, &Decision::Rejected(e), entry.seq),
-                    Err(_) => skip(entry),
-                }
-            }
-            proto::subject::CONVERSION_STATUS_UPDATED => {
-                match ConversionStatusUpdated::decode(entry.payload) {
-                    Ok(e) => apply_status_updated(staged, &e, entry.seq),
-                    Err(_) => skip(entry),
-                }
-            }
-            _ => skip(entry),
+            subject => match Decision::decode(subject, entry.payload) {
+                Some(decision) => apply_any(staged, &decision, queue_position(entry.seq, 0)),
+                None => skip(entry),
+            },
         }
+    }
+}
+
+/// Folds one decision, queued (if it owes a postback) at `position`.
+fn apply_any(
+    staged: &mut Staged<'_>,
+    decision: &Decision,
+    position: u64,
+) -> Result<(), sled::Error> {
+    match decision {
+        Decision::StatusUpdated(e) => apply_status_updated(staged, e, position),
+        _ => apply_decision(staged, decision, position),
     }
 }
 
@@ -540,7 +631,7 @@ fn bytes_id(payload: &[u8]) -> String {
 fn apply_decision(
     staged: &mut Staged<'_>,
     decision: &Decision,
-    seq: u64,
+    position: u64,
 ) -> Result<(), sled::Error> {
     let key = view_key(decision.conversion_id());
     let Some(view) = staged.get_packed::<ConversionView>(&key)? else {
@@ -570,7 +661,7 @@ fn apply_decision(
             );
             let view = view.attributed(e);
             let status = view.status.unwrap_or(ConversionStatus::Approved);
-            queue_delivery(staged, &view, None, status, seq);
+            queue_delivery(staged, &view, None, status, position);
             if !view.cap_day.is_empty() {
                 staged.add_u64(cap_key(&view.offer_id, None, &view.cap_day), 1)?;
                 staged.add_u64(
@@ -613,21 +704,21 @@ fn queue_delivery(
     view: &ConversionView,
     from: Option<ConversionStatus>,
     to: ConversionStatus,
-    seq: u64,
+    position: u64,
 ) {
     if !view.postback_url.is_empty() && affiliate_wants(&view.postback_statuses, from, to) {
         let entry = QueueEntry {
             conversion_id: view.conversion_id.clone(),
             status: to,
         };
-        staged.put_json(delivery_queue_key(seq), &entry);
+        staged.put_json(delivery_queue_key(position), &entry);
     }
 }
 
 fn apply_status_updated(
     staged: &mut Staged<'_>,
     e: &ConversionStatusUpdated,
-    seq: u64,
+    position: u64,
 ) -> Result<(), sled::Error> {
     // Decided once: the same decision published again (past JetStream's
     // duplicate window) finds its update gone, and moves nothing twice.
@@ -669,7 +760,7 @@ fn apply_status_updated(
     let view = view.status_updated(e);
     let to = view.status.unwrap_or(from);
     if to != from {
-        queue_delivery(staged, &view, Some(from), to, seq);
+        queue_delivery(staged, &view, Some(from), to, position);
         update_reports(staged, &view, |row| row.moved(from, to, money(&view)))?;
     }
     if to != from || new_word {
@@ -789,8 +880,8 @@ impl Conversions {
     }
 
     /// Conversions owed an affiliate postback, queued after `after` and up to
-    /// `upto` (queue sequences), in log order, at most `limit`: (queue
-    /// sequence, conversion id).
+    /// `upto` (queue positions, [`queue_position`]), in queue order, at most
+    /// `limit`: (queue position, entry).
     ///
     /// # Errors
     /// sled read failure.
@@ -962,6 +1053,111 @@ mod tests {
         fn reads(&self) -> Conversions {
             Conversions::new(self.tree.rows().clone())
         }
+    }
+
+    /// Three reports, then two attributions owing postbacks and a rejection,
+    /// folded alone (`batched` false) or as one batch message.
+    fn decided_together(batched: bool) -> (Harness, Vec<String>, Vec<Decision>) {
+        let mut h = Harness::new();
+        let ids: Vec<String> = ["T1", "T2", "T3"].iter().map(|t| h.report(t)).collect();
+        let attributed = |id: &String, seq: u64| {
+            Decision::Attributed(ConversionAttributed {
+                conversion_id: id.clone(),
+                offer_id: "o1".into(),
+                affiliate_id: "a1".into(),
+                payout_micros: 2_000_000,
+                payout_currency: "USD".into(),
+                revenue_currency: "USD".into(),
+                reported_seq: seq,
+                affiliate_postback_url: "http://aff.example/pb".into(),
+                ..Default::default()
+            })
+        };
+        let decisions = vec![
+            attributed(&ids[0], 1),
+            Decision::Rejected(ConversionRejected {
+                conversion_id: ids[1].clone(),
+                reason: RejectReason::Duplicate as i32,
+                offer_id: "o1".into(),
+                affiliate_id: "a1".into(),
+                reported_seq: 2,
+                ..Default::default()
+            }),
+            attributed(&ids[2], 3),
+        ];
+        if batched {
+            let messages = super::super::batch::messages(&decisions, 512);
+            assert_eq!(messages.len(), 1);
+            h.apply(messages[0].subject, messages[0].payload.clone());
+        } else {
+            for d in &decisions {
+                h.apply(d.subject(), d.encode());
+            }
+        }
+        (h, ids, decisions)
+    }
+
+    #[test]
+    fn a_batch_of_decisions_folds_as_its_decisions_alone_do() {
+        let (alone, ids, _) = decided_together(false);
+        let (batch, _, _) = decided_together(true);
+        let (alone, batch) = (alone.reads(), batch.reads());
+        for id in &ids {
+            assert_eq!(alone.get(id).unwrap(), batch.get(id).unwrap(), "{id}");
+        }
+        assert_eq!(alone.reports('o').unwrap(), batch.reports('o').unwrap());
+        assert_eq!(alone.reports('a').unwrap(), batch.reports('a').unwrap());
+        assert!(batch.pending().next().is_none());
+        let queued = |reads: &Conversions| -> Vec<String> {
+            let all = reads.delivery_queue(0, u64::MAX, 10).unwrap();
+            all.into_iter().map(|(_, e)| e.conversion_id).collect()
+        };
+        assert_eq!(queued(&batch), [ids[0].clone(), ids[2].clone()]);
+        assert_eq!(queued(&alone), queued(&batch));
+    }
+
+    #[test]
+    fn each_decision_of_a_batch_has_its_own_queue_position() {
+        let (h, ids, _) = decided_together(true);
+        let reads = h.reads();
+        let batch_seq = 4;
+        let all = reads.delivery_queue(0, queue_end(batch_seq), 10).unwrap();
+        let positions: Vec<u64> = all.iter().map(|(p, _)| *p).collect();
+        assert_eq!(
+            positions,
+            [queue_position(batch_seq, 0), queue_position(batch_seq, 2)]
+        );
+        // A cursor inside the batch resumes after it, and a fold not yet
+        // past the batch has queued nothing of it.
+        let rest = reads
+            .delivery_queue(positions[0], queue_end(batch_seq), 10)
+            .unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.conversion_id, ids[2]);
+        assert!(reads
+            .delivery_queue(0, queue_end(batch_seq - 1), 10)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_batch_folds_each_decision_once_and_skips_what_does_not_decode() {
+        let (mut h, ids, decisions) = decided_together(true);
+        let before = h.reads().reports('o').unwrap();
+        // The same batch again (published past the duplicate window), then
+        // bytes that are no batch: nothing moves, nothing stops.
+        let again = super::super::batch::messages(&decisions, 512);
+        h.apply(again[0].subject, again[0].payload.clone());
+        h.apply(
+            proto::subject::CONVERSIONS_DECIDED_BATCH,
+            vec![0xff, 0xff, 0xff],
+        );
+        let reads = h.reads();
+        assert_eq!(reads.reports('o').unwrap(), before);
+        assert_eq!(reads.delivery_queue(0, u64::MAX, 10).unwrap().len(), 2);
+        let state = |id: &String| reads.get(id).unwrap().unwrap().state;
+        assert_eq!(state(&ids[1]), ConversionState::Rejected);
+        assert_eq!(common::store::checkpoint(h.tree.rows()).unwrap(), 6);
     }
 
     #[test]
@@ -1848,7 +2044,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (11, PACKED_VIEW),
+            (12, PACKED_VIEW),
             "see this test's doc"
         );
         assert_eq!(common::store::unpack::<ConversionView>(&packed), Some(view));
@@ -1871,7 +2067,7 @@ mod tests {
         let hex: String = packed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (FORMAT, hex.as_str()),
-            (11, PACKED_REPORT_ROW),
+            (12, PACKED_REPORT_ROW),
             "see FORMAT's doc"
         );
         assert_eq!(common::store::unpack::<ReportRow>(&packed), Some(row));

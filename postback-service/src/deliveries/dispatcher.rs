@@ -279,7 +279,8 @@ impl Dispatcher {
         let log = log.as_deref();
         loop {
             let cursor = inner.schedules.cursor(log)?;
-            let batch = inner.conversions.delivery_queue(cursor, applied, 512)?;
+            let upto = crate::conversions::queue_end(applied);
+            let batch = inner.conversions.delivery_queue(cursor, upto, 512)?;
             let Some(&(last, _)) = batch.last() else {
                 return Ok(());
             };

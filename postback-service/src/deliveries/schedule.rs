@@ -7,7 +7,11 @@
 
 use serde::{Deserialize, Serialize};
 
-const CURSOR_KEY: &[u8] = b"~cursor";
+/// The queue position walked to ([`crate::conversions::queue_position`]).
+const CURSOR_KEY: &[u8] = b"~queue-cursor";
+/// Before format 12 of the conversions fold the queue was keyed by stream
+/// sequence alone, and the cursor was one: read as the end of that sequence.
+const SEQ_CURSOR_KEY: &[u8] = b"~cursor";
 /// The log the cursor walked ([`common::store::log_of`] of the conversions
 /// Tree): a cursor of another log is no cursor.
 const CURSOR_LOG_KEY: &[u8] = b"~cursor-log";
@@ -342,10 +346,12 @@ impl ScheduleStore {
                 return Ok(0);
             }
         }
-        Ok(self
-            .tree
-            .get(CURSOR_KEY)?
-            .map_or(0, |v| common::store::decode_u64(&v)))
+        if let Some(v) = self.tree.get(CURSOR_KEY)? {
+            return Ok(common::store::decode_u64(&v));
+        }
+        Ok(self.tree.get(SEQ_CURSOR_KEY)?.map_or(0, |v| {
+            crate::conversions::queue_end(common::store::decode_u64(&v))
+        }))
     }
 
     /// Adds new schedules and moves the cursor of `log`, atomically, and
@@ -364,6 +370,7 @@ impl ScheduleStore {
             stage(&mut writes, s);
         }
         writes.insert(CURSOR_KEY, cursor.to_be_bytes().to_vec());
+        writes.remove(SEQ_CURSOR_KEY);
         if let Some(log) = log {
             writes.insert(CURSOR_LOG_KEY, log.to_vec());
         }
@@ -420,6 +427,25 @@ mod tests {
         let mut fresh = schedule("b", 0);
         assert!(!fresh.take_attempt(7), "nothing reserved");
         assert_eq!(fresh.attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_of_stream_sequences_is_read_as_queue_positions() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("dispatch").unwrap();
+        let store = ScheduleStore::new(tree.clone(), common::store::GroupFlush::new(tree));
+        assert_eq!(store.cursor(None).unwrap(), 0, "none yet");
+        // Written before the queue was keyed by position: sequence 7 walked.
+        store
+            .tree
+            .insert(SEQ_CURSOR_KEY, &7u64.to_be_bytes())
+            .unwrap();
+        let walked = store.cursor(None).unwrap();
+        assert_eq!(walked, crate::conversions::queue_end(7));
+        assert!(walked < crate::conversions::queue_position(8, 0));
+        store.enqueue(&[], walked + 1, None).await.unwrap();
+        assert_eq!(store.cursor(None).unwrap(), walked + 1);
+        assert!(store.tree.get(SEQ_CURSOR_KEY).unwrap().is_none());
     }
 
     #[tokio::test]

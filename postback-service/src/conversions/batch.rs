@@ -1,0 +1,190 @@
+//! How a round's decisions go on the wire: in few messages, not one each.
+//!
+//! Each message costs NATS a store, an ack, a dedup entry and a delivery to
+//! every reader, and costs us a header parsed and a reply subject read, whatever
+//! its size; the decisions of a burst of reports cost about as much again as
+//! the reports. A round's decisions therefore go out as [`ConversionsDecided`]
+//! batches on `conversions.v1.decided_batch`, in the round's order, each acked
+//! once for all. A round of one decision (the usual case below a few hundred
+//! reports a second) publishes it alone on its own subject, as before batches;
+//! so does a decision too large to share a message (a rejection carrying a
+//! large malformed report's bytes). A decision is in one message only.
+
+use prost::Message;
+use proto::conversions::v1::ConversionsDecided;
+
+use super::fold::Decision;
+
+/// Most decisions in one batch (`DECISION_BATCH_MAX`'s default and bound; the
+/// fold numbers a batch's decisions in 16 bits).
+pub const MOST_PER_BATCH: usize = 512;
+/// Most bytes of decisions in one batch, far below NATS's default 1 MiB.
+const MOST_BYTES: usize = 256 * 1024;
+/// A decision this large goes alone.
+const ALONE_FROM: usize = 64 * 1024;
+
+/// One message to publish: subject, `Nats-Msg-Id`, payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub subject: &'static str,
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// The messages that carry `decisions`, in order, at most `most` (clamped to
+/// 1 to [`MOST_PER_BATCH`]) in one.
+pub fn messages(decisions: &[Decision], most: usize) -> Vec<Outgoing> {
+    let most = most.clamp(1, MOST_PER_BATCH);
+    let mut out = Vec::new();
+    let mut group: Vec<&Decision> = Vec::new();
+    let mut bytes = 0;
+    for d in decisions {
+        let size = d.to_proto().encoded_len();
+        if size >= ALONE_FROM {
+            flush(&mut out, &mut group);
+            out.push(alone(d));
+            bytes = 0;
+            continue;
+        }
+        if group.len() == most || bytes + size > MOST_BYTES {
+            flush(&mut out, &mut group);
+            bytes = 0;
+        }
+        group.push(d);
+        bytes += size;
+    }
+    flush(&mut out, &mut group);
+    out
+}
+
+fn alone(d: &Decision) -> Outgoing {
+    Outgoing {
+        subject: d.subject(),
+        msg_id: d.msg_id(),
+        payload: d.encode(),
+    }
+}
+
+fn flush(out: &mut Vec<Outgoing>, group: &mut Vec<&Decision>) {
+    match group.as_slice() {
+        [] => {}
+        [one] => out.push(alone(one)),
+        many => {
+            let ids: Vec<String> = many.iter().map(|d| d.msg_id()).collect();
+            let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, ids.join("\n").as_bytes());
+            out.push(Outgoing {
+                subject: proto::subject::CONVERSIONS_DECIDED_BATCH,
+                msg_id: format!("decisions/{id}"),
+                payload: ConversionsDecided {
+                    decisions: many.iter().map(|d| d.to_proto()).collect(),
+                }
+                .encode_to_vec(),
+            });
+        }
+    }
+    group.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::conversions::v1::{ConversionAttributed, ConversionRejected};
+
+    use super::*;
+
+    fn attributed(i: usize) -> Decision {
+        Decision::Attributed(ConversionAttributed {
+            conversion_id: format!("conv-{i}"),
+            reported_seq: i as u64 + 1,
+            ..Default::default()
+        })
+    }
+
+    fn rejected_with(i: usize, raw: usize) -> Decision {
+        Decision::Rejected(ConversionRejected {
+            conversion_id: format!("conv-{i}"),
+            reported_seq: i as u64 + 1,
+            raw: vec![7; raw],
+            ..Default::default()
+        })
+    }
+
+    /// Every decision of `messages`, in order, as the fold reads them.
+    fn read_back(messages: &[Outgoing]) -> Vec<Decision> {
+        messages
+            .iter()
+            .flat_map(|m| Decision::all_in(m.subject, &m.payload))
+            .collect()
+    }
+
+    #[test]
+    fn a_lone_decision_keeps_its_own_subject_and_id() {
+        let one = attributed(0);
+        assert_eq!(messages(std::slice::from_ref(&one), 512), [alone(&one)]);
+        assert_eq!(alone(&one).subject, proto::subject::CONVERSION_ATTRIBUTED);
+        assert!(messages(&[], 512).is_empty());
+    }
+
+    #[test]
+    fn a_most_of_one_publishes_each_alone_as_before_batches() {
+        let round: Vec<Decision> = (0..3).map(attributed).collect();
+        let out = messages(&round, 1);
+        assert_eq!(out, round.iter().map(alone).collect::<Vec<_>>());
+        assert_eq!(messages(&round, 0), out, "0 reads as 1");
+    }
+
+    #[test]
+    fn a_round_goes_in_batches_in_its_order_each_decision_once() {
+        let round: Vec<Decision> = (0..1200).map(attributed).collect();
+        let out = messages(&round, 512);
+        let sizes: Vec<usize> = out
+            .iter()
+            .map(|m| Decision::all_in(m.subject, &m.payload).len())
+            .collect();
+        assert_eq!(sizes, [512, 512, 176]);
+        assert!(out
+            .iter()
+            .all(|m| m.subject == proto::subject::CONVERSIONS_DECIDED_BATCH));
+        assert_eq!(read_back(&out), round);
+    }
+
+    #[test]
+    fn a_large_decision_goes_alone_between_batches_in_order() {
+        let round = vec![
+            attributed(0),
+            attributed(1),
+            rejected_with(2, ALONE_FROM),
+            attributed(3),
+            rejected_with(4, 100_000),
+        ];
+        let out = messages(&round, 512);
+        let subjects: Vec<&str> = out.iter().map(|m| m.subject).collect();
+        assert_eq!(
+            subjects,
+            [
+                proto::subject::CONVERSIONS_DECIDED_BATCH,
+                proto::subject::CONVERSION_REJECTED,
+                proto::subject::CONVERSION_ATTRIBUTED,
+                proto::subject::CONVERSION_REJECTED,
+            ]
+        );
+        assert_eq!(read_back(&out), round);
+    }
+
+    #[test]
+    fn a_batch_stays_under_its_byte_bound() {
+        let round: Vec<Decision> = (0..40).map(|i| rejected_with(i, 30_000)).collect();
+        let out = messages(&round, 512);
+        assert!(out.len() > 1);
+        assert!(out.iter().all(|m| m.payload.len() <= MOST_BYTES));
+        assert_eq!(read_back(&out), round);
+    }
+
+    #[test]
+    fn the_same_batch_has_the_same_id_and_another_batch_another() {
+        let round: Vec<Decision> = (0..3).map(attributed).collect();
+        let again = messages(&round, 512);
+        assert_eq!(messages(&round, 512), again);
+        let other: Vec<Decision> = (1..4).map(attributed).collect();
+        assert_ne!(messages(&other, 512)[0].msg_id, again[0].msg_id);
+    }
+}
