@@ -10,8 +10,7 @@
 //! so does a decision too large to share a message (a rejection carrying a
 //! large malformed report's bytes). A decision is in one message only.
 
-use prost::Message;
-use proto::conversions::v1::ConversionsDecided;
+use prost::encoding::{encode_key, encode_varint, WireType};
 
 use super::fold::Decision;
 
@@ -22,6 +21,8 @@ pub const MOST_PER_BATCH: usize = 512;
 const MOST_BYTES: usize = 256 * 1024;
 /// A decision this large goes alone.
 const ALONE_FROM: usize = 64 * 1024;
+/// The most a batch adds to a decision's bytes: two keys and two lengths.
+const ENTRY_OVERHEAD: usize = 12;
 
 /// One message to publish: subject, `Nats-Msg-Id`, payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,13 +37,14 @@ pub struct Outgoing {
 pub fn messages(decisions: &[Decision], most: usize) -> Vec<Outgoing> {
     let most = most.clamp(1, MOST_PER_BATCH);
     let mut out = Vec::new();
-    let mut group: Vec<&Decision> = Vec::new();
+    let mut group: Vec<(&Decision, Vec<u8>)> = Vec::new();
     let mut bytes = 0;
     for d in decisions {
-        let size = d.to_proto().encoded_len();
+        let encoded = d.encode();
+        let size = encoded.len() + ENTRY_OVERHEAD;
         if size >= ALONE_FROM {
             flush(&mut out, &mut group);
-            out.push(alone(d));
+            out.push(alone(d, encoded));
             bytes = 0;
             continue;
         }
@@ -50,39 +52,59 @@ pub fn messages(decisions: &[Decision], most: usize) -> Vec<Outgoing> {
             flush(&mut out, &mut group);
             bytes = 0;
         }
-        group.push(d);
+        group.push((d, encoded));
         bytes += size;
     }
     flush(&mut out, &mut group);
     out
 }
 
-fn alone(d: &Decision) -> Outgoing {
+fn alone(d: &Decision, encoded: Vec<u8>) -> Outgoing {
     Outgoing {
         subject: d.subject(),
         msg_id: d.msg_id(),
-        payload: d.encode(),
+        payload: encoded,
     }
 }
 
-fn flush(out: &mut Vec<Outgoing>, group: &mut Vec<&Decision>) {
-    match group.as_slice() {
-        [] => {}
-        [one] => out.push(alone(one)),
-        many => {
-            let ids: Vec<String> = many.iter().map(|d| d.msg_id()).collect();
-            let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, ids.join("\n").as_bytes());
-            out.push(Outgoing {
-                subject: proto::subject::CONVERSIONS_DECIDED_BATCH,
-                msg_id: format!("decisions/{id}"),
-                payload: ConversionsDecided {
-                    decisions: many.iter().map(|d| d.to_proto()).collect(),
-                }
-                .encode_to_vec(),
-            });
-        }
+/// The field of `ConversionDecision`'s oneof that holds `d`.
+fn field_of(d: &Decision) -> u32 {
+    match d {
+        Decision::Attributed(_) => 1,
+        Decision::Rejected(_) => 2,
+        Decision::StatusUpdated(_) => 3,
     }
-    group.clear();
+}
+
+/// Appends `bytes` as length-delimited field `field`.
+fn put_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    encode_key(field, WireType::LengthDelimited, out);
+    encode_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// Sends `group` alone or as one `ConversionsDecided`, whose bytes are written
+/// from each decision's own encoding (`decisions = 1`, each entry its
+/// decision in the oneof's field).
+fn flush(out: &mut Vec<Outgoing>, group: &mut Vec<(&Decision, Vec<u8>)>) {
+    if group.len() < 2 {
+        out.extend(group.drain(..).map(|(d, encoded)| alone(d, encoded)));
+        return;
+    }
+    let ids: Vec<String> = group.iter().map(|(d, _)| d.msg_id()).collect();
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, ids.join("\n").as_bytes());
+    let size = group.iter().map(|(_, e)| e.len() + ENTRY_OVERHEAD).sum();
+    let (mut payload, mut entry) = (Vec::with_capacity(size), Vec::new());
+    for (d, encoded) in group.drain(..) {
+        entry.clear();
+        put_field(&mut entry, field_of(d), &encoded);
+        put_field(&mut payload, 1, &entry);
+    }
+    out.push(Outgoing {
+        subject: proto::subject::CONVERSIONS_DECIDED_BATCH,
+        msg_id: format!("decisions/{id}"),
+        payload,
+    });
 }
 
 #[cfg(test)]
@@ -119,8 +141,14 @@ mod tests {
     #[test]
     fn a_lone_decision_keeps_its_own_subject_and_id() {
         let one = attributed(0);
-        assert_eq!(messages(std::slice::from_ref(&one), 512), [alone(&one)]);
-        assert_eq!(alone(&one).subject, proto::subject::CONVERSION_ATTRIBUTED);
+        assert_eq!(
+            messages(std::slice::from_ref(&one), 512),
+            [alone(&one, one.encode())]
+        );
+        assert_eq!(
+            alone(&one, Vec::new()).subject,
+            proto::subject::CONVERSION_ATTRIBUTED
+        );
         assert!(messages(&[], 512).is_empty());
     }
 
@@ -128,7 +156,8 @@ mod tests {
     fn a_most_of_one_publishes_each_alone_as_before_batches() {
         let round: Vec<Decision> = (0..3).map(attributed).collect();
         let out = messages(&round, 1);
-        assert_eq!(out, round.iter().map(alone).collect::<Vec<_>>());
+        let each: Vec<Outgoing> = round.iter().map(|d| alone(d, d.encode())).collect();
+        assert_eq!(out, each);
         assert_eq!(messages(&round, 0), out, "0 reads as 1");
     }
 
@@ -168,6 +197,37 @@ mod tests {
             ]
         );
         assert_eq!(read_back(&out), round);
+    }
+
+    #[test]
+    fn a_batch_is_the_bytes_prost_writes_for_it() {
+        use proto::conversions::v1::{
+            conversion_decision::Decision as D, ConversionDecision, ConversionStatusUpdated,
+            ConversionsDecided,
+        };
+        let status = ConversionStatusUpdated {
+            conversion_id: "conv-9".into(),
+            update_seq: 9,
+            ..Default::default()
+        };
+        let round = vec![
+            attributed(0),
+            rejected_with(1, 300),
+            Decision::StatusUpdated(status),
+        ];
+        let entry = |d: &Decision| ConversionDecision {
+            decision: Some(match d.clone() {
+                Decision::Attributed(e) => D::Attributed(e),
+                Decision::Rejected(e) => D::Rejected(e),
+                Decision::StatusUpdated(e) => D::StatusUpdated(e),
+            }),
+        };
+        let expected = ConversionsDecided {
+            decisions: round.iter().map(entry).collect(),
+        };
+        let out = messages(&round, 512);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].payload, prost::Message::encode_to_vec(&expected));
     }
 
     #[test]

@@ -373,18 +373,6 @@ impl Decision {
             D::StatusUpdated(e) => Self::StatusUpdated(e),
         })
     }
-
-    /// As a batch entry.
-    pub fn to_proto(&self) -> ConversionDecision {
-        use conversion_decision::Decision as D;
-        ConversionDecision {
-            decision: Some(match self {
-                Self::Attributed(e) => D::Attributed(e.clone()),
-                Self::Rejected(e) => D::Rejected(e.clone()),
-                Self::StatusUpdated(e) => D::StatusUpdated(e.clone()),
-            }),
-        }
-    }
 }
 
 /// The dedup questions of one conversion, as the projection answers them.
