@@ -62,6 +62,34 @@ pub enum PublishError {
     Timeout { subject: String, timeout: Duration },
 }
 
+impl PublishError {
+    /// Whether JetStream will never take this message as it is
+    /// ([`refused_for_good`]).
+    pub fn refused_for_good(&self) -> bool {
+        matches!(self, Self::Send { source, .. } if refused_for_good(source))
+    }
+}
+
+/// Whether JetStream will never take this message as it is: larger than the
+/// server's max payload or the stream's max message size. Anything else (no
+/// stream yet, a timeout, a full disk) may pass on a later try.
+pub fn refused_for_good(error: &jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::{context::PublishErrorKind, ErrorCode};
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|e| {
+                [
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+                    ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
+                ]
+                .contains(&e.error_code())
+            }),
+        _ => false,
+    }
+}
+
 /// How long a service waits for its first connection to NATS at start.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

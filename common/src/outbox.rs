@@ -24,7 +24,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::nats::PublishError;
+use crate::nats::{refused_for_good, PublishError};
 
 /// An outbox that could not take an event.
 #[derive(Debug, Error)]
@@ -160,26 +160,6 @@ fn route(order: Order<'_>, depth: u64, acking: bool, waiting: &Waiting) -> Route
 }
 
 type JsPublishError = async_nats::jetstream::context::PublishError;
-
-/// Whether JetStream will never take this event as it is: larger than the
-/// server's max payload or the stream's max message size. Anything else (no
-/// stream yet, a timeout, a full disk) may pass on a later try.
-fn refused_for_good(error: &JsPublishError) -> bool {
-    use async_nats::jetstream::{context::PublishErrorKind, ErrorCode};
-    match error.kind() {
-        PublishErrorKind::MaxPayloadExceeded => true,
-        PublishErrorKind::Other => std::error::Error::source(error)
-            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-            .is_some_and(|e| {
-                [
-                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
-                    ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
-                ]
-                .contains(&e.error_code())
-            }),
-        _ => false,
-    }
-}
 
 /// The events a message carries, as the outbox counts them
 /// ([`OutboxStatus::depth`], `OUTBOX_MAX_ENTRIES`): each click of a

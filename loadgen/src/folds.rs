@@ -182,10 +182,11 @@ impl Source {
                         Decision::Attributed(attribution(&r, reported_seq, n, self.now_ms))
                     })
                     .collect();
-                let events: Encoded = batch::messages(&decisions, batch::MOST_PER_BATCH)
-                    .into_iter()
-                    .map(|m| (m.subject, m.payload))
-                    .collect();
+                let events: Encoded =
+                    batch::messages(&decisions, batch::Limits::new(batch::MOST_PER_BATCH))
+                        .into_iter()
+                        .map(|m| (m.subject, m.payload))
+                        .collect();
                 self.seq += events.len() as u64;
                 (events, done)
             }

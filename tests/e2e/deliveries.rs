@@ -390,23 +390,14 @@ async fn a_slow_receiver_does_not_delay_a_fast_one() {
     );
 }
 
-/// A burst of reports is decided in one round, whose decisions go to the log
-/// together (`conversions.v1.decided_batch`): each conversion is decided once,
-/// each postback owed is sent once, and a projection rebuilt from that log
-/// sends none again.
-#[tokio::test]
-async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild() {
-    use postback_service::conversions::Decision;
+/// `n` clicks by a1 on o1, reported on NATS while postback-service is down
+/// (its first round finds them all); returns their conversion ids.
+async fn reported_while_down(sys: &mut System, n: usize) -> Vec<String> {
     use prost::Message;
-    const BURST: usize = 20;
-    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
-    let mut sys = System::start().await;
-    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
     let mut clicks = Vec::new();
-    for _ in 0..BURST {
+    for _ in 0..n {
         clicks.push(sys.click_ok("o1", "aff=a1").await.0);
     }
-    // Reported while postback-service is down: its first round finds them all.
     sys.stop_postback().await;
     let mut ids = Vec::new();
     for click_id in &clicks {
@@ -418,6 +409,34 @@ async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild(
             .await;
         ids.push(postback_service::postback::conversion_id(click_id, "", ""));
     }
+    ids
+}
+
+/// Per conversion, the subjects of the messages carrying its decisions.
+async fn decisions_in_log(sys: &System) -> std::collections::HashMap<String, Vec<String>> {
+    use postback_service::conversions::Decision;
+    let js = sys.jetstream().await;
+    let mut carried_by: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (subject, payload, _) in crate::support::nats::read_stream(&js, "CONVERSIONS").await {
+        for decision in Decision::all_in(&subject, &payload) {
+            let id = decision.conversion_id().to_owned();
+            carried_by.entry(id).or_default().push(subject.clone());
+        }
+    }
+    carried_by
+}
+
+/// A burst of reports is decided in one round, whose decisions go to the log
+/// together (`conversions.v1.decided_batch`): each conversion is decided once,
+/// each postback owed is sent once, and a projection rebuilt from that log
+/// sends none again.
+#[tokio::test]
+async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild() {
+    const BURST: usize = 20;
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let ids = reported_while_down(&mut sys, BURST).await;
     sys.start_postback().await;
     let deliveries: Vec<String> = ids
         .iter()
@@ -428,14 +447,7 @@ async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild(
         sys.delivery_in(delivery, "delivered").await;
     }
 
-    let js = sys.jetstream().await;
-    let mut carried_by: std::collections::HashMap<String, Vec<String>> = Default::default();
-    for (subject, payload, _) in crate::support::nats::read_stream(&js, "CONVERSIONS").await {
-        for decision in Decision::all_in(&subject, &payload) {
-            let id = decision.conversion_id().to_owned();
-            carried_by.entry(id).or_default().push(subject.clone());
-        }
-    }
+    let carried_by = decisions_in_log(&sys).await;
     for id in &ids {
         assert_eq!(
             carried_by.get(id).map(Vec::len),
@@ -456,6 +468,39 @@ async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.seen().len(), BURST, "the rebuild sent none again");
+}
+
+/// An operator bounded CONVERSIONS' messages below what a burst's batch
+/// takes: JetStream refuses the batch for good, and the decider sends its
+/// decisions again in smaller batches (not the same batch, forever).
+#[tokio::test]
+async fn a_batch_too_large_for_the_stream_is_decided_in_smaller_ones() {
+    const BURST: usize = 100;
+    const MOST: usize = 8 * 1024;
+    let receiver = Receiver::start(vec![], Reply::Status(200, "ok")).await;
+    let mut sys = System::start().await;
+    catalog(&sys, "a1", &receiver.url("/pb?c={click_id}")).await;
+    let ids = reported_while_down(&mut sys, BURST).await;
+    let js = sys.jetstream().await;
+    let mut stream = js.get_stream("CONVERSIONS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = MOST as i32;
+    js.update_stream(config).await.unwrap();
+    sys.start_postback().await;
+    for id in &ids {
+        assert_eq!(sys.decided(id).await["state"], "attributed", "{id}");
+    }
+    let carried_by = decisions_in_log(&sys).await;
+    for id in &ids {
+        assert_eq!(
+            carried_by.get(id).map(Vec::len),
+            Some(1),
+            "{id} decided once"
+        );
+    }
+    for (subject, payload, _) in crate::support::nats::read_stream(&js, "CONVERSIONS").await {
+        assert!(payload.len() <= MOST, "{subject}: {} bytes", payload.len());
+    }
 }
 
 #[tokio::test]

@@ -9,6 +9,10 @@
 //! reports a second) publishes it alone on its own subject, as before batches;
 //! so does a decision too large to share a message (a rejection carrying a
 //! large malformed report's bytes). A decision is in one message only.
+//!
+//! A batch JetStream refuses as too large (an operator lowered the stream's
+//! `max_msg_size` or the server's `max_payload`) is split again under a limit
+//! a quarter of the last, down to every decision alone ([`Limits::smaller`]).
 
 use prost::encoding::{encode_key, encode_varint, WireType};
 
@@ -19,10 +23,47 @@ use super::fold::Decision;
 pub const MOST_PER_BATCH: usize = 512;
 /// Most bytes of decisions in one batch, far below NATS's default 1 MiB.
 const MOST_BYTES: usize = 256 * 1024;
+/// Below this a batch is not worth its refusal: every decision goes alone.
+const LEAST_BYTES: usize = 4 * 1024;
 /// A decision this large goes alone.
 const ALONE_FROM: usize = 64 * 1024;
 /// The most a batch adds to a decision's bytes: two keys and two lengths.
 const ENTRY_OVERHEAD: usize = 12;
+
+/// How much one batch may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most decisions (clamped to 1 to [`MOST_PER_BATCH`]; 1: each alone).
+    pub most: usize,
+    /// Most bytes.
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// At most `most` decisions and 256 KiB.
+    pub fn new(most: usize) -> Self {
+        Self {
+            most: most.clamp(1, MOST_PER_BATCH),
+            bytes: MOST_BYTES,
+        }
+    }
+
+    /// Each decision alone.
+    pub fn alone(self) -> bool {
+        self.most == 1
+    }
+
+    /// The limits after JetStream refused a batch as too large: a quarter of
+    /// the bytes, and below 4 KiB every decision alone.
+    pub fn smaller(self) -> Self {
+        let bytes = self.bytes / 4;
+        if bytes < LEAST_BYTES {
+            Self { most: 1, bytes }
+        } else {
+            Self { bytes, ..self }
+        }
+    }
+}
 
 /// One message to publish: subject, `Nats-Msg-Id`, payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,10 +73,9 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
-/// The messages that carry `decisions`, in order, at most `most` (clamped to
-/// 1 to [`MOST_PER_BATCH`]) in one.
-pub fn messages(decisions: &[Decision], most: usize) -> Vec<Outgoing> {
-    let most = most.clamp(1, MOST_PER_BATCH);
+/// The messages that carry `decisions`, in order, batched within `limits`.
+pub fn messages(decisions: &[Decision], limits: Limits) -> Vec<Outgoing> {
+    let most = limits.most.clamp(1, MOST_PER_BATCH);
     let mut out = Vec::new();
     let mut group: Vec<(&Decision, Vec<u8>)> = Vec::new();
     let mut bytes = 0;
@@ -48,7 +88,7 @@ pub fn messages(decisions: &[Decision], most: usize) -> Vec<Outgoing> {
             bytes = 0;
             continue;
         }
-        if group.len() == most || bytes + size > MOST_BYTES {
+        if group.len() == most || bytes + size > limits.bytes {
             flush(&mut out, &mut group);
             bytes = 0;
         }
@@ -142,29 +182,29 @@ mod tests {
     fn a_lone_decision_keeps_its_own_subject_and_id() {
         let one = attributed(0);
         assert_eq!(
-            messages(std::slice::from_ref(&one), 512),
+            messages(std::slice::from_ref(&one), Limits::new(512)),
             [alone(&one, one.encode())]
         );
         assert_eq!(
             alone(&one, Vec::new()).subject,
             proto::subject::CONVERSION_ATTRIBUTED
         );
-        assert!(messages(&[], 512).is_empty());
+        assert!(messages(&[], Limits::new(512)).is_empty());
     }
 
     #[test]
     fn a_most_of_one_publishes_each_alone_as_before_batches() {
         let round: Vec<Decision> = (0..3).map(attributed).collect();
-        let out = messages(&round, 1);
+        let out = messages(&round, Limits::new(1));
         let each: Vec<Outgoing> = round.iter().map(|d| alone(d, d.encode())).collect();
         assert_eq!(out, each);
-        assert_eq!(messages(&round, 0), out, "0 reads as 1");
+        assert_eq!(messages(&round, Limits::new(0)), out, "0 reads as 1");
     }
 
     #[test]
     fn a_round_goes_in_batches_in_its_order_each_decision_once() {
         let round: Vec<Decision> = (0..1200).map(attributed).collect();
-        let out = messages(&round, 512);
+        let out = messages(&round, Limits::new(512));
         let sizes: Vec<usize> = out
             .iter()
             .map(|m| Decision::all_in(m.subject, &m.payload).len())
@@ -185,7 +225,7 @@ mod tests {
             attributed(3),
             rejected_with(4, 100_000),
         ];
-        let out = messages(&round, 512);
+        let out = messages(&round, Limits::new(512));
         let subjects: Vec<&str> = out.iter().map(|m| m.subject).collect();
         assert_eq!(
             subjects,
@@ -225,15 +265,33 @@ mod tests {
         let expected = ConversionsDecided {
             decisions: round.iter().map(entry).collect(),
         };
-        let out = messages(&round, 512);
+        let out = messages(&round, Limits::new(512));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].payload, prost::Message::encode_to_vec(&expected));
     }
 
     #[test]
+    fn a_batch_refused_as_too_large_is_split_smaller_down_to_each_alone() {
+        let mut limits = Limits::new(512);
+        let mut bytes = vec![limits.bytes];
+        while !limits.alone() {
+            limits = limits.smaller();
+            bytes.push(limits.bytes);
+        }
+        assert_eq!(bytes, [262_144, 65_536, 16_384, 4_096, 1_024]);
+        let round: Vec<Decision> = (0..40).map(|i| rejected_with(i, 1_000)).collect();
+        let under_16k = messages(&round, Limits::new(512).smaller().smaller());
+        assert!(under_16k.len() >= 3);
+        assert!(under_16k.iter().all(|m| m.payload.len() <= 16_384));
+        assert_eq!(read_back(&under_16k), round);
+        let each: Vec<Outgoing> = round.iter().map(|d| alone(d, d.encode())).collect();
+        assert_eq!(messages(&round, limits), each);
+    }
+
+    #[test]
     fn a_batch_stays_under_its_byte_bound() {
         let round: Vec<Decision> = (0..40).map(|i| rejected_with(i, 30_000)).collect();
-        let out = messages(&round, 512);
+        let out = messages(&round, Limits::new(512));
         assert!(out.len() > 1);
         assert!(out.iter().all(|m| m.payload.len() <= MOST_BYTES));
         assert_eq!(read_back(&out), round);
@@ -242,9 +300,12 @@ mod tests {
     #[test]
     fn the_same_batch_has_the_same_id_and_another_batch_another() {
         let round: Vec<Decision> = (0..3).map(attributed).collect();
-        let again = messages(&round, 512);
-        assert_eq!(messages(&round, 512), again);
+        let again = messages(&round, Limits::new(512));
+        assert_eq!(messages(&round, Limits::new(512)), again);
         let other: Vec<Decision> = (1..4).map(attributed).collect();
-        assert_ne!(messages(&other, 512)[0].msg_id, again[0].msg_id);
+        assert_ne!(
+            messages(&other, Limits::new(512))[0].msg_id,
+            again[0].msg_id
+        );
     }
 }

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    batch::{Limits, Outgoing},
     decide::{decide, decide_status, DecideInput, StatusVerdict, Verdict},
     fold::{cap_key, goal_claim, txid_claim, Conversions, Decision},
     in_flight::{Claims, InFlight},
@@ -108,6 +109,12 @@ pub async fn run_decider(
     // again once it has seen the whole queue.
     let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
     let (mut pending_ended, mut status_walk) = (true, Walk::default());
+    let mut limits = Limits::new(config.batch_max);
+    // The messages of a failed publish not known to be in the log: sent
+    // again as they were, under the same ids, before anything is decided
+    // anew (JetStream drops a copy of one that did land; decided again, its
+    // conversions could land twice, in batches grouped otherwise).
+    let mut unacked: Vec<Outgoing> = Vec::new();
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -118,6 +125,29 @@ pub async fn run_decider(
         }
         if !inputs.conversions_status.borrow().caught_up {
             continue;
+        }
+        if !unacked.is_empty() {
+            if !tenure.held() {
+                unacked.clear();
+                continue;
+            }
+            match publish_messages(&js, std::mem::take(&mut unacked), config.publish_timeout).await
+            {
+                Ok(top) => {
+                    // Decided before: folded back before the walk looks at
+                    // their conversions again.
+                    let mut status = inputs.conversions_status.clone();
+                    let timeout = Duration::from_secs(5);
+                    if !common::fold::wait_applied(&mut status, top.unwrap_or(0), timeout).await {
+                        tracing::warn!("decisions published again not yet folded back; continuing");
+                    }
+                }
+                Err(failed) => {
+                    tracing::warn!(error = %failed.error, "decisions not yet published; retrying");
+                    unacked = failed.split_if_too_large(&mut limits);
+                    continue;
+                }
+            }
         }
         if let Some(at) = in_flight.settle(inputs.conversions_status.borrow().applied_seq) {
             // Conversions opened again behind the walk: it goes back to them.
@@ -131,7 +161,7 @@ pub async fn run_decider(
             status_walk = Walk::default();
         }
         let walk = (&mut waiting, &in_flight, resume_from, &mut status_walk);
-        match round(&js, &inputs, &config, &tenure, walk).await {
+        match round(&js, &inputs, &config, &tenure, walk, limits).await {
             Ok(outcome) => {
                 resume_from = outcome.resume_from;
                 pending_ended = outcome.pending_ended;
@@ -163,7 +193,8 @@ pub async fn run_decider(
                 // What it walked past was not published, or not all of it:
                 // walk it again, once what was is folded.
                 status_walk = Walk::default();
-                if matches!(error, RoundError::Publish(_)) {
+                if let RoundError::Publish(failed) = error {
+                    unacked = failed.split_if_too_large(&mut limits);
                     // A round whose publish failed part-way may have
                     // decisions in the log it holds no claims for: the next
                     // round waits until the fold has applied the log as it
@@ -196,7 +227,7 @@ enum RoundError {
     #[error("reading a report back from the log: {0}")]
     ReadBack(String),
     #[error(transparent)]
-    Publish(#[from] common::nats::PublishError),
+    Publish(#[from] PublishFailed),
     #[error("the lease's tenure ended (was this process frozen?): nothing published")]
     TenureEnded,
 }
@@ -327,6 +358,7 @@ async fn round(
     config: &DeciderConfig,
     tenure: &Tenure,
     (waiting, in_flight, from, walk): (&mut Waiting, &InFlight, u64, &mut Walk),
+    limits: Limits,
 ) -> Result<RoundOutcome, RoundError> {
     if !inputs.catalog_status.borrow().caught_up {
         // `unknown_offer` is final, and an offer folded from an older version
@@ -592,7 +624,11 @@ async fn round(
     if !decisions.is_empty() && !tenure.held() {
         return Err(RoundError::TenureEnded);
     }
-    let top = publish_all(js, &decisions, config).await?;
+    let messages = super::batch::messages(&decisions, limits);
+    let top = publish_messages(js, messages, config.publish_timeout).await?;
+    if !decisions.is_empty() {
+        tracing::debug!(count = decisions.len(), "decisions published");
+    }
     Ok(RoundOutcome {
         top,
         decided: decisions.len(),
@@ -656,38 +692,89 @@ async fn kept_params_pass(
     Ok(crate::security::check(&offer.security, &pairs, ip, at, &replays).is_ok())
 }
 
-/// Publishes pipelined, in batches ([`super::batch`]): send all, then
-/// collect the acks.
-async fn publish_all(
+/// A publish that failed, with the messages not known to be in the log.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing decisions: {error}")]
+struct PublishFailed {
+    #[source]
+    error: common::nats::PublishError,
+    /// The message that failed and every one after it, as sent.
+    unacked: Vec<Outgoing>,
+}
+
+impl PublishFailed {
+    /// The messages to send again: as they were, or, when JetStream refused
+    /// the first as too large for good, its decisions split again under
+    /// smaller `limits` (which stay smaller), and the others as they were
+    /// (one may be in the log: sent again under its id, it is dropped; split
+    /// too, its decisions would be there twice). A decision refused alone
+    /// cannot be sent at all: it is dropped here, and decided again (and
+    /// refused again) by the next rounds, as before batches.
+    fn split_if_too_large(self, limits: &mut Limits) -> Vec<Outgoing> {
+        if !self.error.refused_for_good() {
+            return self.unacked;
+        }
+        let mut unacked = self.unacked.into_iter();
+        let Some(refused) = unacked.next() else {
+            return Vec::new();
+        };
+        if limits.alone() {
+            tracing::error!(error = %self.error, "a decision is too large for the CONVERSIONS stream");
+            return unacked.collect();
+        }
+        *limits = limits.smaller();
+        tracing::warn!(
+            bytes = limits.bytes,
+            alone = limits.alone(),
+            "a decision batch was refused as too large (the stream's max_msg_size or the server's max_payload); smaller batches from now on"
+        );
+        let decisions = Decision::all_in(refused.subject, &refused.payload);
+        let mut again = super::batch::messages(&decisions, *limits);
+        again.extend(unacked);
+        again
+    }
+}
+
+/// Publishes pipelined: sends all, then collects the acks. Returns the
+/// highest stream sequence acked (`None`: nothing to publish).
+async fn publish_messages(
     js: &Context,
-    decisions: &[Decision],
-    config: &DeciderConfig,
-) -> Result<Option<u64>, RoundError> {
-    let timeout = config.publish_timeout;
-    let messages = super::batch::messages(decisions, config.batch_max);
+    mut messages: Vec<Outgoing>,
+    timeout: Duration,
+) -> Result<Option<u64>, PublishFailed> {
     let mut acks = Vec::with_capacity(messages.len());
-    for m in messages {
-        let ack = common::nats::send(js, m.subject.to_owned(), &m.msg_id, m.payload.into()).await?;
-        acks.push((m.subject, ack));
+    let mut unsent = None;
+    for (i, m) in messages.iter().enumerate() {
+        let payload = m.payload.clone().into();
+        match common::nats::send(js, m.subject.to_owned(), &m.msg_id, payload).await {
+            Ok(ack) => acks.push(ack),
+            Err(error) => {
+                unsent = Some((i, error));
+                break;
+            }
+        }
     }
     let mut top = None;
-    for (subject, ack) in acks {
-        let ack = tokio::time::timeout(timeout, ack)
-            .await
-            .map_err(|_| common::nats::PublishError::Timeout {
-                subject: subject.to_owned(),
-                timeout,
-            })?
-            .map_err(|source| common::nats::PublishError::Send {
-                subject: subject.to_owned(),
-                source,
-            })?;
-        top = top.max(Some(ack.sequence));
+    for (i, ack) in acks.into_iter().enumerate() {
+        let subject = messages[i].subject.to_owned();
+        let error = match tokio::time::timeout(timeout, ack).await {
+            Ok(Ok(ack)) => {
+                top = top.max(Some(ack.sequence));
+                continue;
+            }
+            Ok(Err(source)) => common::nats::PublishError::Send { subject, source },
+            Err(_) => common::nats::PublishError::Timeout { subject, timeout },
+        };
+        let unacked = messages.split_off(i);
+        return Err(PublishFailed { error, unacked });
     }
-    if !decisions.is_empty() {
-        tracing::debug!(count = decisions.len(), "decisions published");
+    match unsent {
+        Some((i, error)) => Err(PublishFailed {
+            error,
+            unacked: messages.split_off(i),
+        }),
+        None => Ok(top),
     }
-    Ok(top)
 }
 
 /// The event of a verdict, or `None` for `Wait`.
@@ -819,6 +906,78 @@ mod tests {
         (async_nats::jetstream::new(client), config)
     }
 
+    fn rejected(i: usize) -> Decision {
+        Decision::Rejected(ConversionRejected {
+            conversion_id: format!("conv-{i}"),
+            reported_seq: i as u64 + 1,
+            raw: vec![1; 1000],
+            ..Default::default()
+        })
+    }
+
+    /// A publish whose acks never come keeps every message as it was sent,
+    /// to be sent again under the same ids (not decided again and regrouped).
+    #[tokio::test]
+    async fn a_failed_publish_keeps_its_messages_as_they_were_sent() {
+        let (js, config) = unconnected().await;
+        let round: Vec<Decision> = (0..600).map(rejected).collect();
+        let messages = super::super::batch::messages(&round, Limits::new(MOST_PER_BATCH));
+        assert!(messages.len() > 1);
+        let failed = publish_messages(&js, messages.clone(), config.publish_timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            failed.error,
+            common::nats::PublishError::Timeout { .. }
+        ));
+        assert_eq!(failed.unacked, messages);
+        let mut limits = Limits::new(MOST_PER_BATCH);
+        assert_eq!(failed.split_if_too_large(&mut limits), messages);
+        assert_eq!(limits, Limits::new(MOST_PER_BATCH), "not refused: as large");
+    }
+
+    /// A batch refused as too large for good is split again, smaller, down to
+    /// every decision alone, and the messages after it are sent again as they
+    /// were; a decision refused alone is dropped (decided again).
+    #[test]
+    fn a_batch_refused_as_too_large_is_sent_again_smaller() {
+        use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+        let round: Vec<Decision> = (0..100).map(rejected).collect();
+        let refused = |unacked: Vec<Outgoing>| PublishFailed {
+            error: common::nats::PublishError::Send {
+                subject: proto::subject::CONVERSIONS_DECIDED_BATCH.into(),
+                source: PublishError::new(PublishErrorKind::MaxPayloadExceeded),
+            },
+            unacked,
+        };
+        let mut limits = Limits::new(MOST_PER_BATCH);
+        let first = super::super::batch::messages(&round, limits);
+        let again = refused(first.clone()).split_if_too_large(&mut limits);
+        assert_eq!(limits, Limits::new(MOST_PER_BATCH).smaller());
+        assert!(again.len() > first.len());
+        let decided = |messages: &[Outgoing]| -> Vec<Decision> {
+            messages
+                .iter()
+                .flat_map(|m| Decision::all_in(m.subject, &m.payload))
+                .collect()
+        };
+        assert_eq!(decided(&again), round, "every decision, in order, once");
+        let rest = &again[again.len() - (first.len() - 1)..];
+        assert_eq!(rest, &first[1..], "those after it as they were sent");
+        let mut next = again;
+        while !limits.alone() {
+            next = refused(next).split_if_too_large(&mut limits);
+            assert_eq!(decided(&next), round);
+        }
+        assert_eq!(
+            next[0].subject,
+            proto::subject::CONVERSION_REJECTED,
+            "alone"
+        );
+        let dropped = refused(next.clone()).split_if_too_large(&mut limits);
+        assert_eq!(dropped, &next[1..], "refused alone: dropped");
+    }
+
     #[tokio::test]
     async fn a_report_listed_before_its_view_is_written_is_where_the_next_round_starts() {
         for stale in [false, true] {
@@ -868,7 +1027,16 @@ mod tests {
                 let (mut waiting, in_flight, mut walk) = Default::default();
                 let walk = (&mut waiting, &in_flight, 0, &mut walk);
                 let tenure = Tenure::default();
-                let outcome = round(&js, &inputs, &config, &tenure, walk).await.unwrap();
+                let outcome = round(
+                    &js,
+                    &inputs,
+                    &config,
+                    &tenure,
+                    walk,
+                    Limits::new(MOST_PER_BATCH),
+                )
+                .await
+                .unwrap();
                 (outcome.resume_from, outcome.pending_ended)
             }
         };
@@ -991,7 +1159,15 @@ mod tests {
         let (in_flight, mut walk) = Default::default();
         let tenure = Tenure::default();
         let walk = (&mut waiting, &in_flight, 4, &mut walk);
-        let outcome = round(&js, &inputs, &config, &tenure, walk).await;
+        let outcome = round(
+            &js,
+            &inputs,
+            &config,
+            &tenure,
+            walk,
+            Limits::new(MOST_PER_BATCH),
+        )
+        .await;
         assert!(
             matches!(&outcome, Ok(o) if o.decided == 0 && o.resume_from == 3),
             "{:?}",

@@ -1074,7 +1074,8 @@ mod tests {
             attributed(&ids[2], 3),
         ];
         if batched {
-            let messages = super::super::batch::messages(&decisions, 512);
+            let messages =
+                super::super::batch::messages(&decisions, super::super::batch::Limits::new(512));
             assert_eq!(messages.len(), 1);
             h.apply(messages[0].subject, messages[0].payload.clone());
         } else {
@@ -1134,7 +1135,8 @@ mod tests {
         let before = h.reads().reports('o').unwrap();
         // The same batch again (published past the duplicate window), then
         // bytes that are no batch: nothing moves, nothing stops.
-        let again = super::super::batch::messages(&decisions, 512);
+        let again =
+            super::super::batch::messages(&decisions, super::super::batch::Limits::new(512));
         h.apply(again[0].subject, again[0].payload.clone());
         h.apply(
             proto::subject::CONVERSIONS_DECIDED_BATCH,
