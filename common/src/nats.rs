@@ -199,12 +199,19 @@ pub fn stream_configs() -> Vec<stream::Config> {
 pub async fn ensure_streams(js: &Context) -> Result<(), ConnectError> {
     for config in stream_configs() {
         let name = stream_name(&config.name);
-        js.get_or_create_stream(config)
-            .await
-            .map_err(|source| ConnectError::Stream {
-                stream: name,
-                source,
-            })?;
+        if let Err(source) = js.get_or_create_stream(config).await {
+            // Another service created it between this one's look and its
+            // create, as services starting together on a new NATS do:
+            // nats-server 2.9 may refuse the second create ("subjects overlap
+            // with an existing stream") rather than take the identical stream
+            // as created. The stream is there: nothing failed.
+            if js.get_stream(name).await.is_err() {
+                return Err(ConnectError::Stream {
+                    stream: name,
+                    source,
+                });
+            }
+        }
     }
     Ok(())
 }
