@@ -81,10 +81,16 @@ pub struct DeciderInputs {
     pub catalog_status: watch::Receiver<FoldStatus>,
 }
 
-/// How long the decider waits, after a failed publish, for a conversions
-/// fold that applies nothing (while NATS answers) to reach the log's end
-/// before it decides on.
-const UNSURE_FOR: Duration = Duration::from_secs(30);
+/// A round whose publish failed: what it has still to send, and what it
+/// decided, claimed until the fold has applied it once it is sent.
+struct Resend {
+    /// The messages not known to be in the log, as they were sent.
+    messages: Vec<Outgoing>,
+    /// The highest sequence acked before the failure.
+    acked_top: Option<u64>,
+    claims: Claims,
+    decided: usize,
+}
 
 /// Runs until `token` is cancelled.
 pub async fn run_decider(
@@ -110,11 +116,14 @@ pub async fn run_decider(
     let (mut resume_from, mut walked_all_at) = (0, std::time::Instant::now());
     let (mut pending_ended, mut status_walk) = (true, Walk::default());
     let mut limits = Limits::new(config.batch_max);
-    // The messages of a failed publish not known to be in the log: sent
-    // again as they were, under the same ids, before anything is decided
-    // anew (JetStream drops a copy of one that did land; decided again, its
-    // conversions could land twice, in batches grouped otherwise).
-    let mut unacked: Vec<Outgoing> = Vec::new();
+    // A failed publish's messages not known to be in the log: sent again as
+    // they were, under the same ids, before anything is decided anew
+    // (JetStream drops a copy of one that did land; decided again, its
+    // conversions could land twice, in batches grouped otherwise). Its
+    // claims then go in flight as a round's do, so no round decides its
+    // conversions again or counts its attributions twice against a cap while
+    // the fold has not applied them (some may be in the log already).
+    let mut resend: Option<Resend> = None;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -126,25 +135,22 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        if !unacked.is_empty() {
+        if let Some(mut r) = resend.take() {
             if !tenure.held() {
-                unacked.clear();
                 continue;
             }
-            match publish_messages(&js, std::mem::take(&mut unacked), config.publish_timeout).await
-            {
+            let messages = std::mem::take(&mut r.messages);
+            match publish_messages(&js, messages, config.publish_timeout).await {
                 Ok(top) => {
-                    // Decided before: folded back before the walk looks at
-                    // their conversions again.
-                    let mut status = inputs.conversions_status.clone();
-                    let timeout = Duration::from_secs(5);
-                    if !common::fold::wait_applied(&mut status, top.unwrap_or(0), timeout).await {
-                        tracing::warn!("decisions published again not yet folded back; continuing");
+                    if let Some(top) = top.max(r.acked_top) {
+                        in_flight.push(top, r.decided, r.claims);
                     }
                 }
                 Err(failed) => {
                     tracing::warn!(error = %failed.error, "decisions not yet published; retrying");
-                    unacked = failed.split_if_too_large(&mut limits);
+                    r.acked_top = r.acked_top.max(failed.acked_top);
+                    r.messages = failed.split_if_too_large(&mut limits);
+                    resend = Some(r);
                     continue;
                 }
             }
@@ -193,21 +199,19 @@ pub async fn run_decider(
                 // What it walked past was not published, or not all of it:
                 // walk it again, once what was is folded.
                 status_walk = Walk::default();
-                if let RoundError::Publish(failed) = error {
-                    unacked = failed.split_if_too_large(&mut limits);
-                    // A round whose publish failed part-way may have
-                    // decisions in the log it holds no claims for: the next
-                    // round waits until the fold has applied the log as it
-                    // ends after the failure, or it would decide their
-                    // conversions again and count their claims beside their
-                    // folded selves (a cap read as fuller than it is).
-                    let status = inputs.conversions_status.clone();
-                    let why = "after a failed publish";
-                    let stream = proto::stream::CONVERSIONS;
-                    tokio::select! {
-                        () = token.cancelled() => return,
-                        () = common::fold::caught_up_with(&js, stream, status, UNSURE_FOR, why) => {}
-                    }
+                if let RoundError::Publish {
+                    failed,
+                    claims,
+                    decided,
+                } = error
+                {
+                    let acked_top = failed.acked_top;
+                    resend = Some(Resend {
+                        messages: failed.split_if_too_large(&mut limits),
+                        acked_top,
+                        claims: *claims,
+                        decided,
+                    });
                 }
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
@@ -226,8 +230,13 @@ enum RoundError {
     Store(#[from] sled::Error),
     #[error("reading a report back from the log: {0}")]
     ReadBack(String),
-    #[error(transparent)]
-    Publish(#[from] PublishFailed),
+    #[error("{failed}")]
+    Publish {
+        #[source]
+        failed: PublishFailed,
+        claims: Box<Claims>,
+        decided: usize,
+    },
     #[error("the lease's tenure ended (was this process frozen?): nothing published")]
     TenureEnded,
 }
@@ -625,7 +634,17 @@ async fn round(
         return Err(RoundError::TenureEnded);
     }
     let messages = super::batch::messages(&decisions, limits);
-    let top = publish_messages(js, messages, config.publish_timeout).await?;
+    let top = match publish_messages(js, messages, config.publish_timeout).await {
+        Ok(top) => top,
+        Err(failed) => {
+            let decided = decisions.len();
+            return Err(RoundError::Publish {
+                failed,
+                claims: Box::new(claims),
+                decided,
+            });
+        }
+    };
     if !decisions.is_empty() {
         tracing::debug!(count = decisions.len(), "decisions published");
     }
@@ -700,16 +719,20 @@ struct PublishFailed {
     error: common::nats::PublishError,
     /// The message that failed and every one after it, as sent.
     unacked: Vec<Outgoing>,
+    /// The highest sequence acked before it.
+    acked_top: Option<u64>,
 }
 
 impl PublishFailed {
     /// The messages to send again: as they were, or, when JetStream refused
-    /// the first as too large for good, its decisions split again under
-    /// smaller `limits` (which stay smaller), and the others as they were
-    /// (one may be in the log: sent again under its id, it is dropped; split
-    /// too, its decisions would be there twice). A decision refused alone
-    /// cannot be sent at all: it is dropped here, and decided again (and
-    /// refused again) by the next rounds, as before batches.
+    /// the first as too large for good, its decisions split again, and the
+    /// others as they were (one may be in the log: sent again under its id,
+    /// it is dropped; split too, its decisions would be there twice). The
+    /// limits shrink (for good) only when the refused batch was built under
+    /// them; one built under larger limits is split under the current ones
+    /// first. A decision refused alone cannot be sent at all and leaves the
+    /// limits as they are: it is dropped here, and decided again (and refused
+    /// again) by the next rounds, as before batches.
     fn split_if_too_large(self, limits: &mut Limits) -> Vec<Outgoing> {
         if !self.error.refused_for_good() {
             return self.unacked;
@@ -718,17 +741,21 @@ impl PublishFailed {
         let Some(refused) = unacked.next() else {
             return Vec::new();
         };
-        if limits.alone() {
+        let decisions = Decision::all_in(refused.subject, &refused.payload);
+        if decisions.len() <= 1 {
             tracing::error!(error = %self.error, "a decision is too large for the CONVERSIONS stream");
             return unacked.collect();
         }
-        *limits = limits.smaller();
-        tracing::warn!(
-            bytes = limits.bytes,
-            alone = limits.alone(),
-            "a decision batch was refused as too large (the stream's max_msg_size or the server's max_payload); smaller batches from now on"
-        );
-        let decisions = Decision::all_in(refused.subject, &refused.payload);
+        // Built under these limits: they are too large. Built under larger
+        // ones (before an earlier refusal): split under these first.
+        if refused.payload.len() <= limits.bytes {
+            *limits = limits.smaller();
+            tracing::warn!(
+                bytes = limits.bytes,
+                alone = limits.alone(),
+                "a decision batch was refused as too large (the stream's max_msg_size or the server's max_payload); smaller batches from now on"
+            );
+        }
         let mut again = super::batch::messages(&decisions, *limits);
         again.extend(unacked);
         again
@@ -766,12 +793,17 @@ async fn publish_messages(
             Err(_) => common::nats::PublishError::Timeout { subject, timeout },
         };
         let unacked = messages.split_off(i);
-        return Err(PublishFailed { error, unacked });
+        return Err(PublishFailed {
+            error,
+            unacked,
+            acked_top: top,
+        });
     }
     match unsent {
         Some((i, error)) => Err(PublishFailed {
             error,
             unacked: messages.split_off(i),
+            acked_top: top,
         }),
         None => Ok(top),
     }
@@ -949,6 +981,7 @@ mod tests {
                 source: PublishError::new(PublishErrorKind::MaxPayloadExceeded),
             },
             unacked,
+            acked_top: None,
         };
         let mut limits = Limits::new(MOST_PER_BATCH);
         let first = super::super::batch::messages(&round, limits);
@@ -976,6 +1009,33 @@ mod tests {
         );
         let dropped = refused(next.clone()).split_if_too_large(&mut limits);
         assert_eq!(dropped, &next[1..], "refused alone: dropped");
+
+        // A lone decision refused leaves the limits as they are.
+        let mut full = Limits::new(MOST_PER_BATCH);
+        let lone = super::super::batch::messages(&round[..1], full);
+        assert!(refused(lone).split_if_too_large(&mut full).is_empty());
+        assert_eq!(full, Limits::new(MOST_PER_BATCH));
+
+        // Batches built under larger limits, refused one after another after
+        // a first refusal: each is split under the current limits, which
+        // shrink no further (they were not what was refused).
+        let big: Vec<Decision> = (0..600).map(rejected).collect();
+        let mut limits = Limits::new(MOST_PER_BATCH);
+        let built = super::super::batch::messages(&big, limits);
+        assert!(built.len() >= 3 && built[1].payload.len() > 64 * 1024);
+        let after_first = refused(built.clone()).split_if_too_large(&mut limits);
+        let shrunk = Limits::new(MOST_PER_BATCH).smaller();
+        assert_eq!(limits, shrunk);
+        let second_at = after_first.len() - (built.len() - 1);
+        let second = after_first[second_at..].to_vec();
+        assert_eq!(second[0], built[1], "the second as it was sent");
+        let after_second = refused(second).split_if_too_large(&mut limits);
+        assert_eq!(
+            limits, shrunk,
+            "split under the current limits, not smaller"
+        );
+        assert!(after_second[0].payload.len() <= shrunk.bytes);
+        assert_eq!(decided(&after_second), decided(&built[1..]));
     }
 
     #[tokio::test]
@@ -1173,6 +1233,28 @@ mod tests {
             "{:?}",
             outcome.map(|o| (o.decided, o.resume_from))
         );
+
+        // Decided, and NATS never acks: the failure carries what the round
+        // claimed, to go in flight once its messages are sent again (a round
+        // meanwhile would decide them again, or count them twice on a cap).
+        let (mut waiting, mut walk) = (Waiting::default(), Walk::default());
+        let tenure = Tenure::until(tokio::time::Instant::now() + Duration::from_secs(60));
+        let walk = (&mut waiting, &in_flight, 0, &mut walk);
+        let limits = Limits::new(MOST_PER_BATCH);
+        let failed = round(&js, &inputs, &config, &tenure, walk, limits).await;
+        let Err(RoundError::Publish {
+            failed,
+            claims,
+            decided,
+        }) = failed
+        else {
+            panic!("a publish failure: {:?}", failed.map(|o| o.decided));
+        };
+        let second = crate::postback::conversion_id(&click_id, "", "T");
+        assert_eq!(decided, 2);
+        assert!(claims.conversions.contains(&first) && claims.conversions.contains(&second));
+        assert_eq!(failed.acked_top, None);
+        assert_eq!(failed.unacked.len(), 1, "one batch of two");
     }
 
     #[test]
