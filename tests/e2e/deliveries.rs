@@ -412,6 +412,23 @@ async fn reported_while_down(sys: &mut System, n: usize) -> Vec<String> {
     ids
 }
 
+/// Per conversion, the subject of the one message carrying its decision;
+/// each of `ids` must have exactly one.
+async fn decided_once(
+    sys: &System,
+    ids: &[String],
+) -> std::collections::HashMap<String, Vec<String>> {
+    let carried_by = decisions_in_log(sys).await;
+    for id in ids {
+        assert_eq!(
+            carried_by.get(id).map(Vec::len),
+            Some(1),
+            "{id} decided once"
+        );
+    }
+    carried_by
+}
+
 /// Per conversion, the subjects of the messages carrying its decisions.
 async fn decisions_in_log(sys: &System) -> std::collections::HashMap<String, Vec<String>> {
     use postback_service::conversions::Decision;
@@ -447,14 +464,7 @@ async fn a_burst_decided_in_batches_is_delivered_once_each_even_after_a_rebuild(
         sys.delivery_in(delivery, "delivered").await;
     }
 
-    let carried_by = decisions_in_log(&sys).await;
-    for id in &ids {
-        assert_eq!(
-            carried_by.get(id).map(Vec::len),
-            Some(1),
-            "{id} decided once"
-        );
-    }
+    let carried_by = decided_once(&sys, &ids).await;
     let batched = ids
         .iter()
         .filter(|id| carried_by[*id][0] == "conversions.v1.decided_batch")
@@ -490,14 +500,7 @@ async fn a_batch_too_large_for_the_stream_is_decided_in_smaller_ones() {
     for id in &ids {
         assert_eq!(sys.decided(id).await["state"], "attributed", "{id}");
     }
-    let carried_by = decisions_in_log(&sys).await;
-    for id in &ids {
-        assert_eq!(
-            carried_by.get(id).map(Vec::len),
-            Some(1),
-            "{id} decided once"
-        );
-    }
+    decided_once(&sys, &ids).await;
     for (subject, payload, _) in crate::support::nats::read_stream(&js, "CONVERSIONS").await {
         assert!(payload.len() <= MOST, "{subject}: {} bytes", payload.len());
     }
