@@ -47,7 +47,7 @@ impl Led {
         for (stream, status) in folds {
             tokio::select! {
                 () = token.cancelled() => return,
-                () = caught_up_with(&self.js, stream, status, PATIENCE) => {}
+                () = common::fold::caught_up_with(&self.js, stream, status, PATIENCE, WHY) => {}
             }
         }
         let conversions_status = self.decider_inputs.conversions_status.clone();
@@ -93,16 +93,8 @@ where
 
 /// How long a new leader waits for a fold that applies nothing.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// [`common::fold::caught_up_with`], as a new leader waits for its folds.
-pub async fn caught_up_with(
-    js: &Context,
-    stream: &str,
-    status: watch::Receiver<FoldStatus>,
-    patience: Duration,
-) {
-    common::fold::caught_up_with(js, stream, status, patience, "taking the lease").await;
-}
+/// What waits, for the logs of [`common::fold::caught_up_with`].
+const WHY: &str = "taking the lease";
 
 #[cfg(test)]
 mod tests {

@@ -429,7 +429,7 @@ async fn a_leader_whose_led_work_dies_gives_the_lease_up_and_leads_again() {
 /// nothing for that long.
 #[tokio::test]
 async fn a_new_leader_waits_for_a_fold_still_catching_up_but_not_for_a_stuck_one() {
-    use postback_service::leader::caught_up_with;
+    use common::fold::caught_up_with;
     let nats = crate::support::NatsServer::start();
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
     common::nats::ensure_streams(&js).await.unwrap();
@@ -452,7 +452,7 @@ async fn a_new_leader_waits_for_a_fold_still_catching_up_but_not_for_a_stuck_one
         }
         tx
     });
-    caught_up_with(&js, "POSTBACKS", rx.clone(), patience).await;
+    caught_up_with(&js, "POSTBACKS", rx.clone(), patience, "test").await;
     assert_eq!(
         rx.borrow().applied_seq,
         EVENTS,
@@ -465,7 +465,7 @@ async fn a_new_leader_waits_for_a_fold_still_catching_up_but_not_for_a_stuck_one
     stuck.send_modify(|s| s.applied_seq = 5);
     tokio::time::timeout(
         Duration::from_secs(10),
-        caught_up_with(&js, "POSTBACKS", rx, patience),
+        caught_up_with(&js, "POSTBACKS", rx, patience, "test"),
     )
     .await
     .expect("a stuck fold is not waited for forever");

@@ -92,6 +92,35 @@ struct Resend {
     decided: usize,
 }
 
+impl Resend {
+    /// What is left to send after `failed`: its unacked messages, split if
+    /// JetStream refused one as too large.
+    fn after(mut self, failed: PublishFailed, limits: &mut Limits) -> Self {
+        self.acked_top = self.acked_top.max(failed.acked_top);
+        self.messages = failed.split_if_too_large(limits);
+        self
+    }
+}
+
+/// Sends `r`'s messages again. `Ok`: they are in the log, and its claims go
+/// in flight up to the sequence given (`None`: nothing of it is in the log);
+/// `Err`: what is still to send.
+async fn send_again(
+    js: &Context,
+    mut r: Resend,
+    timeout: Duration,
+    limits: &mut Limits,
+) -> Result<Option<(u64, usize, Claims)>, Resend> {
+    let messages = std::mem::take(&mut r.messages);
+    match publish_messages(js, messages, timeout).await {
+        Ok(top) => Ok(top.max(r.acked_top).map(|top| (top, r.decided, r.claims))),
+        Err(failed) => {
+            tracing::warn!(error = %failed.error, "decisions not yet published; retrying");
+            Err(r.after(failed, limits))
+        }
+    }
+}
+
 /// Runs until `token` is cancelled.
 pub async fn run_decider(
     js: Context,
@@ -135,21 +164,15 @@ pub async fn run_decider(
         if !inputs.conversions_status.borrow().caught_up {
             continue;
         }
-        if let Some(mut r) = resend.take() {
+        if let Some(r) = resend.take() {
             if !tenure.held() {
                 continue;
             }
-            let messages = std::mem::take(&mut r.messages);
-            match publish_messages(&js, messages, config.publish_timeout).await {
-                Ok(top) => {
-                    if let Some(top) = top.max(r.acked_top) {
-                        in_flight.push(top, r.decided, r.claims);
-                    }
-                }
-                Err(failed) => {
-                    tracing::warn!(error = %failed.error, "decisions not yet published; retrying");
-                    r.acked_top = r.acked_top.max(failed.acked_top);
-                    r.messages = failed.split_if_too_large(&mut limits);
+            let timeout = config.publish_timeout;
+            match send_again(&js, r, timeout, &mut limits).await {
+                Ok(Some((top, decided, claims))) => in_flight.push(top, decided, claims),
+                Ok(None) => {}
+                Err(r) => {
                     resend = Some(r);
                     continue;
                 }
@@ -205,13 +228,13 @@ pub async fn run_decider(
                     decided,
                 } = error
                 {
-                    let acked_top = failed.acked_top;
-                    resend = Some(Resend {
-                        messages: failed.split_if_too_large(&mut limits),
-                        acked_top,
+                    let unsent = Resend {
+                        messages: Vec::new(),
+                        acked_top: None,
                         claims: *claims,
                         decided,
-                    });
+                    };
+                    resend = Some(unsent.after(failed, &mut limits));
                 }
                 // The lease's end (a tenure that ran out) cancels `token`
                 // meanwhile: stop at once, not a tick later.
