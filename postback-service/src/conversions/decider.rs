@@ -104,13 +104,22 @@ impl Resend {
 
 /// Sends `r`'s messages again. `Ok`: they are in the log, and its claims go
 /// in flight up to the sequence given (`None`: nothing of it is in the log);
-/// `Err`: what is still to send.
+/// `Err`: what is still to send. Nothing is sent while `tenure` does not
+/// hold; `r` is kept whole then: a tenure can lapse for a moment while the
+/// lease is still this process's (a slow renewal, a short freeze), and the
+/// decider goes on. Dropped, its claims were lost, and the next round decided
+/// its conversions again (twice in the log, a cap counted twice). A lease
+/// really lost cancels the decider.
 async fn send_again(
     js: &Context,
     mut r: Resend,
+    tenure: &Tenure,
     timeout: Duration,
     limits: &mut Limits,
 ) -> Result<Option<(u64, usize, Claims)>, Resend> {
+    if !tenure.held() {
+        return Err(r);
+    }
     let messages = std::mem::take(&mut r.messages);
     match publish_messages(js, messages, timeout).await {
         Ok(top) => Ok(top.max(r.acked_top).map(|top| (top, r.decided, r.claims))),
@@ -165,11 +174,8 @@ pub async fn run_decider(
             continue;
         }
         if let Some(r) = resend.take() {
-            if !tenure.held() {
-                continue;
-            }
             let timeout = config.publish_timeout;
-            match send_again(&js, r, timeout, &mut limits).await {
+            match send_again(&js, r, &tenure, timeout, &mut limits).await {
                 Ok(Some((top, decided, claims))) => in_flight.push(top, decided, claims),
                 Ok(None) => {}
                 Err(r) => {
@@ -989,6 +995,39 @@ mod tests {
         let mut limits = Limits::new(MOST_PER_BATCH);
         assert_eq!(failed.split_if_too_large(&mut limits), messages);
         assert_eq!(limits, Limits::new(MOST_PER_BATCH), "not refused: as large");
+    }
+
+    /// A resend waits, whole, while the tenure does not hold (a lapse for a
+    /// moment, the lease still this process's), and is kept whole when its
+    /// publish fails again.
+    #[tokio::test]
+    async fn a_resend_is_kept_whole_until_it_is_in_the_log() {
+        let (js, config) = unconnected().await;
+        let round: Vec<Decision> = (0..3).map(rejected).collect();
+        let mut limits = Limits::new(MOST_PER_BATCH);
+        let messages = super::super::batch::messages(&round, limits);
+        let mut claims = Claims::default();
+        claims.conversions.insert("conv-0".into());
+        let resend = Resend {
+            messages: messages.clone(),
+            acked_top: Some(7),
+            claims,
+            decided: 3,
+        };
+        let timeout = config.publish_timeout;
+        let lapsed = Tenure::default();
+        let Err(kept) = send_again(&js, resend, &lapsed, timeout, &mut limits).await else {
+            panic!("sent, or dropped, without the tenure");
+        };
+        assert_eq!(kept.messages, messages);
+        assert_eq!((kept.acked_top, kept.decided), (Some(7), 3));
+        assert!(kept.claims.conversions.contains("conv-0"));
+        let held = Tenure::until(tokio::time::Instant::now() + Duration::from_secs(60));
+        let Err(again) = send_again(&js, kept, &held, timeout, &mut limits).await else {
+            panic!("NATS never acks");
+        };
+        assert_eq!(again.messages, messages, "as they were sent");
+        assert!(again.claims.conversions.contains("conv-0"));
     }
 
     /// A batch refused as too large for good is split again, smaller, down to
